@@ -1,0 +1,38 @@
+"""Who may see and change what: cluster admins everything, org admins their org, members
+only themselves. Ids outside the caller's reach are reported as missing, never as forbidden,
+so one org cannot learn another's ids."""
+
+from __future__ import annotations
+
+from proxy.errors import forbidden, not_found
+from proxy.keys import Identity, KeyRecord, KeyStore
+
+
+def require_admin(identity: Identity) -> None:
+    if identity.role == "member":
+        raise forbidden("This endpoint needs an org_admin or cluster_admin key.")
+
+
+def sees_org(identity: Identity, org_id: str) -> bool:
+    return identity.role == "cluster_admin" or identity.org_id == org_id
+
+
+async def visible_orgs(keys: KeyStore, identity: Identity) -> list[str]:
+    if identity.role == "cluster_admin":
+        return await keys.orgs()
+    return [identity.org_id]
+
+
+async def find_key(keys: KeyStore, identity: Identity, key_id: str) -> KeyRecord:
+    """The key, if the caller may see it; 404 otherwise (also for other orgs' keys)."""
+    if identity.role == "member":
+        if key_id != identity.key_id:
+            raise not_found(f"No API key '{key_id}'.")
+        record = await keys.get(identity.org_id, key_id)
+    elif identity.role == "org_admin":
+        record = await keys.get(identity.org_id, key_id)
+    else:
+        record = await keys.find(key_id)
+    if record is None:
+        raise not_found(f"No API key '{key_id}'.")
+    return record

@@ -1,0 +1,249 @@
+"""Admit and settle: the two Redis round trips of every LLM request.
+
+``admit.lua`` decides and reserves atomically; ``settle.lua`` replaces the reservation with
+actual usage exactly once. Settles that cannot reach Redis are kept and retried (they are
+idempotent by request id), so a Redis blip loses no spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+
+from proxy.config import RoleLimits
+from proxy.keys import Identity
+from proxy.store import LuaScript, Redis, org_prefix
+from proxy.windows import PERIODS, Clock, WindowCache, Windows
+
+log = logging.getLogger(__name__)
+
+ADMIT = LuaScript("lease.lua", "admit.lua")
+SETTLE = LuaScript("lease.lua", "budget_events.lua", "settle.lua")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    request_limit: int | None
+    request_remaining: int
+    request_reset_ms: int
+    token_limit: int | None
+    token_remaining: int
+    token_reset_ms: int
+    budget_remaining: int | None
+    budget_line: int | None
+    budget_unit: str
+    budget_window: str
+    budget_field: str
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    scope: str  # "key" | "org"
+    limit_name: str  # rps, rpm, rph, rpd, tpm, concurrency
+    limit: int
+    retry_after_ms: int  # -1: unknown, or never for this request
+    current: int
+
+
+@dataclass(frozen=True)
+class BudgetRefused:
+    field: str  # "k:<kid>:<owner>" | "o:<owner>"
+    why: str  # "blocked" | "exceeds"
+    window: str
+    spent: int
+    line: int
+
+    @property
+    def scope(self) -> str:
+        return "apikey" if self.field.startswith("k:") else "org"
+
+    @property
+    def owner(self) -> str:
+        return self.field.rsplit(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class Revoked:
+    pass
+
+
+Decision = Admitted | RateLimited | BudgetRefused | Revoked
+
+
+def _optional(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+@dataclass(frozen=True)
+class SettleRequest:
+    org_id: str
+    request_id: str
+    key_id: str
+    tokens: int
+    cost_nano: int
+    usage_record: str
+
+
+class Admission:
+    def __init__(
+        self,
+        redis: Redis,
+        role_defaults: dict[str, RoleLimits],
+        lease_seconds: float,
+        clock: Clock,
+    ) -> None:
+        self.redis = redis
+        self._defaults = {
+            role: [
+                str(getattr(limits, name) or "")
+                for name in ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
+            ]
+            for role, limits in role_defaults.items()
+        }
+        self._lease_ms = int(lease_seconds * 1000)
+        self.clock = clock
+        self._windows = WindowCache()
+        self._retry: list[SettleRequest] = []
+        self._retry_task: asyncio.Task[None] | None = None
+
+    async def admit(
+        self, identity: Identity, request_id: str, reserve_tokens: int, reserve_cost_nano: int
+    ) -> Decision:
+        now = self.clock()
+        windows = self._windows.current(now)
+        defaults = self._defaults.get(identity.role) or [""] * 6
+        result = await ADMIT(
+            self.redis,
+            [org_prefix(identity.org_id)],
+            [
+                int(now * 1000),
+                request_id,
+                identity.key_id,
+                reserve_tokens,
+                reserve_cost_nano,
+                self._lease_ms,
+                windows.daily,
+                windows.weekly,
+                windows.monthly,
+                *defaults,
+            ],
+        )
+        kind = result[0]
+        if kind == "ok":
+            return Admitted(
+                request_limit=_optional(int(result[1])),
+                request_remaining=int(result[2]),
+                request_reset_ms=int(result[3]),
+                token_limit=_optional(int(result[4])),
+                token_remaining=int(result[5]),
+                token_reset_ms=int(result[6]),
+                budget_remaining=int(result[7]) if result[7] else None,
+                budget_line=int(result[8]) if result[8] else None,
+                budget_unit=result[9],
+                budget_window=result[10],
+                budget_field=result[11],
+            )
+        if kind == "rate":
+            return RateLimited(
+                scope=result[1],
+                limit_name=result[2],
+                limit=int(result[3]),
+                retry_after_ms=int(result[4]),
+                current=int(result[5]),
+            )
+        if kind == "budget":
+            return BudgetRefused(
+                field=result[1],
+                why=result[2],
+                window=result[3],
+                spent=int(result[4]),
+                line=int(result[5]),
+            )
+        return Revoked()
+
+    def windows(self, now: float) -> Windows:
+        return self._windows.current(now)
+
+    async def renew(self, org_id: str, request_id: str) -> None:
+        """Long streams push their lease's expiry forward while they are alive."""
+        expiry = int(self.clock() * 1000) + self._lease_ms
+        await self.redis.zadd(org_prefix(org_id) + "leases", {request_id: expiry}, xx=True)
+
+    def settle_request(
+        self,
+        identity: Identity,
+        request_id: str,
+        tokens: int,
+        cost_nano: int,
+        record: dict[str, object],
+    ) -> SettleRequest:
+        return SettleRequest(
+            org_id=identity.org_id,
+            request_id=request_id,
+            key_id=identity.key_id,
+            tokens=tokens,
+            cost_nano=cost_nano,
+            usage_record=json.dumps(record, separators=(",", ":")),
+        )
+
+    async def settle(self, req: SettleRequest) -> int:
+        """Returns the number of budget events recorded; on a Redis failure, retries later."""
+        try:
+            return await self._settle_now(req)
+        except (RedisError, OSError) as exc:
+            log.warning("settle of %s deferred: %s", req.request_id, exc)
+            self._retry.append(req)
+            if self._retry_task is None or self._retry_task.done():
+                self._retry_task = asyncio.create_task(self._retry_loop())
+            return 0
+
+    async def _settle_now(self, req: SettleRequest) -> int:
+        now = self.clock()
+        windows = self._windows.current(now)
+        result = await SETTLE(
+            self.redis,
+            [org_prefix(req.org_id)],
+            [
+                int(now * 1000),
+                req.request_id,
+                req.key_id,
+                req.tokens,
+                req.cost_nano,
+                *(windows.of(p) for p in PERIODS),
+                *(windows.ttl(p, now) for p in PERIODS),
+                datetime.fromtimestamp(now, UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z"),
+                req.usage_record,
+            ],
+        )
+        return max(int(result), 0)
+
+    async def _retry_loop(self) -> None:
+        delay = 0.05
+        while self._retry:
+            await asyncio.sleep(delay)
+            pending, self._retry = self._retry, []
+            for index, req in enumerate(pending):
+                try:
+                    await self._settle_now(req)
+                except (RedisError, OSError):
+                    self._retry.extend(pending[index:])
+                    break
+            delay = min(delay * 2, 2.0)
+
+    @property
+    def pending_settles(self) -> int:
+        return len(self._retry)
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: give deferred settles a last chance."""
+        if self._retry_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._retry_task), timeout)

@@ -1,0 +1,140 @@
+"""The application factory: middlewares, routes and the services' lifetimes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy import budgets_api, health, keys_api, llm_api
+from proxy.admission import Admission
+from proxy.auth import Authenticator
+from proxy.budgets import BudgetStore
+from proxy.config import Settings
+from proxy.errors import ApiError, error_response, store_unavailable
+from proxy.keys import KeyCreate, KeyStore, digest
+from proxy.routes import build_routes
+from proxy.state import GATEWAY, Gateway
+from proxy.store import connect
+from proxy.upstream import UpstreamClient
+from proxy.windows import Clock, system_clock
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_KEY_ID = "key_bootstrap"
+BOOTSTRAP_ORG = "cluster"
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def _request_id(request: web.Request) -> str:
+    """A caller's ``x-request-id`` is echoed for correlation, never used for accounting."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable():
+        return given
+    return "req_" + secrets.token_hex(12)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = _request_id(request)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(
+            413,
+            f"Request body too large: the limit is {exc.max_size} bytes.",
+            code="request_too_large",
+        )
+    except web.HTTPNotFound:
+        return error_response(
+            404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url"
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(
+            405,
+            f"Method {request.method} is not allowed on {request.path}.",
+            code="method_not_allowed",
+            headers={"Allow": ",".join(sorted(exc.allowed_methods))},
+        )
+    except web.HTTPException as exc:
+        return error_response(exc.status, exc.reason, code=str(exc.status))
+    except (RedisError, ConnectionRefusedError) as exc:
+        log.warning("store error on %s: %s", request.path, exc)
+        return store_unavailable().response()
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "Internal proxy error.", type="server_error", code="internal")
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["x-request-id"] = request_id
+
+
+def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
+    """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
+    routes = build_routes(settings)
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+    )
+    redis = connect(settings.redis, redis_url)
+    keys = KeyStore(redis)
+    app[GATEWAY] = Gateway(
+        settings=settings,
+        redis=redis,
+        keys=keys,
+        budgets=BudgetStore(redis),
+        auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
+        admission=Admission(redis, settings.limits.defaults, settings.limits.lease_seconds, clock),
+        upstream=UpstreamClient(settings.timeouts),
+        routes=routes,
+        clock=clock,
+    )
+    app.on_response_prepare.append(_add_request_id)
+    app.cleanup_ctx.append(_services)
+    health.add_routes(app)
+    llm_api.add_routes(app)
+    keys_api.add_routes(app)
+    budgets_api.add_routes(app)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    await gw.upstream.start()
+    try:
+        for script in health.SCRIPTS:
+            await script.load(gw.redis)
+        await _ensure_bootstrap_key(gw)
+    except (RedisError, OSError) as exc:
+        log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
+    yield
+    await gw.admission.drain(timeout=5.0)
+    await gw.upstream.close()
+    await gw.redis.aclose()
+
+
+async def _ensure_bootstrap_key(gw: Gateway) -> None:
+    """The configured admin key exists as an ordinary cluster-admin key (digest only)."""
+    plaintext = os.environ.get(gw.settings.auth.bootstrap_key_env)
+    if not plaintext:
+        return
+    if await gw.keys.identity(plaintext) is not None:
+        return
+    existing = await gw.keys.get(BOOTSTRAP_ORG, BOOTSTRAP_KEY_ID)
+    if existing is not None and existing.status == "active":
+        await gw.keys.revoke(existing)
+    await gw.keys.create(
+        KeyCreate(name="bootstrap admin", role="cluster_admin"),
+        BOOTSTRAP_ORG,
+        plaintext=plaintext,
+        key_id=BOOTSTRAP_KEY_ID,
+    )
+    log.info("bootstrap admin key %s… registered", digest(plaintext)[:8])

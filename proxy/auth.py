@@ -1,0 +1,59 @@
+"""Bearer-key authentication with a short, bounded in-process cache.
+
+Keys are looked up by their SHA-256 digest, so the plaintext never reaches Redis and a lookup
+reveals nothing through timing. The cache lives at most ``cache_ttl_seconds`` (≤ 2 s), which
+bounds how long a revoked key keeps working on admin endpoints; LLM requests see revocation at
+once because the admit script reads the key's status itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from aiohttp import web
+
+from proxy.errors import unauthorized
+from proxy.keys import Identity, KeyStore, digest
+
+_CACHE_MAX = 100_000
+
+
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(self, keys: KeyStore, cache_ttl: float) -> None:
+        self._keys = keys
+        self._ttl = cache_ttl
+        self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+
+    async def identify(self, request: web.Request) -> Identity:
+        token = bearer_token(request)
+        hashed = digest(token)
+        now = time.monotonic()
+        hit = self._cache.get(hashed)
+        if hit is not None and hit[0] > now:
+            identity = hit[1]
+        else:
+            identity = await self._keys.identity(token)
+            if self._ttl > 0:
+                self._cache[hashed] = (now + self._ttl, identity)
+                self._cache.move_to_end(hashed)
+                if len(self._cache) > _CACHE_MAX:
+                    self._cache.popitem(last=False)
+        if identity is None:
+            raise unauthorized("Incorrect API key provided (unknown or revoked).")
+        return identity
+
+    def forget(self, hashed: str | None = None) -> None:
+        """Drop cached identities (this process only), e.g. right after a revoke."""
+        if hashed is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(hashed, None)

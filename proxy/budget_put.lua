@@ -1,0 +1,26 @@
+-- budget_put: create or replace one budget, keeping its id, and judge it at once against the
+-- window's live spend: thresholds the new settings put behind current spend are recorded now
+-- (and only once per window, like every crossing).
+--
+-- KEYS[1]  org prefix "bp:{o:<org>}:"
+-- ARGV     field ("k:<kid>:<owner>" | "o:<owner>"), budget JSON with the id placeholder,
+--          candidate id, spend tag ("k:<kid>" | "o"), window id, window ttl (s), now_ms,
+--          now_iso, seed
+-- Returns  the budget's id
+
+local P = KEYS[1]
+local field, json, candidate = ARGV[1], ARGV[2], ARGV[3]
+local tag, w, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local now_ms, now_iso, seed = tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local PLACEHOLDER = '"id":"__BUDGET_ID__"'
+
+local ids = P .. 'budget_ids'
+redis.call('HSETNX', ids, field, candidate)
+local id = redis.call('HGET', ids, field)
+
+local s, e = string.find(json, PLACEHOLDER, 1, true)
+local raw = string.sub(json, 1, s - 1) .. '"id":"' .. id .. '"' .. string.sub(json, e + 1)
+redis.call('HSET', P .. 'budgets', field, raw)
+
+record_crossings(P, cjson.decode(raw), raw, tag, w, ttl, now_ms, now_iso, seed)
+return id

@@ -1,0 +1,251 @@
+"""Budgets: policies over the spend that every request adds to its key's and org's windows.
+
+A budget is stored as one JSON value in its org's ``budgets`` hash, under the field
+``k:<key id>:<owner>`` or ``o:<owner>``. Besides the contract's fields it carries what the Lua
+scripts compare against, precomputed here in exact decimal arithmetic: each threshold's line
+and the block line, as integers in the budget's unit (nano-units for cost, tokens for tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from proxy.store import LuaScript, Redis, org_prefix
+from proxy.windows import Period, Windows
+
+NANO = 1_000_000_000
+Scope = Literal["apikey", "org"]
+Owner = Literal["cluster", "org"]
+OWNERS: tuple[Owner, ...] = ("cluster", "org")
+PUT_BUDGET = LuaScript("budget_events.lua", "budget_put.lua")
+
+
+class Threshold(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pct: StrictInt = Field(gt=0)
+    action: Literal["alert", "block"]
+
+
+class BudgetInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    period: Period
+    limit_kind: Literal["cost", "tokens"]
+    limit: StrictInt | StrictFloat
+    thresholds: list[Threshold] = Field(min_length=1)
+    owner: Owner = "org"
+    webhook_url: str | None = None
+    webhook_secret: str | None = Field(None, min_length=1)
+
+    @field_validator("limit")
+    @classmethod
+    def _finite_positive(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be a finite number greater than 0")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _absolute_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http or https URI")
+        return value
+
+
+def field_name(scope: Scope, scope_id: str, owner: str) -> str:
+    return f"k:{scope_id}:{owner}" if scope == "apikey" else f"o:{owner}"
+
+
+def spend_tag(scope: Scope, scope_id: str) -> str:
+    return f"k:{scope_id}" if scope == "apikey" else "o"
+
+
+def _unit_amount(limit: float | int, kind: str) -> Decimal:
+    amount = Decimal(str(limit))
+    return amount * NANO if kind == "cost" else amount
+
+
+def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) -> dict[str, Any]:
+    """The JSON kept in Redis; the id is filled in by ``budget_put.lua``."""
+    amount = _unit_amount(spec.limit, spec.limit_kind)
+    lines = [
+        {"pct": t.pct, "action": t.action, "at": math.ceil(amount * t.pct / 100)}
+        for t in spec.thresholds
+    ]
+    stored: dict[str, Any] = {
+        "id": "__BUDGET_ID__",
+        "scope": scope,
+        "scope_id": scope_id,
+        "owner": spec.owner,
+        "period": spec.period,
+        "limit_kind": spec.limit_kind,
+        "limit": spec.limit,
+        "thresholds": [t.model_dump() for t in spec.thresholds],
+        "alert_webhook_url": spec.webhook_url,
+        "webhook_secret": spec.webhook_secret,
+        "unit": "c" if spec.limit_kind == "cost" else "t",
+        "lines": lines,
+        "limit_str": format(Decimal(str(spec.limit)), "f"),
+        "updated_at": now_iso,
+    }
+    blocks = [t.pct for t in spec.thresholds if t.action == "block"]
+    if blocks:
+        line = amount * min(blocks) / 100
+        stored["block_floor"] = math.floor(line)
+        stored["block_ceil"] = math.ceil(line)
+    return stored
+
+
+@dataclass(frozen=True)
+class Spend:
+    cost_nano: int
+    tokens: int
+
+
+def gauge(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
+    """The contract's ``spend`` object: settled spend of the budget's window."""
+    limit = Decimal(str(budget["limit"]))
+    if budget["limit_kind"] == "cost":
+        used = Decimal(spend.cost_nano) / NANO
+    else:
+        used = Decimal(spend.tokens)
+    blocked = (
+        "block_ceil" in budget
+        and (spend.cost_nano if budget["unit"] == "c" else spend.tokens) >= budget["block_ceil"]
+    )
+    return {
+        "window": window,
+        "cost_spent_nano": str(spend.cost_nano),
+        "cost_spent": float(Decimal(spend.cost_nano) / NANO),
+        "tokens_spent": str(spend.tokens),
+        "pct": round(float(used / limit * 100), 2),
+        "status": "blocked" if blocked else "ok",
+    }
+
+
+def public(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
+    return {
+        "id": budget["id"],
+        "scope": budget["scope"],
+        "scope_id": budget["scope_id"],
+        "owner": budget["owner"],
+        "period": budget["period"],
+        "limit_kind": budget["limit_kind"],
+        "limit": budget["limit"],
+        "thresholds": budget["thresholds"],
+        "alert_webhook_url": budget["alert_webhook_url"],
+        "spend": gauge(budget, window, spend),
+    }
+
+
+def iso(now: float) -> str:
+    return (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+class BudgetStore:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def put(
+        self,
+        org_id: str,
+        scope: Scope,
+        scope_id: str,
+        spec: BudgetInput,
+        windows: Windows,
+        now: float,
+    ) -> dict[str, Any]:
+        stored = stored_budget(spec, scope, scope_id, iso(now))
+        await PUT_BUDGET(
+            self._redis,
+            [org_prefix(org_id)],
+            [
+                field_name(scope, scope_id, spec.owner),
+                json.dumps(stored, separators=(",", ":")),
+                "bud_" + secrets.token_hex(8),
+                spend_tag(scope, scope_id),
+                windows.of(spec.period),
+                windows.ttl(spec.period, now),
+                int(now * 1000),
+                iso(now),
+                "put" + secrets.token_hex(6),
+            ],
+        )
+        found = await self.get(org_id, scope, scope_id, spec.owner, windows)
+        assert found is not None
+        return found
+
+    async def get(
+        self, org_id: str, scope: Scope, scope_id: str, owner: str, windows: Windows
+    ) -> dict[str, Any] | None:
+        raw = await self._redis.hget(  # type: ignore[misc]
+            org_prefix(org_id) + "budgets", field_name(scope, scope_id, owner)
+        )
+        if raw is None:
+            return None
+        return (await self._with_spend(org_id, [json.loads(raw)], windows))[0]
+
+    async def list(
+        self, org_id: str, windows: Windows, scope: Scope | None = None, scope_id: str = ""
+    ) -> list[dict[str, Any]]:
+        """Budgets of an org: all of them, or those of one scope (the org, or one key)."""
+        raw = await self._redis.hgetall(org_prefix(org_id) + "budgets")  # type: ignore[misc]
+        budgets = [json.loads(value) for _, value in sorted(raw.items())]
+        if scope is not None:
+            budgets = [
+                b
+                for b in budgets
+                if b["scope"] == scope and (scope == "org" or b["scope_id"] == scope_id)
+            ]
+        return await self._with_spend(org_id, budgets, windows)
+
+    async def _with_spend(
+        self, org_id: str, budgets: list[dict[str, Any]], windows: Windows
+    ) -> list[dict[str, Any]]:
+        prefix = org_prefix(org_id)
+        pipe = self._redis.pipeline(transaction=False)
+        for b in budgets:
+            tag = spend_tag(b["scope"], b["scope_id"])
+            pipe.hmget(f"{prefix}spend:{tag}:{windows.of(b['period'])}", "c", "t")
+        spends = await pipe.execute()
+        return [
+            public(b, windows.of(b["period"]), Spend(int(c or 0), int(t or 0)))
+            for b, (c, t) in zip(budgets, spends, strict=True)
+        ]
+
+    async def delete(self, org_id: str, scope: Scope, scope_id: str, owner: str) -> bool:
+        """Enforcement and alerts stop; a budget created later gets a new id."""
+        prefix = org_prefix(org_id)
+        name = field_name(scope, scope_id, owner)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hdel(prefix + "budgets", name)
+        pipe.hdel(prefix + "budget_ids", name)
+        removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def events(
+        self, org_id: str, scope: Scope, scope_id: str, limit: int
+    ) -> list[dict[str, Any]]:
+        key = f"{org_prefix(org_id)}events:{spend_tag(scope, scope_id)}"
+        return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]  # type: ignore[misc]
+
+    async def spend(self, org_id: str, scope: Scope, scope_id: str, window: str) -> Spend:
+        c, t = await self._redis.hmget(  # type: ignore[misc]
+            f"{org_prefix(org_id)}spend:{spend_tag(scope, scope_id)}:{window}", "c", "t"
+        )
+        return Spend(int(c or 0), int(t or 0))

@@ -1,0 +1,230 @@
+"""``llm-proxy``: serve, demo, the mock upstream, key and limit administration, load tests.
+
+Administration commands talk to a running proxy over its HTTP API with an admin key, so the
+same permission rules apply from the shell as from any client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import aiohttp
+
+from proxy.config import ConfigError, Settings, load_settings
+
+ADMIN_URL_ENV = "PROXY_URL"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from proxy.serving import serve
+
+    settings = _settings(args)
+    serve(
+        settings,
+        args.host or settings.server.host,
+        args.port if args.port is not None else settings.server.port,
+        args.workers or settings.server.workers,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from proxy.demo import run_demo
+
+    run_demo(_settings(args), args.host, args.port)
+
+
+def cmd_mock(args: argparse.Namespace) -> None:
+    from proxy.mock_upstream import MockOptions, run_mock
+
+    run_mock(
+        args.host,
+        args.port,
+        MockOptions(
+            latency_ms=args.latency_ms,
+            output_tokens=args.output_tokens,
+            chunk_delay_ms=args.chunk_delay_ms,
+        ),
+    )
+
+
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from proxy.loadtest import main as loadtest_main
+
+    loadtest_main(args)
+
+
+async def _admin_call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> int:
+    key = args.admin_key or os.environ.get("PROXY_ADMIN_KEY")
+    if not key:
+        print("llm-proxy: an admin key is needed (--admin-key or PROXY_ADMIN_KEY)", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/") + path
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.request(
+                method, url, json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as response:
+                payload = await response.json(content_type=None)
+                print(json.dumps(payload, indent=2))
+                return 0 if response.status < 400 else 1
+        except aiohttp.ClientError as exc:
+            print(f"llm-proxy: cannot reach {url}: {exc}", file=sys.stderr)
+            return 1
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    names = ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    action = args.keys_action
+    if action == "create":
+        body: dict[str, Any] = {"name": args.name, "role": args.role, "limits": _limits(args)}
+        if args.org:
+            body["org_id"] = args.org
+        if args.models:
+            body["models"] = args.models.split(",")
+        call = _admin_call(args, "POST", "/api/v1/keys", body)
+    elif action == "list":
+        query = f"?org_id={args.org}" if args.org else ""
+        call = _admin_call(args, "GET", "/api/v1/keys" + query)
+    elif action == "get":
+        call = _admin_call(args, "GET", f"/api/v1/keys/{args.key_id}")
+    elif action == "revoke":
+        call = _admin_call(args, "DELETE", f"/api/v1/keys/{args.key_id}")
+    else:
+        change: dict[str, Any] = {}
+        if args.name is not None:
+            change["name"] = args.name
+        if args.role is not None:
+            change["role"] = args.role
+        if args.models is not None:
+            change["models"] = args.models.split(",") if args.models else None
+        if _limits(args):
+            change["limits"] = _limits(args)
+        call = _admin_call(args, "PATCH", f"/api/v1/keys/{args.key_id}", change)
+    sys.exit(asyncio.run(call))
+
+
+def cmd_org_limits(args: argparse.Namespace) -> None:
+    path = f"/api/v1/orgs/{args.org}/limits"
+    if args.set:
+        sys.exit(asyncio.run(_admin_call(args, "PUT", path, _limits(args))))
+    sys.exit(asyncio.run(_admin_call(args, "GET", path)))
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    for name, words in (
+        ("rps", "requests per second"),
+        ("rpm", "requests per minute"),
+        ("rph", "requests per hour"),
+        ("rpd", "requests per day"),
+        ("tpm", "tokens per minute"),
+        ("concurrency", "concurrent requests"),
+    ):
+        parser.add_argument(f"--{name}", type=int, help=words)
+
+
+def _add_admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(ADMIN_URL_ENV, "http://127.0.0.1:8080"),
+        help=f"proxy base URL (env {ADMIN_URL_ENV})",
+    )
+    parser.add_argument("--admin-key", help="admin key (default: env PROXY_ADMIN_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-proxy", description=__doc__)
+    parser.add_argument(
+        "--config", help="TOML config file (default: env PROXY_CONFIG or config/proxy.toml)"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("PROXY_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="proxy + mock upstream + a fresh key, ready to try")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.set_defaults(func=cmd_demo)
+
+    mock = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9090)
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument("--output-tokens", type=int, default=16)
+    mock.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    mock.set_defaults(func=cmd_mock)
+
+    keys = sub.add_parser("keys", help="create, list, get, update and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
+    create = keys_sub.add_parser("create")
+    create.add_argument("--org", help="org id (required for cluster admins)")
+    create.add_argument("--name", default="")
+    create.add_argument(
+        "--role", default="member", choices=("member", "org_admin", "cluster_admin")
+    )
+    create.add_argument("--models", help="comma-separated allowed models (default: all)")
+    _add_limit_flags(create)
+    listing = keys_sub.add_parser("list")
+    listing.add_argument("--org")
+    for name in ("get", "revoke"):
+        p = keys_sub.add_parser(name)
+        p.add_argument("key_id")
+    update = keys_sub.add_parser("update")
+    update.add_argument("key_id")
+    update.add_argument("--name")
+    update.add_argument("--role", choices=("member", "org_admin", "cluster_admin"))
+    update.add_argument("--models", help="comma-separated allowed models; '' for all")
+    _add_limit_flags(update)
+    for p in (create, listing, update, keys_sub.choices["get"], keys_sub.choices["revoke"]):
+        _add_admin_flags(p)
+    keys.set_defaults(func=cmd_keys)
+
+    org_limits = sub.add_parser("org-limits", help="show or set an org's rate limits")
+    org_limits.add_argument("org")
+    org_limits.add_argument("--set", action="store_true", help="replace the org's limits")
+    _add_limit_flags(org_limits)
+    _add_admin_flags(org_limits)
+    org_limits.set_defaults(func=cmd_org_limits)
+
+    try:
+        from proxy.loadtest import add_arguments as add_loadtest_arguments
+    except ImportError:
+        return parser
+    loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(func=cmd_loadtest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

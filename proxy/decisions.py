@@ -1,0 +1,133 @@
+"""How an admission decision looks in HTTP: 429 bodies and the headers on admitted answers.
+
+Rate-limit headers follow OpenAI (``x-ratelimit-*``, resets written like ``1s``, ``6m0s``,
+``12ms``) and the IETF draft (``RateLimit-Policy`` / ``RateLimit``), for the tightest limit.
+Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+from proxy.admission import Admitted, BudgetRefused, RateLimited
+from proxy.errors import ApiError
+from proxy.windows import Period, Windows
+
+_WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400, "tpm": 60}
+_LIMIT_WORDS = {
+    "rps": "requests per second",
+    "rpm": "requests per minute",
+    "rph": "requests per hour",
+    "rpd": "requests per day",
+    "tpm": "tokens per minute",
+    "concurrency": "concurrent requests",
+}
+# The SDKs retry 429s on their own; past this wait a retry only burns the client's time.
+_MAX_USEFUL_RETRY_SECONDS = 60
+
+
+def openai_duration(ms: int) -> str:
+    """OpenAI's reset format: ``12ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    ms = max(ms, 0)
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+
+
+def nano_to_major(nano: int) -> str:
+    return format(Decimal(nano) / Decimal(1_000_000_000), "f").rstrip("0").rstrip(".") or "0"
+
+
+def admitted_headers(decision: Admitted) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    policy: list[str] = []
+    state: list[str] = []
+    if decision.request_limit is not None:
+        reset = openai_duration(decision.request_reset_ms)
+        headers["x-ratelimit-limit-requests"] = str(decision.request_limit)
+        headers["x-ratelimit-remaining-requests"] = str(max(decision.request_remaining, 0))
+        headers["x-ratelimit-reset-requests"] = reset
+        seconds = math.ceil(decision.request_reset_ms / 1000)
+        policy.append(f'"requests";q={decision.request_limit}')
+        state.append(f'"requests";r={max(decision.request_remaining, 0)};t={seconds}')
+    if decision.token_limit is not None:
+        headers["x-ratelimit-limit-tokens"] = str(decision.token_limit)
+        headers["x-ratelimit-remaining-tokens"] = str(max(decision.token_remaining, 0))
+        headers["x-ratelimit-reset-tokens"] = openai_duration(decision.token_reset_ms)
+        seconds = math.ceil(decision.token_reset_ms / 1000)
+        policy.append(f'"tokens";q={decision.token_limit};w=60')
+        state.append(f'"tokens";r={max(decision.token_remaining, 0)};t={seconds}')
+    if policy:
+        headers["RateLimit-Policy"] = ", ".join(policy)
+        headers["RateLimit"] = ", ".join(state)
+    if decision.budget_remaining is not None:
+        cost = decision.budget_unit == "c"
+        remaining = max(decision.budget_remaining, 0)
+        headers["x-budget-remaining"] = nano_to_major(remaining) if cost else str(remaining)
+        headers["x-budget-kind"] = "cost" if cost else "tokens"
+        headers["x-budget-window"] = decision.budget_window
+        headers["x-budget-scope"] = "apikey" if decision.budget_field.startswith("k:") else "org"
+    return headers
+
+
+def rate_limited_error(decision: RateLimited) -> ApiError:
+    words = _LIMIT_WORDS.get(decision.limit_name, decision.limit_name)
+    kind = "tokens" if decision.limit_name == "tpm" else "requests"
+    who = "API key" if decision.scope == "key" else "organization"
+    headers: dict[str, str] = {}
+    if decision.limit_name == "tpm" and decision.retry_after_ms < 0:
+        message = (
+            f"Rate limit exceeded: this request reserves more tokens than the {who}'s limit of "
+            f"{decision.limit} {words}; lower max_tokens or the prompt size."
+        )
+        headers["x-should-retry"] = "false"
+    else:
+        retry_ms = decision.retry_after_ms if decision.retry_after_ms >= 0 else 1000
+        retry_s = max(1, math.ceil(retry_ms / 1000))
+        message = (
+            f"Rate limit exceeded: the {who}'s limit of {decision.limit} {words} is reached "
+            f"({decision.current} in use). Try again in {retry_s}s."
+        )
+        headers["Retry-After"] = str(retry_s)
+        headers["retry-after-ms"] = str(retry_ms)
+        headers["x-should-retry"] = "true" if retry_s <= _MAX_USEFUL_RETRY_SECONDS else "false"
+    if decision.limit_name in _WINDOW_SECONDS:
+        suffix = "tokens" if kind == "tokens" else "requests"
+        headers[f"x-ratelimit-limit-{suffix}"] = str(decision.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = "0"
+    return ApiError(
+        429, message, type=kind, code="rate_limit_exceeded", param=None, headers=headers
+    )
+
+
+def _period_of(window: str) -> Period:
+    if "W" in window:
+        return "weekly"
+    return "daily" if window.count("-") == 2 else "monthly"
+
+
+def budget_error(decision: BudgetRefused, windows: Windows, now: float) -> ApiError:
+    period = _period_of(decision.window)
+    scope = "API key" if decision.scope == "apikey" else "organization"
+    owner = "operator ceiling (owner cluster)" if decision.owner == "cluster" else "self-budget"
+    if decision.why == "blocked":
+        reason = "has reached its block line"
+    else:
+        reason = "would be exceeded by this request's worst case (prompt + max output tokens)"
+    message = (
+        f"Budget exceeded: the {period} budget of this {scope} ({owner}, window "
+        f"{decision.window}) {reason}."
+    )
+    headers = {"x-should-retry": "false"}
+    left = windows.seconds_left(period, now)
+    if 0 < left <= 60:
+        headers["Retry-After"] = str(math.ceil(left))
+    return ApiError(
+        429, message, type="insufficient_quota", code="budget_exceeded", headers=headers
+    )

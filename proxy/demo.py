@@ -1,0 +1,77 @@
+"""``llm-proxy demo``: the proxy in front of the bundled mock upstream, with a fresh key.
+
+Everything runs in one process (embedded Redis, mock, proxy) so a first-time user sees the
+whole request path work before wiring a real provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.config import ModelConfig, Settings, UpstreamConfig
+from proxy.embedded_redis import free_port
+from proxy.keys import KeyCreate, KeyStore
+from proxy.mock_upstream import MockOptions, build_mock_app
+from proxy.serving import redis_url_for, running_site, serve_worker, use_uvloop
+from proxy.store import connect
+
+DEMO_ORG = "demo"
+
+
+def demo_settings(base: Settings, mock_port: int) -> Settings:
+    upstream = UpstreamConfig(
+        name="mock", base_url=f"http://127.0.0.1:{mock_port}/v1", api_key_env=None
+    )
+    models = [
+        ModelConfig(name="gpt-4o-mini", upstream="mock", max_output_tokens=16384),
+        ModelConfig(name="gpt-4o", upstream="mock", max_output_tokens=16384),
+        ModelConfig(
+            name="text-embedding-3-small",
+            upstream="mock",
+            encoding="cl100k_base",
+            kind="embedding",
+        ),
+    ]
+    return base.model_copy(update={"upstreams": [upstream], "models": models})
+
+
+def _instructions(host: str, port: int, key: str) -> str:
+    base = f"http://{host}:{port}/v1"
+    return f"""
+llm-proxy demo is running on http://{host}:{port} (upstream: the bundled mock).
+
+  curl {base}/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="{key}")
+  print(client.chat.completions.create(
+      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}]))
+
+Press Ctrl-C to stop.
+""".rstrip()
+
+
+async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None:
+    mock_port = free_port()
+    async with running_site(
+        build_mock_app(MockOptions()), "127.0.0.1", mock_port, reuse_port=False, grace=1
+    ):
+        proxy_settings = demo_settings(settings, mock_port)
+        redis = connect(settings.redis, redis_url)
+        _, key = await KeyStore(redis).create(KeyCreate(name="demo key"), DEMO_ORG)
+        await redis.aclose()
+
+        async def announce(_runner: web.AppRunner) -> None:
+            print(_instructions(host, port, key), flush=True)
+
+        await serve_worker(proxy_settings, redis_url, host, port, False, on_ready=announce)
+
+
+def run_demo(settings: Settings, host: str, port: int) -> None:
+    use_uvloop(settings.server.uvloop)
+    with redis_url_for(settings) as redis_url:
+        asyncio.run(_run(settings, redis_url, host, port))

@@ -1,0 +1,37 @@
+"""Liveness and readiness: ``/healthz`` says the process runs; ``/readyz`` that it can admit
+(Redis answers and the admission scripts are loaded), so load balancers route around it
+while Redis is away."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy.admission import ADMIT, SETTLE
+from proxy.budgets import PUT_BUDGET
+from proxy.state import GATEWAY
+
+SCRIPTS = (ADMIT, SETTLE, PUT_BUDGET)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        loaded = await gw.redis.script_exists(*(s.sha for s in SCRIPTS))
+        if not all(loaded):
+            for script in SCRIPTS:
+                await script.load(gw.redis)
+    except (RedisError, OSError) as exc:
+        return web.json_response(
+            {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"}, status=503
+        )
+    return web.json_response({"status": "ready", "redis": "ok"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,318 @@
+"""The OpenAI-compatible endpoints: auth → parse & price → admit → upstream → settle.
+
+Every admitted request is settled exactly once — on success, upstream error, timeout, and when
+the client goes away mid-stream — in a ``finally`` that cancellation cannot skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy.admission import Admitted, BudgetRefused, RateLimited, Revoked
+from proxy.body import read_json
+from proxy.decisions import admitted_headers, budget_error, rate_limited_error
+from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
+from proxy.keys import Identity
+from proxy.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
+from proxy.pricing import cost_nano
+from proxy.routes import ModelRoute
+from proxy.state import GATEWAY, Gateway
+from proxy.tokenizer import count_prompt, count_text
+from proxy.upstream import client_headers, event_data, sse_events, upstream_timeout
+
+OUTCOME = web.RequestKey("outcome", dict)
+_MAX_ON_BEHALF_OF = 256
+
+
+@dataclass
+class Exchange:
+    """One admitted request, from reservation to settlement."""
+
+    identity: Identity
+    request_id: str
+    endpoint: str
+    route: ModelRoute
+    prompt_tokens: int
+    on_behalf_of: str | None
+    usage: Usage | None = None
+    status: int = 0
+    client_gone: bool = False
+    upstream_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_behalf_of(request: web.Request) -> str | None:
+    value = request.headers.get("X-On-Behalf-Of")
+    if value is None:
+        return None
+    if not value or len(value) > _MAX_ON_BEHALF_OF or not value.isprintable():
+        raise bad_request(
+            f"X-On-Behalf-Of must be 1-{_MAX_ON_BEHALF_OF} printable characters.",
+            param="X-On-Behalf-Of",
+        )
+    return value
+
+
+def _model(gw: Gateway, body: dict[str, Any], identity: Identity) -> ModelRoute:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", param="model")
+    route = gw.routes.get(model)
+    if route is None:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    if not identity.may_use(model):
+        raise ApiError(
+            403,
+            f"This API key is not allowed to use the model '{model}'.",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+    return route
+
+
+def _upstream_body(
+    raw: bytes, body: dict[str, Any], endpoint: str, route: ModelRoute, stream: bool
+) -> tuple[bytes, bool]:
+    """The body sent upstream, and whether the usage chunk must be kept from the client."""
+    strip_usage = False
+    changed = body.get("model") != route.upstream_model
+    if stream and endpoint in ("chat/completions", "completions"):
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", param="stream_options")
+        if not (options or {}).get("include_usage"):
+            body["stream_options"] = {**(options or {}), "include_usage": True}
+            strip_usage = changed = True
+    if not changed:
+        return raw, strip_usage
+    body["model"] = route.upstream_model
+    return json.dumps(body, separators=(",", ":")).encode(), strip_usage
+
+
+def _text_of_body(endpoint: str, data: Any) -> str:
+    """Generated text of a buffered answer, for upstreams that report no usage."""
+    if not isinstance(data, dict):
+        return ""
+    parts: list[str] = []
+    if endpoint == "responses":
+        for item in data.get("output") or ():
+            for content in (item.get("content") or ()) if isinstance(item, dict) else ():
+                if isinstance(content, dict) and isinstance(content.get("text"), str):
+                    parts.append(content["text"])
+        return "".join(parts)
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+        message = choice.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    return "".join(parts)
+
+
+async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
+    request[OUTCOME] = outcome
+    identity = await gw.auth.identify(request)
+    outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
+    on_behalf_of = _on_behalf_of(request)
+    outcome["on_behalf_of"] = on_behalf_of
+    body = await read_json(request)
+    route = _model(gw, body, identity)
+    outcome["model"] = route.name
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", param="stream")
+    stream = stream and endpoint != "embeddings"
+    cap = output_cap(endpoint, body, route)
+    prompt_tokens = await count_prompt(route.encoding, endpoint, body)
+    reserve_tokens = prompt_tokens + cap
+    reserve_cost = cost_nano(route.price, prompt_tokens, cap)
+    request_id = "req_" + secrets.token_hex(12)
+    outcome["request_id"] = request_id
+    try:
+        decision = await gw.admission.admit(identity, request_id, reserve_tokens, reserve_cost)
+    except (RedisError, OSError):
+        outcome["decision"] = "store_unavailable"
+        raise store_unavailable() from None
+    if isinstance(decision, RateLimited):
+        outcome["decision"] = f"rate_limit_{decision.limit_name}"
+        raise rate_limited_error(decision)
+    if isinstance(decision, BudgetRefused):
+        outcome["decision"] = "budget"
+        now = gw.clock()
+        raise budget_error(decision, gw.admission.windows(now), now)
+    if isinstance(decision, Revoked):
+        outcome["decision"] = "auth"
+        gw.auth.forget()
+        raise unauthorized("Incorrect API key provided (unknown or revoked).")
+    assert isinstance(decision, Admitted)
+    outcome["decision"] = "admitted"
+    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
+    exchange = Exchange(identity, request_id, endpoint, route, prompt_tokens, on_behalf_of)
+    task = asyncio.current_task()
+    gw.in_flight.add(task)
+    try:
+        return await _forward(request, gw, exchange, body, stream, decision)
+    finally:
+        gw.in_flight.discard(task)
+        await asyncio.shield(_settle(gw, exchange, outcome))
+
+
+async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
+    usage = exchange.usage or Usage(0, 0, reported=False)
+    cost = usage.cost_nano(exchange.route.price)
+    record = {
+        "rid": exchange.request_id,
+        "kid": exchange.identity.key_id,
+        "user": exchange.on_behalf_of,
+        "model": exchange.route.name,
+        "endpoint": exchange.endpoint,
+        "in": usage.input_tokens,
+        "out": usage.output_tokens,
+        "cached": usage.cached_tokens,
+        "reasoning": usage.reasoning_tokens,
+        "cost_nano": cost,
+        "reported": usage.reported,
+        "status": exchange.status,
+        "client_gone": exchange.client_gone,
+        "ts": round(gw.clock(), 3),
+    }
+    outcome.update(
+        status_upstream=exchange.status,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_nano=cost,
+        upstream_ms=exchange.upstream_ms,
+        client_gone=exchange.client_gone,
+    )
+    await gw.admission.settle(
+        gw.admission.settle_request(
+            exchange.identity, exchange.request_id, usage.total_tokens, cost, record
+        )
+    )
+
+
+async def _forward(
+    request: web.Request,
+    gw: Gateway,
+    exchange: Exchange,
+    body: dict[str, Any],
+    stream: bool,
+    decision: Admitted,
+) -> web.StreamResponse:
+    raw = await request.read()
+    upstream_body, strip_usage = _upstream_body(
+        raw, body, exchange.endpoint, exchange.route, stream
+    )
+    sent_at = time.perf_counter()
+    upstream = await gw.upstream.send(
+        exchange.route, exchange.endpoint, upstream_body, request.headers
+    )
+    try:
+        exchange.status = upstream.status
+        headers = client_headers(upstream.headers)
+        headers.update(admitted_headers(decision))
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        if upstream.status == 200 and is_sse:
+            return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
+        try:
+            data = await upstream.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise upstream_timeout(exchange.route) from exc
+        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+        if upstream.status == 200:
+            exchange.usage = _buffered_usage(exchange, data)
+        return web.Response(status=upstream.status, body=data, headers=headers)
+    finally:
+        upstream.release()
+
+
+def _buffered_usage(exchange: Exchange, data: bytes) -> Usage:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    usage = usage_from_body(exchange.endpoint, parsed)
+    if usage is not None:
+        return usage
+    text = _text_of_body(exchange.endpoint, parsed)
+    output = count_text(exchange.route.encoding, text) if text else 0
+    return Usage(exchange.prompt_tokens, output, reported=False)
+
+
+async def _relay_stream(
+    request: web.Request,
+    gw: Gateway,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    headers: Any,
+    strip_usage: bool,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "text/event-stream"
+    meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens)
+    renew_every = gw.settings.limits.lease_seconds / 3
+    renew_at = time.monotonic() + renew_every
+    sent_at = time.perf_counter()
+    try:
+        await response.prepare(request)
+        async for event in sse_events(upstream):
+            payload = event_data(event)
+            if payload is not None and payload != b"[DONE]" and meter.feed(payload) and strip_usage:
+                continue
+            await response.write(event)
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + renew_every
+                with contextlib.suppress(RedisError, OSError):
+                    await gw.admission.renew(exchange.identity.org_id, exchange.request_id)
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        exchange.client_gone = True
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+        exchange.extra["upstream_broken"] = True
+    finally:
+        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+        exchange.usage = meter.usage()
+    return response
+
+
+def llm_handler(endpoint: str) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle_llm(request, endpoint)
+
+    handler.__name__ = "llm_" + endpoint.replace("/", "_")
+    return handler
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    identity = await gw.auth.identify(request)
+    data = [route.listing(name) for name, route in gw.routes.items() if identity.may_use(name)]
+    return web.json_response({"object": "list", "data": data})
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/v1", "/api/v1/llm"):
+        for endpoint in ENDPOINTS:
+            app.router.add_post(f"{prefix}/{endpoint}", llm_handler(endpoint))
+        app.router.add_get(f"{prefix}/models", list_models)

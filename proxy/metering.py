@@ -1,0 +1,190 @@
+"""What a request may cost before it runs (the reservation) and what it did cost (usage).
+
+Reservation = prompt tokens (tiktoken) + the request's output cap (× ``n`` choices). Actual
+usage comes from the upstream's ``usage`` when reported, else from tiktoken over the text that
+was streamed — so a client that hangs up mid-stream still pays for what was generated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import bad_request
+from proxy.pricing import Price, cost_nano
+from proxy.routes import ModelRoute
+from proxy.tokenizer import count_text
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+_CAP_FIELDS = {
+    "chat/completions": ("max_completion_tokens", "max_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+    "embeddings": (),
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    reported: bool = True
+    """False when counted by the proxy because the upstream reported nothing."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def cost_nano(self, price: Price) -> int:
+        return cost_nano(price, self.input_tokens, self.output_tokens, self.cached_tokens)
+
+
+def _positive_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(f"'{name}' must be a positive integer.", param=name)
+    return value
+
+
+def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> int:
+    """Worst-case output tokens; a cap above the model's maximum is clamped to it."""
+    if endpoint == "embeddings":
+        return 0
+    cap = None
+    for name in _CAP_FIELDS[endpoint]:
+        value = _positive_int(body, name)
+        if value is not None and cap is None:
+            cap = value
+    choices = 1
+    if endpoint in ("chat/completions", "completions"):
+        choices = _positive_int(body, "n") or 1
+        if endpoint == "completions":
+            choices = max(choices, _positive_int(body, "best_of") or 1)
+    limit = route.max_output_tokens if cap is None else min(cap, route.max_output_tokens)
+    return limit * choices
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_body(endpoint: str, data: Any) -> Usage | None:
+    """Reads OpenAI's usage shapes: chat/completions/embeddings, and the Responses API's."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or endpoint == "responses":
+        details_in = usage.get("input_tokens_details") or {}
+        details_out = usage.get("output_tokens_details") or {}
+        return Usage(
+            input_tokens=_int(usage.get("input_tokens")),
+            output_tokens=_int(usage.get("output_tokens")),
+            cached_tokens=_int(
+                details_in.get("cached_tokens") if isinstance(details_in, dict) else 0
+            ),
+            reasoning_tokens=_int(
+                details_out.get("reasoning_tokens") if isinstance(details_out, dict) else 0
+            ),
+        )
+    details_in = usage.get("prompt_tokens_details") or {}
+    details_out = usage.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=_int(usage.get("prompt_tokens")),
+        output_tokens=_int(usage.get("completion_tokens")),
+        cached_tokens=_int(details_in.get("cached_tokens") if isinstance(details_in, dict) else 0),
+        reasoning_tokens=_int(
+            details_out.get("reasoning_tokens") if isinstance(details_out, dict) else 0
+        ),
+    )
+
+
+class StreamMeter:
+    """Follows a stream's ``data:`` payloads for the usage the upstream reports.
+
+    Only payloads that mention usage are parsed on the way through; the others are kept raw
+    and decoded at the end only if no usage ever came, to count the streamed text instead.
+    """
+
+    def __init__(self, endpoint: str, route: ModelRoute, prompt_tokens: int) -> None:
+        self.endpoint = endpoint
+        self.route = route
+        self.prompt_tokens = prompt_tokens
+        self.reported: Usage | None = None
+        self._raw: list[bytes] = []
+
+    def feed(self, payload: bytes) -> bool:
+        """Returns True when the payload is a usage-only chunk (no choices)."""
+        if b'"usage":{' not in payload and b'"usage": {' not in payload:
+            self._raw.append(payload)
+            return False
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(event, dict):
+            return False
+        if self.endpoint == "responses":
+            found = usage_from_body("responses", event.get("response"))
+        else:
+            found = usage_from_body(self.endpoint, event)
+        if found is None:
+            self._raw.append(payload)
+            return False
+        self.reported = found
+        self._raw.append(payload)
+        return event.get("choices") == []
+
+    def usage(self) -> Usage:
+        if self.reported is not None:
+            return self.reported
+        text = "".join(self._texts())
+        output = count_text(self.route.encoding, text) if text else 0
+        return Usage(input_tokens=self.prompt_tokens, output_tokens=output, reported=False)
+
+    def _texts(self) -> Iterator[str]:
+        for payload in self._raw:
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                yield from _event_texts(self.endpoint, event)
+
+
+def _event_texts(endpoint: str, event: dict[str, Any]) -> Iterator[str]:
+    if endpoint == "responses":
+        if event.get("type") in (
+            "response.output_text.delta",
+            "response.function_call_arguments.delta",
+        ) and isinstance(event.get("delta"), str):
+            yield event["delta"]
+        return
+    choices = event.get("choices")
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if endpoint == "completions":
+            if isinstance(choice.get("text"), str):
+                yield choice["text"]
+            continue
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        if isinstance(delta.get("content"), str):
+            yield delta["content"]
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                for part in (function.get("name"), function.get("arguments")):
+                    if isinstance(part, str):
+                        yield part

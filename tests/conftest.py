@@ -1,0 +1,252 @@
+"""The test harness: a real redis-server, the mock upstream over real HTTP, the proxy itself.
+
+Fixtures start everything on free loopback ports; nothing outside this machine is contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.config import ModelConfig, PriceConfig, Settings, UpstreamConfig
+from proxy.embedded_redis import EmbeddedRedis, free_port
+from proxy.mock_upstream import RECEIVED, MockOptions, build_mock_app
+
+ADMIN_KEY = "sk-test-admin-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """A clean database for every test (tests run one at a time)."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+class FakeClock:
+    """Injectable time: tests move it instead of sleeping."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = start if start is not None else time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+async def mock_upstream() -> AsyncIterator[TestServer]:
+    server = TestServer(build_mock_app(MockOptions()), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def make_settings(upstream_url: str, **sections: Any) -> Settings:
+    """Settings for tests: the mock as the only upstream, fixed prices, test admin key env."""
+    data: dict[str, Any] = {
+        "upstreams": [
+            UpstreamConfig(name="mock", base_url=upstream_url, api_key_env="TEST_UPSTREAM_KEY")
+        ],
+        "models": [
+            ModelConfig(name="gpt-4o-mini", upstream="mock", max_output_tokens=1000),
+            ModelConfig(
+                name="gpt-4o",
+                aliases=["gpt-4o-latest"],
+                upstream="mock",
+                max_output_tokens=1000,
+                price=PriceConfig(input="2.5", cached_input="1.25", output="10"),
+            ),
+            ModelConfig(
+                name="text-embedding-3-small",
+                upstream="mock",
+                encoding="cl100k_base",
+                kind="embedding",
+            ),
+        ],
+        "auth": {"bootstrap_key_env": "TEST_PROXY_ADMIN_KEY", "cache_ttl_seconds": 1.0},
+    }
+    data.update(sections)
+    return Settings.model_validate(data)
+
+
+@dataclass
+class Proxy:
+    """A running proxy under test, with the helpers tests keep needing."""
+
+    url: str
+    server: TestServer
+    app: web.Application
+    mock: TestServer
+    clock: FakeClock
+    session: aiohttp.ClientSession
+    admin_key: str = ADMIN_KEY
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    def received(self) -> Any:
+        return self.mock.app[RECEIVED]
+
+    def openai(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
+        kwargs.setdefault("max_retries", 0)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def admin(
+        self, method: str, path: str, json: Any = None, key: str | None = None
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {key or self.admin_key}"}
+        async with self.session.request(
+            method, self.url + path, json=json, headers=headers
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def create_key(self, org: str = "acme", **spec: Any) -> tuple[str, str]:
+        """Returns (key id, plaintext)."""
+        status, body = await self.admin("POST", "/api/v1/keys", {"org_id": org, **spec})
+        assert status == 201, body
+        return body["id"], body["key"]
+
+
+ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
+
+
+@pytest.fixture
+async def start_proxy(
+    redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Any]]:
+    monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream-secret")
+    started: list[Proxy] = []
+
+    async def start(clock: FakeClock | None = None, **sections: Any) -> Proxy:
+        clock = clock or FakeClock()
+        settings = make_settings(str(mock_upstream.make_url("/v1")), **sections)
+        app = create_app(settings, redis_url, clock=clock)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        proxy = Proxy(
+            url=str(server.make_url("")).rstrip("/"),
+            server=server,
+            app=app,
+            mock=mock_upstream,
+            clock=clock,
+            session=aiohttp.ClientSession(),
+        )
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        for client in proxy.clients:
+            await client.close()
+        await proxy.session.close()
+        await proxy.server.close()
+
+
+@pytest.fixture
+async def proxy(start_proxy: Callable[..., Any]) -> Proxy:
+    result: Proxy = await start_proxy()
+    return result
+
+
+def write_config(path: Path, upstream_url: str, redis_url: str, **extra: str) -> Path:
+    """A TOML config for proxies run as separate processes."""
+    lines = [
+        "[server]",
+        'host = "127.0.0.1"',
+        "uvloop = true",
+        "shutdown_grace_seconds = 10",
+        "[redis]",
+        f'url = "{redis_url}"',
+        "[auth]",
+        'bootstrap_key_env = "TEST_PROXY_ADMIN_KEY"',
+        "[[upstreams]]",
+        'name = "mock"',
+        f'base_url = "{upstream_url}"',
+        "[[models]]",
+        'name = "gpt-4o-mini"',
+        'upstream = "mock"',
+        "max_output_tokens = 1000",
+    ]
+    for section, body in extra.items():
+        lines += [f"[{section}]", body]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def start_proxy_process(
+    config: Path, log: Path, workers: int = 1, port: int | None = None
+) -> ProxyProcess:
+    """``llm-proxy serve`` in its own process, ready when /healthz answers."""
+    port = port or free_port()
+    env = {**os.environ, "TEST_PROXY_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO)}
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--config", str(config), "serve",
+         "--port", str(port), "--workers", str(workers)],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(config.parent),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"proxy exited: {log.read_text()}")
+            try:
+                async with session.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"proxy did not start: {log.read_text()}")
+            await asyncio.sleep(0.05)
+    return ProxyProcess(process, url, log)
