@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.exceptions import RedisError
 
+from proxy import metrics
 from proxy.config import RoleLimits
 from proxy.keys import Identity
 from proxy.store import LuaScript, Redis, org_prefix
@@ -94,7 +98,7 @@ class Admission:
     def __init__(
         self,
         redis: Redis,
-        role_defaults: dict[str, RoleLimits],
+        role_defaults: Mapping[Any, RoleLimits],
         lease_seconds: float,
         clock: Clock,
     ) -> None:
@@ -118,6 +122,7 @@ class Admission:
         now = self.clock()
         windows = self._windows.current(now)
         defaults = self._defaults.get(identity.role) or [""] * 6
+        started = time.perf_counter()
         result = await ADMIT(
             self.redis,
             [org_prefix(identity.org_id)],
@@ -134,6 +139,7 @@ class Admission:
                 *defaults,
             ],
         )
+        metrics.REDIS_TIME.labels("admit").observe(time.perf_counter() - started)
         kind = result[0]
         if kind == "ok":
             return Admitted(
@@ -206,6 +212,7 @@ class Admission:
     async def _settle_now(self, req: SettleRequest) -> int:
         now = self.clock()
         windows = self._windows.current(now)
+        started = time.perf_counter()
         result = await SETTLE(
             self.redis,
             [org_prefix(req.org_id)],
@@ -223,6 +230,7 @@ class Admission:
                 req.usage_record,
             ],
         )
+        metrics.REDIS_TIME.labels("settle").observe(time.perf_counter() - started)
         return max(int(result), 0)
 
     async def _retry_loop(self) -> None:
@@ -242,8 +250,8 @@ class Admission:
     def pending_settles(self) -> int:
         return len(self._retry)
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, grace: float) -> None:
         """At shutdown: give deferred settles a last chance."""
         if self._retry_task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._retry_task), timeout)
+                await asyncio.wait_for(asyncio.shield(self._retry_task), grace)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy import budgets_api, health, keys_api, llm_api
+from proxy import budgets_api, health, keys_api, llm_api, metrics
 from proxy.admission import Admission
 from proxy.auth import Authenticator
 from proxy.budgets import BudgetStore
 from proxy.config import Settings
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.keys import KeyCreate, KeyStore, digest
+from proxy.request_log import add_request_id_header, request_log_middleware
 from proxy.routes import build_routes
 from proxy.state import GATEWAY, Gateway
 from proxy.store import connect
@@ -27,28 +28,19 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP_KEY_ID = "key_bootstrap"
 BOOTSTRAP_ORG = "cluster"
-REQUEST_ID = web.RequestKey("request_id", str)
-
-
-def _request_id(request: web.Request) -> str:
-    """A caller's ``x-request-id`` is echoed for correlation, never used for accounting."""
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.isprintable():
-        return given
-    return "req_" + secrets.token_hex(12)
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    request[REQUEST_ID] = _request_id(request)
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
         return exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[GATEWAY].settings.server.max_body_bytes
         return error_response(
             413,
-            f"Request body too large: the limit is {exc.max_size} bytes.",
+            f"Request body too large: the limit is {limit} bytes.",
             code="request_too_large",
         )
     except web.HTTPNotFound:
@@ -72,17 +64,12 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         return error_response(500, "Internal proxy error.", type="server_error", code="internal")
 
 
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.get(REQUEST_ID)
-    if request_id:
-        response.headers["x-request-id"] = request_id
-
-
 def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
     """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
     routes = build_routes(settings)
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+        middlewares=[request_log_middleware, error_middleware],
+        client_max_size=settings.server.max_body_bytes,
     )
     redis = connect(settings.redis, redis_url)
     keys = KeyStore(redis)
@@ -97,9 +84,10 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         routes=routes,
         clock=clock,
     )
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
     health.add_routes(app)
+    metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
@@ -116,7 +104,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     except (RedisError, OSError) as exc:
         log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
-    await gw.admission.drain(timeout=5.0)
+    await gw.admission.drain(grace=5.0)
     await gw.upstream.close()
     await gw.redis.aclose()
 

@@ -200,7 +200,7 @@ class BudgetStore:
             return None
         return (await self._with_spend(org_id, [json.loads(raw)], windows))[0]
 
-    async def list(
+    async def list_budgets(
         self, org_id: str, windows: Windows, scope: Scope | None = None, scope_id: str = ""
     ) -> list[dict[str, Any]]:
         """Budgets of an org: all of them, or those of one scope (the org, or one key)."""

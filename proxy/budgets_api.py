@@ -56,7 +56,7 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
         scope_id = request.match_info[id_name]
         org_id = await _target(gw, caller, scope, scope_id, write=False)
         windows = gw.admission.windows(gw.clock())
-        data = await gw.budgets.list(org_id, windows, scope, scope_id)
+        data = await gw.budgets.list_budgets(org_id, windows, scope, scope_id)
         return web.json_response({"object": "list", "data": data})
 
     async def put(request: web.Request) -> web.Response:
@@ -110,13 +110,13 @@ async def list_all(request: web.Request) -> web.Response:
     windows = gw.admission.windows(gw.clock())
     store = gw.budgets
     if caller.role == "member":
-        data = await store.list(caller.org_id, windows, "apikey", caller.key_id)
+        data = await store.list_budgets(caller.org_id, windows, "apikey", caller.key_id)
     elif caller.role == "org_admin":
-        data = await store.list(caller.org_id, windows)
+        data = await store.list_budgets(caller.org_id, windows)
     else:
         data = []
         for org_id in await gw.keys.orgs():
-            data.extend(await store.list(org_id, windows))
+            data.extend(await store.list_budgets(org_id, windows))
     return web.json_response({"object": "list", "data": data})
 
 

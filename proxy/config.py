@@ -132,7 +132,7 @@ class WebhookConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    token_env: str | None = "PROXY_METRICS_TOKEN"
+    token_env: str | None = "PROXY_METRICS_TOKEN"  # noqa: S105 - a variable name
     """When this variable is set, /metrics requires ``Authorization: Bearer <its value>``."""
 
 

@@ -196,7 +196,7 @@ class KeyStore:
         org_id = await self.org_of(key_id)
         return await self.get(org_id, key_id) if org_id else None
 
-    async def list(self, org_id: str) -> list[KeyRecord]:
+    async def list_org(self, org_id: str) -> list[KeyRecord]:
         prefix = org_prefix(org_id)
         ids = sorted(await self._redis.smembers(prefix + "keys"))  # type: ignore[misc]
         pipe = self._redis.pipeline(transaction=False)

@@ -47,7 +47,7 @@ async def list_keys(request: web.Request) -> web.Response:
         orgs = [caller.org_id]
     data: list[dict[str, Any]] = []
     for org_id in orgs:
-        data.extend(record.public() for record in await gw.keys.list(org_id))
+        data.extend(record.public() for record in await gw.keys.list_org(org_id))
     return web.json_response({"object": "list", "data": data})
 
 

@@ -181,7 +181,7 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
 async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
     usage = exchange.usage or Usage(0, 0, reported=False)
     cost = usage.cost_nano(exchange.route.price)
-    record = {
+    record: dict[str, object] = {
         "rid": exchange.request_id,
         "kid": exchange.identity.key_id,
         "user": exchange.on_behalf_of,
@@ -204,6 +204,8 @@ async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> N
         cost_nano=cost,
         upstream_ms=exchange.upstream_ms,
         client_gone=exchange.client_gone,
+        upstream=exchange.route.upstream.name,
+        **exchange.extra,
     )
     await gw.admission.settle(
         gw.admission.settle_request(
@@ -225,9 +227,13 @@ async def _forward(
         raw, body, exchange.endpoint, exchange.route, stream
     )
     sent_at = time.perf_counter()
-    upstream = await gw.upstream.send(
-        exchange.route, exchange.endpoint, upstream_body, request.headers
-    )
+    try:
+        upstream = await gw.upstream.send(
+            exchange.route, exchange.endpoint, upstream_body, request.headers
+        )
+    except ApiError as exc:
+        exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
+        raise
     try:
         exchange.status = upstream.status
         headers = client_headers(upstream.headers)

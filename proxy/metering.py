@@ -1,6 +1,6 @@
 """What a request may cost before it runs (the reservation) and what it did cost (usage).
 
-Reservation = prompt tokens (tiktoken) + the request's output cap (× ``n`` choices). Actual
+Reservation = prompt tokens (tiktoken) + the request's output cap (times ``n`` choices). Actual
 usage comes from the upstream's ``usage`` when reported, else from tiktoken over the text that
 was streamed — so a client that hangs up mid-stream still pays for what was generated.
 """

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -105,6 +107,9 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
             use_uvloop(settings.server.uvloop)
             asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=False))
             return
+        # Workers write metrics to a shared directory so any worker's /metrics covers all.
+        metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
         context = multiprocessing.get_context("spawn")
         children = [
             context.Process(target=_worker_main, args=(settings, redis_url, host, port))
@@ -123,6 +128,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         signal.signal(signal.SIGINT, forward)
         for child in children:
             child.join()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         failed = [c.exitcode for c in children if c.exitcode not in (0, -signal.SIGTERM)]
         if failed:
             sys.exit(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -20,7 +20,7 @@ from proxy.config import RedisConfig
 ORGS_KEY = "bp:orgs"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-Redis = aioredis.Redis
+Redis: TypeAlias = Any  # redis.asyncio.Redis (decode_responses=True); see pyproject
 
 
 def valid_id(value: str) -> bool:

@@ -1,0 +1,82 @@
+"""Prometheus metrics. Labels never carry keys, prompts or end-user ids: only endpoint,
+model, status, decision, org and upstream, whose sets are bounded by configuration.
+
+With several workers (``serve --workers N``) the processes share a
+``PROMETHEUS_MULTIPROC_DIR`` so any one of them answers for all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from proxy.config import MetricsConfig
+from proxy.errors import ApiError
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "llm_proxy_requests_total", "HTTP requests answered", ["endpoint", "model", "status"]
+)
+DECISIONS = Counter(
+    "llm_proxy_admission_decisions_total",
+    "Admission outcomes: admitted, budget, rate_limit_<limit>, auth, invalid, store_unavailable",
+    ["decision"],
+)
+TOKENS = Counter("llm_proxy_tokens_total", "Tokens settled", ["model", "org", "direction"])
+COST = Counter("llm_proxy_cost_nano_total", "Cost settled, nano-units", ["model", "org"])
+OVERHEAD = Histogram(
+    "llm_proxy_overhead_seconds",
+    "Time a request spent in the proxy outside the upstream",
+    ["endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_TIME = Histogram(
+    "llm_proxy_upstream_seconds",
+    "Time from sending to the upstream until its answer ended",
+    ["model"],
+    buckets=_UPSTREAM_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "llm_proxy_upstream_errors_total", "Upstream failures", ["upstream", "kind"]
+)
+REDIS_TIME = Histogram(
+    "llm_proxy_redis_seconds", "Redis script call latency", ["script"], buckets=_LATENCY_BUCKETS
+)
+WEBHOOKS = Counter("llm_proxy_webhook_deliveries_total", "Webhook delivery attempts", ["result"])
+
+
+def _registry() -> CollectorRegistry | None:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def add_routes(app: web.Application, config: MetricsConfig) -> None:
+    token = os.environ.get(config.token_env) if config.token_env else None
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if token:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise ApiError(401, "Metrics need the metrics token.", type="authentication_error")
+        registry = _registry()
+        body = generate_latest(registry) if registry is not None else generate_latest()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app.router.add_get("/metrics", metrics_handler)

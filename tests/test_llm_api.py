@@ -1,0 +1,799 @@
+"""The OpenAI-compatible endpoints, driven by the real ``openai`` client (and raw HTTP where a
+client could not produce the request): forwarding, exact metering, errors and their cost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
+from proxy.embedded_redis import free_port
+from proxy.pricing import Price, cost_nano
+from proxy.state import GATEWAY
+from proxy.tokenizer import count_prompt
+from proxy.windows import windows_at
+from tests.conftest import Proxy
+
+ORG = "acme"
+P = "bp:{o:acme}:"
+UPSTREAM_SECRET = "sk-upstream-secret"
+# gpt-4o has a price in the test config; gpt-4o-mini comes from the genai-prices snapshot.
+GPT_4O = Price(2_500_000_000, 1_250_000_000, 10_000_000_000, "config")
+GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
+MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+# Mock prompt tokens for MESSAGES: words + 4 per message + 3.
+MOCK_PROMPT = 5 + 4 + 3
+ERROR_FIELDS = {"message", "type", "code", "param"}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 5.0, what: str = "condition"
+) -> Any:
+    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def windows(proxy: Proxy) -> list[str]:
+    w = windows_at(proxy.clock())
+    return [w.daily, w.weekly, w.monthly]
+
+
+async def spend(store: aioredis.Redis, scope: str, window: str) -> tuple[int, int] | None:
+    """(cost nano, tokens) of one spend hash, or None when it does not exist."""
+    data = await store.hgetall(f"{P}spend:{scope}:{window}")
+    if not data:
+        return None
+    return int(data["c"]), int(data["t"])
+
+
+async def assert_spend(
+    store: aioredis.Redis, proxy: Proxy, kid: str, cost: int, tokens: int
+) -> None:
+    """The key's and the org's daily, weekly and monthly windows all hold exactly this."""
+    for window in windows(proxy):
+        assert await spend(store, f"k:{kid}", window) == (cost, tokens), window
+        assert await spend(store, "o", window) == (cost, tokens), window
+
+
+async def wait_settled(store: aioredis.Redis, proxy: Proxy, kid: str, count: int = 1) -> None:
+    """Streams end for the client just before the proxy settles; wait for the usage record."""
+
+    async def settled() -> bool:
+        return int(await store.xlen(P + "usage")) >= count
+
+    await eventually(settled, what="settle")
+
+
+async def usage_records(store: aioredis.Redis) -> list[dict[str, Any]]:
+    return [json.loads(fields["r"]) for _, fields in await store.xrange(P + "usage")]
+
+
+async def nothing_charged(store: aioredis.Redis) -> None:
+    """No spend window, no usage record, no lease, no in-flight reservation in the org."""
+    assert [k async for k in store.scan_iter(P + "spend:*")] == []
+    assert await store.exists(P + "usage") == 0
+    assert await store.zcard(P + "leases") == 0
+    for scope in ("o",):
+        held = await store.hgetall(f"{P}infl:{scope}")
+        assert all(int(v) == 0 for v in held.values()), held
+
+
+async def charged_zero(store: aioredis.Redis, proxy: Proxy, kid: str) -> None:
+    """Settled with zero usage: windows hold 0 (or nothing), the lease is released."""
+    for window in windows(proxy):
+        for scope in (f"k:{kid}", "o"):
+            assert (await spend(store, scope, window) or (0, 0)) == (0, 0)
+    assert await store.zcard(P + "leases") == 0
+    infl = await store.hgetall(P + "infl:o")
+    assert all(int(v) == 0 for v in infl.values()), infl
+
+
+def assert_error(body: Any, type_: str, code: str | None, param: str | None = None) -> None:
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == ERROR_FIELDS, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert (error["type"], error["code"], error["param"]) == (type_, code, param), error
+
+
+async def raw_post(
+    proxy: Proxy,
+    path: str,
+    body: bytes | Any,
+    key: str | None,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> tuple[int, Any, Any]:
+    """(status, parsed body, headers) of a request the openai client could not make."""
+    all_headers = dict(headers or {})
+    if key is not None:
+        all_headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with proxy.session.request(
+        method, proxy.url + path, data=data, headers=all_headers
+    ) as response:
+        text = await response.read()
+        return response.status, json.loads(text), response.headers
+
+
+@pytest.fixture
+async def member(proxy: Proxy) -> tuple[str, str]:
+    return await proxy.create_key(ORG, name="app")
+
+
+# --- every endpoint, both prefixes ---------------------------------------------------------
+
+
+async def test_buffered_chat_is_forwarded_and_metered_exactly(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    answer = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"x-mock-output-tokens": "7"},
+    )
+    assert answer.choices[0].message.content == " the of and to in is it"
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (MOCK_PROMPT, 7)
+    cost = cost_nano(GPT_4O, MOCK_PROMPT, 7)
+    assert cost == -(-(MOCK_PROMPT * 2_500_000_000 + 7 * 10_000_000_000) // 1_000_000)
+    await assert_spend(store, proxy, kid, cost, MOCK_PROMPT + 7)
+    [record] = await usage_records(store)
+    assert record["kid"] == kid and record["model"] == "gpt-4o"
+    assert (record["in"], record["out"], record["cost_nano"]) == (MOCK_PROMPT, 7, cost)
+    assert await store.zcard(P + "leases") == 0
+
+
+async def test_cached_tokens_are_priced_at_the_cached_rate(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    answer = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"x-mock-cached-tokens": "8", "x-mock-output-tokens": "5"},
+    )
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == 8
+    cost = cost_nano(GPT_4O, MOCK_PROMPT, 5, cached_input_tokens=8)
+    # 4 uncached + 8 cached input tokens, 5 output tokens.
+    assert cost == (4 * 2_500 + 8 * 1_250 + 5 * 10_000)
+    assert cost < cost_nano(GPT_4O, MOCK_PROMPT, 5)
+    await assert_spend(store, proxy, kid, cost, MOCK_PROMPT + 5)
+
+
+async def test_database_priced_model_streamed_with_cached_tokens(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    assert proxy.app[GATEWAY].routes["gpt-4o-mini"].price == GPT_4O_MINI
+    client = proxy.openai(key)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-cached-tokens": "6", "x-mock-output-tokens": "30"},
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(text.split()) == 30
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (MOCK_PROMPT, 30)
+    await wait_settled(store, proxy, kid)
+    cost = cost_nano(GPT_4O_MINI, MOCK_PROMPT, 30, cached_input_tokens=6)
+    assert cost == -(-(6 * 150 + 6 * 75 + 30 * 600) // 1)  # nano per token at these prices
+    await assert_spend(store, proxy, kid, cost, MOCK_PROMPT + 30)
+
+
+async def test_streamed_chat_without_include_usage_hides_the_usage_chunk(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    stream = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"x-mock-output-tokens": "12"},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None for chunk in chunks)
+    assert all(chunk.choices for chunk in chunks), "a choice-less usage chunk leaked through"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert len(text.split()) == 12
+    sent = proxy.received()[-1]
+    assert sent.body["stream_options"] == {"include_usage": True}
+    await wait_settled(store, proxy, kid)
+    # Charged from the upstream's (hidden) usage, not from an estimate.
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 12), MOCK_PROMPT + 12)
+    [record] = await usage_records(store)
+    assert record["reported"] is True
+
+
+async def test_streamed_chat_with_include_usage_gets_the_usage_chunk(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    stream = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-output-tokens": "3"},
+    )
+    chunks = [chunk async for chunk in stream]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (MOCK_PROMPT, 3)
+    await wait_settled(store, proxy, kid)
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 3), MOCK_PROMPT + 3)
+
+
+async def test_completions_buffered_and_streamed(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    answer = await client.completions.create(
+        model="gpt-4o", prompt="one two three four", max_tokens=9
+    )
+    assert answer.choices[0].text == " the of and to in is it that for"
+    assert answer.usage is not None and answer.usage.prompt_tokens == 4
+    stream = await client.completions.create(
+        model="gpt-4o", prompt="one two three", stream=True, max_tokens=5
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == " the of and to in"
+    assert all(c.usage is None for c in chunks)
+    assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
+    await wait_settled(store, proxy, kid, count=2)
+    cost = cost_nano(GPT_4O, 4, 9) + cost_nano(GPT_4O, 3, 5)
+    await assert_spend(store, proxy, kid, cost, 4 + 9 + 3 + 5)
+
+
+async def test_responses_buffered_and_streamed(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    answer = await client.responses.create(
+        model="gpt-4o", input="tell me a story", extra_headers={"x-mock-output-tokens": "4"}
+    )
+    assert answer.output_text == " the of and to"
+    assert answer.usage is not None
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (4, 4)
+    stream = await client.responses.create(
+        model="gpt-4o",
+        input="tell me a longer story",
+        stream=True,
+        extra_headers={"x-mock-output-tokens": "6", "x-mock-cached-tokens": "2"},
+    )
+    deltas, completed = [], None
+    async for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        elif event.type == "response.completed":
+            completed = event.response
+    assert "".join(deltas) == " the of and to in is"
+    assert completed is not None and completed.usage is not None
+    assert completed.usage.input_tokens == 5
+    await wait_settled(store, proxy, kid, count=2)
+    cost = cost_nano(GPT_4O, 4, 4) + cost_nano(GPT_4O, 5, 6, cached_input_tokens=2)
+    await assert_spend(store, proxy, kid, cost, 4 + 4 + 5 + 6)
+
+
+async def test_embeddings(proxy: Proxy, member: tuple[str, str], store: aioredis.Redis) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    answer = await client.embeddings.create(
+        model="text-embedding-3-small", input=["alpha beta", "gamma delta epsilon"]
+    )
+    assert [item.index for item in answer.data] == [0, 1]
+    assert len(answer.data[0].embedding) == 8
+    assert answer.usage.prompt_tokens == 5
+    price = proxy.app[GATEWAY].routes["text-embedding-3-small"].price
+    assert price.input_nano_per_m == 20_000_000  # $0.02 per 1M tokens
+    await assert_spend(store, proxy, kid, cost_nano(price, 5, 0), 5)
+
+
+async def test_both_path_prefixes_and_aliases(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    llm = openai.AsyncOpenAI(base_url=f"{proxy.url}/api/v1/llm", api_key=key, max_retries=0)
+    proxy.clients.append(llm)
+    answer = await llm.chat.completions.create(
+        model="gpt-4o-latest",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"x-mock-output-tokens": "2"},
+    )
+    assert answer.choices[0].message.content == " the of"
+    # The alias is resolved to the upstream model name before forwarding.
+    assert proxy.received()[-1].body["model"] == "gpt-4o"
+    ids = {model.id async for model in llm.models.list()}
+    assert ids == {"gpt-4o-mini", "gpt-4o", "gpt-4o-latest", "text-embedding-3-small"}
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 2), MOCK_PROMPT + 2)
+
+
+async def test_models_list_shows_only_allowed_models(proxy: Proxy) -> None:
+    _, key = await proxy.create_key(ORG, models=["gpt-4o"])
+    ids = [model.id async for model in proxy.openai(key).models.list()]
+    assert ids == ["gpt-4o"]
+    _, admin_listing, _ = await raw_post(proxy, "/v1/models", b"", key, method="GET")
+    assert [m["id"] for m in admin_listing["data"]] == ["gpt-4o"]
+
+
+# --- upstream credential -------------------------------------------------------------------
+
+
+async def test_upstream_gets_its_own_credential_never_the_clients(
+    proxy: Proxy, member: tuple[str, str]
+) -> None:
+    _, key = member
+    headers = {"x-mock-output-tokens": "2", "X-On-Behalf-Of": "user-7"}
+    status, body, response_headers = await raw_post(
+        proxy, "/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}, key, headers
+    )
+    assert status == 200
+    sent = proxy.received()[-1]
+    assert sent.headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+    assert all(key not in value for value in sent.headers.values())
+    assert "x-on-behalf-of" not in sent.headers
+    assert UPSTREAM_SECRET not in json.dumps(body)
+    assert all(UPSTREAM_SECRET not in v for v in response_headers.values())
+    # The streamed path too.
+    stream = await proxy.openai(key).chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"x-mock-output-tokens": "2"},
+    )
+    raw = [chunk.model_dump_json() async for chunk in stream]
+    assert all(UPSTREAM_SECRET not in chunk for chunk in raw)
+    assert proxy.received()[-1].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+
+
+# --- partial and unreported usage ----------------------------------------------------------
+
+
+async def test_client_disconnect_mid_stream_is_charged_for_what_was_generated(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "x-mock-output-tokens": "200",
+        "x-mock-chunk-delay-ms": "20",
+    }
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            proxy.url + "/v1/chat/completions", json=body, headers=headers
+        )
+        assert response.status == 200
+        seen = 0
+        async for line in response.content:
+            if line.startswith(b"data:") and b'"content":" ' in line:
+                seen += 1
+                if seen == 5:
+                    break
+        response.close()  # hang up mid-stream
+    record = await eventually(lambda: _first_record(store), what="settle after hang-up")
+    assert record["client_gone"] is True
+    assert record["reported"] is False
+    prompt = await count_prompt(
+        proxy.app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", body
+    )
+    assert record["in"] == prompt
+    assert 5 <= record["out"] < 200, record
+    tokens = record["in"] + record["out"]
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, prompt, record["out"]), tokens)
+    assert await store.zcard(P + "leases") == 0
+
+
+async def _first_record(store: aioredis.Redis) -> dict[str, Any] | None:
+    records = await usage_records(store)
+    return records[0] if records else None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_without_usage_is_counted_with_tiktoken(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis, stream: bool
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    headers = {"x-mock-omit-usage": "1", "x-mock-output-tokens": "23"}
+    if stream:
+        chunks = await client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers=headers,
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    else:
+        answer = await client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers=headers,
+        )
+        assert answer.usage is None
+        text = answer.choices[0].message.content or ""
+    assert len(text.split()) == 23  # each mock word is one token
+    await wait_settled(store, proxy, kid)
+    [record] = await usage_records(store)
+    prompt = await count_prompt(
+        proxy.app[GATEWAY].routes["gpt-4o"].encoding,
+        "chat/completions",
+        {"messages": MESSAGES},
+    )
+    assert (record["in"], record["out"], record["reported"]) == (prompt, 23, False)
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, prompt, 23), prompt + 23)
+
+
+# --- X-On-Behalf-Of ------------------------------------------------------------------------
+
+
+async def test_on_behalf_of_is_recorded_with_the_usage(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    client = proxy.openai(key)
+    await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"X-On-Behalf-Of": "end-user-42"},
+    )
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    records = await usage_records(store)
+    assert [r["user"] for r in records] == ["end-user-42", None]
+    assert all(r["kid"] == kid for r in records)
+
+
+async def test_on_behalf_of_too_long_is_refused(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    _, key = member
+    for value, expected in (("u" * 256, 200), ("u" * 257, 400)):
+        status, body, _ = await raw_post(
+            proxy,
+            "/v1/chat/completions",
+            {"model": "gpt-4o", "messages": MESSAGES},
+            key,
+            {"X-On-Behalf-Of": value},
+        )
+        assert status == expected, body
+    assert_error(body, "invalid_request_error", "invalid_request", "X-On-Behalf-Of")
+    assert len(proxy.received()) == 1
+    assert len(await usage_records(store)) == 1
+
+
+# --- bad input: exact error, nothing charged, upstream never called ------------------------
+
+CHAT = "/v1/chat/completions"
+GOOD = {"model": "gpt-4o", "messages": MESSAGES}
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "body", "status", "type_", "code", "param"),
+    [
+        ("malformed JSON", CHAT, b'{"model": "gpt-4o",', 400, "invalid_request_error",
+         "invalid_request", None),
+        ("non-object JSON", CHAT, b'["gpt-4o"]', 400, "invalid_request_error",
+         "invalid_request", None),
+        ("missing model", CHAT, {"messages": MESSAGES}, 400, "invalid_request_error",
+         "invalid_request", "model"),
+        ("unknown model", CHAT, {"model": "gpt-9", "messages": MESSAGES}, 404,
+         "invalid_request_error", "model_not_found", "model"),
+        ("non-bool stream", CHAT, {**GOOD, "stream": "yes"}, 400, "invalid_request_error",
+         "invalid_request", "stream"),
+        ("negative max_tokens", CHAT, {**GOOD, "max_tokens": -1}, 400, "invalid_request_error",
+         "invalid_request", "max_tokens"),
+        ("string max_completion_tokens", CHAT, {**GOOD, "max_completion_tokens": "10"}, 400,
+         "invalid_request_error", "invalid_request", "max_completion_tokens"),
+        ("zero max_output_tokens", "/v1/responses",
+         {"model": "gpt-4o", "input": "hi", "max_output_tokens": 0}, 400,
+         "invalid_request_error", "invalid_request", "max_output_tokens"),
+        ("unknown path", "/v1/chat/complete", GOOD, 404, "invalid_request_error",
+         "unknown_url", None),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_refused_exactly_and_costs_nothing(
+    proxy: Proxy,
+    member: tuple[str, str],
+    store: aioredis.Redis,
+    case: str,
+    path: str,
+    body: Any,
+    status: int,
+    type_: str,
+    code: str,
+    param: str | None,
+) -> None:
+    _, key = member
+    got, answer, _ = await raw_post(proxy, path, body, key)
+    assert got == status, (case, answer)
+    assert_error(answer, type_, code, param)
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+
+
+async def test_body_over_the_limit_is_413(
+    start_proxy: Callable[..., Any], store: aioredis.Redis
+) -> None:
+    proxy = await start_proxy(server={"max_body_bytes": 1024})
+    _, key = await proxy.create_key(ORG)
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 400}]}
+    status, body, _ = await raw_post(proxy, CHAT, big, key)
+    assert status == 413
+    assert_error(body, "invalid_request_error", "request_too_large")
+    assert "1024" in body["error"]["message"]
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+    # Just under the limit is fine.
+    status, _, _ = await raw_post(proxy, CHAT, GOOD, key)
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("case", "auth"),
+    [("missing key", None), ("unknown key", "sk-bp-not-a-real-key"), ("not bearer", "Basic x")],
+)
+async def test_bad_credentials_are_401(
+    proxy: Proxy, store: aioredis.Redis, case: str, auth: str | None
+) -> None:
+    headers = {} if auth is None or auth.startswith("Basic") else {"Authorization": f"Bearer {auth}"}
+    if auth is not None and auth.startswith("Basic"):
+        headers = {"Authorization": auth}
+    status, body, _ = await raw_post(proxy, CHAT, GOOD, None, headers)
+    assert status == 401, case
+    assert_error(body, "authentication_error", "invalid_api_key")
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+
+
+async def test_revoked_key_is_401(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    status, _ = await proxy.admin("DELETE", f"/api/v1/keys/{kid}")
+    assert status == 200
+    status, body, _ = await raw_post(proxy, CHAT, GOOD, key)
+    assert status == 401
+    assert_error(body, "authentication_error", "invalid_api_key")
+    await nothing_charged(store)
+
+
+async def test_member_on_admin_endpoint_is_403(proxy: Proxy, member: tuple[str, str]) -> None:
+    _, key = member
+    status, body = await proxy.admin("POST", "/api/v1/keys", {"org_id": ORG}, key=key)
+    assert status == 403
+    assert_error(body, "permission_error", "forbidden")
+
+
+async def test_wrong_method_is_405(proxy: Proxy, member: tuple[str, str]) -> None:
+    _, key = member
+    status, body, headers = await raw_post(proxy, CHAT, b"", key, method="GET")
+    assert status == 405
+    assert_error(body, "invalid_request_error", "method_not_allowed")
+    assert "POST" in headers["Allow"]
+
+
+async def test_model_not_allowed_for_the_key_is_403(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    _, key = await proxy.create_key(ORG, models=["gpt-4o-mini"])
+    status, body, _ = await raw_post(proxy, CHAT, GOOD, key)
+    assert status == 403
+    assert_error(body, "permission_error", "model_not_allowed", "model")
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+
+
+async def test_openai_client_raises_the_matching_exceptions(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    _, key = await proxy.create_key(ORG, models=["gpt-4o"])
+    client = proxy.openai(key)
+    with pytest.raises(openai.AuthenticationError) as auth_error:
+        await proxy.openai("sk-bp-wrong").chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+        )
+    assert auth_error.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as not_found:
+        await client.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=0,
+        )
+    assert bad.value.param == "max_tokens"
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        await client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert denied.value.code == "model_not_allowed"
+    await nothing_charged(store)
+
+
+# --- upstream failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream_status", [500, 429, 400])
+async def test_upstream_errors_pass_through_and_cost_nothing(
+    proxy: Proxy,
+    member: tuple[str, str],
+    store: aioredis.Redis,
+    upstream_status: int,
+) -> None:
+    kid, key = member
+    status, body, headers = await raw_post(
+        proxy, CHAT, GOOD, key, {"x-mock-status": str(upstream_status)}
+    )
+    assert status == upstream_status
+    assert body == {
+        "error": {
+            "message": f"mock injected error {upstream_status}",
+            "type": "server_error" if upstream_status >= 500 else "invalid_request_error",
+            "code": None,
+            "param": None,
+        }
+    }
+    await charged_zero(store, proxy, kid)
+    [record] = await usage_records(store)
+    assert (record["status"], record["cost_nano"]) == (upstream_status, 0)
+
+
+async def test_upstream_errors_reach_the_openai_client_as_exceptions(
+    proxy: Proxy, member: tuple[str, str]
+) -> None:
+    _, key = member
+    client = proxy.openai(key)
+    for status, exc_type in (
+        (429, openai.RateLimitError),
+        (500, openai.InternalServerError),
+        (400, openai.BadRequestError),
+    ):
+        with pytest.raises(exc_type) as caught:
+            await client.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                extra_headers={"x-mock-status": str(status)},
+            )
+        assert caught.value.status_code == status
+
+
+async def _leaky_upstream(request: web.Request) -> web.Response:
+    """An upstream that rate-limits the proxy's account and says so in its headers."""
+    return web.json_response(
+        {"error": {"message": "Rate limit reached for gpt-4o", "type": "requests",
+                   "code": "rate_limit_exceeded", "param": None}},
+        status=429,
+        headers={
+            "x-ratelimit-limit-requests": "424242",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "17s",
+            "retry-after": "17",
+            "set-cookie": "upstream-session=secret",
+            "x-request-id": "upstream-req-1",
+        },
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def leaky_upstream() -> AsyncIterator[TestServer]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _leaky_upstream)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def test_upstream_rate_limit_headers_are_not_passed_to_the_client(
+    start_proxy: Callable[..., Any], leaky_upstream: TestServer, store: aioredis.Redis
+) -> None:
+    proxy = await start_proxy(
+        upstreams=[
+            UpstreamConfig(name="leaky", base_url=str(leaky_upstream.make_url("/v1"))),
+        ],
+        models=[
+            ModelConfig(name="gpt-4o", upstream="leaky", price=PriceConfig(input=1, output=1)),
+        ],
+    )
+    kid, key = await proxy.create_key(ORG)
+    status, body, headers = await raw_post(proxy, CHAT, GOOD, key)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    lowered = {name.lower(): value for name, value in headers.items()}
+    assert "424242" not in json.dumps(lowered)
+    assert not any(name.startswith("x-ratelimit-") for name in lowered), lowered
+    assert "retry-after" not in lowered
+    assert "set-cookie" not in lowered
+    assert lowered.get("x-upstream-request-id") == "upstream-req-1"
+    await charged_zero(store, proxy, kid)
+
+
+def _two_upstreams(mock_url: str, dead_url: str) -> dict[str, Any]:
+    return {
+        "upstreams": [
+            UpstreamConfig(name="mock", base_url=mock_url, api_key_env="TEST_UPSTREAM_KEY"),
+            UpstreamConfig(name="dead", base_url=dead_url),
+        ],
+        "models": [
+            ModelConfig(name="gpt-4o", upstream="mock", price=PriceConfig(input=1, output=1)),
+            ModelConfig(name="ghost", upstream="dead", price=PriceConfig(input=1, output=1)),
+        ],
+    }
+
+
+async def test_unreachable_upstream_is_502_and_costs_nothing(
+    start_proxy: Callable[..., Any], mock_upstream: TestServer, store: aioredis.Redis
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    proxy = await start_proxy(**_two_upstreams(str(mock_upstream.make_url("/v1")), dead))
+    kid, key = await proxy.create_key(ORG)
+    status, body, _ = await raw_post(proxy, CHAT, {**GOOD, "model": "ghost"}, key)
+    assert status == 502
+    assert_error(body, "server_error", "upstream_unavailable")
+    await charged_zero(store, proxy, kid)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await proxy.openai(key).chat.completions.create(
+            model="ghost",
+            messages=MESSAGES,  # type: ignore[arg-type]
+        )
+    assert caught.value.status_code == 502
+    # The healthy model still works on the same proxy.
+    status, _, _ = await raw_post(proxy, CHAT, GOOD, key)
+    assert status == 200
+
+
+async def test_upstream_timeout_is_504_and_costs_nothing(
+    start_proxy: Callable[..., Any], store: aioredis.Redis
+) -> None:
+    proxy = await start_proxy(
+        timeouts={"read_seconds": 0.2, "connect_seconds": 1, "total_seconds": 5}
+    )
+    kid, key = await proxy.create_key(ORG)
+    status, body, _ = await raw_post(proxy, CHAT, GOOD, key, {"x-mock-latency-ms": "1000"})
+    assert status == 504
+    assert_error(body, "server_error", "upstream_timeout")
+    await charged_zero(store, proxy, kid)
+    [record] = await usage_records(store)
+    assert record["cost_nano"] == 0
