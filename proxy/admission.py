@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from proxy import metrics
 from proxy.config import RoleLimits
 from proxy.keys import Identity
+from proxy.pipelining import ScriptPipeline
 from proxy.store import LuaScript, Redis, org_prefix
 from proxy.windows import PERIODS, Clock, WindowCache, Windows
 
@@ -103,6 +104,7 @@ class Admission:
         clock: Clock,
     ) -> None:
         self.redis = redis
+        self._scripts = ScriptPipeline(redis)
         self._defaults = {
             role: [
                 str(getattr(limits, name) or "")
@@ -123,8 +125,8 @@ class Admission:
         windows = self._windows.current(now)
         defaults = self._defaults.get(identity.role) or [""] * 6
         started = time.perf_counter()
-        result = await ADMIT(
-            self.redis,
+        result = await self._scripts.call(
+            ADMIT,
             [org_prefix(identity.org_id)],
             [
                 int(now * 1000),
@@ -213,8 +215,8 @@ class Admission:
         now = self.clock()
         windows = self._windows.current(now)
         started = time.perf_counter()
-        result = await SETTLE(
-            self.redis,
+        result = await self._scripts.call(
+            SETTLE,
             [org_prefix(req.org_id)],
             [
                 int(now * 1000),
