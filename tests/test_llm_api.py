@@ -414,7 +414,7 @@ async def test_client_disconnect_mid_stream_is_charged_for_what_was_generated(
                     break
         response.close()  # hang up mid-stream
     record = await eventually(lambda: _first_record(store), what="settle after hang-up")
-    assert record["client_gone"] is True, record
+    assert record["client_gone"] is True, json.dumps(record)
     assert record["reported"] is False
     prompt = await count_prompt(
         proxy.app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", body
