@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy import metrics
 from proxy.config import RoleLimits
 from proxy.keys import Identity
-from proxy.pipelining import ScriptPipeline
+from proxy.resp import PipelinedConnection
 from proxy.store import LuaScript, Redis, org_prefix
 from proxy.windows import PERIODS, Clock, WindowCache, Windows
 
@@ -102,9 +102,10 @@ class Admission:
         role_defaults: Mapping[Any, RoleLimits],
         lease_seconds: float,
         clock: Clock,
+        hot_path: PipelinedConnection | None = None,
     ) -> None:
         self.redis = redis
-        self._scripts = ScriptPipeline(redis)
+        self._hot = hot_path
         self._defaults = {
             role: [
                 str(getattr(limits, name) or "")
@@ -125,7 +126,7 @@ class Admission:
         windows = self._windows.current(now)
         defaults = self._defaults.get(identity.role) or [""] * 6
         started = time.perf_counter()
-        result = await self._scripts.call(
+        result = await self._run(
             ADMIT,
             [org_prefix(identity.org_id)],
             [
@@ -175,6 +176,19 @@ class Admission:
             )
         return Revoked()
 
+    async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        if self._hot is None:
+            return await script(self.redis, keys, args)
+        try:
+            return await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await script.load(self.redis)
+            return await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        if self._hot is not None:
+            self._hot.close()
+
     def windows(self, now: float) -> Windows:
         return self._windows.current(now)
 
@@ -215,7 +229,7 @@ class Admission:
         now = self.clock()
         windows = self._windows.current(now)
         started = time.perf_counter()
-        result = await self._scripts.call(
+        result = await self._run(
             SETTLE,
             [org_prefix(req.org_id)],
             [

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy import budgets_api, health, keys_api, llm_api, metrics
+from proxy import budgets_api, health, keys_api, llm_api, metrics, webhooks
 from proxy.admission import Admission
 from proxy.auth import Authenticator
 from proxy.budgets import BudgetStore
@@ -18,6 +18,7 @@ from proxy.config import Settings
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.keys import KeyCreate, KeyStore, digest
 from proxy.request_log import add_request_id_header, request_log_middleware
+from proxy.resp import PipelinedConnection
 from proxy.routes import build_routes
 from proxy.state import GATEWAY, Gateway
 from proxy.store import connect
@@ -79,19 +80,36 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         keys=keys,
         budgets=BudgetStore(redis),
         auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
-        admission=Admission(redis, settings.limits.defaults, settings.limits.lease_seconds, clock),
+        admission=Admission(
+            redis,
+            settings.limits.defaults,
+            settings.limits.lease_seconds,
+            clock,
+            hot_path=_hot_path(settings, redis_url),
+        ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
         clock=clock,
     )
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(webhooks.delivery_ctx)
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
+    webhooks.add_routes(app)
     return app
+
+
+def _hot_path(settings: Settings, redis_url: str) -> PipelinedConnection | None:
+    """The pipelined connection speaks plain redis:// only; other URLs go through redis-py."""
+    if not redis_url.startswith("redis://"):
+        return None
+    return PipelinedConnection(
+        redis_url, settings.redis.socket_timeout, settings.redis.socket_connect_timeout
+    )
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -105,6 +123,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
     await gw.admission.drain(grace=5.0)
+    gw.admission.close()
     await gw.upstream.close()
     await gw.redis.aclose()
 

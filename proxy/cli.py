@@ -210,10 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_flags(org_limits)
     org_limits.set_defaults(func=cmd_org_limits)
 
-    try:
-        from proxy.loadtest import add_arguments as add_loadtest_arguments
-    except ImportError:
-        return parser
+    from proxy.loadtest import add_arguments as add_loadtest_arguments
+
     loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
     add_loadtest_arguments(loadtest)
     loadtest.set_defaults(func=cmd_loadtest)

@@ -128,7 +128,38 @@ class WebhookConfig(_Strict):
     max_attempt_hours: float = Field(24.0, gt=0)
     connect_timeout_seconds: float = Field(5.0, gt=0)
     total_timeout_seconds: float = Field(10.0, gt=0)
+    """Bounds one whole attempt: DNS lookup, connect, request and reading the answer."""
     poll_seconds: float = Field(0.5, gt=0)
+    retry_base_seconds: float = Field(1.0, gt=0)
+    """Back-off after the first failure; doubles per attempt (with jitter) up to the cap."""
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    claim_timeout_seconds: float = Field(30.0, gt=0)
+    """After this long, a delivery whose process died is taken over by another process."""
+    concurrency: int = Field(16, ge=1)
+    """Deliveries in flight at once, per process."""
+    record_ttl_hours: float = Field(168.0, gt=0)
+    """How long delivered and failed records stay visible in the deliveries endpoint."""
+
+    @field_validator("allow_private_targets")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _claim_outlives_attempt(self) -> WebhookConfig:
+        # A live attempt must never be taken over, or one event could be sent twice at once.
+        if self.claim_timeout_seconds <= self.total_timeout_seconds:
+            raise ValueError("claim_timeout_seconds must exceed total_timeout_seconds")
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError("retry_max_seconds must be at least retry_base_seconds")
+        return self
 
 
 class MetricsConfig(_Strict):

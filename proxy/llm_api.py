@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +24,12 @@ from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
 from proxy.keys import Identity
 from proxy.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
 from proxy.pricing import cost_nano
+from proxy.request_context import OUTCOME, new_request_id
 from proxy.routes import ModelRoute
 from proxy.state import GATEWAY, Gateway
 from proxy.tokenizer import count_prompt, count_text
 from proxy.upstream import client_headers, event_data, sse_events, upstream_timeout
 
-OUTCOME = web.RequestKey("outcome", dict)
 _MAX_ON_BEHALF_OF = 256
 
 
@@ -147,7 +146,7 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     prompt_tokens = await count_prompt(route.encoding, endpoint, body)
     reserve_tokens = prompt_tokens + cap
     reserve_cost = cost_nano(route.price, prompt_tokens, cap)
-    request_id = "req_" + secrets.token_hex(12)
+    request_id = new_request_id()
     outcome["request_id"] = request_id
     try:
         decision = await gw.admission.admit(identity, request_id, reserve_tokens, reserve_cost)

@@ -7,8 +7,10 @@ With several workers (``serve --workers N``) the processes share a
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -55,6 +57,13 @@ REDIS_TIME = Histogram(
     "llm_proxy_redis_seconds", "Redis script call latency", ["script"], buckets=_LATENCY_BUCKETS
 )
 WEBHOOKS = Counter("llm_proxy_webhook_deliveries_total", "Webhook delivery attempts", ["result"])
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(...)`` takes a lock and builds a key per call; the hot path reuses it.
+    Label sets are bounded by configuration (endpoints, models, orgs), hence the cache bound."""
+    return metric.labels(*labels)
 
 
 def _registry() -> CollectorRegistry | None:

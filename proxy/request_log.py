@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -16,10 +15,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy import metrics
-from proxy.llm_api import OUTCOME
+from proxy.request_context import OUTCOME, REQUEST_ID, new_request_id
 
 log = logging.getLogger("llm_proxy.access")
-REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def _request_id(request: web.Request) -> str:
@@ -27,7 +25,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isprintable():
         return given
-    return "req_" + secrets.token_hex(12)
+    return new_request_id()
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -60,15 +58,15 @@ def _record_metrics(outcome: dict[str, Any], status: int, elapsed_ms: float) -> 
     decision = outcome.get("decision", "")
     upstream_ms = outcome.get("upstream_ms", 0.0)
     overhead_ms = max(elapsed_ms - upstream_ms, 0.0)
-    metrics.REQUESTS.labels(endpoint, model, str(status)).inc()
-    metrics.DECISIONS.labels(decision).inc()
-    metrics.OVERHEAD.labels(endpoint).observe(overhead_ms / 1000)
+    metrics.child(metrics.REQUESTS, endpoint, model, str(status)).inc()
+    metrics.child(metrics.DECISIONS, decision).inc()
+    metrics.child(metrics.OVERHEAD, endpoint).observe(overhead_ms / 1000)
     if decision == "admitted":
         org = outcome.get("org_id", "")
-        metrics.UPSTREAM_TIME.labels(model).observe(upstream_ms / 1000)
-        metrics.TOKENS.labels(model, org, "input").inc(outcome.get("input_tokens", 0))
-        metrics.TOKENS.labels(model, org, "output").inc(outcome.get("output_tokens", 0))
-        metrics.COST.labels(model, org).inc(outcome.get("cost_nano", 0))
+        metrics.child(metrics.UPSTREAM_TIME, model).observe(upstream_ms / 1000)
+        metrics.child(metrics.TOKENS, model, org, "input").inc(outcome.get("input_tokens", 0))
+        metrics.child(metrics.TOKENS, model, org, "output").inc(outcome.get("output_tokens", 0))
+        metrics.child(metrics.COST, model, org).inc(outcome.get("cost_nano", 0))
         upstream_status = outcome.get("status_upstream", 0)
         error = outcome.get("upstream_error")
         if error or upstream_status >= 500:

@@ -1,0 +1,794 @@
+"""``llm-proxy loadtest``: drive a deployment with concurrent clients, then reconcile spend.
+
+N client coroutines share one pooled aiohttp session and send chat completions over M keys,
+buffered or streamed, for a fixed time or a fixed number of requests (both capped, so a run
+always ends by itself). The report gives throughput, latency percentiles, status counts and
+rejections by ``error.code``, and checks the accounting end to end: the tokens and cost the
+upstream reported (its ``usage``, incl. the final usage chunk of streams) against what the proxy
+recorded (the spend the budget API shows for each key, read before and after the run).
+
+Reading spend needs an admin key (``--admin-key`` or ``PROXY_ADMIN_KEY``): it maps keys to their
+ids and, for a key with no budget, adds a temporary alert-only budget so the spend is visible
+(removed afterwards). Without one the run is reported unreconciled. The client is meant to be
+cheap (request bodies built once, only usage-bearing stream chunks parsed) because it usually
+shares the machine with what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.config import PriceConfig
+from proxy.mock_upstream import WORDS
+from proxy.pricing import Price, cost_nano, lookup_price, price_from_config
+
+MAX_DURATION_S = 3600.0
+"""Longest run, also the time cap of a ``--requests`` run: the tool must stop by itself."""
+MAX_REQUESTS = 1_000_000
+MAX_CONCURRENCY = 2048
+MAX_CREATED_KEYS = 1000
+MAX_PROMPT_TOKENS = 500_000
+CHAT_PATH = "/v1/chat/completions"
+ADMIN_KEY_ENV = "PROXY_ADMIN_KEY"
+_CHAT_FRAMING_TOKENS = 7
+"""One user message costs its text + 4 framing tokens + 3 reply-priming tokens."""
+_USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
+_SETTLE_POLL_S = 0.2
+_SETTLE_WAIT_S = 10.0
+_TEMP_BUDGET: dict[str, Any] = {
+    "period": "monthly",
+    "limit_kind": "tokens",
+    "limit": 10**15,
+    "thresholds": [{"pct": 100, "action": "alert"}],
+    "owner": "org",
+}
+"""Alert-only and out of reach: it makes a key's spend readable without changing admission."""
+
+
+class LoadtestError(Exception):
+    """A setup problem the user must fix; reported in one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class LoadKey:
+    secret: str
+    key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to send, how hard and for how long."""
+
+    url: str
+    keys: tuple[LoadKey, ...]
+    concurrency: int = 16
+    duration: float | None = 10.0
+    requests: int | None = None
+    stream_ratio: float = 0.0
+    model: str = "gpt-4o-mini"
+    max_tokens: int = 16
+    prompt: str = ""
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise LoadtestError("no API keys: give --key, --keys-file or --create-keys")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise LoadtestError(f"--concurrency must be 1..{MAX_CONCURRENCY}")
+        if (self.duration is None) == (self.requests is None):
+            raise LoadtestError("give exactly one of --duration and --requests")
+        if self.duration is not None and not 0 < self.duration <= MAX_DURATION_S:
+            raise LoadtestError(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
+        if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
+            raise LoadtestError(f"--requests must be 1..{MAX_REQUESTS}")
+        if not 0.0 <= self.stream_ratio <= 1.0:
+            raise LoadtestError("--stream-ratio must be between 0 and 1")
+        if self.max_tokens < 1:
+            raise LoadtestError("--max-tokens must be positive")
+        if self.timeout <= 0:
+            raise LoadtestError("--timeout must be positive")
+
+    def body(self, stream: bool) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.prompt}],
+            "max_tokens": self.max_tokens,
+        }
+        if stream:
+            # Without it the proxy keeps the usage chunk to itself and nothing can be reconciled.
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def streamed(self, n: int) -> bool:
+        """Request n is streamed: spreads exactly round(ratio * count) streams evenly."""
+        r = self.stream_ratio
+        return math.floor((n + 1) * r) > math.floor(n * r)
+
+
+def synthetic_prompt(tokens: int) -> str:
+    """Text of one-token words sized so the whole chat prompt is ~``tokens`` tokens."""
+    words = max(tokens - _CHAT_FRAMING_TOKENS, 1)
+    laps, rest = divmod(words, len(WORDS))
+    return ("".join(WORDS) * laps + "".join(WORDS[:rest])).lstrip()
+
+
+@dataclass
+class KeyUsage:
+    """What the upstream reported for one key's successful requests."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nano: int = 0
+
+    def add(self, other: KeyUsage) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.cost_nano += other.cost_nano
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Tally:
+    """Raw results; latencies in seconds, kept compactly (a long run has many)."""
+
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    transport_errors: Counter[str] = field(default_factory=Counter)
+    latency_all: array[float] = field(default_factory=lambda: array("d"))
+    latency_buffered: array[float] = field(default_factory=lambda: array("d"))
+    latency_streamed: array[float] = field(default_factory=lambda: array("d"))
+    first_byte_streamed: array[float] = field(default_factory=lambda: array("d"))
+    usage_missing: int = 0
+    per_key: list[KeyUsage] = field(default_factory=list)
+    elapsed: float = 0.0
+    interrupted: bool = False
+
+
+def _error_code(status: int, data: bytes) -> str:
+    try:
+        error = json.loads(data).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        code = None
+    return code if isinstance(code, str) and code else f"http_{status}"
+
+
+def _usage_of_stream(data: bytes) -> dict[str, Any] | None:
+    """The last chunk that carries usage; only such chunks are parsed."""
+    for line in reversed(data.splitlines()):
+        if not line.startswith(b"data:") or b'"usage"' not in line or _USAGE_NULL.search(line):
+            continue
+        try:
+            usage = json.loads(line[5:]).get("usage")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(usage, dict):
+            return usage
+    return None
+
+
+def _usage_of_body(data: bytes) -> dict[str, Any] | None:
+    try:
+        usage = json.loads(data).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Runner:
+    """The load itself: ``concurrency`` coroutines taking request numbers until the plan ends."""
+
+    def __init__(self, plan: Plan, price: Price | None) -> None:
+        self.plan = plan
+        self.price = price
+        self.tally = Tally(per_key=[KeyUsage() for _ in plan.keys])
+        self._url = plan.url.rstrip("/") + CHAT_PATH
+        self._bodies = (plan.body(False), plan.body(True))
+        self._headers = [
+            {"Authorization": f"Bearer {key.secret}", "Content-Type": "application/json"}
+            for key in plan.keys
+        ]
+        self._stop = False
+        self._deadline = 0.0
+
+    def stop(self) -> None:
+        """Graceful: no new requests; those in flight finish and are counted."""
+        self._stop = True
+        self.tally.interrupted = True
+
+    def _ticket(self) -> int | None:
+        if self._stop or time.perf_counter() >= self._deadline:
+            return None
+        n = self.tally.sent
+        if self.plan.requests is not None and n >= self.plan.requests:
+            return None
+        self.tally.sent = n + 1
+        return n
+
+    async def run(self) -> Tally:
+        plan = self.plan
+        connector = aiohttp.TCPConnector(limit=plan.concurrency, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=plan.timeout)
+        started = time.perf_counter()
+        self._deadline = started + (plan.duration or MAX_DURATION_S)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        ) as session:
+            await asyncio.gather(*(self._client(session) for _ in range(plan.concurrency)))
+        self.tally.elapsed = time.perf_counter() - started
+        return self.tally
+
+    async def _client(self, session: aiohttp.ClientSession) -> None:
+        while (n := self._ticket()) is not None:
+            index = n % len(self._headers)
+            stream = self.plan.streamed(n)
+            await self._one(session, index, stream)
+
+    async def _one(self, session: aiohttp.ClientSession, index: int, stream: bool) -> None:
+        tally = self.tally
+        first_byte = 0.0
+        start = time.perf_counter()
+        try:
+            async with session.post(
+                self._url, data=self._bodies[stream], headers=self._headers[index]
+            ) as response:
+                status = response.status
+                if stream and status == 200:
+                    parts = bytearray()
+                    async for chunk in response.content.iter_any():
+                        if not first_byte:
+                            first_byte = time.perf_counter() - start
+                        parts += chunk
+                    data = bytes(parts)
+                else:
+                    data = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            tally.transport_errors[type(exc).__name__] += 1
+            return
+        elapsed = time.perf_counter() - start
+        tally.statuses[status] += 1
+        tally.latency_all.append(elapsed)
+        if status != 200:
+            tally.reasons[_error_code(status, data)] += 1
+            return
+        if stream:
+            tally.latency_streamed.append(elapsed)
+            tally.first_byte_streamed.append(first_byte or elapsed)
+            usage = _usage_of_stream(data)
+        else:
+            tally.latency_buffered.append(elapsed)
+            usage = _usage_of_body(data)
+        if usage is None:
+            tally.usage_missing += 1
+            return
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        key = tally.per_key[index]
+        key.requests += 1
+        key.prompt_tokens += prompt
+        key.completion_tokens += completion
+        key.cached_tokens += cached
+        if self.price is not None:
+            key.cost_nano += cost_nano(self.price, prompt, completion, cached)
+
+
+# --- reconciliation through the admin and budget APIs --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpendReading:
+    window: str
+    tokens: int
+    cost_nano: int
+
+
+class AdminClient:
+    """The few admin calls the load test makes; any unexpected answer is a LoadtestError."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, admin_key: str) -> None:
+        self._session = session
+        self._url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {admin_key}"}
+
+    async def call(self, method: str, path: str, body: Any = None, ok: int = 200) -> Any:
+        try:
+            async with self._session.request(
+                method, self._url + path, json=body, headers=self._headers
+            ) as response:
+                payload = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise LoadtestError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if status != ok:
+            raise LoadtestError(f"{method} {path}: HTTP {status}: {json.dumps(payload)[:300]}")
+        return payload
+
+    async def create_keys(self, count: int, org: str | None) -> list[LoadKey]:
+        keys = []
+        for i in range(count):
+            body: dict[str, Any] = {"name": f"loadtest-{i}"}
+            if org:
+                body["org_id"] = org
+            created = await self.call("POST", "/api/v1/keys", body, ok=201)
+            keys.append(LoadKey(created["key"], created["id"]))
+        return keys
+
+    async def revoke(self, key_id: str) -> None:
+        await self.call("DELETE", f"/api/v1/keys/{key_id}")
+
+    async def resolve_ids(self, keys: Sequence[LoadKey], org: str | None) -> list[str | None]:
+        """Key ids by the visible key prefix; None where no single active key matches."""
+        if all(k.key_id for k in keys):
+            return [k.key_id for k in keys]
+        listing = await self.call("GET", "/api/v1/keys" + (f"?org_id={org}" if org else ""))
+        records = [r for r in listing["data"] if r.get("status") == "active" and r["key_prefix"]]
+        ids: list[str | None] = []
+        for key in keys:
+            if key.key_id:
+                ids.append(key.key_id)
+                continue
+            found = [r["id"] for r in records if key.secret.startswith(r["key_prefix"])]
+            ids.append(found[0] if len(found) == 1 else None)
+        return ids
+
+    async def spend(self, key_id: str) -> tuple[str, SpendReading] | None:
+        """(budget id, spend) from the key's first budget; None if it has none."""
+        listing = await self.call("GET", f"/api/v1/llm/budgets/apikey/{key_id}")
+        if not listing["data"]:
+            return None
+        budget = listing["data"][0]
+        spend = budget["spend"]
+        reading = SpendReading(
+            spend["window"], int(spend["tokens_spent"]), int(spend["cost_spent_nano"])
+        )
+        return budget["id"], reading
+
+    async def add_temporary_budget(self, key_id: str) -> None:
+        await self.call("PUT", f"/api/v1/llm/budgets/apikey/{key_id}", _TEMP_BUDGET)
+
+    async def remove_temporary_budget(self, key_id: str) -> None:
+        await self.call("DELETE", f"/api/v1/llm/budgets/apikey/{key_id}?owner=org")
+
+
+class Reconciler:
+    """Proxy-recorded spend per key id, read before and after the run."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self.admin = admin
+        self.key_ids: list[str] = []
+        self.temporary: list[str] = []
+        self.before: dict[str, SpendReading] = {}
+
+    async def prepare(self, key_ids: Sequence[str]) -> None:
+        self.key_ids = list(dict.fromkeys(key_ids))
+        for key_id in self.key_ids:
+            if await self.admin.spend(key_id) is None:
+                await self.admin.add_temporary_budget(key_id)
+                self.temporary.append(key_id)
+        self.before = await self.read()
+
+    async def read(self) -> dict[str, SpendReading]:
+        readings = {}
+        for key_id in self.key_ids:
+            found = await self.admin.spend(key_id)
+            if found is None:
+                raise LoadtestError(f"the budget of key {key_id} disappeared during the run")
+            readings[key_id] = found[1]
+        return readings
+
+    async def settled(self) -> dict[str, SpendReading]:
+        """Streams end for the client a moment before the proxy settles: wait until stable."""
+        deadline = time.monotonic() + _SETTLE_WAIT_S
+        last = await self.read()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_SETTLE_POLL_S)
+            current = await self.read()
+            if current == last:
+                return current
+            last = current
+        return last
+
+    async def cleanup(self) -> None:
+        for key_id in self.temporary:
+            with contextlib.suppress(LoadtestError):
+                await self.admin.remove_temporary_budget(key_id)
+
+
+def reconcile(
+    tally: Tally,
+    key_ids: Sequence[str | None],
+    before: dict[str, SpendReading],
+    after: dict[str, SpendReading],
+    price: Price | None,
+) -> dict[str, Any]:
+    upstream = KeyUsage()
+    unresolved = 0
+    for usage, key_id in zip(tally.per_key, key_ids, strict=True):
+        if key_id is None:
+            unresolved += usage.requests
+        else:
+            upstream.add(usage)
+    rolled = sorted(k for k in before if before[k].window != after[k].window)
+    proxy_tokens = sum(after[k].tokens - before[k].tokens for k in before)
+    proxy_cost = sum(after[k].cost_nano - before[k].cost_nano for k in before)
+    tokens_match = proxy_tokens == upstream.tokens
+    cost_match = price is not None and proxy_cost == upstream.cost_nano
+    result: dict[str, Any] = {
+        "keys": len(before),
+        "upstream": {
+            "prompt_tokens": upstream.prompt_tokens,
+            "completion_tokens": upstream.completion_tokens,
+            "tokens": upstream.tokens,
+            "cost_nano": upstream.cost_nano if price is not None else None,
+        },
+        "proxy": {"tokens": proxy_tokens, "cost_nano": proxy_cost},
+        "tokens_match": tokens_match,
+        "cost_match": cost_match if price is not None else None,
+        "notes": [],
+    }
+    notes: list[str] = result["notes"]
+    if price is None:
+        notes.append("no price known for the model (give --price): cost not compared")
+    if unresolved:
+        notes.append(f"{unresolved} successful requests used keys whose id could not be found")
+    if tally.usage_missing:
+        notes.append(f"{tally.usage_missing} successful responses carried no usage")
+    if tally.transport_errors:
+        notes.append("requests that failed on the client side may have been charged")
+    if rolled:
+        notes.append(f"spend window rolled over during the run for {len(rolled)} key(s)")
+        result["status"] = "not comparable"
+    else:
+        agreed = tokens_match and (price is None or cost_match)
+        result["status"] = "match" if agreed else "mismatch"
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float] | None:
+    """Nearest-rank percentiles in milliseconds."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(p: float) -> float:
+        return round(ordered[max(math.ceil(p / 100 * n) - 1, 0)] * 1000, 3)
+
+    return {
+        "count": n,
+        "mean": round(sum(ordered) / n * 1000, 3),
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "max": round(ordered[-1] * 1000, 3),
+    }
+
+
+def build_report(
+    plan: Plan, tally: Tally, price: Price | None, reconciliation: dict[str, Any]
+) -> dict[str, Any]:
+    total = KeyUsage()
+    for usage in tally.per_key:
+        total.add(usage)
+    completed = sum(tally.statuses.values())
+    elapsed = tally.elapsed or 1e-9
+    return {
+        "target": plan.url,
+        "model": plan.model,
+        "concurrency": plan.concurrency,
+        "keys": len(plan.keys),
+        "stream_ratio": plan.stream_ratio,
+        "max_tokens": plan.max_tokens,
+        "limit": {"duration_s": plan.duration} if plan.duration else {"requests": plan.requests},
+        "interrupted": tally.interrupted,
+        "requests": tally.sent,
+        "responses": completed,
+        "elapsed_s": round(tally.elapsed, 3),
+        "rps": round(completed / elapsed, 2),
+        "ok_rps": round(tally.statuses.get(200, 0) / elapsed, 2),
+        "latency_ms": {
+            "all": percentiles(tally.latency_all),
+            "ok_buffered": percentiles(tally.latency_buffered),
+            "ok_streamed": percentiles(tally.latency_streamed),
+            "streamed_first_byte": percentiles(tally.first_byte_streamed),
+        },
+        "status": {str(k): v for k, v in sorted(tally.statuses.items())},
+        "rejections": dict(tally.reasons.most_common()),
+        "transport_errors": dict(tally.transport_errors.most_common()),
+        "usage": {
+            "prompt_tokens": total.prompt_tokens,
+            "completion_tokens": total.completion_tokens,
+            "cached_tokens": total.cached_tokens,
+            "tokens": total.tokens,
+            "cost_nano": total.cost_nano if price is not None else None,
+            "responses_without_usage": tally.usage_missing,
+        },
+        "price_nano_per_1m": (
+            None
+            if price is None
+            else {
+                "input": price.input_nano_per_m,
+                "cached_input": price.cached_input_nano_per_m,
+                "output": price.output_nano_per_m,
+                "source": price.source,
+            }
+        ),
+        "reconciliation": reconciliation,
+    }
+
+
+def _fmt_latency(row: dict[str, float] | None) -> str:
+    if row is None:
+        return "-"
+    return "p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  max {max:.1f}  (n={count})".format(**row)
+
+
+def _money(nano: int | None) -> str:
+    return "-" if nano is None else f"{Decimal(nano) / 1_000_000_000:.9f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for people; ``--json`` writes the same data for machines."""
+    lines = [
+        f"llm-proxy loadtest → {report['target']}  model {report['model']}  "
+        f"{report['concurrency']} clients, {report['keys']} key(s), "
+        f"{report['stream_ratio']:.0%} streamed, max_tokens {report['max_tokens']}",
+        f"requests   {report['requests']} sent, {report['responses']} answered in "
+        f"{report['elapsed_s']:.2f} s → {report['rps']:.1f} req/s "
+        f"({report['ok_rps']:.1f} req/s with 200)"
+        + ("  [interrupted]" if report["interrupted"] else ""),
+        "latency ms",
+    ]
+    for name, row in report["latency_ms"].items():
+        lines.append(f"  {name:<20} {_fmt_latency(row)}")
+    status = "  ".join(f"{k}: {v}" for k, v in report["status"].items()) or "-"
+    lines.append(f"status     {status}")
+    if report["rejections"]:
+        lines.append(
+            "rejections " + "  ".join(f"{k}: {v}" for k, v in report["rejections"].items())
+        )
+    if report["transport_errors"]:
+        lines.append(
+            "client errors " + "  ".join(f"{k}: {v}" for k, v in report["transport_errors"].items())
+        )
+    usage = report["usage"]
+    lines.append(
+        f"usage      upstream reported {usage['tokens']} tokens "
+        f"({usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion), "
+        f"cost {_money(usage['cost_nano'])}"
+    )
+    rec = report["reconciliation"]
+    if rec["status"] == "skipped":
+        lines.append(f"reconcile  skipped: {rec['reason']}")
+    else:
+        lines.append(
+            f"reconcile  {rec['status'].upper()} over {rec['keys']} key(s): tokens upstream "
+            f"{rec['upstream']['tokens']} / proxy {rec['proxy']['tokens']}; cost upstream "
+            f"{_money(rec['upstream']['cost_nano'])} / proxy {_money(rec['proxy']['cost_nano'])}"
+        )
+        lines.extend(f"           note: {note}" for note in rec["notes"])
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("PROXY_URL", "http://127.0.0.1:8080"),
+        help="proxy base URL (env PROXY_URL)",
+    )
+    parser.add_argument("--key", action="append", default=[], help="API key to load (repeat)")
+    parser.add_argument("--keys-file", help="file with one API key per line ('#' comments)")
+    parser.add_argument(
+        "--create-keys", type=int, default=0, metavar="M", help="mint M keys (needs --admin-key)"
+    )
+    parser.add_argument("--org", help="org of created keys; narrows key-id lookup")
+    parser.add_argument(
+        "--admin-key", help=f"admin key for creating keys and reconciling (env {ADMIN_KEY_ENV})"
+    )
+    parser.add_argument("-c", "--concurrency", type=int, default=16, help="concurrent clients")
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument(
+        "--duration", type=float, help=f"seconds to run (default 10, max {MAX_DURATION_S:g})"
+    )
+    limit.add_argument("--requests", type=int, help=f"requests to send (max {MAX_REQUESTS})")
+    parser.add_argument(
+        "--stream-ratio", type=float, default=0.0, help="share of streamed requests, 0..1"
+    )
+    parser.add_argument("--model", default="gpt-4o-mini")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=32, help="approximate prompt size in tokens"
+    )
+    parser.add_argument("--prompt-file", help="use this file's text as the prompt instead")
+    parser.add_argument(
+        "--price",
+        help="model price per 1M tokens as INPUT,OUTPUT[,CACHED_INPUT] for the cost check "
+        "(default: the genai-prices database, as the proxy uses without a configured price)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the report here")
+
+
+def _read_keys(args: argparse.Namespace) -> list[LoadKey]:
+    secrets = list(args.key)
+    if args.keys_file:
+        try:
+            text = Path(args.keys_file).read_text()
+        except OSError as exc:
+            raise LoadtestError(f"cannot read --keys-file: {exc}") from exc
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                secrets.append(line)
+    return [LoadKey(secret) for secret in secrets]
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text()
+        except OSError as exc:
+            raise LoadtestError(f"cannot read --prompt-file: {exc}") from exc
+    if not 1 <= args.prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise LoadtestError(f"--prompt-tokens must be 1..{MAX_PROMPT_TOKENS}")
+    return synthetic_prompt(args.prompt_tokens)
+
+
+def _price(args: argparse.Namespace) -> Price | None:
+    if not args.price:
+        return lookup_price(args.model)
+    parts = args.price.split(",")
+    if len(parts) not in (2, 3):
+        raise LoadtestError("--price takes INPUT,OUTPUT or INPUT,OUTPUT,CACHED_INPUT")
+    try:
+        values = [Decimal(p.strip()) for p in parts]
+        config = PriceConfig(
+            input=values[0], output=values[1], cached_input=values[2] if len(values) > 2 else None
+        )
+    except (InvalidOperation, ValueError) as exc:
+        raise LoadtestError(f"--price: {exc}") from exc
+    return price_from_config(config)
+
+
+async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
+    """Set up keys and reconciliation, run the load, and return the report."""
+    admin_key = args.admin_key or os.environ.get(ADMIN_KEY_ENV)
+    keys = _read_keys(args)
+    if not 0 <= args.create_keys <= MAX_CREATED_KEYS:
+        raise LoadtestError(f"--create-keys must be 0..{MAX_CREATED_KEYS}")
+    if args.create_keys and not admin_key:
+        raise LoadtestError(f"--create-keys needs --admin-key (or {ADMIN_KEY_ENV})")
+    prompt = _prompt(args)
+    price = _price(args)
+    duration = args.duration
+    if duration is None and args.requests is None:
+        duration = 10.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        admin = AdminClient(session, args.url, admin_key) if admin_key else None
+        created: list[LoadKey] = []
+        reconciler: Reconciler | None = None
+        try:
+            if admin is not None and args.create_keys:
+                created = await admin.create_keys(args.create_keys, args.org)
+            plan = Plan(
+                url=args.url,
+                keys=(*keys, *created),
+                concurrency=args.concurrency,
+                duration=duration,
+                requests=args.requests,
+                stream_ratio=args.stream_ratio,
+                model=args.model,
+                max_tokens=args.max_tokens,
+                prompt=prompt,
+                timeout=args.timeout,
+            )
+            key_ids: list[str | None] = []
+            if admin is not None:
+                key_ids = await admin.resolve_ids(plan.keys, args.org)
+                reconciler = Reconciler(admin)
+                await reconciler.prepare([k for k in key_ids if k is not None])
+            runner = Runner(plan, price)
+            with _graceful_interrupt(runner):
+                tally = await runner.run()
+            if reconciler is None:
+                reconciliation: dict[str, Any] = {
+                    "status": "skipped",
+                    "reason": f"no admin key (--admin-key or {ADMIN_KEY_ENV}) to read spend",
+                }
+            elif not reconciler.key_ids:
+                reconciliation = {"status": "skipped", "reason": "no key id could be found"}
+            else:
+                after = await reconciler.settled()
+                reconciliation = reconcile(tally, key_ids, reconciler.before, after, price)
+                if reconciler.temporary:
+                    reconciliation["notes"].append(
+                        f"temporary alert-only budgets on {len(reconciler.temporary)} key(s) "
+                        "made spend readable; removed again"
+                    )
+        finally:
+            if reconciler is not None:
+                await reconciler.cleanup()
+            if admin is not None:
+                for key in created:
+                    assert key.key_id is not None
+                    with contextlib.suppress(LoadtestError):
+                        await admin.revoke(key.key_id)
+    report = build_report(plan, tally, price, reconciliation)
+    if created:
+        report["created_keys"] = [k.key_id for k in created]
+    return report
+
+
+@contextlib.contextmanager
+def _graceful_interrupt(runner: Runner) -> Iterator[None]:
+    """First Ctrl-C ends the run and still reports; a second one stops at once."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, runner.stop)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Exit status: 0 done, 1 reconciliation mismatch, 2 setup error."""
+    try:
+        report = _run(run_loadtest(args))
+    except LoadtestError as exc:
+        print(f"llm-proxy loadtest: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(render(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    sys.exit(1 if report["reconciliation"]["status"] == "mismatch" else 0)
