@@ -29,10 +29,23 @@ def _settings(args: argparse.Namespace) -> Settings:
         sys.exit(2)
 
 
+def _check_routes(settings: Settings) -> None:
+    """Prices and encodings are resolved in each worker too; failing here gives a clean exit
+    before any Redis or worker is started."""
+    from proxy.routes import build_routes
+
+    try:
+        build_routes(settings)
+    except ConfigError as exc:
+        print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from proxy.serving import serve
 
     settings = _settings(args)
+    _check_routes(settings)
     serve(
         settings,
         args.host or settings.server.host,

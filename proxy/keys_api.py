@@ -13,8 +13,14 @@ from aiohttp import web
 from proxy.access import find_key, require_admin, sees_org
 from proxy.body import read_json
 from proxy.errors import bad_request, forbidden, not_found, parse_body
-from proxy.keys import KeyCreate, KeyUpdate, Limits
+from proxy.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 from proxy.state import GATEWAY
+
+
+def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
+    """A cluster admin's key is beyond an org admin's reach even inside the org."""
+    if caller.role == "org_admin" and record.role == "cluster_admin":
+        raise forbidden("Org admins cannot change or revoke cluster_admin keys.")
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -64,6 +70,7 @@ async def update_key(request: web.Request) -> web.Response:
     require_admin(caller)
     record = await find_key(gw.keys, caller, request.match_info["keyId"])
     change = parse_body(KeyUpdate, await read_json(request))
+    _org_admin_may_manage(caller, record)
     if caller.role == "org_admin" and change.role == "cluster_admin":
         raise forbidden("Org admins cannot grant cluster_admin.")
     if record.status != "active":
@@ -78,6 +85,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     caller = await gw.auth.identify(request)
     require_admin(caller)
     record = await find_key(gw.keys, caller, request.match_info["keyId"])
+    _org_admin_may_manage(caller, record)
     await gw.keys.revoke(record)
     gw.auth.forget()
     return web.json_response({"id": record.id, "object": "api_key", "revoked": True})

@@ -31,6 +31,10 @@ from proxy.tokenizer import count_prompt, count_text
 from proxy.upstream import client_headers, event_data, sse_events, upstream_timeout
 
 _MAX_ON_BEHALF_OF = 256
+_BROKEN_STREAM_EVENT = (
+    b'data: {"error":{"message":"The upstream stream broke off before it ended; the answer is '
+    b'incomplete.","type":"server_error","code":"upstream_stream_broken","param":null}}\n\n'
+)
 
 
 @dataclass
@@ -74,7 +78,7 @@ def _model(gw: Gateway, body: dict[str, Any], identity: Identity) -> ModelRoute:
             code="model_not_found",
             param="model",
         )
-    if not identity.may_use(model):
+    if not (identity.may_use(model) or identity.may_use(route.name)):
         raise ApiError(
             403,
             f"This API key is not allowed to use the model '{model}'.",
@@ -293,8 +297,16 @@ async def _relay_stream(
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         exchange.client_gone = True
+    except asyncio.CancelledError:
+        exchange.client_gone = True
+        raise
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
-        exchange.extra["upstream_broken"] = True
+        # The client must not mistake a truncated answer for a complete one: end the stream
+        # with an error event (the OpenAI SDKs raise APIError on it) and no [DONE].
+        exchange.extra["upstream_error"] = "broken_stream"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(_BROKEN_STREAM_EVENT)
+            await response.write_eof()
     finally:
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         exchange.usage = meter.usage()

@@ -32,6 +32,7 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers["x-request-id"] = request_id
+    response.headers["Server"] = "llm-proxy"
 
 
 @web.middleware

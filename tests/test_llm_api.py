@@ -4,6 +4,7 @@ client could not produce the request): forwarding, exact metering, errors and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,14 +16,15 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, Proxy, make_settings
 
+from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.embedded_redis import free_port
 from proxy.pricing import Price, cost_nano
 from proxy.state import GATEWAY
 from proxy.tokenizer import count_prompt
 from proxy.windows import windows_at
-from conftest import Proxy
 
 ORG = "acme"
 P = "bp:{o:acme}:"
@@ -47,10 +49,10 @@ async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 5.0, what: str = "condition"
+    check: Callable[[], Awaitable[Any]], within: float = 5.0, what: str = "condition"
 ) -> Any:
     """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         result = await check()
         if result:
@@ -78,8 +80,10 @@ async def assert_spend(
 ) -> None:
     """The key's and the org's daily, weekly and monthly windows all hold exactly this."""
     for window in windows(proxy):
-        assert await spend(store, f"k:{kid}", window) == (cost, tokens), window
-        assert await spend(store, "o", window) == (cost, tokens), window
+        for scope in (f"k:{kid}", "o"):
+            assert await spend(store, scope, window) == (cost, tokens), (scope, window)
+            # Windows expire on their own (a week past their end at most).
+            assert 0 < await store.ttl(f"{P}spend:{scope}:{window}") <= 39 * 86400
 
 
 async def wait_settled(store: aioredis.Redis, proxy: Proxy, kid: str, count: int = 1) -> None:
@@ -244,6 +248,24 @@ async def test_streamed_chat_without_include_usage_hides_the_usage_chunk(
     assert record["reported"] is True
 
 
+async def test_streamed_chat_with_include_usage_false_hides_the_usage_chunk(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    stream = await proxy.openai(key).chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": False},
+        extra_headers={"x-mock-output-tokens": "4"},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
+    await wait_settled(store, proxy, kid)
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
+
+
 async def test_streamed_chat_with_include_usage_gets_the_usage_chunk(
     proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
 ) -> None:
@@ -391,39 +413,95 @@ async def test_upstream_gets_its_own_credential_never_the_clients(
 # --- partial and unreported usage ----------------------------------------------------------
 
 
-async def test_client_disconnect_mid_stream_is_charged_for_what_was_generated(
-    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
-) -> None:
-    kid, key = member
-    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+async def hang_up_mid_stream(url: str, key: str, body: dict[str, Any], after: int) -> None:
+    """Reads ``after`` content chunks of a slow stream, then closes the connection."""
     headers = {
         "Authorization": f"Bearer {key}",
         "x-mock-output-tokens": "200",
         "x-mock-chunk-delay-ms": "20",
     }
     async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            proxy.url + "/v1/chat/completions", json=body, headers=headers
-        )
+        response = await session.post(url + "/v1/chat/completions", json=body, headers=headers)
         assert response.status == 200
         seen = 0
         async for line in response.content:
             if line.startswith(b"data:") and b'"content":" ' in line:
                 seen += 1
-                if seen == 5:
+                if seen == after:
                     break
-        response.close()  # hang up mid-stream
+        response.close()
+
+
+async def assert_charged_for_partial_stream(
+    store: aioredis.Redis, proxy_clock: float, app: web.Application, kid: str, body: Any
+) -> dict[str, Any]:
     record = await eventually(lambda: _first_record(store), what="settle after hang-up")
-    assert record["client_gone"] is True, json.dumps(record)
-    assert record["reported"] is False
-    prompt = await count_prompt(
-        proxy.app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", body
-    )
+    assert record["reported"] is False  # the upstream never got to send its usage
+    prompt = await count_prompt(app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", body)
     assert record["in"] == prompt
-    assert 5 <= record["out"] < 200, record
-    tokens = record["in"] + record["out"]
-    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, prompt, record["out"]), tokens)
+    assert 5 <= record["out"] < 200, record  # what was generated, not the whole answer
+    cost = cost_nano(GPT_4O, prompt, record["out"])
+    assert record["cost_nano"] == cost
+    w = windows_at(proxy_clock)
+    for window in (w.daily, w.weekly, w.monthly):
+        for scope in (f"k:{kid}", "o"):
+            assert await spend(store, scope, window) == (cost, prompt + record["out"])
     assert await store.zcard(P + "leases") == 0
+    return record
+
+
+async def test_client_disconnect_mid_stream_is_charged_for_what_was_generated(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    await hang_up_mid_stream(proxy.url, key, body, after=5)
+    await assert_charged_for_partial_stream(store, proxy.clock(), proxy.app, kid, body)
+
+
+@pytest.fixture
+async def production_runner(
+    redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, web.Application]]:
+    """The proxy on a plain ``AppRunner`` as ``llm-proxy serve`` runs it: unlike TestServer,
+    aiohttp does not cancel the handler when the client goes away."""
+    monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+    app = create_app(make_settings(str(mock_upstream.make_url("/v1"))), redis_url)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield f"http://127.0.0.1:{port}", app
+    await runner.cleanup()
+
+
+async def test_client_disconnect_under_the_production_runner(
+    production_runner: tuple[str, web.Application], store: aioredis.Redis
+) -> None:
+    url, app = production_runner
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            url + "/api/v1/keys",
+            json={"org_id": ORG},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as response:
+            created = await response.json()
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    await hang_up_mid_stream(url, created["key"], body, after=5)
+    record = await assert_charged_for_partial_stream(store, time.time(), app, created["id"], body)
+    assert record["client_gone"] is True
+
+
+async def test_cancelled_handler_records_the_client_as_gone(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    await hang_up_mid_stream(proxy.url, key, body, after=5)
+    record = await assert_charged_for_partial_stream(store, proxy.clock(), proxy.app, kid, body)
+    assert record["client_gone"] is True
 
 
 async def _first_record(store: aioredis.Redis) -> dict[str, Any] | None:
@@ -485,11 +563,11 @@ async def test_on_behalf_of_is_recorded_with_the_usage(
     assert all(r["kid"] == kid for r in records)
 
 
-async def test_on_behalf_of_too_long_is_refused(
+async def test_on_behalf_of_too_long_or_empty_is_refused(
     proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
 ) -> None:
     _, key = member
-    for value, expected in (("u" * 256, 200), ("u" * 257, 400)):
+    for value, expected in (("u" * 256, 200), ("u" * 257, 400), ("", 400)):
         status, body, _ = await raw_post(
             proxy,
             "/v1/chat/completions",
@@ -497,10 +575,13 @@ async def test_on_behalf_of_too_long_is_refused(
             key,
             {"X-On-Behalf-Of": value},
         )
-        assert status == expected, body
-    assert_error(body, "invalid_request_error", "invalid_request", "X-On-Behalf-Of")
+        assert status == expected, (value, body)
+        if expected == 400:
+            assert_error(body, "invalid_request_error", "invalid_request", "X-On-Behalf-Of")
+    # Only the valid one reached the upstream and was charged.
     assert len(proxy.received()) == 1
-    assert len(await usage_records(store)) == 1
+    [record] = await usage_records(store)
+    assert record["user"] == "u" * 256
 
 
 # --- bad input: exact error, nothing charged, upstream never called ------------------------
@@ -565,7 +646,7 @@ async def test_body_over_the_limit_is_413(
     assert "1024" in body["error"]["message"]
     await nothing_charged(store)
     assert len(proxy.received()) == 0
-    # Just under the limit is fine.
+    # A body within the limit goes through.
     status, _, _ = await raw_post(proxy, CHAT, GOOD, key)
     assert status == 200
 
@@ -616,9 +697,7 @@ async def test_wrong_method_is_405(proxy: Proxy, member: tuple[str, str]) -> Non
     assert "POST" in headers["Allow"]
 
 
-async def test_model_not_allowed_for_the_key_is_403(
-    proxy: Proxy, store: aioredis.Redis
-) -> None:
+async def test_model_not_allowed_for_the_key_is_403(proxy: Proxy, store: aioredis.Redis) -> None:
     _, key = await proxy.create_key(ORG, models=["gpt-4o-mini"])
     status, body, _ = await raw_post(proxy, CHAT, GOOD, key)
     assert status == 403
@@ -665,7 +744,7 @@ async def test_upstream_errors_pass_through_and_cost_nothing(
     upstream_status: int,
 ) -> None:
     kid, key = member
-    status, body, headers = await raw_post(
+    status, body, _ = await raw_post(
         proxy, CHAT, GOOD, key, {"x-mock-status": str(upstream_status)}
     )
     assert status == upstream_status
@@ -699,6 +778,62 @@ async def test_upstream_errors_reach_the_openai_client_as_exceptions(
                 extra_headers={"x-mock-status": str(status)},
             )
         assert caught.value.status_code == status
+
+
+async def test_streamed_request_upstream_error_passes_through(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    with pytest.raises(openai.InternalServerError) as caught:
+        await proxy.openai(key).chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"x-mock-status": "503"},
+        )
+    assert caught.value.status_code == 503
+    assert caught.value.message.endswith("mock injected error 503")
+    await charged_zero(store, proxy, kid)
+
+
+async def test_upstream_breaking_mid_stream_is_charged_for_what_was_relayed(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    kid, key = member
+    words = 0
+    with contextlib.suppress(openai.APIError):
+        stream = await proxy.openai(key).chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"x-mock-fail-after-chunks": "5", "x-mock-output-tokens": "20"},
+        )
+        async for chunk in stream:
+            words += len((chunk.choices[0].delta.content or "").split()) if chunk.choices else 0
+    assert words == 5
+    record = await eventually(lambda: _first_record(store), what="settle")
+    prompt = await count_prompt(
+        proxy.app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", {"messages": MESSAGES}
+    )
+    assert (record["in"], record["out"], record["reported"]) == (prompt, 5, False)
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, prompt, 5), prompt + 5)
+    assert await store.zcard(P + "leases") == 0
+
+
+async def test_upstream_breaking_mid_stream_is_an_error_for_the_client(
+    proxy: Proxy, member: tuple[str, str]
+) -> None:
+    _, key = member
+    stream = await proxy.openai(key).chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"x-mock-fail-after-chunks": "5", "x-mock-output-tokens": "20"},
+    )
+    # Any error will do (an SSE error event, or a broken connection): just not a clean end.
+    with pytest.raises(Exception):  # noqa: B017
+        async for _ in stream:
+            pass
 
 
 async def _leaky_upstream(request: web.Request) -> web.Response:

@@ -1,0 +1,215 @@
+"""``llm-proxy`` from the shell: help, refusing bad configs, key administration against a
+running proxy, and ``serve`` with its embedded Redis on a fresh machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, REPO, Proxy, start_proxy_process, write_config
+
+from proxy.embedded_redis import free_port
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m proxy ARGS`` without blocking the event loop the in-process proxy runs on."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        cwd=str(REPO),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def chat_status(url: str, key: str) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+async def test_help_lists_the_commands() -> None:
+    code, out, _ = await run_cli("--help")
+    assert code == 0
+    for command in ("serve", "demo", "mock-upstream", "keys", "org-limits"):
+        assert command in out
+    code, out, _ = await run_cli("keys", "create", "--help")
+    assert code == 0
+    for flag in ("--org", "--role", "--models", "--rpm", "--tpm", "--url", "--admin-key"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ("[server]\nport = -1\n", "server.port"),
+        ("[server]\nport = 8080\nworkerz = 2\n", "server.workerz"),
+        ("[redis]\nsocket_timeout = 0\n", "redis.socket_timeout"),
+    ],
+)
+async def test_serve_refuses_a_bad_config_naming_the_field(
+    tmp_path: Path, section: str, field: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(section)
+    code, out, err = await run_cli("--config", str(config), "serve")
+    assert code != 0
+    assert field in err, err
+    assert "listening" not in out
+
+
+async def test_serve_refuses_an_unpriced_model(tmp_path: Path) -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path / "proxy.toml", "http://127.0.0.1:9/v1", dead_redis)
+    config.write_text(config.read_text() + '[[models]]\nname = "in-house-7b"\nupstream = "mock"\n')
+    code, _, err = await run_cli("--config", str(config), "serve", "--port", str(free_port()))
+    assert code != 0
+    assert "models.1.price" in err, err
+
+
+async def test_serve_refuses_an_unpriced_model_cleanly(tmp_path: Path) -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path / "proxy.toml", "http://127.0.0.1:9/v1", dead_redis)
+    config.write_text(config.read_text() + '[[models]]\nname = "in-house-7b"\nupstream = "mock"\n')
+    code, out, err = await run_cli("--config", str(config), "serve", "--port", str(free_port()))
+    assert (code, "listening" in out, "Traceback" in err) == (2, False, False), err
+    assert "bad configuration" in err and "models.1.price" in err
+
+
+async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> None:
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    code, out, err = await run_cli(
+        "keys", "create", "--org", "acme", "--name", "from-cli", "--rpm", "2", *admin
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["org_id"] == "acme" and created["name"] == "from-cli"
+    assert created["limits"]["rpm"] == 2
+    key, kid = created["key"], created["id"]
+    assert await chat_status(proxy.url, key) == 200
+
+    code, out, _ = await run_cli("keys", "list", "--org", "acme", *admin)
+    assert code == 0
+    listed = json.loads(out)["data"]
+    assert [k["id"] for k in listed] == [kid]
+    assert key not in out  # the plaintext is shown once, at creation
+
+    code, out, _ = await run_cli("keys", "update", kid, "--name", "renamed", *admin)
+    assert code == 0 and json.loads(out)["name"] == "renamed"
+
+    code, out, _ = await run_cli("keys", "revoke", kid, *admin)
+    assert code == 0 and json.loads(out)["revoked"] is True
+    assert await chat_status(proxy.url, key) == 401
+
+    code, out, _ = await run_cli("org-limits", "acme", "--set", "--rpm", "7", *admin)
+    assert code == 0 and json.loads(out)["limits"]["rpm"] == 7
+    code, out, _ = await run_cli("org-limits", "acme", *admin)
+    assert json.loads(out)["limits"]["rpm"] == 7
+
+
+async def test_keys_commands_fail_visibly(proxy: Proxy) -> None:
+    # A wrong admin key: the proxy's 401 is printed and the exit code says it failed.
+    code, out, _ = await run_cli("keys", "list", "--url", proxy.url, "--admin-key", "sk-bp-wrong")
+    assert code == 1
+    assert json.loads(out)["error"]["code"] == "invalid_api_key"
+    # No admin key at all.
+    code, _, err = await run_cli("keys", "list", "--url", proxy.url, env={"PROXY_ADMIN_KEY": ""})
+    assert code == 2 and "admin key" in err
+    # Nothing listening.
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, _, err = await run_cli("keys", "list", "--url", dead, "--admin-key", ADMIN_KEY)
+    assert code == 1 and "cannot reach" in err
+
+
+def _accepts_connections(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_serve_with_embedded_redis_starts_serves_and_stops_cleanly(
+    tmp_path: Path, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("PROXY__REDIS__DATA_DIR", str(data_dir))
+    config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), "")
+    log = tmp_path / "proxy.log"
+
+    started = time.monotonic()
+    running = await start_proxy_process(config, log)  # returns once /readyz answers 200
+    ready_after = time.monotonic() - started
+    try:
+        while (status := await chat_status(running.url, ADMIN_KEY)) != 200:
+            assert time.monotonic() - started < 30, f"no successful request: {status}"
+            await asyncio.sleep(0.02)
+        first_request_after = time.monotonic() - started
+        print(
+            f"\nembedded default: /readyz 200 after {ready_after:.2f} s, "
+            f"first successful chat completion after {first_request_after:.2f} s"
+        )
+        found = re.search(r"embedded redis-server on redis://127\.0\.0\.1:(\d+)/0", log.read_text())
+        assert found, log.read_text()
+        redis_port = int(found.group(1))
+        assert _accepts_connections(redis_port)
+        assert (data_dir / "redis.log").exists()  # its data lives where it was told
+        pids = [int(p) for p in _children(running.process.pid)]
+        redis_pids = [p for p in pids if "redis-server" in _cmdline(p)]
+        assert len(redis_pids) == 1, pids
+
+        running.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(running.process.wait, 20)
+        assert code == 0, log.read_text()
+        assert not _alive(redis_pids[0]), "the embedded redis-server outlived the proxy"
+        assert not _accepts_connections(redis_port)
+    finally:
+        running.stop()
+
+
+def _children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

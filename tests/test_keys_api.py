@@ -1,0 +1,375 @@
+"""Key management and org limits over plain HTTP: shown-once secrets, digests at rest,
+revocation within 2 s on every process, and admins confined to their own org."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from conftest import Proxy
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+ERROR_FIELDS = {"message", "type", "code", "param"}
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def assert_error(body: Any, type_: str, code: str | None = None, param: str | None = None) -> None:
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == ERROR_FIELDS, body
+    assert body["error"]["type"] == type_, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    assert body["error"]["param"] == param, body
+
+
+async def chat(proxy: Proxy, key: str) -> int:
+    """Status of one small chat completion with this key."""
+    async with proxy.session.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def all_redis_text(store: aioredis.Redis) -> str:
+    """Every key name and every stored value, of every type, as one string."""
+    parts: list[str] = []
+    async for name in store.scan_iter("*"):
+        parts.append(name)
+        kind = await store.type(name)
+        if kind == "string":
+            parts.append(str(await store.get(name)))
+        elif kind == "hash":
+            for field, value in (await store.hgetall(name)).items():
+                parts += [field, value]
+        elif kind == "set":
+            parts += list(await store.smembers(name))
+        elif kind == "zset":
+            parts += [m for m, _ in await store.zrange(name, 0, -1, withscores=True)]
+        elif kind == "list":
+            parts += list(await store.lrange(name, 0, -1))
+        elif kind == "stream":
+            for _, fields in await store.xrange(name):
+                for field, value in fields.items():
+                    parts += [field, value]
+        else:
+            raise AssertionError(f"unexpected Redis type {kind} for {name}")
+    return "\n".join(parts)
+
+
+# --- create, list, get, update, revoke -----------------------------------------------------
+
+
+async def test_plaintext_is_shown_once_and_only_its_digest_is_stored(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    status, created = await proxy.admin(
+        "POST",
+        "/api/v1/keys",
+        {"org_id": "acme", "name": "ci", "models": ["gpt-4o"], "limits": {"rpm": 10}},
+    )
+    assert status == 201
+    plaintext = created["key"]
+    assert plaintext.startswith("sk-bp-") and len(plaintext) >= 40
+    assert created["key_prefix"] == plaintext[:10]
+    assert created["org_id"] == "acme" and created["name"] == "ci"
+    assert created["role"] == "member" and created["status"] == "active"
+    assert created["models"] == ["gpt-4o"] and created["limits"]["rpm"] == 10
+    # The key works...
+    assert await chat(proxy, plaintext) == 200
+    # ...and is never shown again.
+    status, fetched = await proxy.admin("GET", f"/api/v1/keys/{created['id']}")
+    assert status == 200 and "key" not in fetched
+    assert fetched == {k: v for k, v in created.items() if k != "key"}
+    status, listing = await proxy.admin("GET", "/api/v1/keys?org_id=acme")
+    assert status == 200
+    assert [k["id"] for k in listing["data"]] == [created["id"]]
+    assert plaintext not in str(listing) and plaintext not in str(fetched)
+    # Redis holds the SHA-256 digest, never the plaintext (nor the admin key's).
+    everything = await all_redis_text(store)
+    assert plaintext not in everything
+    assert proxy.admin_key not in everything
+    assert hashlib.sha256(plaintext.encode()).hexdigest() in everything
+
+
+async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
+    kid, key = await proxy.create_key("acme", name="old", models=["gpt-4o-mini"])
+    assert await chat(proxy, key) == 403  # gpt-4o is not among its models
+    status, updated = await proxy.admin(
+        "PATCH",
+        f"/api/v1/keys/{kid}",
+        {"name": "new", "role": "org_admin", "models": ["gpt-4o"], "limits": {"rpm": 1}},
+    )
+    assert status == 200, updated
+    assert (updated["name"], updated["role"], updated["models"]) == ("new", "org_admin", ["gpt-4o"])
+    assert updated["limits"]["rpm"] == 1
+    status, fetched = await proxy.admin("GET", f"/api/v1/keys/{kid}")
+    assert fetched == updated
+    # The changes apply to the very next requests: model now allowed, then the rpm limit bites.
+    assert await chat(proxy, key) == 200
+    assert await chat(proxy, key) == 429
+    # As an org admin now, the key may list its org's keys.
+    status, _ = await proxy.admin("GET", "/api/v1/keys", key=key)
+    assert status == 200
+    # Clearing: models null means all models, a null limit removes it.
+    status, cleared = await proxy.admin(
+        "PATCH", f"/api/v1/keys/{kid}", {"models": None, "limits": {"rpm": None}}
+    )
+    assert status == 200
+    assert cleared["models"] is None and cleared["limits"]["rpm"] is None
+    assert await chat(proxy, key) == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "param"),
+    [
+        ("POST", {"org_id": "acme", "limits": {"rpm": -1}}, "limits.rpm"),
+        ("POST", {"org_id": "acme", "limits": {"tpm": "lots"}}, "limits.tpm"),
+        ("POST", {"org_id": "acme", "limits": {"rpz": 5}}, "limits.rpz"),
+        ("POST", {"org_id": "acme", "role": "superuser"}, "role"),
+        ("POST", {"org_id": "bad org!"}, "org_id"),
+        ("PATCH", {"limits": {"concurrency": 0}}, "limits.concurrency"),
+        ("PATCH", {"limits": {"rpm": 1.5}}, "limits.rpm"),
+        ("PATCH", {"colour": "red"}, "colour"),
+    ],
+)
+async def test_invalid_key_specs_are_400_naming_the_field(
+    proxy: Proxy, method: str, body: dict[str, Any], param: str
+) -> None:
+    kid, _ = await proxy.create_key("acme")
+    path = "/api/v1/keys" if method == "POST" else f"/api/v1/keys/{kid}"
+    status, answer = await proxy.admin(method, path, body)
+    assert status == 400, answer
+    assert_error(answer, "invalid_request_error", "invalid_value", param)
+    assert param in answer["error"]["message"]
+    # Nothing was changed by the refused request.
+    status, listing = await proxy.admin("GET", "/api/v1/keys?org_id=acme")
+    assert [k["limits"] for k in listing["data"]] == [
+        {n: None for n in ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")}
+    ]
+
+
+async def test_cluster_admin_must_name_the_org(proxy: Proxy) -> None:
+    status, body = await proxy.admin("POST", "/api/v1/keys", {"name": "x"})
+    assert status == 400
+    assert_error(body, "invalid_request_error", param="org_id")
+
+
+async def test_revoked_key_stops_at_once_for_llm_and_within_2s_for_admin_everywhere(
+    start_proxy: Callable[..., Any],
+) -> None:
+    # Three processes sharing one Redis: where the revoke happens, one that serves admin
+    # calls from its auth cache, one that serves LLM requests.
+    first: Proxy = await start_proxy()
+    admin_side: Proxy = await start_proxy()
+    llm_side: Proxy = await start_proxy()
+    kid, key = await first.create_key("acme", role="org_admin")
+    for proxy in (first, admin_side, llm_side):
+        assert await chat(proxy, key) == 200
+        assert (await proxy.admin("GET", "/api/v1/keys", key=key))[0] == 200
+    status, body = await first.admin("DELETE", f"/api/v1/keys/{kid}")
+    assert (status, body["revoked"]) == (200, True)
+    revoked_at = time.monotonic()
+    # LLM requests: refused at once everywhere (the admit script reads the key's status).
+    assert await chat(llm_side, key) == 401
+    assert await chat(first, key) == 401
+    # Admin calls: at once where the revoke happened, within 2 s (cache TTL) elsewhere.
+    status, body = await first.admin("GET", "/api/v1/keys", key=key)
+    assert status == 401
+    assert_error(body, "authentication_error", "invalid_api_key")
+    while (await admin_side.admin("GET", "/api/v1/keys", key=key))[0] != 401:
+        assert time.monotonic() - revoked_at < 2.0, "revoked key still works after 2 s"
+        await asyncio.sleep(0.05)
+    # The record says so, and a revoked key cannot be changed back to life.
+    status, record = await first.admin("GET", f"/api/v1/keys/{kid}")
+    assert (status, record["status"]) == (200, "revoked")
+    status, body = await first.admin("PATCH", f"/api/v1/keys/{kid}", {"name": "again"})
+    assert status == 400
+    assert_error(body, "invalid_request_error", "key_revoked")
+
+
+# --- who may do what -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_orgs(proxy: Proxy) -> dict[str, tuple[str, str]]:
+    """An org admin and a member in each of orgs a and b."""
+    keys = {}
+    for org in ("a", "b"):
+        keys[f"{org}_admin"] = await proxy.create_key(org, role="org_admin", name=f"{org} admin")
+        keys[f"{org}_member"] = await proxy.create_key(org, name=f"{org} member")
+    return keys
+
+
+async def test_org_admin_cannot_reach_another_org(
+    proxy: Proxy, two_orgs: dict[str, tuple[str, str]]
+) -> None:
+    _, a_admin = two_orgs["a_admin"]
+    b_member_id, b_member = two_orgs["b_member"]
+    for method, path, body in (
+        ("GET", "/api/v1/keys?org_id=b", None),
+        ("GET", f"/api/v1/keys/{b_member_id}", None),
+        ("PATCH", f"/api/v1/keys/{b_member_id}", {"name": "hijacked"}),
+        ("DELETE", f"/api/v1/keys/{b_member_id}", None),
+        ("GET", "/api/v1/orgs/b/limits", None),
+        ("PUT", "/api/v1/orgs/b/limits", {"rpm": 1}),
+    ):
+        status, answer = await proxy.admin(method, path, body, key=a_admin)
+        assert status == 404, (method, path, answer)
+        assert_error(answer, "invalid_request_error", "not_found")
+    status, answer = await proxy.admin("POST", "/api/v1/keys", {"org_id": "b"}, key=a_admin)
+    assert status == 403
+    assert_error(answer, "permission_error", "forbidden")
+    # Org b's key is untouched and still works.
+    status, record = await proxy.admin("GET", f"/api/v1/keys/{b_member_id}")
+    assert (record["name"], record["status"]) == ("b member", "active")
+    assert await chat(proxy, b_member) == 200
+
+
+async def test_org_admin_manages_its_own_org_but_never_mints_cluster_admins(
+    proxy: Proxy, two_orgs: dict[str, tuple[str, str]]
+) -> None:
+    _, a_admin = two_orgs["a_admin"]
+    a_member_id, _ = two_orgs["a_member"]
+    status, listing = await proxy.admin("GET", "/api/v1/keys", key=a_admin)
+    assert status == 200
+    assert {k["org_id"] for k in listing["data"]} == {"a"}
+    assert len(listing["data"]) == 2
+    # Creating without org_id lands in the admin's own org.
+    status, created = await proxy.admin("POST", "/api/v1/keys", {"name": "new"}, key=a_admin)
+    assert (status, created["org_id"]) == (201, "a")
+    status, created = await proxy.admin(
+        "POST", "/api/v1/keys", {"org_id": "a", "role": "org_admin"}, key=a_admin
+    )
+    assert status == 201
+    for method, path, body in (
+        ("POST", "/api/v1/keys", {"org_id": "a", "role": "cluster_admin"}),
+        ("PATCH", f"/api/v1/keys/{a_member_id}", {"role": "cluster_admin"}),
+    ):
+        status, answer = await proxy.admin(method, path, body, key=a_admin)
+        assert status == 403, answer
+        assert_error(answer, "permission_error", "forbidden")
+    status, record = await proxy.admin("GET", f"/api/v1/keys/{a_member_id}")
+    assert record["role"] == "member"
+    status, _ = await proxy.admin("DELETE", f"/api/v1/keys/{a_member_id}", key=a_admin)
+    assert status == 200
+
+
+async def test_members_may_only_read_their_own_key(
+    proxy: Proxy, two_orgs: dict[str, tuple[str, str]]
+) -> None:
+    a_member_id, a_member = two_orgs["a_member"]
+    a_admin_id, _ = two_orgs["a_admin"]
+    status, own = await proxy.admin("GET", f"/api/v1/keys/{a_member_id}", key=a_member)
+    assert (status, own["id"], own["role"]) == (200, a_member_id, "member")
+    assert "key" not in own
+    status, answer = await proxy.admin("GET", f"/api/v1/keys/{a_admin_id}", key=a_member)
+    assert status == 404
+    for method, path, body in (
+        ("GET", "/api/v1/keys", None),
+        ("POST", "/api/v1/keys", {"org_id": "a"}),
+        ("PATCH", f"/api/v1/keys/{a_member_id}", {"limits": {"rpm": 100000}}),
+        ("DELETE", f"/api/v1/keys/{a_member_id}", None),
+        ("GET", "/api/v1/orgs/a/limits", None),
+        ("PUT", "/api/v1/orgs/a/limits", {"rpm": 1}),
+    ):
+        status, answer = await proxy.admin(method, path, body, key=a_member)
+        assert status == 403, (method, path, answer)
+        assert_error(answer, "permission_error", "forbidden")
+    assert await chat(proxy, a_member) == 200  # still active, limits unchanged
+
+
+async def test_cluster_admin_sees_every_org(
+    proxy: Proxy, two_orgs: dict[str, tuple[str, str]]
+) -> None:
+    status, listing = await proxy.admin("GET", "/api/v1/keys")
+    assert status == 200
+    ids = {k["id"] for k in listing["data"]}
+    assert {kid for kid, _ in two_orgs.values()} <= ids
+    assert {k["org_id"] for k in listing["data"]} == {"a", "b", "cluster"}
+    status, only_b = await proxy.admin("GET", "/api/v1/keys?org_id=b")
+    assert {k["org_id"] for k in only_b["data"]} == {"b"}
+    b_admin_id, _ = two_orgs["b_admin"]
+    status, record = await proxy.admin("GET", f"/api/v1/keys/{b_admin_id}")
+    assert (status, record["org_id"]) == (200, "b")
+    status, _ = await proxy.admin("PATCH", f"/api/v1/keys/{b_admin_id}", {"name": "renamed"})
+    assert status == 200
+
+
+# --- org limits ----------------------------------------------------------------------------
+
+
+async def test_org_limits_are_set_by_cluster_admins_and_enforced(
+    proxy: Proxy, two_orgs: dict[str, tuple[str, str]]
+) -> None:
+    _, a_admin = two_orgs["a_admin"]
+    _, a_member = two_orgs["a_member"]
+    _, b_member = two_orgs["b_member"]
+    empty = {n: None for n in ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")}
+    status, body = await proxy.admin("GET", "/api/v1/orgs/a/limits", key=a_admin)
+    assert (status, body) == (200, {"org_id": "a", "limits": empty})
+    # Org admins may read, not set, their org's limits.
+    status, answer = await proxy.admin("PUT", "/api/v1/orgs/a/limits", {"rpm": 2}, key=a_admin)
+    assert status == 403
+    assert_error(answer, "permission_error", "forbidden")
+    status, body = await proxy.admin("PUT", "/api/v1/orgs/a/limits", {"rpm": 2})
+    assert (status, body) == (200, {"org_id": "a", "limits": {**empty, "rpm": 2}})
+    status, body = await proxy.admin("GET", "/api/v1/orgs/a/limits", key=a_admin)
+    assert body["limits"]["rpm"] == 2
+    # Two requests a minute for the whole org a, whichever key sends them; org b unaffected.
+    assert [await chat(proxy, k) for k in (a_member, a_admin, a_member)] == [200, 200, 429]
+    assert await chat(proxy, b_member) == 200
+    # PUT replaces: fields left out are removed.
+    status, body = await proxy.admin("PUT", "/api/v1/orgs/a/limits", {"tpm": 100000})
+    assert body["limits"] == {**empty, "tpm": 100000}
+    assert await chat(proxy, a_member) == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"rpm": 0}, "rpm"), ({"concurrency": "3"}, "concurrency"), ({"burst": 3}, "burst")],
+)
+async def test_invalid_org_limits_are_400_naming_the_field(
+    proxy: Proxy, body: dict[str, Any], param: str
+) -> None:
+    status, answer = await proxy.admin("PUT", "/api/v1/orgs/acme/limits", body)
+    assert status == 400
+    assert_error(answer, "invalid_request_error", "invalid_value", param)
+    status, current = await proxy.admin("GET", "/api/v1/orgs/acme/limits")
+    assert all(v is None for v in current["limits"].values())
+
+
+async def test_org_admin_cannot_touch_a_cluster_admin_key_in_its_own_org(proxy: Proxy) -> None:
+    root_id, root_key = await proxy.create_key("acme", role="cluster_admin")
+    _, admin_key = await proxy.create_key("acme", role="org_admin")
+    status, body = await proxy.admin("DELETE", f"/api/v1/keys/{root_id}", key=admin_key)
+    assert status == 403, body
+    assert body["error"]["type"] == "permission_error"
+    status, body = await proxy.admin(
+        "PATCH", f"/api/v1/keys/{root_id}", {"role": "member"}, key=admin_key
+    )
+    assert status == 403, body
+    status, body = await proxy.admin("GET", f"/api/v1/keys/{root_id}", key=root_key)
+    assert status == 200 and body["role"] == "cluster_admin" and body["status"] == "active"
+
+
+async def test_a_model_allowance_covers_the_models_aliases(proxy: Proxy) -> None:
+    _, key = await proxy.create_key("acme", models=["gpt-4o"])
+    client = proxy.openai(key)
+    answer = await client.chat.completions.create(
+        model="gpt-4o-latest", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.choices[0].message.content
