@@ -324,7 +324,11 @@ def llm_handler(endpoint: str) -> Any:
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
-    data = [route.listing(name) for name, route in gw.routes.items() if identity.may_use(name)]
+    data = [
+        route.listing(name)
+        for name, route in gw.routes.items()
+        if identity.may_use(name) or identity.may_use(route.name)
+    ]
     return web.json_response({"object": "list", "data": data})
 
 

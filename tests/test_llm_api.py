@@ -375,9 +375,9 @@ async def test_both_path_prefixes_and_aliases(
 async def test_models_list_shows_only_allowed_models(proxy: Proxy) -> None:
     _, key = await proxy.create_key(ORG, models=["gpt-4o"])
     ids = [model.id async for model in proxy.openai(key).models.list()]
-    assert ids == ["gpt-4o"]
+    assert ids == ["gpt-4o", "gpt-4o-latest"]  # an allowance covers the model's aliases
     _, admin_listing, _ = await raw_post(proxy, "/v1/models", b"", key, method="GET")
-    assert [m["id"] for m in admin_listing["data"]] == ["gpt-4o"]
+    assert [m["id"] for m in admin_listing["data"]] == ["gpt-4o", "gpt-4o-latest"]
 
 
 # --- upstream credential -------------------------------------------------------------------
