@@ -193,9 +193,11 @@ class Admission:
         return self._windows.current(now)
 
     async def renew(self, org_id: str, request_id: str) -> None:
-        """Long streams push their lease's expiry forward while they are alive."""
         expiry = int(self.clock() * 1000) + self._lease_ms
         await self.redis.zadd(org_prefix(org_id) + "leases", {request_id: expiry}, xx=True)
+
+    def keep_alive(self, org_id: str, request_id: str) -> LeaseKeeper:
+        return LeaseKeeper(self, org_id, request_id, self._lease_ms / 3000)
 
     def settle_request(
         self,
@@ -271,3 +273,29 @@ class Admission:
         if self._retry_task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._retry_task), grace)
+
+
+class LeaseKeeper:
+    """Pushes a live request's lease expiry forward every third of its life, so only a dead
+    proxy's reservations are ever reclaimed — however long a request or a silent stream runs.
+    A timer, not a task: the common short request pays only for scheduling and cancelling it."""
+
+    def __init__(self, admission: Admission, org_id: str, request_id: str, every: float) -> None:
+        self._admission = admission
+        self._org_id = org_id
+        self._request_id = request_id
+        self._every = every
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(every, self._fire)
+        self._renewing: asyncio.Future[None] | None = None
+
+    def _fire(self) -> None:
+        self._renewing = asyncio.ensure_future(self._renew())
+        self._handle = self._loop.call_later(self._every, self._fire)
+
+    async def _renew(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._admission.renew(self._org_id, self._request_id)
+
+    def cancel(self) -> None:
+        self._handle.cancel()

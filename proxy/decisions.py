@@ -28,16 +28,16 @@ _MAX_USEFUL_RETRY_SECONDS = 60
 
 
 def openai_duration(ms: int) -> str:
-    """OpenAI's reset format: ``12ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    """OpenAI's reset format (Go durations): ``12ms``, ``1s``, ``1.5s``, ``6m0s``, ``1m1.5s``."""
     ms = max(ms, 0)
     if ms < 1000:
         return f"{ms}ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    hours, rest = divmod(int(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if not hours and not minutes:
+        return seconds
+    return (f"{hours}h" if hours else "") + f"{minutes}m{seconds}"
 
 
 def nano_to_major(nano: int) -> str:
@@ -101,6 +101,12 @@ def rate_limited_error(decision: RateLimited) -> ApiError:
         suffix = "tokens" if kind == "tokens" else "requests"
         headers[f"x-ratelimit-limit-{suffix}"] = str(decision.limit)
         headers[f"x-ratelimit-remaining-{suffix}"] = "0"
+        if decision.retry_after_ms >= 0:
+            headers[f"x-ratelimit-reset-{suffix}"] = openai_duration(decision.retry_after_ms)
+            seconds = math.ceil(decision.retry_after_ms / 1000)
+            window = f";w={_WINDOW_SECONDS[decision.limit_name]}"
+            headers["RateLimit-Policy"] = f'"{suffix}";q={decision.limit}{window}'
+            headers["RateLimit"] = f'"{suffix}";r=0;t={seconds}'
     return ApiError(
         429, message, type=kind, code="rate_limit_exceeded", param=None, headers=headers
     )

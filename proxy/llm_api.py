@@ -172,12 +172,11 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     outcome["decision"] = "admitted"
     outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
     exchange = Exchange(identity, request_id, endpoint, route, prompt_tokens, on_behalf_of)
-    task = asyncio.current_task()
-    gw.in_flight.add(task)
+    lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await _forward(request, gw, exchange, body, stream, decision)
     finally:
-        gw.in_flight.discard(task)
+        lease.cancel()
         await asyncio.shield(_settle(gw, exchange, outcome))
 
 
@@ -280,8 +279,6 @@ async def _relay_stream(
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
     meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens)
-    renew_every = gw.settings.limits.lease_seconds / 3
-    renew_at = time.monotonic() + renew_every
     sent_at = time.perf_counter()
     try:
         await response.prepare(request)
@@ -290,10 +287,6 @@ async def _relay_stream(
             if payload is not None and payload != b"[DONE]" and meter.feed(payload) and strip_usage:
                 continue
             await response.write(event)
-            if time.monotonic() >= renew_at:
-                renew_at = time.monotonic() + renew_every
-                with contextlib.suppress(RedisError, OSError):
-                    await gw.admission.renew(exchange.identity.org_id, exchange.request_id)
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         exchange.client_gone = True

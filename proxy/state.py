@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -28,7 +28,6 @@ class Gateway:
     upstream: UpstreamClient
     routes: dict[str, ModelRoute]
     clock: Clock
-    in_flight: set[object] = field(default_factory=set)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
