@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from proxy.store import LuaScript, Redis, org_prefix
 from proxy.windows import Period, Windows
@@ -41,11 +41,18 @@ class BudgetInput(BaseModel):
 
     period: Period
     limit_kind: Literal["cost", "tokens"]
-    limit: StrictInt | StrictFloat
+    limit: int | float
     thresholds: list[Threshold] = Field(min_length=1)
     owner: Owner = "org"
     webhook_url: str | None = None
     webhook_secret: str | None = Field(None, min_length=1)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _a_json_number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a number")
+        return value
 
     @field_validator("limit")
     @classmethod
@@ -78,11 +85,21 @@ def _unit_amount(limit: float | int, kind: str) -> Decimal:
     return amount * NANO if kind == "cost" else amount
 
 
+# Lua numbers are doubles: past 2**53 they lose integer precision (and past ~1.8e308 become
+# inf). No spend gets near 2**53 nano (9 million currency units per window) or tokens, so a
+# larger line is the same as that bound.
+_MAX_LINE = 2**53
+
+
+def _reachable(line: int) -> int:
+    return min(line, _MAX_LINE)
+
+
 def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) -> dict[str, Any]:
     """The JSON kept in Redis; the id is filled in by ``budget_put.lua``."""
     amount = _unit_amount(spec.limit, spec.limit_kind)
     lines = [
-        {"pct": t.pct, "action": t.action, "at": math.ceil(amount * t.pct / 100)}
+        {"pct": t.pct, "action": t.action, "at": _reachable(math.ceil(amount * t.pct / 100))}
         for t in spec.thresholds
     ]
     stored: dict[str, Any] = {
@@ -104,8 +121,8 @@ def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) 
     blocks = [t.pct for t in spec.thresholds if t.action == "block"]
     if blocks:
         line = amount * min(blocks) / 100
-        stored["block_floor"] = math.floor(line)
-        stored["block_ceil"] = math.ceil(line)
+        stored["block_floor"] = _reachable(math.floor(line))
+        stored["block_ceil"] = _reachable(math.ceil(line))
     return stored
 
 

@@ -53,7 +53,10 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> int:
-    """Worst-case output tokens; a cap above the model's maximum is clamped to it."""
+    """Worst-case output tokens: the request's own cap, else the model's configured maximum.
+
+    A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
+    our configuration, decides what it generates, and a reservation must never be smaller."""
     if endpoint == "embeddings":
         return 0
     cap = None
@@ -66,7 +69,7 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> int:
         choices = _positive_int(body, "n") or 1
         if endpoint == "completions":
             choices = max(choices, _positive_int(body, "best_of") or 1)
-    limit = route.max_output_tokens if cap is None else min(cap, route.max_output_tokens)
+    limit = route.max_output_tokens if cap is None else cap
     return limit * choices
 
 
