@@ -39,6 +39,8 @@ class RedisConfig(_Strict):
     data_dir: str = ".proxy-data"
     socket_timeout: float = Field(0.5, gt=0)
     socket_connect_timeout: float = Field(0.5, gt=0)
+    max_connections: int = Field(1024, gt=0)
+    """Pool size for admin calls and key look-ups (admit/settle share one pipelined link)."""
 
 
 class AuthConfig(_Strict):

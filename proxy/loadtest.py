@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -89,8 +90,6 @@ class Plan:
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if not self.keys:
-            raise LoadtestError("no API keys: give --key, --keys-file or --create-keys")
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise LoadtestError(f"--concurrency must be 1..{MAX_CONCURRENCY}")
         if (self.duration is None) == (self.requests is None):
@@ -364,17 +363,16 @@ class AdminClient:
             ids.append(found[0] if len(found) == 1 else None)
         return ids
 
-    async def spend(self, key_id: str) -> tuple[str, SpendReading] | None:
-        """(budget id, spend) from the key's first budget; None if it has none."""
+    async def spend(self, key_id: str) -> SpendReading | None:
+        """The key's spend as its first budget shows it (spend belongs to the key, so any of
+        its budgets will do); None if it has no budget."""
         listing = await self.call("GET", f"/api/v1/llm/budgets/apikey/{key_id}")
         if not listing["data"]:
             return None
-        budget = listing["data"][0]
-        spend = budget["spend"]
-        reading = SpendReading(
+        spend = listing["data"][0]["spend"]
+        return SpendReading(
             spend["window"], int(spend["tokens_spent"]), int(spend["cost_spent_nano"])
         )
-        return budget["id"], reading
 
     async def add_temporary_budget(self, key_id: str) -> None:
         await self.call("PUT", f"/api/v1/llm/budgets/apikey/{key_id}", _TEMP_BUDGET)
@@ -406,7 +404,7 @@ class Reconciler:
             found = await self.admin.spend(key_id)
             if found is None:
                 raise LoadtestError(f"the budget of key {key_id} disappeared during the run")
-            readings[key_id] = found[1]
+            readings[key_id] = found
         return readings
 
     async def settled(self) -> dict[str, SpendReading]:
@@ -697,30 +695,34 @@ async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
         raise LoadtestError(f"--create-keys must be 0..{MAX_CREATED_KEYS}")
     if args.create_keys and not admin_key:
         raise LoadtestError(f"--create-keys needs --admin-key (or {ADMIN_KEY_ENV})")
-    prompt = _prompt(args)
-    price = _price(args)
+    if not keys and not args.create_keys:
+        raise LoadtestError("no API keys: give --key, --keys-file or --create-keys")
     duration = args.duration
     if duration is None and args.requests is None:
         duration = 10.0
+    # An OpenAI-style base URL (".../v1") is accepted as well as the proxy's own.
+    url = args.url.rstrip("/").removesuffix("/v1")
+    plan = Plan(
+        url=url,
+        keys=tuple(keys),
+        concurrency=args.concurrency,
+        duration=duration,
+        requests=args.requests,
+        stream_ratio=args.stream_ratio,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        prompt=_prompt(args),
+        timeout=args.timeout,
+    )
+    price = _price(args)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        admin = AdminClient(session, args.url, admin_key) if admin_key else None
+        admin = AdminClient(session, url, admin_key) if admin_key else None
         created: list[LoadKey] = []
         reconciler: Reconciler | None = None
         try:
             if admin is not None and args.create_keys:
                 created = await admin.create_keys(args.create_keys, args.org)
-            plan = Plan(
-                url=args.url,
-                keys=(*keys, *created),
-                concurrency=args.concurrency,
-                duration=duration,
-                requests=args.requests,
-                stream_ratio=args.stream_ratio,
-                model=args.model,
-                max_tokens=args.max_tokens,
-                prompt=prompt,
-                timeout=args.timeout,
-            )
+                plan = dataclasses.replace(plan, keys=(*plan.keys, *created))
             key_ids: list[str | None] = []
             if admin is not None:
                 key_ids = await admin.resolve_ids(plan.keys, args.org)

@@ -45,6 +45,7 @@ def connect(config: RedisConfig, url: str) -> Redis:
         socket_connect_timeout=config.socket_connect_timeout,
         retry_on_timeout=False,
         health_check_interval=0,
+        max_connections=config.max_connections,
     )
 
 

@@ -72,6 +72,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
+from proxy import metrics
 from proxy.access import require_admin
 from proxy.budgets import Spend, iso, public
 from proxy.config import WebhookConfig
@@ -232,6 +233,7 @@ class Deliverer:
         self._inflight: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -245,24 +247,28 @@ class Deliverer:
         self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
 
     async def stop(self) -> None:
-        """Stop claiming; let attempts in flight finish briefly, then hand back the rest."""
+        """Stop claiming; let attempts in flight finish briefly, then hand back the rest.
+
+        A flag, not only ``cancel()``, ends the loop: on Python 3.11 redis-py's
+        ``asyncio.wait_for`` can swallow a cancellation that lands as a command completes.
+        """
+        self._stopping = True
+        grace = min(SHUTDOWN_GRACE_SECONDS, self._config.total_timeout_seconds)
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.wait([self._loop_task], timeout=grace)
         if self._inflight:
-            grace = min(SHUTDOWN_GRACE_SECONDS, self._config.total_timeout_seconds)
             await asyncio.wait(self._inflight, timeout=grace)
         for task in self._inflight:
             task.cancel()
         if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            await asyncio.wait(self._inflight, timeout=grace)
         if self._session is not None:
             await self._session.close()
 
     async def _run(self) -> None:
         failing = False
-        while True:
+        while not self._stopping:
             try:
                 await self.poll_once()
                 failing = False
@@ -277,7 +283,7 @@ class Deliverer:
     async def poll_once(self) -> int:
         """Claims what is due, up to the free delivery slots; returns how many were claimed."""
         free = self._config.concurrency - len(self._inflight)
-        if free <= 0:
+        if free <= 0 or self._stopping:
             return 0
         orgs = list(await self._redis.smembers(ORGS_KEY))
         if not orgs:
@@ -293,7 +299,7 @@ class Deliverer:
         claimed = 0
         for position in range(free):  # round-robin over the orgs with due entries
             for org_id, ids in due:
-                if position < len(ids) and claimed < free:
+                if position < len(ids) and claimed < free and not self._stopping:
                     claim = await self._claim(org_id, ids[position])
                     if claim is not None:
                         claimed += 1
@@ -318,10 +324,16 @@ class Deliverer:
 
     async def _deliver(self, claim: Claim) -> None:
         try:
-            error, permanent = await self._attempt(claim)
+            try:
+                error, permanent = await self._attempt(claim)
+            except Exception as exc:  # a bug here, not the receiver's: retry, visibly
+                log.exception("webhook %s: delivery error", claim.event_id)
+                error, permanent = f"internal error: {_short(exc)}", False
             if error is None:
+                metrics.WEBHOOKS.labels("delivered").inc()
                 await self._ack(claim)
             else:
+                metrics.WEBHOOKS.labels("refused" if permanent else "failed").inc()
                 await self._fail(claim, error, permanent)
         except asyncio.CancelledError:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
@@ -351,6 +363,8 @@ class Deliverer:
             return f"DNS lookup failed: {_short(exc)}", False
         except (aiohttp.ClientError, OSError, RedisError) as exc:
             return _short(exc), False
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"unreadable outbox record: {_short(exc)}", True
         if 200 <= status < 300:
             return None, False
         if 300 <= status < 400:
