@@ -25,7 +25,10 @@ end
 local function reclaim_expired(P, now)
   local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 32)
   for _, rid in ipairs(expired) do
-    if not release_lease(P, rid) then
+    if release_lease(P, rid) then
+      -- Its proxy may yet settle (it was only cut off from Redis): let that settle count once.
+      redis.call('SET', P .. 'reclaimed:' .. rid, '1', 'EX', 86400)
+    else
       redis.call('ZREM', P .. 'leases', rid)
     end
   end

@@ -28,9 +28,10 @@ from proxy.request_context import OUTCOME, new_request_id
 from proxy.routes import ModelRoute
 from proxy.state import GATEWAY, Gateway
 from proxy.tokenizer import count_prompt, count_text
-from proxy.upstream import client_headers, event_data, sse_events, upstream_timeout
+from proxy.upstream import client_headers, sse_batches, upstream_timeout
 
 _MAX_ON_BEHALF_OF = 256
+_USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
 _BROKEN_STREAM_EVENT = (
     b'data: {"error":{"message":"The upstream stream broke off before it ended; the answer is '
     b'incomplete.","type":"server_error","code":"upstream_stream_broken","param":null}}\n\n'
@@ -94,14 +95,20 @@ def _upstream_body(
 ) -> tuple[bytes, bool]:
     """The body sent upstream, and whether the usage chunk must be kept from the client."""
     strip_usage = False
-    changed = body.get("model") != route.upstream_model
+    same_model = body.get("model") == route.upstream_model
+    changed = not same_model
     if stream and endpoint in ("chat/completions", "completions"):
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object.", param="stream_options")
         if not (options or {}).get("include_usage"):
+            strip_usage = True
+            opening = raw.lstrip()
+            if options is None and same_model and opening.startswith(b"{"):
+                # Splice instead of re-encoding: a long prompt's body is not serialised twice.
+                return _USAGE_OPTION + opening[1:], strip_usage
             body["stream_options"] = {**(options or {}), "include_usage": True}
-            strip_usage = changed = True
+            changed = True
     if not changed:
         return raw, strip_usage
     body["model"] = route.upstream_model
@@ -282,11 +289,10 @@ async def _relay_stream(
     sent_at = time.perf_counter()
     try:
         await response.prepare(request)
-        async for event in sse_events(upstream):
-            payload = event_data(event)
-            if payload is not None and payload != b"[DONE]" and meter.feed(payload) and strip_usage:
-                continue
-            await response.write(event)
+        async for events in sse_batches(upstream):
+            kept = [e for e in events if not (meter.is_usage_only(e) and strip_usage)]
+            if kept:
+                await response.write(kept[0] if len(kept) == 1 else b"".join(kept))
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         exchange.client_gone = True

@@ -110,9 +110,9 @@ def usage_from_body(endpoint: str, data: Any) -> Usage | None:
 
 
 class StreamMeter:
-    """Follows a stream's ``data:`` payloads for the usage the upstream reports.
+    """Follows a stream's SSE events for the usage the upstream reports.
 
-    Only payloads that mention usage are parsed on the way through; the others are kept raw
+    Only events that mention usage are decoded on the way through; the others are kept raw
     and decoded at the end only if no usage ever came, to count the streamed text instead.
     """
 
@@ -123,27 +123,26 @@ class StreamMeter:
         self.reported: Usage | None = None
         self._raw: list[bytes] = []
 
-    def feed(self, payload: bytes) -> bool:
-        """Returns True when the payload is a usage-only chunk (no choices)."""
-        if b'"usage":{' not in payload and b'"usage": {' not in payload:
-            self._raw.append(payload)
+    def is_usage_only(self, event: bytes) -> bool:
+        """Notes the event; True when it is the usage-only chunk (no choices) of a stream."""
+        self._raw.append(event)
+        if b'"usage":{' not in event and b'"usage": {' not in event:
             return False
+        payload = event_data(event)
         try:
-            event = json.loads(payload)
+            parsed = json.loads(payload) if payload else None
         except ValueError:
             return False
-        if not isinstance(event, dict):
+        if not isinstance(parsed, dict):
             return False
         if self.endpoint == "responses":
-            found = usage_from_body("responses", event.get("response"))
+            found = usage_from_body("responses", parsed.get("response"))
         else:
-            found = usage_from_body(self.endpoint, event)
+            found = usage_from_body(self.endpoint, parsed)
         if found is None:
-            self._raw.append(payload)
             return False
         self.reported = found
-        self._raw.append(payload)
-        return event.get("choices") == []
+        return parsed.get("choices") == []
 
     def usage(self) -> Usage:
         if self.reported is not None:
@@ -153,13 +152,24 @@ class StreamMeter:
         return Usage(input_tokens=self.prompt_tokens, output_tokens=output, reported=False)
 
     def _texts(self) -> Iterator[str]:
-        for payload in self._raw:
+        for event in self._raw:
+            payload = event_data(event)
+            if not payload or payload == b"[DONE]":
+                continue
             try:
-                event = json.loads(payload)
+                parsed = json.loads(payload)
             except ValueError:
                 continue
-            if isinstance(event, dict):
-                yield from _event_texts(self.endpoint, event)
+            if isinstance(parsed, dict):
+                yield from _event_texts(self.endpoint, parsed)
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data:`` payload of one SSE event (multi-line data joined), or None."""
+    if b"data:" not in event:
+        return None
+    parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
 
 
 def _event_texts(endpoint: str, event: dict[str, Any]) -> Iterator[str]:

@@ -1,7 +1,9 @@
 -- settle: replaces one request's reservation with its actual usage, exactly once.
 -- Adds actual spend to every window of the key and the org, refunds the unused part of the
 -- tokens-per-minute reservation, records threshold crossings (and their webhook outbox
--- entries), appends a usage record and releases the lease. Idempotent by request id.
+-- entries), appends a usage record and releases the lease. Idempotent by request id: the
+-- lease is the proof that a request is still unsettled (a reclaimed lease leaves a marker),
+-- so no per-request "done" key has to be kept.
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, tokens, cost_nano,
@@ -20,11 +22,12 @@ local ttl = {daily = tonumber(ARGV[9]), weekly = tonumber(ARGV[10]), monthly = t
 local now_iso = ARGV[12]
 local usage = ARGV[13]
 
-if not redis.call('SET', P .. 'done:' .. rid, '1', 'NX', 'EX', 86400) then
+local leased = release_lease(P, rid)
+if not leased and redis.call('DEL', P .. 'reclaimed:' .. rid) == 0 then
   return -1
 end
 
-if release_lease(P, rid) then
+if leased then
   for _, tag in ipairs({'k:' .. kid, 'o'}) do
     local h = P .. 'tpmv:' .. tag
     local reserved = tonumber(redis.call('HGET', h, rid))
@@ -40,8 +43,9 @@ for _, tag in ipairs(tags) do
   for period, w in pairs(win) do
     local h = P .. 'spend:' .. tag .. ':' .. w
     redis.call('HINCRBY', h, 'c', cost)
-    redis.call('HINCRBY', h, 't', tokens)
-    redis.call('EXPIRE', h, ttl[period])
+    if redis.call('HINCRBY', h, 't', tokens) == tokens then
+      redis.call('EXPIRE', h, ttl[period]) -- a new window (or nothing spent yet)
+    end
   end
 end
 

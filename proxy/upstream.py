@@ -139,29 +139,30 @@ def upstream_unreachable(route: ModelRoute) -> ApiError:
     )
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Yields complete SSE events (each ending in a blank line) as they arrive."""
+async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The complete SSE events (each ending in a blank line) of every chunk as it arrives.
+
+    Events are grouped per received chunk so the relay writes once per chunk, as a plain
+    pass-through would, instead of once per event.
+    """
     buffer = b""
     async for chunk in response.content.iter_any():
-        buffer += chunk
+        buffer = buffer + chunk if buffer else chunk
+        events: list[bytes] = []
+        start = 0
         while True:
-            end = buffer.find(b"\n\n")
-            crlf = buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\n\n", start)
+            crlf = buffer.find(b"\r\n\r\n", start) if b"\r" in buffer else -1
             if crlf != -1 and (end == -1 or crlf < end):
                 cut = crlf + 4
             elif end != -1:
                 cut = end + 2
             else:
                 break
-            yield buffer[:cut]
-            buffer = buffer[cut:]
+            events.append(buffer[start:cut])
+            start = cut
+        buffer = buffer[start:]
+        if events:
+            yield events
     if buffer.strip():
-        yield buffer
-
-
-def event_data(event: bytes) -> bytes | None:
-    """The ``data:`` payload of one SSE event (multi-line data joined), or None."""
-    if b"data:" not in event:
-        return None
-    parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
-    return b"\n".join(parts) if parts else None
+        yield [buffer]

@@ -1,0 +1,778 @@
+"""The benchmark: what the proxy costs on top of a bare pass-through, measured in one run.
+
+    python tests/bench/run_bench.py [--duration 10] [--connections 64] [--json out.json]
+                                    [--scenario short|long|both] [--memory-minutes N]
+
+It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
+aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
+1`` with auth, key and org rate limits and budgets, so every check runs), then puts the same
+load on (a) the mock directly, (b) the pass-through and (c) the proxy: a warm-up, then the
+measured run. The load generator is ``wrk`` (installed by ``scripts/install-wrk.sh`` if
+missing, when possible), else the proxy's own ``llm-proxy loadtest``; the report says which.
+
+Scenarios: ``short`` chat prompts and ``long`` prompts of ~50k tokens (counting them must not
+stall the proxy's event loop: a /healthz probe runs beside the load and its latency shows
+stalls). Per target: req/s, latency p50/p90/p99/max, CPU per request of each process; for (c)
+also Redis commands per request from ``INFO commandstats``. ``--memory-minutes N`` instead
+samples the proxy's RSS under steady load and reports growth after warm-up.
+
+Everything runs on this machine, so the generator, the mock, Redis and the system under test
+share its cores: compare targets within one run, not across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from proxy.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from proxy.loadtest import percentiles  # noqa: E402
+from proxy.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
+
+ADMIN_KEY = "sk-bench-admin-0123456789abcdef"
+ORG = "bench"
+MODEL = "gpt-4o-mini"
+MAX_TOKENS = 16
+CHAT_PATH = "/v1/chat/completions"
+HUGE = 10**12
+SHORT_PROMPT = (
+    "You are a concise assistant. Summarise in one sentence why rate limiting matters for a "
+    "shared API gateway, and name one common algorithm for it."
+)
+_VOCABULARY = (
+    "the of and to in is it that for on with as was at by be this from are or an not have but "
+    "they we you all one can had more system request budget token model latency proxy upstream "
+    "answer question data value number table report window minute hour limit spend cost price "
+    "user client server process memory thread event loop stream chunk buffer network packet "
+    "between through during before after under above across against among around because "
+    "however therefore although meanwhile moreover otherwise instead likewise perhaps usually "
+    "quickly slowly carefully exactly roughly nearly almost always never often sometimes "
+    "analysis summary detail example context document paragraph sentence word letter symbol"
+).split()
+
+
+# --- workloads ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    prompt: str
+    prompt_tokens: int
+
+    def body(self, stream: bool) -> bytes:
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": self.prompt}],
+            "max_tokens": MAX_TOKENS,
+        }
+        if stream:
+            body["stream"] = True
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _chat_tokens(text: str) -> int:
+    return count_chat_prompt(
+        get_encoding("o200k_base"), {"messages": [{"role": "user", "content": text}]}
+    )
+
+
+def long_prompt(tokens: int) -> str:
+    """Varied English-like text (not one repeated word, which tokenizers handle atypically)."""
+    rng = random.Random(20261125)
+    words: list[str] = []
+    while len(words) < tokens:
+        sentence = [rng.choice(_VOCABULARY) for _ in range(rng.randint(6, 18))]
+        words.extend([sentence[0].capitalize(), *sentence[1:-1], sentence[-1] + "."])
+    text = " ".join(words)
+    # Trim to the target: tokens per character is stable over such text.
+    actual = _chat_tokens(text)
+    text = text[: int(len(text) * tokens / actual)]
+    return text
+
+
+def scenarios(which: str, long_tokens: int) -> list[Scenario]:
+    chosen = []
+    if which in ("short", "both"):
+        chosen.append(Scenario("short", SHORT_PROMPT, _chat_tokens(SHORT_PROMPT)))
+    if which in ("long", "both"):
+        text = long_prompt(long_tokens)
+        chosen.append(Scenario("long", text, _chat_tokens(text)))
+    return chosen
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_ADMIN_KEY": ADMIN_KEY}
+    env.pop("PROXY_CONFIG", None)
+    return env
+
+
+def proxy_config(path: Path, upstream: str, redis_url: str) -> Path:
+    path.write_text(
+        "\n".join(
+            [
+                "[server]",
+                'host = "127.0.0.1"',
+                "uvloop = true",
+                "shutdown_grace_seconds = 5",
+                "[redis]",
+                f'url = "{redis_url}"',
+                "[auth]",
+                'bootstrap_key_env = "BENCH_ADMIN_KEY"',
+                "[[upstreams]]",
+                'name = "mock"',
+                f'base_url = "{upstream}/v1"',
+                "[[models]]",
+                f'name = "{MODEL}"',
+                'upstream = "mock"',
+                "max_output_tokens = 1000",
+                "",
+            ]
+        )
+    )
+    return path
+
+
+@dataclass
+class Target:
+    label: str
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    probe_path: str
+    log: Path
+
+
+def _tail(log: Path) -> str:
+    """A failed process's last words (the work directory is deleted on the way out)."""
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{url} exited:\n{_tail(log)}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up:\n{_tail(log)}")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def started(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=_env(), cwd=str(log.parent)
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def admin(session: aiohttp.ClientSession, method: str, url: str, body: Any) -> Any:
+    async with session.request(
+        method, url, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as response:
+        payload = await response.json(content_type=None)
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {url}: {response.status} {payload}")
+        return payload
+
+
+async def provision(proxy_url: str) -> str:
+    """A key whose every check runs and passes: key and org limits, key and org budgets."""
+    limits = {"rpm": HUGE, "tpm": HUGE, "concurrency": 100_000}
+    budget = {
+        "period": "monthly",
+        "limit_kind": "cost",
+        "limit": 10**9,
+        "thresholds": [{"pct": 80, "action": "alert"}, {"pct": 100, "action": "block"}],
+    }
+    async with aiohttp.ClientSession() as session:
+        key = await admin(
+            session,
+            "POST",
+            f"{proxy_url}/api/v1/keys",
+            {"org_id": ORG, "name": "bench", "limits": limits},
+        )
+        await admin(session, "PUT", f"{proxy_url}/api/v1/orgs/{ORG}/limits", limits)
+        await admin(session, "PUT", f"{proxy_url}/api/v1/llm/budgets/apikey/{key['id']}", budget)
+        await admin(
+            session,
+            "PUT",
+            f"{proxy_url}/api/v1/llm/budgets/org/{ORG}",
+            {**budget, "limit_kind": "tokens", "limit": HUGE},
+        )
+    secret: str = key["key"]
+    return secret
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, all cores, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command, commands run inside scripts included; ``_reads``: socket reads,
+    i.e. client round trips (a pipelined batch arriving at once is one read)."""
+    stats = client.info("commandstats")
+    calls = {
+        name.removeprefix("cmdstat_"): int(values["calls"])
+        for name, values in stats.items()
+        if isinstance(values, dict)
+    }
+    calls["_reads"] = int(client.info("stats")["total_reads_processed"])
+    return calls
+
+
+WRK_SCRIPT = """-- generated by tests/bench/run_bench.py
+local bodies = {{ [====[{buffered}]====], [====[{streamed}]====] }}
+local ratio = {ratio}
+local headers = {{ ["Content-Type"] = "application/json", ["Authorization"] = "Bearer {key}" }}
+local reqs = {{}}
+local n = 0
+
+function init(args)
+  reqs[1] = wrk.format("POST", "{path}", headers, bodies[1])
+  reqs[2] = wrk.format("POST", "{path}", headers, bodies[2])
+end
+
+function request()
+  local streamed = math.floor((n + 1) * ratio) > math.floor(n * ratio)
+  n = n + 1
+  if streamed then return reqs[2] end
+  return reqs[1]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}},' ..
+    '"latency_us":{{"p50":%d,"p90":%d,"p99":%d,"max":%d,"mean":%.1f}}}}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+
+def write_wrk_script(path: Path, scenario: Scenario, key: str, stream_ratio: float) -> Path:
+    buffered, streamed = scenario.body(False).decode(), scenario.body(True).decode()
+    assert "]====]" not in buffered + streamed
+    path.write_text(
+        WRK_SCRIPT.format(
+            buffered=buffered, streamed=streamed, ratio=stream_ratio, key=key, path=CHAT_PATH
+        )
+    )
+    return path
+
+
+@dataclass
+class Load:
+    """One load run's figures, whichever generator made them."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    generator_cpu_s: float
+
+
+async def wrk_load(url: str, script: Path, seconds: int, connections: int) -> Load:
+    before = children_cpu()
+    process = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout=30s",
+        "-s", str(script), url + CHAT_PATH,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    line = next((x for x in out.decode().splitlines() if x.startswith("BENCHJSON ")), None)
+    if process.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {out.decode()} {err.decode()}")
+    data = json.loads(line.removeprefix("BENCHJSON "))
+    lat = data["latency_us"]
+    return Load(
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        p50_ms=lat["p50"] / 1000,
+        p90_ms=lat["p90"] / 1000,
+        p99_ms=lat["p99"] / 1000,
+        max_ms=lat["max"] / 1000,
+        errors=sum(data["errors"].values()),
+        generator_cpu_s=children_cpu() - before,
+    )
+
+
+async def python_load(
+    url: str, prompt_file: Path, key: str, seconds: int, connections: int, stream_ratio: float
+) -> Load:
+    """The fallback: the proxy's own ``llm-proxy loadtest`` (no admin key: no reconciliation)."""
+    report_path = prompt_file.with_suffix(".report.json")
+    env = {k: v for k, v in _env().items() if k != "PROXY_ADMIN_KEY"}
+    before = children_cpu()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "loadtest", "--url", url, "--key", key,
+        "--duration", str(seconds), "--concurrency", str(connections),
+        "--stream-ratio", str(stream_ratio), "--prompt-file", str(prompt_file),
+        "--max-tokens", str(MAX_TOKENS), "--model", MODEL, "--json", str(report_path),
+        env=env, cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"loadtest failed: {out.decode()} {err.decode()}")
+    report = json.loads(report_path.read_text())
+    lat = report["latency_ms"]["all"] or {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    answered = report["responses"]
+    return Load(
+        requests=answered,
+        seconds=report["elapsed_s"],
+        p50_ms=lat["p50"],
+        p90_ms=lat["p90"],
+        p99_ms=lat["p99"],
+        max_ms=lat["max"],
+        errors=answered - report["status"].get("200", 0) + sum(report["transport_errors"].values()),
+        generator_cpu_s=children_cpu() - before,
+    )
+
+
+async def served_requests(proxy_url: str) -> int | None:
+    """The proxy's own count of answered LLM requests (its Prometheus counter), or None.
+
+    Unlike the generator's count it includes requests cut off when a run ends, which were still
+    admitted and settled: the right denominator for Redis calls per request.
+    """
+    async with aiohttp.ClientSession() as session, session.get(proxy_url + "/metrics") as response:
+        if response.status != 200:
+            return None
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("llm_proxy_requests_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def quiesce(pids: list[int], timeout: float = 30.0) -> None:
+    """Wait until the processes stop burning CPU: requests cut off by the previous run's end
+    are still being served and settled, and must not count against the next run."""
+    deadline = time.monotonic() + timeout
+    last = sum(cpu_seconds(pid) for pid in pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sum(cpu_seconds(pid) for pid in pids)
+        if now - last < 0.01:
+            return
+        last = now
+
+
+async def probe(url: str, stop: asyncio.Event, samples: list[float]) -> None:
+    """A light request every 20 ms beside the load: its latency exposes event-loop stalls."""
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            start = time.perf_counter()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                    await response.read()
+                    samples.append(time.perf_counter() - start)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    redis_server: EmbeddedRedis
+    redis_client: redis.Redis
+    mock: subprocess.Popen[bytes]
+    key: str
+    generator: str
+
+    async def load(self, target: Target, scenario: Scenario, seconds: int) -> Load:
+        if self.generator == "wrk":
+            script = write_wrk_script(
+                self.work / f"{scenario.name}.lua", scenario, self.key, self.args.stream_ratio
+            )
+            return await wrk_load(target.url, script, seconds, self.args.connections)
+        prompt_file = self.work / f"{scenario.name}.prompt.txt"
+        prompt_file.write_text(scenario.prompt)
+        return await python_load(
+            target.url, prompt_file, self.key, seconds, self.args.connections,
+            self.args.stream_ratio,
+        )  # fmt: skip
+
+    async def measure(self, target: Target, scenario: Scenario) -> dict[str, Any]:
+        await self.load(target, scenario, self.args.warmup)
+        pids = {"server": target.process.pid, "mock": self.mock.pid}
+        if target.name == "proxy":
+            pids["redis"] = self.redis_server.pid or 0
+        quiesce(list(pids.values()))
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        machine_before, self_before = machine_cpu(), time.process_time()
+        calls_before = command_calls(self.redis_client)
+        served_before = await served_requests(target.url) if target.name == "proxy" else None
+        stop, samples = asyncio.Event(), list[float]()
+        prober = asyncio.create_task(probe(target.url + target.probe_path, stop, samples))
+        result = await self.load(target, scenario, self.args.duration)
+        stop.set()
+        await prober
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        machine_after = machine_cpu()
+        busy = machine_after[0] - machine_before[0]
+        ours = sum(cpu.values()) + result.generator_cpu_s + time.process_time() - self_before
+        quiesce(list(pids.values()))  # the cut-off requests end and settle
+        calls_after = command_calls(self.redis_client)
+        n = max(result.requests, 1)
+        served = n
+        if served_before is not None:
+            served_after = await served_requests(target.url)
+            served = max((served_after or 0) - served_before, 1)
+        row: dict[str, Any] = {
+            "target": target.label,
+            "requests": result.requests,
+            "seconds": round(result.seconds, 3),
+            "rps": round(result.requests / result.seconds, 1),
+            "p50_ms": round(result.p50_ms, 3),
+            "p90_ms": round(result.p90_ms, 3),
+            "p99_ms": round(result.p99_ms, 3),
+            "max_ms": round(result.max_ms, 3),
+            "errors": result.errors,
+            "cpu_us_per_request": {
+                **{name: round(seconds / n * 1e6, 1) for name, seconds in cpu.items()},
+                "generator": round(result.generator_cpu_s / n * 1e6, 1),
+            },
+            # Other processes on this machine during the run: they skew every figure.
+            "machine_busy_pct": round(busy / (machine_after[1] - machine_before[1]) * 100, 1),
+            "other_processes_cpu_pct": round(max(busy - ours, 0.0) / result.seconds * 100, 1),
+            "probe_ms": percentiles(samples) or {"count": 0, "p50": 0, "p99": 0, "max": 0},
+        }
+        if target.name == "proxy":
+            diff = {
+                name: calls_after.get(name, 0) - calls_before.get(name, 0)
+                for name in sorted(calls_before.keys() | calls_after.keys())
+                if name != "info"
+            }
+            per_command = {name: round(d / served, 3) for name, d in diff.items() if d > 0}
+            reads = per_command.pop("_reads", 0.0)
+            row["redis_per_request"] = {
+                "requests_served": served,
+                "evalsha": per_command.get("evalsha", 0.0),
+                "socket_reads": reads,
+                "commands_incl_inside_scripts": round(sum(per_command.values()), 3),
+                "by_command": per_command,
+            }
+        return row
+
+
+def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    b, c = rows["passthrough"], rows["proxy"]
+    return {
+        "throughput_ratio_c_over_b": round(c["rps"] / b["rps"], 3) if b["rps"] else None,
+        "added_p50_ms": round(c["p50_ms"] - b["p50_ms"], 3),
+        "added_p99_ms": round(c["p99_ms"] - b["p99_ms"], 3),
+        "redis_evalsha_per_request": c["redis_per_request"]["evalsha"],
+        "redis_socket_reads_per_request": c["redis_per_request"]["socket_reads"],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = []
+    for name, scenario in result["scenarios"].items():
+        lines.append(
+            f"\nscenario {name}: prompt {scenario['prompt_tokens']} tokens, max_tokens "
+            f"{MAX_TOKENS}, {result['stream_ratio']:.0%} streamed, {result['connections']} "
+            f"connections, {result['duration_s']} s, generator {result['generator']}"
+        )
+        lines.append(
+            f"  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+            f"{'errors':>8}   cpu µs/req server/mock/redis/gen   probe p99/max ms"
+        )
+        for row in scenario["targets"].values():
+            cpu = row["cpu_us_per_request"]
+            lines.append(
+                f"  {row['target']:<22}{row['rps']:>9.1f}{row['p50_ms']:>9.2f}"
+                f"{row['p90_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['max_ms']:>9.1f}"
+                f"{row['errors']:>8}   {cpu['server']:>6.0f} /{cpu['mock']:>5.0f} /"
+                f"{cpu.get('redis', 0):>5.0f} /{cpu['generator']:>5.0f}"
+                f"{'':>14}{row['probe_ms']['p99']:.1f}/{row['probe_ms']['max']:.1f}"
+            )
+        others = max(row["other_processes_cpu_pct"] for row in scenario["targets"].values())
+        if others > 10:
+            lines.append(
+                f"  warning: other processes used up to {others:.0f}% of a core during these runs"
+            )
+        cmp = scenario["comparison"]
+        lines.append(
+            f"  (c)/(b) throughput {cmp['throughput_ratio_c_over_b']}; added latency "
+            f"p50 {cmp['added_p50_ms']:+.2f} ms, p99 {cmp['added_p99_ms']:+.2f} ms; Redis per "
+            f"request: {cmp['redis_evalsha_per_request']} EVALSHA, "
+            f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads)"
+        )
+    return "\n".join(lines)
+
+
+# --- memory mode --------------------------------------------------------------------------------
+
+
+def _slope_per_minute(points: list[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var * 60 if var else 0.0
+
+
+async def memory_run(bench: Bench, proxy: Target, scenario: Scenario) -> dict[str, Any]:
+    minutes = bench.args.memory_minutes
+    seconds = int(minutes * 60)
+    warmup = min(60.0, max(10.0, seconds * 0.25))
+    interval = bench.args.memory_interval
+    samples: list[dict[str, float]] = []
+    started_at = time.monotonic()
+    load = asyncio.create_task(bench.load(proxy, scenario, seconds))
+    while not load.done():
+        used = bench.redis_client.info("memory")["used_memory"] / 2**20
+        samples.append(
+            {
+                "t": round(time.monotonic() - started_at, 1),
+                "proxy_rss_mb": round(rss_mb(proxy.process.pid), 2),
+                "redis_used_mb": round(used, 2),
+                "redis_keys": int(bench.redis_client.dbsize()),
+            }
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(load), interval)
+    result = await load
+    steady = [s for s in samples if s["t"] >= warmup] or samples[-1:]
+    return {
+        "minutes": minutes,
+        "warmup_s": warmup,
+        "requests": result.requests,
+        "rps": round(result.requests / result.seconds, 1),
+        "errors": result.errors,
+        "proxy_rss_mb": {
+            "start": samples[0]["proxy_rss_mb"],
+            "after_warmup": steady[0]["proxy_rss_mb"],
+            "end": samples[-1]["proxy_rss_mb"],
+            "growth_after_warmup": round(
+                samples[-1]["proxy_rss_mb"] - steady[0]["proxy_rss_mb"], 2
+            ),
+            "slope_mb_per_min": round(
+                _slope_per_minute([(s["t"], s["proxy_rss_mb"]) for s in steady]), 3
+            ),
+        },
+        # Redis grows until its per-request state expires: rate-limit logs after their window,
+        # settle markers after their TTL. A run shorter than those shows only the growth.
+        "redis_used_mb": {
+            "after_warmup": steady[0]["redis_used_mb"],
+            "end": samples[-1]["redis_used_mb"],
+            "slope_mb_per_min": round(
+                _slope_per_minute([(s["t"], s["redis_used_mb"]) for s in steady]), 3
+            ),
+            "keys_end": samples[-1]["redis_keys"],
+        },
+        "samples": samples,
+    }
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def choose_generator(wanted: str) -> str:
+    if wanted == "python":
+        return "python (llm-proxy loadtest)"
+    if shutil.which("wrk") is None:
+        installer = REPO / "scripts" / "install-wrk.sh"
+        print("wrk not found; trying scripts/install-wrk.sh", file=sys.stderr)
+        subprocess.run(["bash", str(installer)], check=False)
+    if shutil.which("wrk") is not None:
+        return "wrk"
+    if wanted == "wrk":
+        raise SystemExit("wrk is not available and could not be installed")
+    print("wrk unavailable: falling back to the Python generator", file=sys.stderr)
+    return "python (llm-proxy loadtest)"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    generator = choose_generator(args.generator)
+    chosen = scenarios(args.scenario, args.long_prompt_tokens)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        redis_server = stack.enter_context(EmbeddedRedis(work / "redis", persist=False))
+        redis_client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        stack.callback(redis_client.close)
+        python = sys.executable
+        mock_port, pass_port, proxy_port = free_port(), free_port(), free_port()
+        mock_url = f"http://127.0.0.1:{mock_port}"
+        mock = stack.enter_context(
+            started(
+                [python, "-m", "proxy", "mock-upstream", "--port", str(mock_port)],
+                work / "mock.log",
+            )
+        )
+        passthrough = stack.enter_context(
+            started(
+                [python, str(Path(__file__).with_name("passthrough.py")),
+                 "--port", str(pass_port), "--upstream", mock_url],
+                work / "passthrough.log",
+            )
+        )  # fmt: skip
+        config = proxy_config(work / "proxy.toml", mock_url, redis_server.url)
+        proxy = stack.enter_context(
+            started(
+                [python, "-m", "proxy", "--config", str(config), "--log-level", "WARNING",
+                 "serve", "--port", str(proxy_port), "--workers", "1"],
+                work / "proxy.log",
+            )
+        )  # fmt: skip
+        targets = {
+            "mock": Target(
+                "(a) mock direct", "mock", mock_url, mock, "/v1/models", work / "mock.log"
+            ),
+            "passthrough": Target(
+                "(b) bare pass-through", "passthrough", f"http://127.0.0.1:{pass_port}",
+                passthrough, "/healthz", work / "passthrough.log",
+            ),
+            "proxy": Target(
+                "(c) llm-proxy", "proxy", f"http://127.0.0.1:{proxy_port}", proxy, "/healthz",
+                work / "proxy.log",
+            ),
+        }  # fmt: skip
+        for target in targets.values():
+            await wait_ready(target.url + target.probe_path, target.process, target.log)
+        await wait_ready(targets["proxy"].url + "/readyz", proxy, targets["proxy"].log)
+        key = await provision(targets["proxy"].url)
+        bench = Bench(args, work, redis_server, redis_client, mock, key, generator)
+        result: dict[str, Any] = {
+            "generator": generator,
+            "connections": args.connections,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "stream_ratio": args.stream_ratio,
+            "max_tokens": MAX_TOKENS,
+            "cpus": os.cpu_count(),
+            "scenarios": {},
+        }
+        if args.memory_minutes:
+            print(f"memory run: {args.memory_minutes} min against (c)...", file=sys.stderr)
+            result["memory"] = await memory_run(bench, targets["proxy"], chosen[0])
+            return result
+        for scenario in chosen:
+            rows = {}
+            for name, target in targets.items():
+                print(f"{scenario.name}: {target.label}...", file=sys.stderr)
+                rows[name] = await bench.measure(target, scenario)
+            result["scenarios"][scenario.name] = {
+                "prompt_tokens": scenario.prompt_tokens,
+                "prompt_bytes": len(scenario.body(False)),
+                "targets": rows,
+                "comparison": compare(rows),
+            }
+        return result
+
+
+def render_memory(memory: dict[str, Any]) -> str:
+    rss = memory["proxy_rss_mb"]
+    return (
+        f"memory: {memory['minutes']} min at {memory['rps']} req/s ({memory['errors']} errors); "
+        f"proxy RSS {rss['start']} MB at start, {rss['after_warmup']} MB after "
+        f"{memory['warmup_s']:.0f} s warm-up, {rss['end']} MB at the end: growth "
+        f"{rss['growth_after_warmup']:+} MB, slope {rss['slope_mb_per_min']:+} MB/min; Redis "
+        f"used {memory['redis_used_mb']['after_warmup']} -> {memory['redis_used_mb']['end']} MB "
+        f"({memory['redis_used_mb']['slope_mb_per_min']:+} MB/min, "
+        f"{memory['redis_used_mb']['keys_end']} keys)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--scenario", choices=("short", "long", "both"), default="both")
+    parser.add_argument("--stream-ratio", type=float, default=0.5)
+    parser.add_argument("--long-prompt-tokens", type=int, default=50_000)
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--json", dest="json_path", help="write the results here")
+    parser.add_argument(
+        "--memory-minutes", type=float, default=0, help="instead: RSS under load for N minutes"
+    )
+    parser.add_argument("--memory-interval", type=float, default=5.0, help="seconds per sample")
+    args = parser.parse_args()
+    if not 0 <= args.stream_ratio <= 1 or args.duration < 1 or args.connections < 1:
+        parser.error("--stream-ratio must be 0..1, --duration and --connections positive")
+    result = asyncio.run(run(args))
+    print(render_memory(result["memory"]) if "memory" in result else render(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
