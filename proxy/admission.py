@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from proxy.config import RoleLimits
 from proxy.keys import Identity
 from proxy.resp import PipelinedConnection
 from proxy.store import LuaScript, Redis, org_prefix
-from proxy.windows import PERIODS, Clock, WindowCache, Windows
+from proxy.windows import Clock, WindowCache, Windows
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,10 @@ class Revoked:
 Decision = Admitted | RateLimited | BudgetRefused | Revoked
 
 
+def _field(value: str | int | None) -> str | int:
+    return "" if value is None else value
+
+
 def _optional(value: int) -> int | None:
     return None if value < 0 else value
 
@@ -92,7 +95,8 @@ class SettleRequest:
     key_id: str
     tokens: int
     cost_nano: int
-    usage_record: str
+    usage_record: list[str | int]
+    """Field/value pairs of the usage stream entry."""
 
 
 class Admission:
@@ -205,7 +209,7 @@ class Admission:
         request_id: str,
         tokens: int,
         cost_nano: int,
-        record: dict[str, object],
+        record: dict[str, str | int | None],
     ) -> SettleRequest:
         return SettleRequest(
             org_id=identity.org_id,
@@ -213,7 +217,7 @@ class Admission:
             key_id=identity.key_id,
             tokens=tokens,
             cost_nano=cost_nano,
-            usage_record=json.dumps(record, separators=(",", ":")),
+            usage_record=[item for name, value in record.items() for item in (name, _field(value))],
         )
 
     async def settle(self, req: SettleRequest) -> int:
@@ -240,12 +244,16 @@ class Admission:
                 req.key_id,
                 req.tokens,
                 req.cost_nano,
-                *(windows.of(p) for p in PERIODS),
-                *(windows.ttl(p, now) for p in PERIODS),
+                windows.daily,
+                windows.weekly,
+                windows.monthly,
+                windows.ttl("daily", now),
+                windows.ttl("weekly", now),
+                windows.ttl("monthly", now),
                 datetime.fromtimestamp(now, UTC)
                 .isoformat(timespec="milliseconds")
                 .replace("+00:00", "Z"),
-                req.usage_record,
+                *req.usage_record,
             ],
         )
         metrics.REDIS_TIME.labels("settle").observe(time.perf_counter() - started)

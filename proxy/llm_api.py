@@ -190,7 +190,7 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
 async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
     usage = exchange.usage or Usage(0, 0, reported=False)
     cost = usage.cost_nano(exchange.route.price)
-    record: dict[str, object] = {
+    record: dict[str, str | int | None] = {
         "rid": exchange.request_id,
         "kid": exchange.identity.key_id,
         "user": exchange.on_behalf_of,
@@ -201,10 +201,9 @@ async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> N
         "cached": usage.cached_tokens,
         "reasoning": usage.reasoning_tokens,
         "cost_nano": cost,
-        "reported": usage.reported,
+        "reported": int(usage.reported),
         "status": exchange.status,
-        "client_gone": exchange.client_gone,
-        "ts": round(gw.clock(), 3),
+        "client_gone": int(exchange.client_gone),
     }
     outcome.update(
         status_upstream=exchange.status,
@@ -289,11 +288,19 @@ async def _relay_stream(
     sent_at = time.perf_counter()
     try:
         await response.prepare(request)
+        last: bytes | None = None  # held back so the end of the stream costs one write, not two
         async for events in sse_batches(upstream):
             kept = [e for e in events if not (meter.is_usage_only(e) and strip_usage)]
+            if last is not None:
+                await response.write(last)
+                last = None
             if kept:
-                await response.write(kept[0] if len(kept) == 1 else b"".join(kept))
-        await response.write_eof()
+                data = kept[0] if len(kept) == 1 else b"".join(kept)
+                if data.rstrip().endswith(b"[DONE]"):
+                    last = data
+                else:
+                    await response.write(data)
+        await response.write_eof(last or b"")
     except (ConnectionResetError, ConnectionError):
         exchange.client_gone = True
     except asyncio.CancelledError:

@@ -73,6 +73,7 @@ class PipelinedConnection:
         self._connecting: asyncio.Future[None] | None = None
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._outbox: list[bytes] = []
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,11 +112,20 @@ class PipelinedConnection:
         if transport is None or transport.is_closing():
             future.set_exception(RedisConnectionError("Redis connection is closed"))
             return future
-        transport.write(hiredis.pack_command(command))
+        self._outbox.append(hiredis.pack_command(command))
+        if len(self._outbox) == 1:
+            loop.call_soon(self._flush)
         self.pending.append((future, loop.time() + self._timeout))
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._timeout, self._check_deadline)
         return future
+
+    def _flush(self) -> None:
+        """One socket write for every command queued in this loop iteration."""
+        outbox, self._outbox = self._outbox, []
+        transport = self._transport
+        if outbox and transport is not None and not transport.is_closing():
+            transport.write(b"".join(outbox) if len(outbox) > 1 else outbox[0])
 
     def _check_deadline(self) -> None:
         """A reply overdue means Redis is gone or stuck: fail everything, reconnect later."""
@@ -134,6 +144,7 @@ class PipelinedConnection:
 
     def lost(self, error: Exception) -> None:
         self._transport, self.protocol = None, None
+        self._outbox = []
         pending, self.pending = self.pending, collections.deque()
         for future, _ in pending:
             if not future.done():

@@ -8,7 +8,7 @@
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, tokens, cost_nano,
 --          window daily, weekly, monthly, ttl daily, weekly, monthly (seconds),
---          now_iso, usage record fields as JSON (appended to the usage stream)
+--          now_iso, then the usage record's field/value pairs (appended to the usage stream)
 -- Returns  number of budget events recorded, or -1 when this request was already settled
 
 local P = KEYS[1]
@@ -20,7 +20,6 @@ local cost = tonumber(ARGV[5])
 local win = {daily = ARGV[6], weekly = ARGV[7], monthly = ARGV[8]}
 local ttl = {daily = tonumber(ARGV[9]), weekly = tonumber(ARGV[10]), monthly = tonumber(ARGV[11])}
 local now_iso = ARGV[12]
-local usage = ARGV[13]
 
 local leased = release_lease(P, rid)
 if not leased and redis.call('DEL', P .. 'reclaimed:' .. rid) == 0 then
@@ -65,5 +64,5 @@ for i = 1, 4 do
   end
 end
 
-redis.call('XADD', P .. 'usage', 'MAXLEN', '~', 10000, '*', 'r', usage)
+redis.call('XADD', P .. 'usage', 'MAXLEN', '~', 10000, '*', unpack(ARGV, 13))
 return events

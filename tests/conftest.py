@@ -226,8 +226,18 @@ async def start_proxy_process(
     env = {**os.environ, "TEST_PROXY_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO)}
     handle = log.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--config", str(config), "serve",
-         "--port", str(port), "--workers", str(workers)],
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--config",
+            str(config),
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         stdout=handle,
         stderr=subprocess.STDOUT,
         env=env,
@@ -250,3 +260,20 @@ async def start_proxy_process(
                 raise RuntimeError(f"proxy did not start: {log.read_text()}")
             await asyncio.sleep(0.05)
     return ProxyProcess(process, url, log)
+
+
+_NUMERIC = ("in", "out", "cached", "reasoning", "cost_nano", "status")
+_FLAGS = ("reported", "client_gone")
+
+
+def usage_record(fields: dict[str, str]) -> dict[str, Any]:
+    """A usage stream entry (flat field/value pairs) with its numbers and flags typed."""
+    record: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in _NUMERIC:
+            record[name] = int(value)
+        elif name in _FLAGS:
+            record[name] = value == "1"
+        else:
+            record[name] = value or None
+    return record

@@ -7,7 +7,6 @@ reservations of a proxy killed mid-request coming back after their lease expires
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
+from conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, usage_record, write_config
 
 from proxy.config import MeteringConfig, ModelConfig
 from proxy.embedded_redis import free_port
@@ -837,7 +836,7 @@ async def test_a_killed_proxys_reservations_come_back_after_lease_expiry(
             month = month_now()
             assert (await spend_of(store, org, f"k:{kid}", month))[1] == line
             assert (await spend_of(store, org, "o", month))[1] == line
-            records = [json.loads(fields["r"]) for _, fields in await store.xrange(p + "usage")]
+            records = [usage_record(f) for _, f in await store.xrange(p + "usage")]
             assert sum(r["in"] + r["out"] for r in records) == line and len(records) == 2
             assert await store.zcard(p + "leases") == 0
             for h in (p + "infl:o", p + f"infl:k:{kid}"):

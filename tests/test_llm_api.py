@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, Proxy, make_settings
+from conftest import ADMIN_KEY, Proxy, make_settings, usage_record
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
@@ -96,7 +96,7 @@ async def wait_settled(store: aioredis.Redis, proxy: Proxy, kid: str, count: int
 
 
 async def usage_records(store: aioredis.Redis) -> list[dict[str, Any]]:
-    return [json.loads(fields["r"]) for _, fields in await store.xrange(P + "usage")]
+    return [usage_record(fields) for _, fields in await store.xrange(P + "usage")]
 
 
 async def nothing_charged(store: aioredis.Redis) -> None:
