@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 ADMIT = LuaScript("lease.lua", "admit.lua")
 SETTLE = LuaScript("lease.lua", "budget_events.lua", "settle.lua")
+_ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
+_SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class Admission:
                 *defaults,
             ],
         )
-        metrics.REDIS_TIME.labels("admit").observe(time.perf_counter() - started)
+        _ADMIT_TIME.observe(time.perf_counter() - started)
         kind = result[0]
         if kind == "ok":
             return Admitted(
@@ -256,7 +258,7 @@ class Admission:
                 *req.usage_record,
             ],
         )
-        metrics.REDIS_TIME.labels("settle").observe(time.perf_counter() - started)
+        _SETTLE_TIME.observe(time.perf_counter() - started)
         return max(int(result), 0)
 
     async def _retry_loop(self) -> None:

@@ -184,7 +184,9 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
         return await _forward(request, gw, exchange, body, stream, decision)
     finally:
         lease.cancel()
-        await asyncio.shield(_settle(gw, exchange, outcome))
+        # Not shielded: the settle command is queued on the Redis connection before this
+        # coroutine can be interrupted, so even a cancelled handler's request is settled.
+        await _settle(gw, exchange, outcome)
 
 
 async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
