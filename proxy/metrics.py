@@ -79,8 +79,10 @@ def add_routes(app: web.Application, config: MetricsConfig) -> None:
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if token:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.encode()):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
                 raise ApiError(401, "Metrics need the metrics token.", type="authentication_error")
         registry = _registry()
         body = generate_latest(registry) if registry is not None else generate_latest()

@@ -95,7 +95,9 @@ async def serve_worker(
         log.info("stopping: no new connections; waiting up to %ss for requests", grace)
 
 
-def _worker_main(settings: Settings, redis_url: str, host: str, port: int) -> None:
+def _worker_main(settings: Settings, redis_url: str, host: str, port: int, log_level: int) -> None:
+    """Runs in a fresh (spawned) interpreter: the parent's logging setup must be redone."""
+    logging.basicConfig(level=log_level, format="%(message)s")
     use_uvloop(settings.server.uvloop)
     asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True))
 
@@ -112,7 +114,10 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
         context = multiprocessing.get_context("spawn")
         children = [
-            context.Process(target=_worker_main, args=(settings, redis_url, host, port))
+            context.Process(
+                target=_worker_main,
+                args=(settings, redis_url, host, port, logging.getLogger().level),
+            )
             for _ in range(workers)
         ]
         for child in children:
