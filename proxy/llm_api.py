@@ -28,7 +28,7 @@ from proxy.request_context import OUTCOME, new_request_id
 from proxy.routes import ModelRoute
 from proxy.state import GATEWAY, Gateway
 from proxy.tokenizer import count_prompt, count_text
-from proxy.upstream import client_headers, sse_batches, upstream_timeout
+from proxy.upstream import client_headers, sse_blocks, upstream_timeout
 
 _MAX_ON_BEHALF_OF = 256
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -286,19 +286,18 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
-    meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens)
+    meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage)
     sent_at = time.perf_counter()
     try:
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
-        async for events in sse_batches(upstream):
-            kept = [e for e in events if not (meter.is_usage_only(e) and strip_usage)]
+        async for block in sse_blocks(upstream):
+            data = meter.relay(block)
             if last is not None:
                 await response.write(last)
                 last = None
-            if kept:
-                data = kept[0] if len(kept) == 1 else b"".join(kept)
-                if data.rstrip().endswith(b"[DONE]"):
+            if data:
+                if data.endswith((b"[DONE]\n\n", b"[DONE]\r\n\r\n")):
                     last = data
                 else:
                     await response.write(data)

@@ -16,6 +16,7 @@ from proxy.errors import bad_request
 from proxy.pricing import Price, cost_nano
 from proxy.routes import ModelRoute
 from proxy.tokenizer import count_text
+from proxy.upstream import split_events
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 _CAP_FIELDS = {
@@ -110,22 +111,33 @@ def usage_from_body(endpoint: str, data: Any) -> Usage | None:
 
 
 class StreamMeter:
-    """Follows a stream's SSE events for the usage the upstream reports.
+    """Follows a stream for the usage the upstream reports, and keeps that chunk from a client
+    that did not ask for it.
 
-    Only events that mention usage are decoded on the way through; the others are kept raw
-    and decoded at the end only if no usage ever came, to count the streamed text instead.
+    Blocks that do not mention usage pass untouched (one substring test each); only a block
+    that does is split into events and its usage event decoded. The raw blocks are kept and
+    decoded at the end only if no usage ever came, to count the streamed text instead.
     """
 
-    def __init__(self, endpoint: str, route: ModelRoute, prompt_tokens: int) -> None:
+    def __init__(
+        self, endpoint: str, route: ModelRoute, prompt_tokens: int, strip_usage: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.route = route
         self.prompt_tokens = prompt_tokens
+        self.strip_usage = strip_usage
         self.reported: Usage | None = None
         self._raw: list[bytes] = []
 
-    def is_usage_only(self, event: bytes) -> bool:
-        """Notes the event; True when it is the usage-only chunk (no choices) of a stream."""
-        self._raw.append(event)
+    def relay(self, block: bytes) -> bytes:
+        """The part of ``block`` the client receives."""
+        self._raw.append(block)
+        if b'"usage":{' not in block and b'"usage": {' not in block:
+            return block
+        kept = [event for event in split_events(block) if not self._usage_only(event)]
+        return b"".join(kept)
+
+    def _usage_only(self, event: bytes) -> bool:
         if b'"usage":{' not in event and b'"usage": {' not in event:
             return False
         payload = event_data(event)
@@ -142,7 +154,7 @@ class StreamMeter:
         if found is None:
             return False
         self.reported = found
-        return parsed.get("choices") == []
+        return self.strip_usage and parsed.get("choices") == []
 
     def usage(self) -> Usage:
         if self.reported is not None:
@@ -152,16 +164,17 @@ class StreamMeter:
         return Usage(input_tokens=self.prompt_tokens, output_tokens=output, reported=False)
 
     def _texts(self) -> Iterator[str]:
-        for event in self._raw:
-            payload = event_data(event)
-            if not payload or payload == b"[DONE]":
-                continue
-            try:
-                parsed = json.loads(payload)
-            except ValueError:
-                continue
-            if isinstance(parsed, dict):
-                yield from _event_texts(self.endpoint, parsed)
+        for block in self._raw:
+            for event in split_events(block):
+                payload = event_data(event)
+                if not payload or payload == b"[DONE]":
+                    continue
+                try:
+                    parsed = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(parsed, dict):
+                    yield from _event_texts(self.endpoint, parsed)
 
 
 def event_data(event: bytes) -> bytes | None:

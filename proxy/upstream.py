@@ -139,30 +139,42 @@ def upstream_unreachable(route: ModelRoute) -> ApiError:
     )
 
 
-async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The complete SSE events (each ending in a blank line) of every chunk as it arrives.
+async def sse_blocks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """What each received chunk completes: the run of whole SSE events up to its last blank line.
 
-    Events are grouped per received chunk so the relay writes once per chunk, as a plain
-    pass-through would, instead of once per event.
+    The relay writes once per chunk, as a plain pass-through would; an event split across
+    chunks is held until its end arrives, so events are never cut when one must be removed.
     """
     buffer = b""
     async for chunk in response.content.iter_any():
         buffer = buffer + chunk if buffer else chunk
-        events: list[bytes] = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            crlf = buffer.find(b"\r\n\r\n", start) if b"\r" in buffer else -1
-            if crlf != -1 and (end == -1 or crlf < end):
-                cut = crlf + 4
-            elif end != -1:
-                cut = end + 2
-            else:
-                break
-            events.append(buffer[start:cut])
-            start = cut
-        buffer = buffer[start:]
-        if events:
-            yield events
+        end = buffer.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        if b"\r" in buffer:
+            end = buffer.rfind(b"\r\n\r\n")
+            cut = max(cut, end + 4 if end >= 0 else 0)
+        if cut:
+            block, buffer = buffer[:cut], buffer[cut:]
+            yield block
     if buffer.strip():
-        yield [buffer]
+        yield buffer
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """The SSE events of a block, each with its terminating blank line."""
+    events: list[bytes] = []
+    start = 0
+    while True:
+        end = block.find(b"\n\n", start)
+        crlf = block.find(b"\r\n\r\n", start) if b"\r" in block else -1
+        if crlf != -1 and (end == -1 or crlf < end):
+            cut = crlf + 4
+        elif end != -1:
+            cut = end + 2
+        else:
+            break
+        events.append(block[start:cut])
+        start = cut
+    if start < len(block) and block[start:].strip():
+        events.append(block[start:])
+    return events
