@@ -108,7 +108,7 @@ def _hot_path(settings: Settings, redis_url: str) -> PipelinedConnection | None:
     if not redis_url.startswith("redis://"):
         return None
     return PipelinedConnection(
-        redis_url, settings.redis.socket_timeout, settings.redis.socket_connect_timeout
+        redis_url, settings.redis.hot_path_timeout, settings.redis.socket_connect_timeout
     )
 
 

@@ -39,6 +39,9 @@ class RedisConfig(_Strict):
     data_dir: str = ".proxy-data"
     socket_timeout: float = Field(0.5, gt=0)
     socket_connect_timeout: float = Field(0.5, gt=0)
+    hot_path_timeout: float = Field(2.0, gt=0)
+    """Longest wait for an admit/settle reply. These share one pipelined connection, so under
+    heavy load a reply queues behind others; a dead Redis is still seen at once (reset)."""
     max_connections: int = Field(1024, gt=0)
     """Pool size for admin calls and key look-ups (admit/settle share one pipelined link)."""
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import aiohttp
 import openai
 import pytest
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -277,3 +278,25 @@ def usage_record(fields: dict[str, str]) -> dict[str, Any]:
         else:
             record[name] = value or None
     return record
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A direct client on the test Redis, to check what the proxy wrote."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "condition"
+) -> Any:
+    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -10,7 +10,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,7 +22,15 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, usage_record, write_config
+from conftest import (
+    ADMIN_KEY,
+    FakeClock,
+    Proxy,
+    eventually,
+    start_proxy_process,
+    usage_record,
+    write_config,
+)
 
 from proxy.config import MeteringConfig, ModelConfig
 from proxy.embedded_redis import free_port
@@ -59,27 +67,6 @@ def chat_body(max_tokens: int, stream: bool = False) -> dict[str, Any]:
     if stream:
         body["stream"] = True
     return body
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "condition"
-) -> Any:
-    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @dataclass

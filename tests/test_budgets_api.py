@@ -8,7 +8,7 @@ no window ends during a test.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -152,13 +152,6 @@ async def chat(proxy: Proxy, key: Key, max_tokens: int = 100) -> int:
     )
     assert answer.usage is not None and answer.usage.completion_tokens == max_tokens
     return answer.usage.total_tokens
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

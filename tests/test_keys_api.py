@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,13 +15,6 @@ from conftest import Proxy
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 ERROR_FIELDS = {"message", "type", "code", "param"}
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def assert_error(body: Any, type_: str, code: str | None = None, param: str | None = None) -> None:

@@ -3,11 +3,10 @@ client could not produce the request): forwarding, exact metering, errors and th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, Proxy, make_settings, usage_record
+from conftest import ADMIN_KEY, Proxy, eventually, make_settings, usage_record
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
@@ -39,27 +38,6 @@ ERROR_FIELDS = {"message", "type", "code", "param"}
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], within: float = 5.0, what: str = "condition"
-) -> Any:
-    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def windows(proxy: Proxy) -> list[str]:

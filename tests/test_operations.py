@@ -24,6 +24,7 @@ from conftest import (
     ADMIN_KEY,
     Proxy,
     ProxyProcess,
+    eventually,
     start_proxy_process,
     usage_record,
     write_config,
@@ -48,27 +49,6 @@ ACCESS = "llm_proxy.access"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "condition"
-) -> Any:
-    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def auth(key: str) -> dict[str, str]:

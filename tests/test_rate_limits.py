@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,15 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, FakeClock, Proxy, ProxyProcess, start_proxy_process, write_config
+from conftest import (
+    ADMIN_KEY,
+    FakeClock,
+    Proxy,
+    ProxyProcess,
+    eventually,
+    start_proxy_process,
+    write_config,
+)
 
 from proxy.mock_upstream import RECEIVED
 
@@ -148,31 +156,10 @@ def rate_headers(headers: Mapping[str, str]) -> list[str]:
     return [name for name in headers if name.lower().startswith(RATE_HEADER_PREFIXES)]
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 async def in_flight(store: aioredis.Redis, key_id: str) -> dict[str, int]:
     """The key's live reservations: concurrency slots ``n``, tokens ``t``, cost ``c``."""
     raw = await store.hgetall(P + "infl:k:" + key_id)  # type: ignore[misc]
     return {name: int(raw.get(name, 0)) for name in ("n", "t", "c")}
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], within: float = 5.0, what: str = "condition"
-) -> Any:
-    """Polls ``check`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def no_slots_held(store: aioredis.Redis, key_id: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, make_settings
+from conftest import ADMIN_KEY, eventually, make_settings
 
 from proxy.app import create_app
 from proxy.embedded_redis import EmbeddedRedis
@@ -82,17 +82,6 @@ async def outage(
         await session.close()
         await proxy.close()
         await server.astop()
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def key_spend(url: str, kid: str) -> tuple[int, int]:
