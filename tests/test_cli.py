@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, REPO, Proxy, start_proxy_process, write_config
@@ -213,3 +214,45 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+async def test_demo_prints_a_working_key_and_snippets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``llm-proxy demo`` on a fresh machine: embedded Redis, bundled mock, a key that works."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PROXY__REDIS__DATA_DIR": str(tmp_path)},
+        cwd=str(tmp_path),
+    )
+    assert process.stdout is not None
+    printed = ""
+    try:
+        while "Press Ctrl-C" not in printed:
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, f"demo exited early: {printed}"
+            printed += line.decode()
+        key = re.search(r'api_key="(sk-bp-[^"]+)"', printed)
+        assert key, printed
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in printed
+        assert f"Authorization: Bearer {key.group(1)}" in printed
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(1), max_retries=0
+        ) as client:
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello"}]
+            )
+        assert answer.choices[0].message.content
+        assert answer.usage is not None and answer.usage.total_tokens > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0, printed
