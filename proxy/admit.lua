@@ -140,33 +140,33 @@ end
 -- block line; a request is refused when its worst case would carry spend past the line.
 local fields = {'k:' .. kid .. ':cluster', 'k:' .. kid .. ':org', 'o:cluster', 'o:org'}
 local tags = {'k:' .. kid, 'k:' .. kid, 'o', 'o'}
-local budgets = redis.call('HMGET', P .. 'budgets', unpack(fields))
+local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
 local bud_remaining, bud_line, bud_unit, bud_window, bud_field = '', '', '', '', ''
 local tightest = nil
 for i = 1, 4 do
-  local raw = budgets[i]
-  if raw then
-    local b = cjson.decode(raw)
-    if b.block_floor then
-      local w = win[b.period]
-      local unit = b.unit
+  local rule = rules[i]
+  if rule then
+    local period, unit, floor, ceil = string.match(rule, '^(%S+) (%S+) (%S+) (%S+)')
+    floor, ceil = tonumber(floor), tonumber(ceil)
+    if floor then
+      local w = win[period]
       local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tags[i] .. ':' .. w, unit)) or 0
       local held = tonumber(redis.call('HGET', P .. 'infl:' .. tags[i], unit)) or 0
       local r = rt
       if unit == 'c' then
         r = rc
       end
-      if spent >= b.block_ceil then
-        return {'budget', fields[i], 'blocked', w, spent, b.block_floor}
+      if spent >= ceil then
+        return {'budget', fields[i], 'blocked', w, spent, floor}
       end
-      if spent + held + r > b.block_floor then
-        return {'budget', fields[i], 'exceeds', w, spent + held, b.block_floor}
+      if spent + held + r > floor then
+        return {'budget', fields[i], 'exceeds', w, spent + held, floor}
       end
-      local remaining = b.block_floor - spent - held - r
-      local share = remaining / math.max(b.block_floor, 1)
+      local remaining = floor - spent - held - r
+      local share = remaining / math.max(floor, 1)
       if tightest == nil or share < tightest then
         tightest = share
-        bud_remaining, bud_line, bud_unit = remaining, b.block_floor, unit
+        bud_remaining, bud_line, bud_unit = remaining, floor, unit
         bud_window, bud_field = w, fields[i]
       end
     end

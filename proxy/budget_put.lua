@@ -5,13 +5,13 @@
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     field ("k:<kid>:<owner>" | "o:<owner>"), budget JSON with the id placeholder,
 --          candidate id, spend tag ("k:<kid>" | "o"), window id, window ttl (s), now_ms,
---          now_iso, seed
+--          now_iso, seed, rule (see budgets.rule)
 -- Returns  the budget's id
 
 local P = KEYS[1]
 local field, json, candidate = ARGV[1], ARGV[2], ARGV[3]
 local tag, w, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local now_ms, now_iso, seed = tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local now_ms, now_iso, seed, rule = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10]
 local PLACEHOLDER = '"id":"__BUDGET_ID__"'
 
 local ids = P .. 'budget_ids'
@@ -21,6 +21,7 @@ local id = redis.call('HGET', ids, field)
 local s, e = string.find(json, PLACEHOLDER, 1, true)
 local raw = string.sub(json, 1, s - 1) .. '"id":"' .. id .. '"' .. string.sub(json, e + 1)
 redis.call('HSET', P .. 'budgets', field, raw)
+redis.call('HSET', P .. 'budget_rules', field, rule)
 
 record_crossings(P, cjson.decode(raw), raw, tag, w, ttl, now_ms, now_iso, seed)
 return id

@@ -126,6 +126,15 @@ def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) 
     return stored
 
 
+def rule(stored: dict[str, Any]) -> str:
+    """What the request-path scripts need of a budget, without decoding its JSON:
+    ``"<period> <unit> <block floor|-> <block ceil|-> <lowest line>"``."""
+    lowest = min(line["at"] for line in stored["lines"])
+    floor = stored.get("block_floor", "-")
+    ceil = stored.get("block_ceil", "-")
+    return f"{stored['period']} {stored['unit']} {floor} {ceil} {lowest}"
+
+
 @dataclass(frozen=True)
 class Spend:
     cost_nano: int
@@ -201,6 +210,7 @@ class BudgetStore:
                 int(now * 1000),
                 iso(now),
                 "put" + secrets.token_hex(6),
+                rule(stored),
             ],
         )
         found = await self.get(org_id, scope, scope_id, spec.owner, windows)
@@ -251,8 +261,9 @@ class BudgetStore:
         name = field_name(scope, scope_id, owner)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(prefix + "budgets", name)
+        pipe.hdel(prefix + "budget_rules", name)
         pipe.hdel(prefix + "budget_ids", name)
-        removed, _ = await pipe.execute()
+        removed, _, _ = await pipe.execute()
         return bool(removed)
 
     async def events(

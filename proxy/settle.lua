@@ -50,17 +50,22 @@ end
 
 local events = 0
 local fields = {'k:' .. kid .. ':cluster', 'k:' .. kid .. ':org', 'o:cluster', 'o:org'}
-local budgets = redis.call('HMGET', P .. 'budgets', unpack(fields))
+local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
 for i = 1, 4 do
-  local raw = budgets[i]
-  if raw then
-    local b = cjson.decode(raw)
+  local rule = rules[i]
+  if rule then
     local tag = tags[1]
     if i > 2 then
       tag = tags[2]
     end
-    events = events + record_crossings(P, b, raw, tag, win[b.period], ttl[b.period], now,
-      now_iso, rid)
+    -- Only a budget whose lowest line the spend has reached can have anything to record.
+    local period, unit, lowest = string.match(rule, '^(%S+) (%S+) %S+ %S+ (%S+)$')
+    local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tag .. ':' .. win[period], unit))
+    if spent and spent >= tonumber(lowest) then
+      local raw = redis.call('HGET', P .. 'budgets', fields[i])
+      events = events + record_crossings(P, cjson.decode(raw), raw, tag, win[period],
+        ttl[period], now, now_iso, rid)
+    end
   end
 end
 
