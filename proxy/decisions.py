@@ -8,7 +8,6 @@ Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying
 from __future__ import annotations
 
 import math
-from decimal import Decimal
 
 from proxy.admission import Admitted, BudgetRefused, RateLimited
 from proxy.errors import ApiError
@@ -41,7 +40,8 @@ def openai_duration(ms: int) -> str:
 
 
 def nano_to_major(nano: int) -> str:
-    return format(Decimal(nano) / Decimal(1_000_000_000), "f").rstrip("0").rstrip(".") or "0"
+    whole, frac = divmod(nano, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def admitted_headers(decision: Admitted) -> dict[str, str]:
