@@ -14,7 +14,7 @@ from proxy.access import find_key, require_admin, sees_org
 from proxy.body import read_json
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
-from proxy.state import GATEWAY
+from proxy.state import GATEWAY, Gateway
 
 
 def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
@@ -64,13 +64,19 @@ async def get_key(request: web.Request) -> web.Response:
     return web.json_response(record.public())
 
 
-async def update_key(request: web.Request) -> web.Response:
+async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyRecord]:
+    """The key named in the path, if the caller may change it."""
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
     require_admin(caller)
     record = await find_key(gw.keys, caller, request.match_info["keyId"])
-    change = parse_body(KeyUpdate, await read_json(request))
     _org_admin_may_manage(caller, record)
+    return gw, caller, record
+
+
+async def update_key(request: web.Request) -> web.Response:
+    gw, caller, record = await _managed_key(request)
+    change = parse_body(KeyUpdate, await read_json(request))
     if caller.role == "org_admin" and change.role == "cluster_admin":
         raise forbidden("Org admins cannot grant cluster_admin.")
     if record.status != "active":
@@ -81,11 +87,7 @@ async def update_key(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
-    record = await find_key(gw.keys, caller, request.match_info["keyId"])
-    _org_admin_may_manage(caller, record)
+    gw, _, record = await _managed_key(request)
     await gw.keys.revoke(record)
     gw.auth.forget()
     return web.json_response({"id": record.id, "object": "api_key", "revoked": True})
