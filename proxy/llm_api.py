@@ -28,7 +28,7 @@ from proxy.request_context import OUTCOME, new_request_id
 from proxy.routes import ModelRoute
 from proxy.state import GATEWAY, Gateway
 from proxy.tokenizer import count_prompt, count_text
-from proxy.upstream import client_headers, sse_blocks, upstream_timeout
+from proxy.upstream import EVENT_ENDS, client_headers, complete_events, upstream_timeout
 
 _MAX_ON_BEHALF_OF = 256
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -291,8 +291,13 @@ async def _relay_stream(
     try:
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
-        async for block in sse_blocks(upstream):
-            data = meter.relay(block)
+        pending = b""  # the start of an event whose end has not arrived yet
+        async for chunk in upstream.content.iter_any():
+            if pending:
+                chunk, pending = pending + chunk, b""
+            if not chunk.endswith(EVENT_ENDS):
+                chunk, pending = complete_events(chunk)
+            data = meter.relay(chunk) if chunk else b""
             if last is not None:
                 await response.write(last)
                 last = None
@@ -301,6 +306,9 @@ async def _relay_stream(
                     last = data
                 else:
                     await response.write(data)
+        if pending.strip():
+            data = meter.relay(pending)
+            last = last + data if last else data
         await response.write_eof(last or b"")
     except (ConnectionResetError, ConnectionError):
         exchange.client_gone = True

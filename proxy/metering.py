@@ -132,9 +132,18 @@ class StreamMeter:
     def relay(self, block: bytes) -> bytes:
         """The part of ``block`` the client receives."""
         self._raw.append(block)
-        if b'"usage":{' not in block and b'"usage": {' not in block:
+        at = _find_usage(block, 0)
+        if at < 0:
             return block
-        kept = [event for event in split_events(block) if not self._usage_only(event)]
+        kept: list[bytes] = []
+        start = 0
+        while at >= 0:
+            first, after = _event_around(block, at, start)
+            if self._usage_only(block[first:after]):
+                kept.append(block[start:first])
+                start = after
+            at = _find_usage(block, after)
+        kept.append(block[start:])
         return b"".join(kept)
 
     def _usage_only(self, event: bytes) -> bool:
@@ -175,6 +184,24 @@ class StreamMeter:
                     continue
                 if isinstance(parsed, dict):
                     yield from _event_texts(self.endpoint, parsed)
+
+
+def _find_usage(block: bytes, start: int) -> int:
+    """Where a usage object (not ``"usage":null``) is mentioned, or -1."""
+    tight = block.find(b'"usage":{', start)
+    spaced = block.find(b'"usage": {', start)
+    if tight < 0 or (0 <= spaced < tight):
+        return spaced
+    return tight
+
+
+def _event_around(block: bytes, at: int, floor: int) -> tuple[int, int]:
+    """Bounds of the SSE event containing offset ``at`` (not reaching back before ``floor``)."""
+    lf, crlf = block.rfind(b"\n\n", floor, at), block.rfind(b"\r\n\r\n", floor, at)
+    first = max(lf + 2 if lf >= 0 else floor, crlf + 4 if crlf >= 0 else floor)
+    lf, crlf = block.find(b"\n\n", at), block.find(b"\r\n\r\n", at)
+    ends = [end for end in (lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1) if end > 0]
+    return first, min(ends) if ends else len(block)
 
 
 def event_data(event: bytes) -> bytes | None:

@@ -4,7 +4,7 @@ server-sent events relayed event by event without buffering the stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -139,25 +139,22 @@ def upstream_unreachable(route: ModelRoute) -> ApiError:
     )
 
 
-async def sse_blocks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """What each received chunk completes: the run of whole SSE events up to its last blank line.
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
-    The relay writes once per chunk, as a plain pass-through would; an event split across
-    chunks is held until its end arrives, so events are never cut when one must be removed.
+
+def complete_events(buffer: bytes) -> tuple[bytes, bytes]:
+    """Splits received bytes into the whole SSE events they hold and an unfinished rest.
+
+    Most reads end on an event boundary, and the relay checks ``endswith(EVENT_ENDS)`` before
+    calling this; an event split across reads is held until its end arrives, so events are
+    never cut where one must be removed.
     """
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        buffer = buffer + chunk if buffer else chunk
-        end = buffer.rfind(b"\n\n")
-        cut = end + 2 if end >= 0 else 0
-        if b"\r" in buffer:
-            end = buffer.rfind(b"\r\n\r\n")
-            cut = max(cut, end + 4 if end >= 0 else 0)
-        if cut:
-            block, buffer = buffer[:cut], buffer[cut:]
-            yield block
-    if buffer.strip():
-        yield buffer
+    end = buffer.rfind(b"\n\n")
+    cut = end + 2 if end >= 0 else 0
+    if b"\r" in buffer:
+        end = buffer.rfind(b"\r\n\r\n")
+        cut = max(cut, end + 4 if end >= 0 else 0)
+    return buffer[:cut], buffer[cut:]
 
 
 def split_events(block: bytes) -> list[bytes]:
