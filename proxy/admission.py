@@ -274,10 +274,6 @@ class Admission:
                     break
             delay = min(delay * 2, 2.0)
 
-    @property
-    def pending_settles(self) -> int:
-        return len(self._retry)
-
     async def drain(self, grace: float) -> None:
         """At shutdown: give deferred settles a last chance."""
         if self._retry_task is not None:

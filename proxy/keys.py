@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,7 +22,6 @@ from proxy.store import ORGS_KEY, Redis, digest_key, org_prefix, valid_id
 KEY_PREFIX = "sk-bp-"
 KEY_ORG_PREFIX = "bp:ki:"
 LIMIT_FIELDS = ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
-ROLES: tuple[str, ...] = get_args(Role)
 Status = Literal["active", "revoked"]
 
 
