@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -21,6 +20,7 @@ from proxy.admission import Admitted, BudgetRefused, RateLimited, Revoked
 from proxy.body import read_json
 from proxy.decisions import admitted_headers, budget_error, rate_limited_error
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
+from proxy.http_client import Response, UpstreamError, UpstreamTimeout
 from proxy.keys import Identity
 from proxy.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
 from proxy.pricing import cost_nano
@@ -28,7 +28,13 @@ from proxy.request_context import OUTCOME, new_request_id
 from proxy.routes import ModelRoute
 from proxy.state import GATEWAY, Gateway
 from proxy.tokenizer import count_prompt, count_text
-from proxy.upstream import EVENT_ENDS, client_headers, complete_events, upstream_timeout
+from proxy.upstream import (
+    EVENT_ENDS,
+    client_headers,
+    complete_events,
+    upstream_broken,
+    upstream_timeout,
+)
 
 _MAX_ON_BEHALF_OF = 256
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -253,8 +259,12 @@ async def _forward(
             return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
         try:
             data = await upstream.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except UpstreamTimeout as exc:
+            exchange.extra["upstream_error"] = "timeout"
             raise upstream_timeout(exchange.route) from exc
+        except UpstreamError as exc:
+            exchange.extra["upstream_error"] = "broken_body"
+            raise upstream_broken(exchange.route) from exc
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         if upstream.status == 200:
             exchange.usage = _buffered_usage(exchange, data)
@@ -280,7 +290,7 @@ async def _relay_stream(
     request: web.Request,
     gw: Gateway,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     headers: Any,
     strip_usage: bool,
 ) -> web.StreamResponse:
@@ -292,7 +302,7 @@ async def _relay_stream(
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
         pending = b""  # the start of an event whose end has not arrived yet
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_chunks():
             if pending:
                 chunk, pending = pending + chunk, b""
             if not chunk.endswith(EVENT_ENDS):
@@ -315,7 +325,7 @@ async def _relay_stream(
     except asyncio.CancelledError:
         exchange.client_gone = True
         raise
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+    except UpstreamError:
         # The client must not mistake a truncated answer for a complete one: end the stream
         # with an error event (the OpenAI SDKs raise APIError on it) and no [DONE].
         exchange.extra["upstream_error"] = "broken_stream"

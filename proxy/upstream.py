@@ -1,16 +1,16 @@
-"""Forwarding to upstreams: one pooled client session, the upstream's own credential, and
-server-sent events relayed event by event without buffering the stream.
+"""Forwarding to upstreams: pooled keep-alive connections, the upstream's own credential, and
+server-sent events relayed as they arrive without buffering the stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig
 from proxy.errors import ApiError
+from proxy.http_client import Client, Response, Target, Timeouts, UpstreamError, UpstreamTimeout
 from proxy.routes import ModelRoute
 
 # Never forwarded upstream: hop-by-hop headers, the client's credential and identity headers
@@ -37,6 +37,7 @@ _DROP_REQUEST = frozenset(
         "x-on-behalf-of",
         "x-request-id",
         "accept-encoding",
+        "expect",
     }
 )
 # Never passed back: hop-by-hop, framing the proxy redoes, and the upstream account's limits.
@@ -58,16 +59,17 @@ _DROP_RESPONSE = frozenset(
 _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "ratelimit", "retry-after")
 
 
-def upstream_headers(client_headers: Mapping[str, str], route: ModelRoute) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in client_headers.items():
-        if name.lower() not in _DROP_REQUEST:
-            headers.add(name, value)
-    headers["Content-Type"] = "application/json"
-    headers["Accept-Encoding"] = "identity"
+def upstream_headers(client_headers: Mapping[str, str], route: ModelRoute) -> list[tuple[str, str]]:
+    headers = [
+        (name, value)
+        for name, value in client_headers.items()
+        if name.lower() not in _DROP_REQUEST and name.lower() != "content-type"
+    ]
+    headers.append(("Content-Type", "application/json"))
+    headers.append(("Accept-Encoding", "identity"))
     credential = route.upstream.credential()
     if credential:
-        headers["Authorization"] = f"Bearer {credential}"
+        headers.append(("Authorization", f"Bearer {credential}"))
     return headers
 
 
@@ -84,40 +86,37 @@ def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 class UpstreamClient:
-    """One ``ClientSession`` for every upstream: pooled keep-alive connections."""
+    """Every upstream's pooled keep-alive connections (``proxy.http_client``)."""
 
     def __init__(self, timeouts: TimeoutConfig) -> None:
-        self._timeouts = timeouts
-        self._session: aiohttp.ClientSession | None = None
+        self._timeouts = Timeouts(
+            connect=timeouts.connect_seconds,
+            read=timeouts.read_seconds,
+            total=timeouts.total_seconds,
+        )
+        self._client: Client | None = None
+        self._targets: dict[tuple[str, str], Target] = {}
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(
-                total=self._timeouts.total_seconds,
-                sock_connect=self._timeouts.connect_seconds,
-                sock_read=self._timeouts.read_seconds,
-            ),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        self._client = Client(self._timeouts)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def send(
         self, route: ModelRoute, endpoint: str, body: bytes, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
-        assert self._session is not None, "UpstreamClient.start() not called"
-        url = f"{route.upstream.base_url}/{endpoint}"
+    ) -> Response:
+        assert self._client is not None, "UpstreamClient.start() not called"
+        base = route.upstream.base_url
+        target = self._targets.get((base, endpoint))
+        if target is None:
+            target = self._targets[base, endpoint] = Target.parse(f"{base}/{endpoint}")
         try:
-            return await self._session.post(
-                url, data=body, headers=upstream_headers(headers, route), allow_redirects=False
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            return await self._client.post(target, upstream_headers(headers, route), body)
+        except UpstreamTimeout as exc:
             raise upstream_timeout(route) from exc
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise upstream_unreachable(route) from exc
 
 
@@ -127,6 +126,15 @@ def upstream_timeout(route: ModelRoute) -> ApiError:
         f"The upstream '{route.upstream.name}' did not answer in time.",
         type="server_error",
         code="upstream_timeout",
+    )
+
+
+def upstream_broken(route: ModelRoute) -> ApiError:
+    return ApiError(
+        502,
+        f"The upstream '{route.upstream.name}' broke off its answer before it ended.",
+        type="server_error",
+        code="upstream_stream_broken",
     )
 
 

@@ -45,6 +45,8 @@ import redis
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import cpu_profile as bench_profile  # noqa: E402  (beside this file)
+
 from proxy.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from proxy.loadtest import percentiles  # noqa: E402
 from proxy.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
@@ -345,6 +347,7 @@ class Load:
 async def wrk_load(url: str, script: Path, seconds: int, connections: int) -> Load:
     before = children_cpu()
     process = await asyncio.create_subprocess_exec(
+        *os.environ.get("BENCH_WRK_PREFIX", "").split(),
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout=30s",
         "-s", str(script), url + CHAT_PATH,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -465,6 +468,20 @@ class Bench:
             self.args.stream_ratio,
         )  # fmt: skip
 
+    async def profile(self, target: Target, scenario: Scenario, out: Path) -> dict[str, Any]:
+        """An extra, unmeasured run under py-spy: sampling costs the server CPU."""
+        py_spy = bench_profile.executable()
+        assert py_spy is not None
+        print(f"{scenario.name}: {target.label} under py-spy...", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        raw = out / f"{scenario.name}-{target.name}.txt"
+        sampler = bench_profile.record(py_spy, target.process.pid, self.args.duration, raw)
+        await self.load(target, scenario, self.args.duration)
+        _, err = await asyncio.to_thread(sampler.communicate)
+        if sampler.returncode != 0 or not raw.exists():
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        return bench_profile.summarise(raw)
+
     async def measure(self, target: Target, scenario: Scenario) -> dict[str, Any]:
         await self.load(target, scenario, self.args.warmup)
         pids = {"server": target.process.pid, "mock": self.mock.pid}
@@ -542,6 +559,8 @@ def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     lines = []
     for name, scenario in result["scenarios"].items():
+        for target, summary in scenario.get("profile", {}).items():
+            lines.append(bench_profile.render(f"{name} / {target}", summary))
         lines.append(
             f"\nscenario {name}: prompt {scenario['prompt_tokens']} tokens, max_tokens "
             f"{MAX_TOKENS}, {result['stream_ratio']:.0%} streamed, {result['connections']} "
@@ -735,6 +754,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "targets": rows,
                 "comparison": compare(rows),
             }
+            if args.profile:
+                result["scenarios"][scenario.name]["profile"] = {
+                    name: await bench.profile(targets[name], scenario, Path(args.profile))
+                    for name in ("passthrough", "proxy")
+                }
         return result
 
 
@@ -765,7 +789,12 @@ def main() -> None:
         "--memory-minutes", type=float, default=0, help="instead: RSS under load for N minutes"
     )
     parser.add_argument("--memory-interval", type=float, default=5.0, help="seconds per sample")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="also sample (b) and (c) with py-spy; raw stacks here"
+    )
     args = parser.parse_args()
+    if args.profile and bench_profile.executable() is None:
+        parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     if not 0 <= args.stream_ratio <= 1 or args.duration < 1 or args.connections < 1:
         parser.error("--stream-ratio must be 0..1, --duration and --connections positive")
     result = asyncio.run(run(args))
