@@ -3,9 +3,11 @@
 Every request makes two script calls. Through a pooled client each costs a connection
 checkout, Python-level command packing and a socket round trip of its own; here all calls of a
 process share one connection, are packed by hiredis and written as they come, and replies are
-matched to callers in order. Under concurrency the calls of many requests travel together —
-the "settles pipelined across requests" the machine's measurements asked for — and a call made
-alone still leaves at once. Everything else (admin API, scripts loading) uses redis-py.
+matched to callers in order. At most one batch is on the wire at a time: calls made while
+Redis is answering wait for that answer and then leave together, so under load the calls of
+many requests share one write and one read on each side (the "settles pipelined across
+requests" the machine's measurements asked for), while a call made on an idle connection
+leaves at once. Everything else (admin API, scripts loading) uses redis-py.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
-        pending = self._owner.pending
+        owner = self._owner
+        pending = owner.pending
         while True:
             reply = self._reader.gets()
             if reply is False:
-                return
+                break
             if not pending:
-                return
+                break
+            owner.unanswered -= 1
             future = pending.popleft()[0]
             if future.done():
                 continue
@@ -48,6 +52,8 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(error)
             else:
                 future.set_result(reply)
+        if owner.unanswered == 0 and owner.outbox:
+            owner.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._owner.protocol is self:
@@ -73,7 +79,10 @@ class PipelinedConnection:
         self._connecting: asyncio.Future[None] | None = None
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
-        self._outbox: list[bytes] = []
+        self.outbox: list[bytes] = []
+        """Packed commands waiting for the batch on the wire to be answered."""
+        self.unanswered = 0
+        self._flush_scheduled = False
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,19 +121,25 @@ class PipelinedConnection:
         if transport is None or transport.is_closing():
             future.set_exception(RedisConnectionError("Redis connection is closed"))
             return future
-        self._outbox.append(hiredis.pack_command(command))
-        if len(self._outbox) == 1:
-            loop.call_soon(self._flush)
+        self.outbox.append(hiredis.pack_command(command))
+        if not self.unanswered and not self._flush_scheduled:
+            # Sent at the end of this loop iteration, with the calls other requests make in it.
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
         self.pending.append((future, loop.time() + self._timeout))
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._timeout, self._check_deadline)
         return future
 
-    def _flush(self) -> None:
-        """One socket write for every command queued in this loop iteration."""
-        outbox, self._outbox = self._outbox, []
+    def flush(self) -> None:
+        """One socket write for every command queued since the last one."""
+        self._flush_scheduled = False
+        if self.unanswered:
+            return  # the answer in flight sends these when it arrives
+        outbox, self.outbox = self.outbox, []
         transport = self._transport
         if outbox and transport is not None and not transport.is_closing():
+            self.unanswered = len(outbox)
             transport.write(b"".join(outbox) if len(outbox) > 1 else outbox[0])
 
     def _check_deadline(self) -> None:
@@ -144,7 +159,8 @@ class PipelinedConnection:
 
     def lost(self, error: Exception) -> None:
         self._transport, self.protocol = None, None
-        self._outbox = []
+        self.outbox = []
+        self.unanswered = 0
         pending, self.pending = self.pending, collections.deque()
         for future, _ in pending:
             if not future.done():
