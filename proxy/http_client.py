@@ -130,6 +130,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._decoder: Any = None
         self._until_close = False
+        self._interim = False
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -198,12 +199,16 @@ class _Connection(asyncio.Protocol):
         if now >= self._deadline:
             self._fail(UpstreamTimeout("the upstream did not finish in time"))
             return
-        if not self._paused and now >= self._last_data + self._timeouts.read:
+        if self._paused:
+            # Silence while paused is ours; _last_data + read may be long past, and a timer
+            # set in the past fires at once, on every loop turn until the consumer reads.
+            again = now + self._timeouts.read
+        elif now >= self._last_data + self._timeouts.read:
             self._fail(UpstreamTimeout("the upstream went silent"))
             return
-        self._timer = self._loop.call_at(
-            min(self._deadline, self._last_data + self._timeouts.read), self._check
-        )
+        else:
+            again = self._last_data + self._timeouts.read
+        self._timer = self._loop.call_at(min(self._deadline, again), self._check)
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None and not self.complete:
@@ -222,6 +227,9 @@ class _Connection(asyncio.Protocol):
         self._finish()
         self._response = None
         if self.complete and self.keep_alive and not self.closed:
+            if self._paused:  # a whole answer released unread: the next one must be read
+                self._paused = False
+                self.transport.resume_reading()
             self._pool.put_back(self)
         else:
             self.close()
@@ -246,16 +254,22 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed response from the upstream: {exc}"))
-        except UpstreamError as exc:
-            self._fail(exc)
+            # A callback's own exception reaches here only as the __context__ of httptools'
+            # HttpParserCallbackError.
+            cause = exc.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(UpstreamError(f"malformed response from the upstream: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The end of a body without a length is the upstream's orderly close (``exc`` None);
+        a reset breaks the answer off."""
         self.closed = True
         self.transport = None
         self._pool.forget(self)
         if self._response is not None and not self.complete:
-            if self._until_close and self.headers_done and self.error is None:
+            if self._until_close and exc is None and self.headers_done and self.error is None:
                 self._flush_decoder()
                 self.complete = True
             elif self.error is None:
@@ -265,13 +279,26 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks -----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: neither body nor reusable
+            raise UpstreamError("the upstream sent more than one answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self._response
         assert response is not None
-        response.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status == 101:  # else httptools raises HttpParserUpgrade out of data_received
+            raise UpstreamError("the upstream switched protocols unasked")
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): clients must skip even
+            # unexpected ones (RFC 9110 15.2); the final answer follows on the same parser.
+            self._interim = True
+            self._raw_headers = []
+            return
+        response.status = status
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw_headers
         )
@@ -307,6 +334,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._flush_decoder()
         self.complete = True
         self._finish()
