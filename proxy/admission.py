@@ -46,8 +46,6 @@ class Admitted:
     budget_unit: str
     budget_window: str
     budget_field: str
-    lease: str = ""
-    """The reservation's name in Redis, for settle and lease renewals."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def _optional(value: int) -> int | None:
 class SettleRequest:
     org_id: str
     request_id: str
-    lease: str
+    key_id: str
     tokens: int
     cost_nano: int
     usage_record: list[str | int]
@@ -165,7 +163,6 @@ class Admission:
                 budget_unit=result[9],
                 budget_window=result[10],
                 budget_field=result[11],
-                lease=result[12],
             )
         if kind == "rate":
             return RateLimited(
@@ -201,18 +198,17 @@ class Admission:
     def windows(self, now: float) -> Windows:
         return self._windows.current(now)
 
-    async def renew(self, org_id: str, lease: str) -> None:
+    async def renew(self, org_id: str, request_id: str) -> None:
         expiry = int(self.clock() * 1000) + self._lease_ms
-        await self.redis.zadd(org_prefix(org_id) + "leases", {lease: expiry}, xx=True)
+        await self.redis.zadd(org_prefix(org_id) + "leases", {request_id: expiry}, xx=True)
 
-    def keep_alive(self, org_id: str, lease: str) -> LeaseKeeper:
-        return LeaseKeeper(self, org_id, lease, self._lease_ms / 3000)
+    def keep_alive(self, org_id: str, request_id: str) -> LeaseKeeper:
+        return LeaseKeeper(self, org_id, request_id, self._lease_ms / 3000)
 
     def settle_request(
         self,
         identity: Identity,
         request_id: str,
-        lease: str,
         tokens: int,
         cost_nano: int,
         record: dict[str, str | int | None],
@@ -220,7 +216,7 @@ class Admission:
         return SettleRequest(
             org_id=identity.org_id,
             request_id=request_id,
-            lease=lease,
+            key_id=identity.key_id,
             tokens=tokens,
             cost_nano=cost_nano,
             usage_record=[item for name, value in record.items() for item in (name, _field(value))],
@@ -246,7 +242,8 @@ class Admission:
             [org_prefix(req.org_id)],
             [
                 int(now * 1000),
-                req.lease,
+                req.request_id,
+                req.key_id,
                 req.tokens,
                 req.cost_nano,
                 windows.daily,
@@ -289,10 +286,10 @@ class LeaseKeeper:
     proxy's reservations are ever reclaimed — however long a request or a silent stream runs.
     A timer, not a task: the common short request pays only for scheduling and cancelling it."""
 
-    def __init__(self, admission: Admission, org_id: str, lease: str, every: float) -> None:
+    def __init__(self, admission: Admission, org_id: str, request_id: str, every: float) -> None:
         self._admission = admission
         self._org_id = org_id
-        self._lease = lease
+        self._request_id = request_id
         self._every = every
         self._loop = asyncio.get_running_loop()
         self._handle = self._loop.call_later(every, self._fire)
@@ -304,7 +301,7 @@ class LeaseKeeper:
 
     async def _renew(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self._admission.renew(self._org_id, self._lease)
+            await self._admission.renew(self._org_id, self._request_id)
 
     def cancel(self) -> None:
         self._handle.cancel()

@@ -9,14 +9,10 @@
 --          role defaults rps, rpm, rph, rpd, tpm, concurrency ("" = none)
 --
 -- Returns  {"ok", req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
---           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window,
---           budget_field, lease}   (lease: the member settle and renewals name the lease by)
+--           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field}
 --       or {"revoked"}
 --       or {"rate", scope, limit_name, limit, retry_after_ms, count}
 --       or {"budget", field, why ("blocked"|"exceeds"), window, spend, line}
---
--- Tokens per minute: a sorted set of "<rid> <tokens>" members scored by admission time, and a
--- string with their sum (tpmt), so pruning reads amounts from the members themselves.
 
 local P = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -38,7 +34,8 @@ local LIMIT_NAMES = {'rps', 'rpm', 'rph', 'rpd', 'tpm', 'concurrency'}
 local REQUEST_WINDOWS = {{1, 1000, 's'}, {2, 60000, 'm'}, {3, 3600000, 'h'}, {4, 86400000, 'd'}}
 local TPM_MS = 60000
 
-local kf = redis.call('HMGET', P .. 'key:' .. kid, 'status', unpack(LIMIT_NAMES))
+local key_hash = P .. 'key:' .. kid
+local kf = redis.call('HMGET', key_hash, 'status', unpack(LIMIT_NAMES))
 if kf[1] ~= 'active' then
   return {'revoked'}
 end
@@ -59,7 +56,7 @@ local scopes = {{'key', 'k:' .. kid, key_limits}, {'org', 'o', org_limits}}
 -- Request windows: a sliding log per (scope, window); exact under any concurrency because this
 -- script is the only writer and runs atomically.
 local req_writes = {}
-local req_limit, req_remaining, req_log, req_window = -1, -1, nil, 0
+local req_limit, req_remaining, req_reset = -1, -1, -1
 for _, scope in ipairs(scopes) do
   local limits = scope[3]
   for _, w in ipairs(REQUEST_WINDOWS) do
@@ -75,41 +72,41 @@ for _, scope in ipairs(scopes) do
       end
       local remaining = limit - count - 1
       if req_limit < 0 or remaining < req_remaining then
-        req_limit, req_remaining, req_log, req_window = limit, remaining, z, w[2]
+        local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+        req_limit, req_remaining = limit, remaining
+        req_reset = oldest[2] and (tonumber(oldest[2]) + w[2] - now) or w[2]
       end
       req_writes[#req_writes + 1] = {z, w[2]}
     end
   end
 end
 
--- Tokens per minute: reservations in a sliding log, refunded to actual usage at settle.
+-- Tokens per minute: a sliding log of reservations, refunded to actual usage at settle.
 local tpm_writes = {}
-local tpm_scopes = ''
-local tok_limit, tok_remaining, tok_log = -1, -1, nil
+local tok_limit, tok_remaining, tok_reset = -1, -1, -1
 for _, scope in ipairs(scopes) do
   local limit = scope[3][5]
   if limit then
     local z = P .. 'tpm:' .. scope[2]
-    local tk = P .. 'tpmt:' .. scope[2]
-    local total = tonumber(redis.call('GET', tk)) or 0
+    local h = P .. 'tpmv:' .. scope[2]
     local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - TPM_MS)
     if #old > 0 then
-      for _, member in ipairs(old) do
-        total = total - tonumber(string.match(member, ' (%-?%d+)$'))
+      local freed = 0
+      for _, r in ipairs(old) do
+        freed = freed + (tonumber(redis.call('HGET', h, r)) or 0)
+        redis.call('HDEL', h, r)
       end
+      redis.call('HINCRBY', h, '_total', -freed)
       redis.call('ZREMRANGEBYSCORE', z, '-inf', now - TPM_MS)
-      total = math.max(total, 0)
     end
+    local total = tonumber(redis.call('HGET', h, '_total')) or 0
     if total + rt > limit then
-      if #old > 0 then
-        redis.call('SET', tk, fmt_int(total), 'KEEPTTL')
-      end
       local retry = -1
       if rt <= limit then
         local entries = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
         local freed = 0
         for i = 1, #entries, 2 do
-          freed = freed + tonumber(string.match(entries[i], ' (%-?%d+)$'))
+          freed = freed + (tonumber(redis.call('HGET', h, entries[i])) or 0)
           if total - freed + rt <= limit then
             retry = tonumber(entries[i + 1]) + TPM_MS - now
             break
@@ -120,19 +117,19 @@ for _, scope in ipairs(scopes) do
     end
     local remaining = limit - total - rt
     if tok_limit < 0 or remaining < tok_remaining then
-      tok_limit, tok_remaining, tok_log = limit, remaining, z
+      local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+      tok_limit, tok_remaining = limit, remaining
+      tok_reset = oldest[2] and (tonumber(oldest[2]) + TPM_MS - now) or TPM_MS
     end
-    tpm_writes[#tpm_writes + 1] = {z, tk, total + rt}
-    tpm_scopes = tpm_scopes .. string.sub(scope[1], 1, 1)
+    tpm_writes[#tpm_writes + 1] = {z, h}
   end
 end
 
--- Concurrency and budgets both read the in-flight totals: key n c t, org n c t.
-local infl = redis.call('HMGET', P .. 'infl', unpack(infl_fields(kid)))
-for i, scope in ipairs(scopes) do
+-- Concurrency: the in-flight count of live leases.
+for _, scope in ipairs(scopes) do
   local limit = scope[3][6]
   if limit then
-    local n = tonumber(infl[i * 3 - 2]) or 0
+    local n = tonumber(redis.call('HGET', P .. 'infl:' .. scope[2], 'n')) or 0
     if n >= limit then
       return {'rate', scope[1], 'concurrency', limit, -1, n}
     end
@@ -143,7 +140,6 @@ end
 -- block line; a request is refused when its worst case would carry spend past the line.
 local fields = {'k:' .. kid .. ':cluster', 'k:' .. kid .. ':org', 'o:cluster', 'o:org'}
 local tags = {'k:' .. kid, 'k:' .. kid, 'o', 'o'}
-local held_at = {c = {2, 2, 5, 5}, t = {3, 3, 6, 6}}
 local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
 local bud_remaining, bud_line, bud_unit, bud_window, bud_field = '', '', '', '', ''
 local tightest = nil
@@ -155,7 +151,7 @@ for i = 1, 4 do
     if floor then
       local w = win[period]
       local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tags[i] .. ':' .. w, unit)) or 0
-      local held = tonumber(infl[held_at[unit][i]]) or 0
+      local held = tonumber(redis.call('HGET', P .. 'infl:' .. tags[i], unit)) or 0
       local r = rt
       if unit == 'c' then
         r = rc
@@ -178,27 +174,24 @@ for i = 1, 4 do
 end
 
 -- Everything passed: reserve.
-local req_reset, tok_reset = -1, -1
-if req_log then
-  local oldest = redis.call('ZRANGE', req_log, 0, 0, 'WITHSCORES')
-  req_reset = oldest[2] and (tonumber(oldest[2]) + req_window - now) or req_window
-end
-if tok_log then
-  local oldest = redis.call('ZRANGE', tok_log, 0, 0, 'WITHSCORES')
-  tok_reset = oldest[2] and (tonumber(oldest[2]) + TPM_MS - now) or TPM_MS
-end
 for _, wr in ipairs(req_writes) do
   redis.call('ZADD', wr[1], now, rid)
   redis.call('PEXPIRE', wr[1], wr[2] + 1000)
 end
 for _, wr in ipairs(tpm_writes) do
-  redis.call('ZADD', wr[1], now, rid .. ' ' .. ARGV[4])
+  redis.call('ZADD', wr[1], now, rid)
+  redis.call('HSET', wr[2], rid, rt)
+  redis.call('HINCRBY', wr[2], '_total', rt)
   redis.call('PEXPIRE', wr[1], TPM_MS + 1000)
-  redis.call('SET', wr[2], fmt_int(wr[3]), 'PX', TPM_MS + 1000)
+  redis.call('PEXPIRE', wr[2], TPM_MS + 1000)
 end
-move_inflight(P, kid, 1, rc, rt, infl)
-local lease = table.concat({rid, ARGV[1], ARGV[5], ARGV[4], tpm_scopes, kid}, '|')
-redis.call('ZADD', P .. 'leases', now + lease_ms, lease)
+for _, h in ipairs({P .. 'infl:k:' .. kid, P .. 'infl:o'}) do
+  redis.call('HINCRBY', h, 'c', rc)
+  redis.call('HINCRBY', h, 't', rt)
+  redis.call('HINCRBY', h, 'n', 1)
+end
+redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', rc, 't', rt)
+redis.call('ZADD', P .. 'leases', now + lease_ms, rid)
 
 return {'ok', req_limit, req_remaining, req_reset, tok_limit, tok_remaining, tok_reset,
-        fmt_int(bud_remaining), fmt_int(bud_line), bud_unit, bud_window, bud_field, lease}
+        fmt_int(bud_remaining), fmt_int(bud_line), bud_unit, bud_window, bud_field}

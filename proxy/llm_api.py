@@ -50,7 +50,6 @@ class Exchange:
 
     identity: Identity
     request_id: str
-    lease: str
     endpoint: str
     route: ModelRoute
     prompt_tokens: int
@@ -185,10 +184,8 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     assert isinstance(decision, Admitted)
     outcome["decision"] = "admitted"
     outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
-    exchange = Exchange(
-        identity, request_id, decision.lease, endpoint, route, prompt_tokens, on_behalf_of
-    )
-    lease = gw.admission.keep_alive(identity.org_id, decision.lease)
+    exchange = Exchange(identity, request_id, endpoint, route, prompt_tokens, on_behalf_of)
+    lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await _forward(request, gw, exchange, body, stream, decision)
     finally:
@@ -228,7 +225,7 @@ async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> N
     )
     await gw.admission.settle(
         gw.admission.settle_request(
-            exchange.identity, exchange.request_id, exchange.lease, usage.total_tokens, cost, record
+            exchange.identity, exchange.request_id, usage.total_tokens, cost, record
         )
     )
 

@@ -280,16 +280,6 @@ def usage_record(fields: dict[str, str]) -> dict[str, Any]:
     return record
 
 
-async def in_flight(store: aioredis.Redis, org: str, scope: str) -> dict[str, int]:
-    """Live reservations of a scope ("k:<key id>" or "o"): slots ``n``, tokens ``t``, cost
-    ``c`` — fields of the org's in-flight hash (see proxy/lease.lua)."""
-    names = ("n", "t", "c")
-    values = await store.hmget(  # type: ignore[misc]
-        f"bp:{{o:{org}}}:infl", [f"{scope}:{name}" for name in names]
-    )
-    return {name: int(value or 0) for name, value in zip(names, values, strict=True)}
-
-
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the test Redis, to check what the proxy wrote."""

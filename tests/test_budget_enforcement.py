@@ -27,7 +27,6 @@ from conftest import (
     FakeClock,
     Proxy,
     eventually,
-    in_flight,
     start_proxy_process,
     usage_record,
     write_config,
@@ -134,11 +133,11 @@ async def books(store: aioredis.Redis, org: str) -> dict[str, Any]:
     """Everything a request could have left behind in the org: spend, leases, in-flight."""
     p = f"bp:{{o:{org}}}:"
     spend = {k: await store.hgetall(k) async for k in store.scan_iter(p + "spend:*")}
-    inflight = await store.hgetall(p + "infl")  # type: ignore[misc]
+    inflight = {k: await store.hgetall(k) async for k in store.scan_iter(p + "infl:*")}
     return {
         "spend": spend,
         "leases": await store.zcard(p + "leases"),
-        "inflight": {f: int(v) for f, v in inflight.items() if int(v)},
+        "inflight": {k: {f: int(v) for f, v in h.items() if int(v)} for k, h in inflight.items()},
         "usage": await store.xlen(p + "usage"),
     }
 
@@ -190,7 +189,10 @@ async def test_lowering_the_limit_blocks_at_once_and_raising_it_unblocks(
     # A refused request reached no upstream, reserved nothing and was charged nothing.
     assert len(p.received()) == upstream_calls
     assert await books(store, "acme") == before
-    assert before["leases"] == 0 and before["inflight"] == {}
+    assert before["leases"] == 0 and before["inflight"] == {
+        "bp:{o:acme}:infl:k:" + kid: {},
+        "bp:{o:acme}:infl:o": {},
+    }
     # Raise it again: admitted at once.
     b = await put(p, f"/apikey/{kid}", budget(limit=used + 200))
     assert b["spend"]["status"] == "ok"
@@ -709,8 +711,8 @@ async def test_exactly_n_admitted_under_200_concurrent_requests_on_two_processes
     p = f"bp:{{o:{org}}}:"
     assert await store.xlen(p + "usage") == N
     assert await store.zcard(p + "leases") == 0
-    for scope in ("o", f"k:{keys[0][0]}"):
-        assert await in_flight(store, org, scope) == {"c": 0, "t": 0, "n": 0}
+    for h in (p + "infl:o", p + f"infl:k:{keys[0][0]}"):
+        assert {f: int(v) for f, v in (await store.hgetall(h)).items()} == {"c": 0, "t": 0, "n": 0}
 
 
 # --- a proxy killed mid-request ---------------------------------------------------------
@@ -824,8 +826,8 @@ async def test_a_killed_proxys_reservations_come_back_after_lease_expiry(
             records = [usage_record(f) for _, f in await store.xrange(p + "usage")]
             assert sum(r["in"] + r["out"] for r in records) == line and len(records) == 2
             assert await store.zcard(p + "leases") == 0
-            for scope in ("o", f"k:{kid}"):
-                held = await in_flight(store, org, scope)
+            for h in (p + "infl:o", p + f"infl:k:{kid}"):
+                held = {f: int(v) for f, v in (await store.hgetall(h)).items()}
                 assert held == {"c": 0, "t": 0, "n": 0}, held
             status, listing = await admin(session, survivor.url, "GET", f"{BASE}/apikey/{kid}")
             assert listing["data"][0]["spend"]["tokens_spent"] == str(line)

@@ -30,7 +30,6 @@ from conftest import (
     Proxy,
     ProxyProcess,
     eventually,
-    in_flight,
     start_proxy_process,
     write_config,
 )
@@ -157,14 +156,15 @@ def rate_headers(headers: Mapping[str, str]) -> list[str]:
     return [name for name in headers if name.lower().startswith(RATE_HEADER_PREFIXES)]
 
 
-async def key_in_flight(store: aioredis.Redis, key_id: str) -> dict[str, int]:
+async def in_flight(store: aioredis.Redis, key_id: str) -> dict[str, int]:
     """The key's live reservations: concurrency slots ``n``, tokens ``t``, cost ``c``."""
-    return await in_flight(store, ORG, "k:" + key_id)
+    raw = await store.hgetall(P + "infl:k:" + key_id)  # type: ignore[misc]
+    return {name: int(raw.get(name, 0)) for name in ("n", "t", "c")}
 
 
 async def no_slots_held(store: aioredis.Redis, key_id: str) -> None:
     async def released() -> bool:
-        return await key_in_flight(store, key_id) == {"n": 0, "t": 0, "c": 0}
+        return await in_flight(store, key_id) == {"n": 0, "t": 0, "c": 0}
 
     await eventually(released, what=f"the slots of {key_id} to be released")
     assert await store.zcard(P + "leases") == 0
@@ -416,7 +416,7 @@ async def test_concurrency_limit_holds_and_slots_always_come_back(
         assert error["code"] == "rate_limit_exceeded"
         assert error["type"] == "requests"
         assert "limit of 3 concurrent requests is reached (3 in use)" in error["message"]
-    assert (await key_in_flight(store, key_id))["n"] == 3
+    assert (await in_flight(store, key_id))["n"] == 3
 
     # Released on completion.
     for response in admitted:
@@ -437,7 +437,7 @@ async def test_concurrency_limit_holds_and_slots_always_come_back(
     for stream in (False, True, False, True, False):
         failed = await chat(session, url, key, stream=stream, headers={"x-mock-status": "500"})
         assert failed.status == 500
-        assert (await key_in_flight(store, key_id))["n"] == 0
+        assert (await in_flight(store, key_id))["n"] == 0
 
     # Released when the upstream drops the stream half-way.
     broken_streams = [
@@ -499,7 +499,7 @@ async def test_slots_of_a_killed_process_are_reclaimed_after_the_lease(
                 response.close()
     finally:
         await stop_processes([process])
-    assert (await key_in_flight(store, key_id))["n"] == 2  # nobody settled them
+    assert (await in_flight(store, key_id))["n"] == 2  # nobody settled them
 
     # Another proxy, later than the dead one's leases: the next admission reclaims them.
     clock = FakeClock(time.time() + 2)
@@ -529,7 +529,7 @@ async def test_a_slow_buffered_request_keeps_its_slot_past_the_lease(
     )
 
     async def admitted() -> bool:
-        return (await key_in_flight(store, key_id))["n"] == 1
+        return (await in_flight(store, key_id))["n"] == 1
 
     await eventually(admitted, what="the slow request to be admitted")
     clock.advance(5)  # the request has now been in flight longer than lease_seconds
