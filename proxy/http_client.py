@@ -353,12 +353,18 @@ class Client:
     """The connection pool. Idle connections older than ``keepalive`` are not reused: the
     upstream may have closed them already, and a POST is never sent twice."""
 
-    def __init__(self, timeouts: Timeouts, keepalive: float = 30.0) -> None:
+    def __init__(
+        self,
+        timeouts: Timeouts,
+        keepalive: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._timeouts = timeouts
         self._keepalive = keepalive
         self._idle: dict[Origin, list[_Connection]] = {}
         self._busy: set[_Connection] = set()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
+        """Verifies https upstreams; the system's CAs (and ``SSL_CERT_FILE``) by default."""
 
     async def post(
         self, target: Target, headers: Iterable[tuple[str, str]], body: bytes

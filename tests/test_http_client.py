@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import os
 import socket
+import ssl
 import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from proxy.http_client import (
@@ -110,12 +112,13 @@ class Server:
         self.errors: list[BaseException] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=tls)
         self.port: int = self._server.sockets[0].getsockname()[1]
+        self.scheme = "https" if tls else "http"
 
     def target(self, path: str = "/v1/chat/completions") -> Target:
-        return Target.parse(f"http://127.0.0.1:{self.port}{path}")
+        return Target.parse(f"{self.scheme}://127.0.0.1:{self.port}{path}")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -149,16 +152,25 @@ class Harness:
         self._servers: list[Server] = []
         self._clients: list[Client] = []
 
-    async def serve(self, handler: Handler) -> Server:
+    async def serve(self, handler: Handler, tls: ssl.SSLContext | None = None) -> Server:
         server = Server(handler)
-        await server.start()
+        await server.start(tls)
         self._servers.append(server)
         return server
 
     def client(
-        self, connect: float = 2.0, read: float = 2.0, total: float = 10.0, keepalive: float = 30.0
+        self,
+        connect: float = 2.0,
+        read: float = 2.0,
+        total: float = 10.0,
+        keepalive: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Client:
-        client = Client(Timeouts(connect=connect, read=read, total=total), keepalive=keepalive)
+        client = Client(
+            Timeouts(connect=connect, read=read, total=total),
+            keepalive=keepalive,
+            ssl_context=ssl_context,
+        )
         self._clients.append(client)
         return client
 
@@ -217,6 +229,17 @@ async def echo_forever(peer: Peer) -> None:
 
 def idle_count(client: Client, target: Target) -> int:
     return len(client._idle.get(target.origin, []))
+
+
+def tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting its
+    CA only."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
 
 
 # --- 1. bodies -------------------------------------------------------------------------------
@@ -378,6 +401,28 @@ async def test_corrupt_compressed_body_raises_upstream_error(h: Harness) -> None
 
 
 # --- 4. keep-alive ---------------------------------------------------------------------------
+
+
+async def test_https_upstream_verified_and_kept_alive(h: Harness) -> None:
+    server_tls, client_tls = tls_pair()
+    server = await h.serve(echo_forever, tls=server_tls)
+    client = h.client(ssl_context=client_tls)
+    for body in (b"one", b"two"):
+        response = await client.post(server.target(), [], body)
+        assert response.status == 200
+        assert await response.read() == b"echo:" + body
+        response.release()
+    assert server.connections == 1  # TLS sessions are pooled like plain ones
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_refused(h: Harness) -> None:
+    server_tls, _ = tls_pair()
+    _, other_trust = tls_pair()  # trusts a different CA
+    server = await h.serve(echo_forever, tls=server_tls)
+    client = h.client(ssl_context=other_trust)
+    with pytest.raises(UpstreamError, match="certificate") as error:
+        await client.post(server.target(), [], b"{}")
+    assert not isinstance(error.value, UpstreamTimeout)
 
 
 async def test_sequential_requests_share_one_connection(h: Harness) -> None:
