@@ -2,6 +2,7 @@
 
     python tests/bench/run_bench.py [--duration 10] [--connections 64] [--json out.json]
                                     [--scenario short|long|both] [--memory-minutes N]
+                                    [--profile DIR] [--pin]
 
 It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
 aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
@@ -14,7 +15,10 @@ Scenarios: ``short`` chat prompts and ``long`` prompts of ~50k tokens (counting 
 stall the proxy's event loop: a /healthz probe runs beside the load and its latency shows
 stalls). Per target: req/s, latency p50/p90/p99/max, CPU per request of each process; for (c)
 also Redis commands per request from ``INFO commandstats``. ``--memory-minutes N`` instead
-samples the proxy's RSS under steady load and reports growth after warm-up.
+samples the proxy's RSS under steady load and reports growth after warm-up. ``--profile DIR``
+adds an unmeasured run of (b) and (c) under py-spy and prints where their CPU goes
+(``cpu_profile.py``); ``--pin`` puts the server under test alone on one core, for A/B
+comparisons of two versions (the headline figures are unpinned).
 
 Everything runs on this machine, so the generator, the mock, Redis and the system under test
 share its cores: compare targets within one run, not across machines.
@@ -244,6 +248,9 @@ async def provision(proxy_url: str) -> str:
     return secret
 
 
+LOAD_CPUS, SERVER_CPUS = {0}, {1}
+"""``--pin``: the generator, the mock and Redis share CPU 0; the server under test has CPU 1."""
+
 # --- measurements -------------------------------------------------------------------------------
 
 
@@ -344,14 +351,17 @@ class Load:
     generator_cpu_s: float
 
 
-async def wrk_load(url: str, script: Path, seconds: int, connections: int) -> Load:
+async def wrk_load(
+    url: str, script: Path, seconds: int, connections: int, cpus: set[int] | None = None
+) -> Load:
     before = children_cpu()
     process = await asyncio.create_subprocess_exec(
-        *os.environ.get("BENCH_WRK_PREFIX", "").split(),
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout=30s",
         "-s", str(script), url + CHAT_PATH,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    if cpus is not None:
+        os.sched_setaffinity(process.pid, cpus)
     out, err = await process.communicate()
     line = next((x for x in out.decode().splitlines() if x.startswith("BENCHJSON ")), None)
     if process.returncode != 0 or line is None:
@@ -460,7 +470,13 @@ class Bench:
             script = write_wrk_script(
                 self.work / f"{scenario.name}.lua", scenario, self.key, self.args.stream_ratio
             )
-            return await wrk_load(target.url, script, seconds, self.args.connections)
+            return await wrk_load(
+                target.url,
+                script,
+                seconds,
+                self.args.connections,
+                LOAD_CPUS if self.args.pin else None,
+            )
         prompt_file = self.work / f"{scenario.name}.prompt.txt"
         prompt_file.write_text(scenario.prompt)
         return await python_load(
@@ -724,6 +740,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 work / "proxy.log",
             ),
         }  # fmt: skip
+        if args.pin:
+            # The system under test alone on one core, everything else on the other: steadier
+            # CPU-per-request figures for comparing two versions of the proxy.
+            for pid in (mock.pid, redis_server.pid or 0):
+                os.sched_setaffinity(pid, LOAD_CPUS)
+            for pid in (passthrough.pid, proxy.pid):
+                os.sched_setaffinity(pid, SERVER_CPUS)
         for target in targets.values():
             await wait_ready(target.url + target.probe_path, target.process, target.log)
         await wait_ready(targets["proxy"].url + "/readyz", proxy, targets["proxy"].log)
@@ -737,6 +760,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "stream_ratio": args.stream_ratio,
             "max_tokens": MAX_TOKENS,
             "cpus": os.cpu_count(),
+            "pinned": args.pin,
             "scenarios": {},
         }
         if args.memory_minutes:
@@ -792,7 +816,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="DIR", help="also sample (b) and (c) with py-spy; raw stacks here"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="server under test on CPU 1, everything else on CPU 0 (steadier A/B figures)",
+    )
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs two CPUs")
     if args.profile and bench_profile.executable() is None:
         parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     if not 0 <= args.stream_ratio <= 1 or args.duration < 1 or args.connections < 1:

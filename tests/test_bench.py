@@ -1,0 +1,33 @@
+"""The benchmark runs end to end (short, with the built-in generator so CI needs no wrk) and
+reports what the issue asks of it; its figures themselves are never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parent / "bench" / "run_bench.py"
+
+
+def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--duration", "1", "--warmup", "1", "--scenario", "short",
+         "--generator", "python", "--connections", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    short = result["scenarios"]["short"]
+    assert set(short["targets"]) == {"mock", "passthrough", "proxy"}
+    for row in short["targets"].values():
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    # Every request was admitted: one admit and one settle each, nothing else scripted.
+    assert short["targets"]["proxy"]["redis_per_request"]["evalsha"] == 2.0
+    comparison = short["comparison"]
+    proxy, passthrough = short["targets"]["proxy"], short["targets"]["passthrough"]
+    assert comparison["throughput_ratio_c_over_b"] == round(proxy["rps"] / passthrough["rps"], 3)
+    assert "(c)/(b) throughput" in done.stdout
