@@ -3,6 +3,7 @@ client could not produce the request): forwarding, exact metering, errors and th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -876,6 +877,39 @@ def _two_upstreams(mock_url: str, dead_url: str) -> dict[str, Any]:
             ModelConfig(name="ghost", upstream="dead", price=PriceConfig(input=1, output=1)),
         ],
     }
+
+
+@contextlib.asynccontextmanager
+async def upstream_breaking_off_its_answer() -> AsyncIterator[str]:
+    """An upstream announcing a 100-byte body, sending 10 bytes of it, then closing."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"id":"cm'
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_answer_broken_off_by_the_upstream_is_502_and_costs_nothing(
+    start_proxy: Callable[..., Any], mock_upstream: TestServer, store: aioredis.Redis
+) -> None:
+    async with upstream_breaking_off_its_answer() as broken:
+        proxy = await start_proxy(**_two_upstreams(str(mock_upstream.make_url("/v1")), broken))
+        kid, key = await proxy.create_key(ORG)
+        status, body, _ = await raw_post(proxy, CHAT, {**GOOD, "model": "ghost"}, key)
+    assert status == 502
+    assert_error(body, "server_error", "upstream_stream_broken")
+    await charged_zero(store, proxy, kid)
 
 
 async def test_unreachable_upstream_is_502_and_costs_nothing(
