@@ -119,10 +119,12 @@ class _Connection(asyncio.Protocol):
         self.transport: Any = None
         self.closed = False
         self.idle_since = 0.0
+        # One parser for the connection's life: llhttp reads keep-alive answers one after another.
+        self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        """Per-request state."""
         self._response: Response | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
