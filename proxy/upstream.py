@@ -14,7 +14,7 @@ from proxy.http_client import Client, Response, Target, Timeouts, UpstreamError,
 from proxy.routes import ModelRoute
 
 # Never forwarded upstream: hop-by-hop headers, the client's credential and identity headers
-# that belong to the client's own provider account, and what aiohttp sets itself.
+# that belong to the client's own provider account, and the framing headers the proxy sets itself.
 _DROP_REQUEST = frozenset(
     {
         "connection",
@@ -37,6 +37,7 @@ _DROP_REQUEST = frozenset(
         "x-on-behalf-of",
         "x-request-id",
         "accept-encoding",
+        "content-type",
         "expect",
     }
 )
@@ -61,9 +62,7 @@ _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "ratelimit", "retry-after")
 
 def upstream_headers(client_headers: Mapping[str, str], route: ModelRoute) -> list[tuple[str, str]]:
     headers = [
-        (name, value)
-        for name, value in client_headers.items()
-        if name.lower() not in _DROP_REQUEST and name.lower() != "content-type"
+        (name, value) for name, value in client_headers.items() if name.lower() not in _DROP_REQUEST
     ]
     headers.append(("Content-Type", "application/json"))
     headers.append(("Accept-Encoding", "identity"))
