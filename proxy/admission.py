@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
@@ -23,7 +22,7 @@ from proxy.config import RoleLimits
 from proxy.keys import Identity
 from proxy.resp import PipelinedConnection
 from proxy.store import LuaScript, Redis, org_prefix
-from proxy.windows import Clock, WindowCache, Windows
+from proxy.windows import Clock, WindowCache, Windows, iso_millis
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 
 
-@dataclass(frozen=True)
+# Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
+@dataclass(slots=True)
 class Admitted:
     request_limit: int | None
     request_remaining: int
@@ -90,7 +90,7 @@ def _optional(value: int) -> int | None:
     return None if value < 0 else value
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SettleRequest:
     org_id: str
     request_id: str
@@ -252,9 +252,7 @@ class Admission:
                 windows.ttl("daily", now),
                 windows.ttl("weekly", now),
                 windows.ttl("monthly", now),
-                datetime.fromtimestamp(now, UTC)
-                .isoformat(timespec="milliseconds")
-                .replace("+00:00", "Z"),
+                iso_millis(now),
                 *req.usage_record,
             ],
         )

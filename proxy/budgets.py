@@ -12,7 +12,6 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from proxy.store import LuaScript, Redis, org_prefix
-from proxy.windows import Period, Windows
+from proxy.windows import Period, Windows, iso_millis
 
 NANO = 1_000_000_000
 Scope = Literal["apikey", "org"]
@@ -177,12 +176,6 @@ def public(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
     }
 
 
-def iso(now: float) -> str:
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
 class BudgetStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -196,7 +189,7 @@ class BudgetStore:
         windows: Windows,
         now: float,
     ) -> dict[str, Any]:
-        stored = stored_budget(spec, scope, scope_id, iso(now))
+        stored = stored_budget(spec, scope, scope_id, iso_millis(now))
         await PUT_BUDGET(
             self._redis,
             [org_prefix(org_id)],
@@ -208,7 +201,7 @@ class BudgetStore:
                 windows.of(spec.period),
                 windows.ttl(spec.period, now),
                 int(now * 1000),
-                iso(now),
+                iso_millis(now),
                 "put" + secrets.token_hex(6),
                 rule(stored),
             ],

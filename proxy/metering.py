@@ -27,7 +27,7 @@ _CAP_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Usage:
     input_tokens: int
     output_tokens: int

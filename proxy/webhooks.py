@@ -74,11 +74,12 @@ from yarl import URL
 
 from proxy import metrics
 from proxy.access import require_admin
-from proxy.budgets import Spend, iso, public
+from proxy.budgets import Spend, public
 from proxy.config import WebhookConfig
 from proxy.errors import bad_request, not_found
 from proxy.state import GATEWAY, Gateway
 from proxy.store import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
+from proxy.windows import iso_millis
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +456,7 @@ _RECORD_FIELDS = (
 
 
 def _ms_iso(value: str | None) -> str | None:
-    return iso(int(value) / 1000) if value else None
+    return iso_millis(int(value) / 1000) if value else None
 
 
 def _delivery_view(

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 Period = Literal["daily", "weekly", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "weekly", "monthly")
@@ -95,3 +95,15 @@ class WindowCache:
             self._windows = windows_at(now)
             self._valid_from = self._windows.daily_end - 86400
         return self._windows
+
+
+_SECOND: list[Any] = [None, ""]
+
+
+def iso_millis(now: float) -> str:
+    """``2026-11-25T08:00:00.123Z``. Settle stamps every request with it, so the per-second
+    part is formatted once per second."""
+    second = int(now)
+    if _SECOND[0] != second:
+        _SECOND[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_SECOND[1]}.{int(now * 1000) % 1000:03d}Z"

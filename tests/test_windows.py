@@ -12,6 +12,7 @@ from proxy.windows import (
     WINDOW_GRACE_SECONDS,
     WindowCache,
     Windows,
+    iso_millis,
     window_id,
     windows_at,
 )
@@ -130,3 +131,14 @@ def test_window_cache_agrees_with_windows_at_every_hour_of_a_year_end() -> None:
     for hour in range(24 * 20):
         now = start + hour * 3600
         assert cache.current(now) == windows_at(now), hour
+
+
+def test_iso_millis_matches_datetime_across_seconds() -> None:
+    # Within one second, then the next, then back: the cached second must never leak.
+    for now in (1764057600.0, 1764057600.5, 1764057600.999, 1764057601.001, 1764057600.25, 0.5):
+        expected = (
+            datetime.fromtimestamp(now, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+        assert iso_millis(now) == expected
