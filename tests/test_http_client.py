@@ -16,6 +16,7 @@ import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -413,6 +414,22 @@ async def test_https_upstream_verified_and_kept_alive(h: Harness) -> None:
         assert await response.read() == b"echo:" + body
         response.release()
     assert server.connections == 1  # TLS sessions are pooled like plain ones
+
+
+async def test_https_trusts_the_bundle_named_by_ssl_cert_file(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's advice for a private CA: no code, just ``SSL_CERT_FILE``."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    server = await h.serve(echo_forever, tls=server_tls)
+    response = await h.client().post(server.target(), [], b"hi")
+    assert await response.read() == b"echo:hi"
+    response.release()
 
 
 async def test_https_upstream_with_an_untrusted_certificate_is_refused(h: Harness) -> None:
