@@ -17,6 +17,7 @@ import functools
 import gzip
 import hashlib
 import json
+import threading
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -152,9 +153,31 @@ def preload(names: Iterable[str]) -> None:
         get_encoding(name)
 
 
+CACHED_MIN_CHARS = 4096
+"""Texts at least this long have their counts remembered: a conversation resends its whole
+history on every turn, and a 50k-token history costs ~7 ms to encode, ~0.1 ms to hash."""
+_CACHED_MAX = 4096
+_counts: dict[tuple[str, int, int], int] = {}
+_counts_lock = threading.Lock()  # long texts are counted in worker threads
+
+
 def count_text(enc: tiktoken.Encoding, text: str) -> int:
-    """Special-token strings in user text are plain text to the upstream, so never an error."""
-    return len(enc.encode_ordinary(text)) if text else 0
+    """Special-token strings in user text are plain text to the upstream, so never an error.
+
+    Long texts are looked up by (encoding, length, hash): Python's string hash is keyed per
+    process, so a client cannot craft a collision to under-reserve; only counts are kept, never
+    text."""
+    if len(text) < CACHED_MIN_CHARS:
+        return len(enc.encode_ordinary(text)) if text else 0
+    key = (enc.name, len(text), hash(text))
+    count = _counts.get(key)
+    if count is None:
+        count = len(enc.encode_ordinary(text))
+        with _counts_lock:
+            if len(_counts) >= _CACHED_MAX:
+                del _counts[next(iter(_counts))]  # the oldest: insertion order
+            _counts[key] = count
+    return count
 
 
 # --- shared helpers: tolerate any JSON shape, count what is countable ---------------------------

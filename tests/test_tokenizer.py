@@ -535,3 +535,65 @@ async def test_long_token_id_arrays_are_offloaded(
     body = {"input": [list(range(1000))] * 100}
     assert await count_prompt(o200k, "embeddings", body) == 100_000
     assert len(to_thread_calls) == 1
+
+
+# --- counts of long texts are remembered --------------------------------------------------------
+
+
+class CountingEncoding:
+    """The real encoding, counting how often text is actually encoded."""
+
+    def __init__(self, enc: tiktoken.Encoding) -> None:
+        self.name = enc.name
+        self._enc = enc
+        self.encoded = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.encoded += 1
+        return self._enc.encode_ordinary(text)
+
+
+def history(seed: str, chars: int = tokenizer.CACHED_MIN_CHARS + 100) -> str:
+    words = f"{seed} the proxy counts every message of a long conversation "
+    return (words * (chars // len(words) + 1))[:chars]
+
+
+def test_a_resent_long_message_is_encoded_once(o200k: tiktoken.Encoding) -> None:
+    counting = CountingEncoding(o200k)
+    text = history("resent-7f3a")
+    first = count_text(counting, text)  # type: ignore[arg-type]
+    again = count_text(counting, "".join([text[:10], text[10:]]))  # an equal, distinct object
+    assert first == again == len(o200k.encode_ordinary(text))
+    assert counting.encoded == 1
+
+
+def test_an_edited_long_message_is_counted_afresh(o200k: tiktoken.Encoding) -> None:
+    counting = CountingEncoding(o200k)
+    text = history("edited-91c2")
+    edited = text[:-20] + "x" * 20  # same length, different text
+    assert count_text(counting, text) == len(o200k.encode_ordinary(text))  # type: ignore[arg-type]
+    assert count_text(counting, edited) == len(o200k.encode_ordinary(edited))  # type: ignore[arg-type]
+    assert counting.encoded == 2
+
+
+def test_short_texts_are_not_remembered(o200k: tiktoken.Encoding) -> None:
+    counting = CountingEncoding(o200k)
+    text = history("short-55d0", chars=tokenizer.CACHED_MIN_CHARS - 1)
+    for _ in range(2):
+        count_text(counting, text)  # type: ignore[arg-type]
+    assert counting.encoded == 2
+
+
+def test_remembered_counts_are_bounded(
+    o200k: tiktoken.Encoding, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokenizer, "_CACHED_MAX", 8)
+    monkeypatch.setattr(tokenizer, "_counts", {})
+    counting = CountingEncoding(o200k)
+    texts = [history(f"bounded-{n}") for n in range(12)]
+    for text in texts:
+        count_text(counting, text)  # type: ignore[arg-type]
+    assert len(tokenizer._counts) == 8
+    count_text(counting, texts[-1])  # among the newest: remembered
+    count_text(counting, texts[0])  # the oldest: evicted, encoded again
+    assert counting.encoded == 12 + 1
