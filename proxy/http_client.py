@@ -264,6 +264,13 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamError(f"malformed response from the upstream: {exc}"))
 
+    def eof_received(self) -> None:
+        """The upstream is closing: never reuse this connection, even before it is gone."""
+        self.keep_alive = False
+        if self._response is None:
+            self.closed = True
+            self._pool.forget(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         """The end of a body without a length is the upstream's orderly close (``exc`` None);
         a reset breaks the answer off."""
