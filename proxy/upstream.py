@@ -119,31 +119,24 @@ class UpstreamClient:
             raise upstream_unreachable(route) from exc
 
 
-def upstream_timeout(route: ModelRoute) -> ApiError:
+def _upstream_error(route: ModelRoute, status: int, what: str, code: str) -> ApiError:
     return ApiError(
-        504,
-        f"The upstream '{route.upstream.name}' did not answer in time.",
-        type="server_error",
-        code="upstream_timeout",
+        status, f"The upstream '{route.upstream.name}' {what}.", type="server_error", code=code
     )
 
 
+def upstream_timeout(route: ModelRoute) -> ApiError:
+    return _upstream_error(route, 504, "did not answer in time", "upstream_timeout")
+
+
 def upstream_broken(route: ModelRoute) -> ApiError:
-    return ApiError(
-        502,
-        f"The upstream '{route.upstream.name}' broke off its answer before it ended.",
-        type="server_error",
-        code="upstream_stream_broken",
+    return _upstream_error(
+        route, 502, "broke off its answer before it ended", "upstream_stream_broken"
     )
 
 
 def upstream_unreachable(route: ModelRoute) -> ApiError:
-    return ApiError(
-        502,
-        f"The upstream '{route.upstream.name}' could not be reached.",
-        type="server_error",
-        code="upstream_unavailable",
-    )
+    return _upstream_error(route, 502, "could not be reached", "upstream_unavailable")
 
 
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
