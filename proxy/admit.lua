@@ -1,7 +1,7 @@
 -- admit: one round trip decides everything about one request, atomically.
 -- Checks key status, rate limits (key, org), concurrency, tokens per minute and every budget
 -- that applies; only when all pass does it reserve (lease). Nothing is written on rejection
--- except the pruning of expired entries.
+-- except housekeeping (reclaiming dead proxies' leases, dropping a removed limit's level).
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, reserve_tokens, reserve_cost_nano, lease_ms,
@@ -31,8 +31,8 @@ local function fmt_int(x)
 end
 
 local LIMIT_NAMES = {'rps', 'rpm', 'rph', 'rpd', 'tpm', 'concurrency'}
-local REQUEST_WINDOWS = {{1, 1000, 's'}, {2, 60000, 'm'}, {3, 3600000, 'h'}, {4, 86400000, 'd'}}
-local TPM_MS = 60000
+local WINDOW_MS = {1000, 60000, 3600000, 86400000, 60000}
+local EPSILON = 1e-9 -- drained levels are fractions: 0.99999999999 of a request is one request
 
 local key_hash = P .. 'key:' .. kid
 local kf = redis.call('HMGET', key_hash, 'status', unpack(LIMIT_NAMES))
@@ -53,75 +53,59 @@ for i = 1, 6 do
 end
 local scopes = {{'key', 'k:' .. kid, key_limits}, {'org', 'o', org_limits}}
 
--- Request windows: a sliding log per (scope, window); exact under any concurrency because this
--- script is the only writer and runs atomically.
-local req_writes = {}
+-- Rate limits: a GCRA (leaky bucket) per limit, all of one scope in one small hash
+-- ("rl:k:<kid>", "rl:o"): the level of each bucket and when the levels were last drained ('at').
+-- A limit of N per window T admits N back to back, then drains at N/T: one more every T/N.
+-- Tokens per minute reserve the request's worst case; settle returns the unused part.
+local rate_writes = {}
 local req_limit, req_remaining, req_reset = -1, -1, -1
-for _, scope in ipairs(scopes) do
-  local limits = scope[3]
-  for _, w in ipairs(REQUEST_WINDOWS) do
-    local limit = limits[w[1]]
-    if limit then
-      local z = P .. 'rl:' .. scope[2] .. ':' .. w[3]
-      redis.call('ZREMRANGEBYSCORE', z, '-inf', now - w[2])
-      local count = redis.call('ZCARD', z)
-      if count >= limit then
-        local nth = redis.call('ZRANGE', z, count - limit, count - limit, 'WITHSCORES')
-        local retry = tonumber(nth[2]) + w[2] - now
-        return {'rate', scope[1], LIMIT_NAMES[w[1]], limit, retry, count}
-      end
-      local remaining = limit - count - 1
-      if req_limit < 0 or remaining < req_remaining then
-        local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-        req_limit, req_remaining = limit, remaining
-        req_reset = oldest[2] and (tonumber(oldest[2]) + w[2] - now) or w[2]
-      end
-      req_writes[#req_writes + 1] = {z, w[2]}
-    end
-  end
-end
-
--- Tokens per minute: a sliding log of reservations, refunded to actual usage at settle.
-local tpm_writes = {}
 local tok_limit, tok_remaining, tok_reset = -1, -1, -1
 for _, scope in ipairs(scopes) do
-  local limit = scope[3][5]
-  if limit then
-    local z = P .. 'tpm:' .. scope[2]
-    local h = P .. 'tpmv:' .. scope[2]
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - TPM_MS)
-    if #old > 0 then
-      local freed = 0
-      for _, r in ipairs(old) do
-        freed = freed + (tonumber(redis.call('HGET', h, r)) or 0)
-        redis.call('HDEL', h, r)
-      end
-      redis.call('HINCRBY', h, '_total', -freed)
-      redis.call('ZREMRANGEBYSCORE', z, '-inf', now - TPM_MS)
-    end
-    local total = tonumber(redis.call('HGET', h, '_total')) or 0
-    if total + rt > limit then
-      local retry = -1
-      if rt <= limit then
-        local entries = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
-        local freed = 0
-        for i = 1, #entries, 2 do
-          freed = freed + (tonumber(redis.call('HGET', h, entries[i])) or 0)
-          if total - freed + rt <= limit then
-            retry = tonumber(entries[i + 1]) + TPM_MS - now
-            break
-          end
+  local limits = scope[3]
+  if limits[1] or limits[2] or limits[3] or limits[4] or limits[5] then
+    local h = P .. 'rl:' .. scope[2]
+    local v = redis.call('HMGET', h, 'at', 'rps', 'rpm', 'rph', 'rpd', 'tpm')
+    local at = tonumber(v[1]) or now
+    local elapsed = math.max(now - at, 0)
+    local write = {h, 'at', math.max(at, now)}
+    local ttl = 0
+    for i = 1, 5 do
+      local limit = limits[i]
+      if limit then
+        local window = WINDOW_MS[i]
+        local stored = tonumber(v[i + 1]) or 0
+        local level = math.max(stored - elapsed * limit / window, 0)
+        local cost = 1
+        if i == 5 then
+          cost = rt
         end
+        local after = level + cost
+        if after > limit + EPSILON then
+          local retry = -1
+          if cost <= limit then
+            -- In milliseconds, without the rounding of the drained fraction.
+            retry = math.ceil((stored + cost - limit) * window / limit - elapsed - EPSILON)
+          end
+          return {'rate', scope[1], LIMIT_NAMES[i], limit, retry, math.ceil(level - EPSILON)}
+        end
+        local remaining = math.floor(limit - after + EPSILON)
+        local reset = math.ceil(after * window / limit - EPSILON)
+        if i == 5 then
+          if tok_limit < 0 or remaining < tok_remaining then
+            tok_limit, tok_remaining, tok_reset = limit, remaining, reset
+          end
+        elseif req_limit < 0 or remaining < req_remaining then
+          req_limit, req_remaining, req_reset = limit, remaining, reset
+        end
+        write[#write + 1] = LIMIT_NAMES[i]
+        write[#write + 1] = string.format('%.17g', after)
+        ttl = math.max(ttl, window)
+      elseif v[i + 1] then
+        redis.call('HDEL', h, LIMIT_NAMES[i]) -- a removed limit leaves no stale level behind
       end
-      return {'rate', scope[1], 'tpm', limit, retry, total}
     end
-    local remaining = limit - total - rt
-    if tok_limit < 0 or remaining < tok_remaining then
-      local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-      tok_limit, tok_remaining = limit, remaining
-      tok_reset = oldest[2] and (tonumber(oldest[2]) + TPM_MS - now) or TPM_MS
-    end
-    tpm_writes[#tpm_writes + 1] = {z, h}
+    write[#write + 1] = ttl
+    rate_writes[#rate_writes + 1] = write
   end
 end
 
@@ -174,23 +158,23 @@ for i = 1, 4 do
 end
 
 -- Everything passed: reserve.
-for _, wr in ipairs(req_writes) do
-  redis.call('ZADD', wr[1], now, rid)
-  redis.call('PEXPIRE', wr[1], wr[2] + 1000)
+local tpm_scopes = ''
+for _, wr in ipairs(rate_writes) do
+  local ttl = table.remove(wr)
+  redis.call('HSET', unpack(wr))
+  redis.call('PEXPIRE', wr[1], ttl + 1000)
 end
-for _, wr in ipairs(tpm_writes) do
-  redis.call('ZADD', wr[1], now, rid)
-  redis.call('HSET', wr[2], rid, rt)
-  redis.call('HINCRBY', wr[2], '_total', rt)
-  redis.call('PEXPIRE', wr[1], TPM_MS + 1000)
-  redis.call('PEXPIRE', wr[2], TPM_MS + 1000)
+for _, scope in ipairs(scopes) do
+  if scope[3][5] then
+    tpm_scopes = tpm_scopes .. scope[1]:sub(1, 1)
+  end
 end
 for _, h in ipairs({P .. 'infl:k:' .. kid, P .. 'infl:o'}) do
   redis.call('HINCRBY', h, 'c', rc)
   redis.call('HINCRBY', h, 't', rt)
   redis.call('HINCRBY', h, 'n', 1)
 end
-redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', rc, 't', rt)
+redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', rc, 't', rt, 'r', tpm_scopes)
 redis.call('ZADD', P .. 'leases', now + lease_ms, rid)
 
 return {'ok', req_limit, req_remaining, req_reset, tok_limit, tok_remaining, tok_reset,

@@ -4,7 +4,7 @@
 
 local function release_lease(P, rid)
   local lease_key = P .. 'lease:' .. rid
-  local l = redis.call('HMGET', lease_key, 'k', 'c', 't')
+  local l = redis.call('HMGET', lease_key, 'k', 'c', 't', 'r')
   if not l[1] then
     return false
   end
@@ -17,7 +17,7 @@ local function release_lease(P, rid)
   end
   redis.call('DEL', lease_key)
   redis.call('ZREM', P .. 'leases', rid)
-  return true
+  return l
 end
 
 -- A proxy that died mid-request never settles: its lease expires and is reclaimed here, by the

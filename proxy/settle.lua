@@ -26,13 +26,16 @@ if not leased and redis.call('DEL', P .. 'reclaimed:' .. rid) == 0 then
   return -1
 end
 
-if leased then
-  for _, tag in ipairs({'k:' .. kid, 'o'}) do
-    local h = P .. 'tpmv:' .. tag
-    local reserved = tonumber(redis.call('HGET', h, rid))
-    if reserved then
-      redis.call('HSET', h, rid, tokens)
-      redis.call('HINCRBY', h, '_total', tokens - reserved)
+-- Tokens per minute: give back what the reservation took beyond actual use (or take the excess).
+if leased and leased[4] and leased[4] ~= '' then
+  local refund = (tonumber(leased[3]) or 0) - tokens
+  for scope in string.gmatch(leased[4], '.') do
+    local h = P .. 'rl:o'
+    if scope == 'k' then
+      h = P .. 'rl:k:' .. leased[1]
+    end
+    if refund ~= 0 and redis.call('HEXISTS', h, 'tpm') == 1 then
+      redis.call('HINCRBYFLOAT', h, 'tpm', -refund)
     end
   end
 end

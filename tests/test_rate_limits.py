@@ -1,9 +1,10 @@
-"""Rate limits end to end: exact admitted counts per window, tokens per minute with refunds,
+"""Rate limits end to end: exact admitted counts per limit (a burst of exactly N, then one more
+per T/N as the bucket drains), tokens per minute with refunds,
 concurrency slots that never leak, org limits and role defaults, the headers clients read, what
 the official ``openai`` SDK does with a 429, and validation of the limits themselves.
 
-Time is the proxy's injected ``FakeClock`` (frozen unless a test moves it), so "exactly N per
-window" is asserted exactly; only the multi-process tests run on the real clock.
+Time is the proxy's injected ``FakeClock`` (frozen unless a test moves it), so "exactly N, then
+one per T/N" is asserted to the millisecond; only the multi-process tests run on the real clock.
 """
 
 from __future__ import annotations
@@ -204,51 +205,56 @@ async def test_exactly_the_limit_is_admitted_per_window(
     _, key = await proxy.create_key(ORG, limits={name: limit})
     window = WINDOW_SECONDS[name]
 
+    # One request's share of the window: the bucket drains one request per interval.
+    interval_ms = math.ceil(window * 1000 / limit)
+
     first = await burst(proxy.session, proxy.url, key, 50)
     assert statuses(first) == {200: limit, 429: 50 - limit}
+    retry_s = math.ceil(interval_ms / 1000)
     for answer in first:
         if answer.status == 429:
             assert answer.error["code"] == "rate_limit_exceeded"
             assert answer.error["type"] == "requests"
             assert f"limit of {limit} {LIMIT_WORDS[name]}" in answer.error["message"]
-            # Every admitted request was at START: a slot frees exactly one window later.
-            assert answer.headers["Retry-After"] == str(window)
-            assert answer.headers["x-should-retry"] == ("true" if window <= 60 else "false")
+            assert answer.headers["retry-after-ms"] == str(interval_ms)
+            assert answer.headers["Retry-After"] == str(retry_s)
+            assert answer.headers["x-should-retry"] == ("true" if retry_s <= 60 else "false")
     assert len(proxy.received()) == limit  # refusals never reach the upstream
 
-    clock.now = START + window - 0.001
+    clock.now = START + (interval_ms - 1) / 1000
     almost = await burst(proxy.session, proxy.url, key, 5)
     assert statuses(almost) == {429: 5}
-    assert all(answer.headers["Retry-After"] == "1" for answer in almost)
+    assert all(answer.headers["retry-after-ms"] == "1" for answer in almost)
 
-    clock.now = START + window
+    clock.now = START + interval_ms / 1000
+    one_more = await burst(proxy.session, proxy.url, key, 5)
+    assert statuses(one_more) == {200: 1, 429: 4}
+
+    # A whole window later the bucket has drained completely: a full burst again, no more.
+    clock.now += window
     second = await burst(proxy.session, proxy.url, key, 50)
     assert statuses(second) == {200: limit, 429: 50 - limit}
-    assert len(proxy.received()) == 2 * limit
+    assert len(proxy.received()) == 2 * limit + 1
 
 
-async def test_the_window_slides_rather_than_resetting(start_proxy: StartProxy) -> None:
+async def test_the_bucket_drains_continuously_and_never_resets(start_proxy: StartProxy) -> None:
     clock = FakeClock(START)
     proxy = await start_proxy(clock=clock)
-    _, key = await proxy.create_key(ORG, limits={"rpm": 4})
+    _, key = await proxy.create_key(ORG, limits={"rpm": 4})  # one request per 15 s
 
-    assert statuses(await burst(proxy.session, proxy.url, key, 2)) == {200: 2}
+    assert statuses(await burst(proxy.session, proxy.url, key, 6)) == {200: 4, 429: 2}
     clock.now = START + 30
-    assert statuses(await burst(proxy.session, proxy.url, key, 2)) == {200: 2}
+    half = await burst(proxy.session, proxy.url, key, 4)
+    assert statuses(half) == {200: 2, 429: 2}  # two intervals drained: two slots
 
-    clock.now = START + 59
-    refused = await chat(proxy.session, proxy.url, key)
-    assert refused.status == 429
-    assert refused.headers["Retry-After"] == "1"  # the two from START leave at START + 60
-
-    clock.now = START + 60.001
+    # Where a fixed window would start afresh with 4, only what drained since is free.
+    clock.now = START + 60
     later = await burst(proxy.session, proxy.url, key, 4)
-    # Only the two requests from START have left; the two from START + 30 still count.
     assert statuses(later) == {200: 2, 429: 2}
     for answer in later:
         if answer.status == 429:
-            assert answer.headers["Retry-After"] == "30"
-            assert "Try again in 30s." in answer.error["message"]
+            assert answer.headers["Retry-After"] == "15"
+            assert "Try again in 15s." in answer.error["message"]
 
 
 async def test_a_lowered_limit_applies_to_the_next_request(start_proxy: StartProxy) -> None:
@@ -267,6 +273,56 @@ async def test_a_lowered_limit_applies_to_the_next_request(start_proxy: StartPro
     assert status == 200, body
     assert body["limits"]["rpm"] is None
     assert statuses(await burst(proxy.session, proxy.url, key, 20)) == {200: 20}
+
+
+async def test_rate_limit_state_is_one_small_hash_per_scope_whatever_the_traffic(
+    start_proxy: StartProxy, store: aioredis.Redis
+) -> None:
+    """A bucket is a number, not a log: 300 admitted requests leave two hashes of a few fields
+    (one per scope), each expiring once it has had time to drain."""
+    proxy = await start_proxy(clock=FakeClock(START))
+    limits = {"rps": 10**6, "rpm": 10**6, "rpd": 10**9, "tpm": 10**9}
+    await proxy.admin("PUT", f"/api/v1/orgs/{ORG}/limits", limits)
+    key_id, key = await proxy.create_key(ORG, limits=limits)
+
+    for _ in range(3):
+        assert statuses(await burst(proxy.session, proxy.url, key, 100)) == {200: 100}
+
+    rate_keys = sorted([k async for k in store.scan_iter(match=P + "rl:*")])
+    assert rate_keys == [P + "rl:k:" + key_id, P + "rl:o"]
+    for rate_key in rate_keys:
+        state = await store.hgetall(rate_key)  # type: ignore[misc]
+        assert set(state) == {"at", "rps", "rpm", "rpd", "tpm"}
+        assert float(state["rpm"]) == 300  # frozen clock: nothing drained yet
+        assert 0 < await store.pttl(rate_key) <= 86_400_000 + 1000  # the longest window
+    used = [k async for k in store.scan_iter(match=P + "*") if "tpm" in k or "rl:" in k]
+    assert len(used) == 2
+
+
+async def test_a_refund_after_the_limit_was_removed_leaves_no_stale_level(
+    start_proxy: StartProxy, store: aioredis.Redis
+) -> None:
+    proxy = await start_proxy(clock=FakeClock(START))
+    key_id, key = await proxy.create_key(ORG, limits={"rpm": 100, "tpm": 5000})
+    slow = asyncio.ensure_future(
+        chat(proxy.session, proxy.url, key, max_tokens=400, headers={"x-mock-latency-ms": "700"})
+    )
+    rate_key = P + "rl:k:" + key_id
+
+    async def reserved() -> bool:
+        return float(await store.hget(rate_key, "tpm") or 0) > 400  # type: ignore[misc]
+
+    await eventually(reserved, what="the slow request's reservation")
+    await proxy.admin("PATCH", f"/api/v1/keys/{key_id}", {"limits": {"tpm": None}})
+    assert (await chat(proxy.session, proxy.url, key)).status == 200  # drops the tpm level
+    assert (await slow).status == 200  # settles: its refund has no level to go back to
+    assert set(await store.hgetall(rate_key)) == {"at", "rpm"}  # type: ignore[misc]
+
+    # Put back, the limit starts from an empty bucket, not from a refund credited to nothing.
+    await proxy.admin("PATCH", f"/api/v1/keys/{key_id}", {"limits": {"tpm": 5000}})
+    answer = await chat(proxy.session, proxy.url, key, max_tokens=400)
+    reserve = 5000 - int(answer.headers["x-ratelimit-remaining-tokens"])
+    assert 400 < reserve < 420
 
 
 # --- 2. several processes, one Redis ---------------------------------------------------------
@@ -306,7 +362,9 @@ async def test_two_processes_sharing_redis_admit_exactly_the_limit(
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            _, key = await create_key_at(session, processes[0].url, {"rpm": 20})
+            # Per hour, not per minute: on the real clock the bucket must not drain a slot
+            # (one per 3 minutes) while the burst is in flight.
+            _, key = await create_key_at(session, processes[0].url, {"rph": 20})
             answers = await asyncio.gather(
                 *(chat(session, processes[i % 2].url, key) for i in range(200))
             )
@@ -328,10 +386,11 @@ async def test_tokens_per_minute_reserves_then_refunds_at_settle(start_proxy: St
     first = await chat(proxy.session, proxy.url, key, max_tokens=400, headers=short)
     assert first.status == 200
     assert first.headers["x-ratelimit-limit-tokens"] == "1000"
-    assert first.headers["x-ratelimit-reset-tokens"] == "1m0s"
     # Admitted by its reservation: the prompt estimate plus max_tokens.
     reserve = 1000 - int(first.headers["x-ratelimit-remaining-tokens"])
     assert 400 < reserve < 420
+    # The bucket drains 1000 tokens a minute: this reservation is gone after reserve * 60 ms.
+    assert first.headers["x-ratelimit-reset-tokens"] == f"{reserve * 60 / 1000:g}s"
     used = [first.body["usage"]["total_tokens"]]
     assert used[0] < 20
 
@@ -344,7 +403,7 @@ async def test_tokens_per_minute_reserves_then_refunds_at_settle(start_proxy: St
         used.append(answer.body["usage"]["total_tokens"])
     assert 10 * reserve > 1000
 
-    # A minute after START the first ten have left the window entirely.
+    # A minute after START the bucket has drained everything the first ten left in it.
     clock.now = START + 60
     answer = await chat(proxy.session, proxy.url, key, max_tokens=400, headers=short)
     assert int(answer.headers["x-ratelimit-remaining-tokens"]) == 1000 - reserve
@@ -365,7 +424,10 @@ async def test_tokens_per_minute_counts_reservations_in_flight(start_proxy: Star
             assert answer.error["type"] == "tokens"
             assert answer.error["code"] == "rate_limit_exceeded"
             assert "limit of 1000 tokens per minute" in answer.error["message"]
-            assert answer.headers["Retry-After"] == "60"
+            # Until the two reservations have drained far enough for a third to fit.
+            retry_ms = (3 * reserve - 1000) * 60
+            assert answer.headers["retry-after-ms"] == str(retry_ms)
+            assert answer.headers["Retry-After"] == str(math.ceil(retry_ms / 1000))
             assert answer.headers["x-should-retry"] == "true"
             assert answer.headers["x-ratelimit-limit-tokens"] == "1000"
             assert answer.headers["x-ratelimit-remaining-tokens"] == "0"
@@ -694,29 +756,30 @@ async def test_admitted_answers_carry_rate_limit_headers(start_proxy: StartProxy
     proxy = await start_proxy(clock=clock)
     _, key = await proxy.create_key(ORG, limits={"rpm": 5})
 
-    expected_resets = ["1m0s", "58.5s", "57s", "55.5s", "54s"]
+    # One request every 1.5 s against a bucket that drains one per 12 s: the level after each
+    # admission is 1 + 0.875 * index, and the reset is the time to drain it completely.
+    expected_resets = ["12s", "22.5s", "33s", "43.5s", "54s"]
     for index, reset in enumerate(expected_resets):
         answer = await chat(proxy.session, proxy.url, key)
         assert answer.status == 200
         remaining = 4 - index
         assert answer.headers["x-ratelimit-limit-requests"] == "5"
         assert answer.headers["x-ratelimit-remaining-requests"] == str(remaining)
-        # When the oldest request counted leaves the window (START + 60 s).
         assert answer.headers["x-ratelimit-reset-requests"] == reset
         assert answer.headers["RateLimit-Policy"] == '"requests";q=5'
-        seconds = math.ceil(60 - 1.5 * index)
+        seconds = math.ceil((1 + 0.875 * index) * 12)
         assert answer.headers["RateLimit"] == f'"requests";r={remaining};t={seconds}'
         assert "x-ratelimit-limit-tokens" not in answer.headers
         clock.advance(1.5)
 
-    refused = await chat(proxy.session, proxy.url, key)  # at START + 7.5
+    refused = await chat(proxy.session, proxy.url, key)  # at START + 7.5, level 4.375
     assert refused.status == 429
-    assert refused.headers["retry-after-ms"] == "52500"
-    assert refused.headers["Retry-After"] == "53"
+    assert refused.headers["retry-after-ms"] == "4500"
+    assert refused.headers["Retry-After"] == "5"
     assert refused.headers["x-should-retry"] == "true"
     assert refused.headers["x-ratelimit-limit-requests"] == "5"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    assert "Try again in 53s." in refused.error["message"]
+    assert "Try again in 5s." in refused.error["message"]
 
 
 async def test_no_rate_limit_headers_without_limits(start_proxy: StartProxy) -> None:
@@ -740,7 +803,7 @@ async def test_streamed_answers_carry_the_headers_too(start_proxy: StartProxy) -
     assert answer.status == 200
     assert answer.headers["x-ratelimit-limit-requests"] == "2"
     assert answer.headers["x-ratelimit-remaining-requests"] == "1"
-    assert answer.headers["x-ratelimit-reset-requests"] == "1s"
+    assert answer.headers["x-ratelimit-reset-requests"] == "500ms"
     assert answer.headers["x-ratelimit-limit-tokens"] == "5000"
     assert answer.headers["RateLimit-Policy"] == '"requests";q=2, "tokens";q=5000;w=60'
     assert answer.headers["RateLimit"].startswith('"requests";r=1;t=1, "tokens";r=')
@@ -767,7 +830,7 @@ async def test_openai_client_sees_rate_limit_error_with_the_proxys_message(
     assert "limit of 2 requests per minute" in err.message
     assert isinstance(err.body, dict)
     assert "limit of 2 requests per minute" in err.body["message"]
-    assert err.response.headers["retry-after"] == "60"
+    assert err.response.headers["retry-after"] == "30"  # one of 2 per minute drains in 30 s
 
 
 async def test_openai_client_retries_a_per_second_refusal_and_succeeds(
