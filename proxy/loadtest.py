@@ -2,10 +2,13 @@
 
 N client coroutines share one pooled aiohttp session and send chat completions over M keys,
 buffered or streamed, for a fixed time or a fixed number of requests (both capped, so a run
-always ends by itself). The report gives throughput, latency percentiles, status counts and
-rejections by ``error.code``, and checks the accounting end to end: the tokens and cost the
-upstream reported (its ``usage``, incl. the final usage chunk of streams) against what the proxy
-recorded (the spend the budget API shows for each key, read before and after the run).
+always ends by itself). By default each client sends its next request when the previous answer
+arrives (closed loop: latency at saturation, mostly queueing); with ``--rate`` requests are due
+on a fixed schedule instead (open loop), so two deployments can be compared at the same load.
+The report gives throughput, latency percentiles, status counts and rejections by
+``error.code``, and checks the accounting end to end: the tokens and cost the upstream reported
+(its ``usage``, incl. the final usage chunk of streams) against what the proxy recorded (the
+spend the budget API shows for each key, read before and after the run).
 
 Reading spend needs an admin key (``--admin-key`` or ``PROXY_ADMIN_KEY``): it maps keys to their
 ids and, for a key with no budget, adds a temporary alert-only budget so the spend is visible
@@ -47,6 +50,12 @@ MAX_REQUESTS = 1_000_000
 MAX_CONCURRENCY = 2048
 MAX_CREATED_KEYS = 1000
 MAX_PROMPT_TOKENS = 500_000
+MAX_RATE = 100_000.0
+LATE_START_S = 0.001
+"""A fixed-rate request sent later than this after its scheduled time counts as a late start."""
+WAKE_EARLY_S = 0.001
+"""Event-loop timers are only as fine as a millisecond (epoll rounds the wait up, uvloop to the
+nearest ms): waking this much early keeps timer noise out of the late starts."""
 CHAT_PATH = "/v1/chat/completions"
 ADMIN_KEY_ENV = "PROXY_ADMIN_KEY"
 _CHAT_FRAMING_TOKENS = 7
@@ -88,6 +97,8 @@ class Plan:
     max_tokens: int = 16
     prompt: str = ""
     timeout: float = 60.0
+    rate: float | None = None
+    """Requests per second on a fixed schedule (open loop); None: closed loop."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -104,6 +115,15 @@ class Plan:
             raise LoadtestError("--max-tokens must be positive")
         if self.timeout <= 0:
             raise LoadtestError("--timeout must be positive")
+        if self.rate is not None:
+            # Written so that NaN fails too.
+            if not 0 < self.rate <= MAX_RATE:
+                raise LoadtestError(f"--rate must be in (0, {MAX_RATE:g}] requests per second")
+            if self.requests is not None and (self.requests - 1) / self.rate >= MAX_DURATION_S:
+                raise LoadtestError(
+                    f"--requests {self.requests} at --rate {self.rate:g} would take longer "
+                    f"than the {MAX_DURATION_S:g} s a run may last"
+                )
 
     def body(self, stream: bool) -> bytes:
         body: dict[str, Any] = {
@@ -168,6 +188,10 @@ class Tally:
     per_key: list[KeyUsage] = field(default_factory=list)
     elapsed: float = 0.0
     interrupted: bool = False
+    late_starts: int = 0
+    """Fixed rate only: requests sent more than ``LATE_START_S`` after their scheduled time."""
+    last_send: float = 0.0
+    """Fixed rate only: when the last request went out, in seconds since the start."""
 
 
 def _error_code(status: int, data: bytes) -> str:
@@ -219,28 +243,43 @@ class Runner:
             for key in plan.keys
         ]
         self._stop = False
+        self._next = 0
+        self._started = 0.0
+        self._limit_s = 0.0
         self._deadline = 0.0
+        self._stopped: asyncio.Future[None] | None = None
 
     def stop(self) -> None:
         """Graceful: no new requests; those in flight finish and are counted."""
         self._stop = True
         self.tally.interrupted = True
+        # Clients waiting for a fixed-rate slot (up to concurrency / rate ahead) end now.
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
 
     def _ticket(self) -> int | None:
+        """The next request number, or None once the plan is done. With a rate, a request due
+        at or after the deadline is never issued, however early a client asks for it."""
         if self._stop or time.perf_counter() >= self._deadline:
             return None
-        n = self.tally.sent
+        n = self._next
         if self.plan.requests is not None and n >= self.plan.requests:
             return None
-        self.tally.sent = n + 1
+        if self.plan.rate is not None and n / self.plan.rate >= self._limit_s:
+            return None
+        self._next = n + 1
         return n
 
     async def run(self) -> Tally:
         plan = self.plan
         connector = aiohttp.TCPConnector(limit=plan.concurrency, limit_per_host=0)
         timeout = aiohttp.ClientTimeout(total=plan.timeout)
-        started = time.perf_counter()
-        self._deadline = started + (plan.duration or MAX_DURATION_S)
+        self._stopped = asyncio.get_running_loop().create_future()
+        if self._stop:
+            self._stopped.set_result(None)
+        started = self._started = time.perf_counter()
+        self._limit_s = plan.duration or MAX_DURATION_S
+        self._deadline = started + self._limit_s
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
@@ -249,15 +288,39 @@ class Runner:
         return self.tally
 
     async def _client(self, session: aiohttp.ClientSession) -> None:
+        rate = self.plan.rate
+        stopped = self._stopped
+        assert stopped is not None
         while (n := self._ticket()) is not None:
+            due: float | None = None
+            if rate is not None:
+                due = self._started + n / rate
+                delay = due - WAKE_EARLY_S - time.perf_counter()
+                if delay > 0:
+                    # A timed wait that Ctrl-C (``stop``) cuts short; no polling.
+                    await asyncio.wait((stopped,), timeout=delay)
+                    if self._stop:
+                        return
             index = n % len(self._headers)
             stream = self.plan.streamed(n)
-            await self._one(session, index, stream)
+            await self._one(session, index, stream, due)
 
-    async def _one(self, session: aiohttp.ClientSession, index: int, stream: bool) -> None:
+    async def _one(
+        self, session: aiohttp.ClientSession, index: int, stream: bool, due: float | None
+    ) -> None:
+        """Send one request and tally it. Latency counts from ``due`` when the request had a
+        scheduled time: a request that went out late (all clients busy) was waiting on the
+        system under test, so hiding that wait would be coordinated omission."""
         tally = self.tally
         first_byte = 0.0
         start = time.perf_counter()
+        tally.sent += 1
+        if due is not None:
+            tally.last_send = start - self._started
+            if start - due > LATE_START_S:
+                tally.late_starts += 1
+            # Sent ahead of time (the early wake-up): latency counts from the actual send.
+            start = min(start, due)
         try:
             async with session.post(
                 self._url, data=self._bodies[stream], headers=self._headers[index]
@@ -506,6 +569,10 @@ def build_report(
         total.add(usage)
     completed = sum(tally.statuses.values())
     elapsed = tally.elapsed or 1e-9
+    achieved: float | None = None
+    if plan.rate is not None:
+        # Sends per second over the sending window, one slot per request: on schedule, the rate.
+        achieved = round(tally.sent / (tally.last_send + 1 / plan.rate), 2) if tally.sent else 0.0
     return {
         "target": plan.url,
         "model": plan.model,
@@ -520,6 +587,9 @@ def build_report(
         "elapsed_s": round(tally.elapsed, 3),
         "rps": round(completed / elapsed, 2),
         "ok_rps": round(tally.statuses.get(200, 0) / elapsed, 2),
+        "rate": plan.rate,
+        "achieved_rate": achieved,
+        "late_starts": tally.late_starts if plan.rate is not None else None,
         "latency_ms": {
             "all": percentiles(tally.latency_all),
             "ok_buffered": percentiles(tally.latency_buffered),
@@ -571,8 +641,20 @@ def render(report: dict[str, Any]) -> str:
         f"{report['elapsed_s']:.2f} s → {report['rps']:.1f} req/s "
         f"({report['ok_rps']:.1f} req/s with 200)"
         + ("  [interrupted]" if report["interrupted"] else ""),
-        "latency ms",
     ]
+    if report["rate"] is not None:
+        late = report["late_starts"]
+        lines.append(
+            f"rate       target {report['rate']:.1f} req/s, achieved {report['achieved_rate']:.1f} "
+            "req/s, "
+            + (
+                f"{late} request(s) started late (all clients busy, or this client short of "
+                "CPU); latency counts from the scheduled time"
+                if late
+                else "every request started on time"
+            )
+        )
+    lines.append("latency ms")
     for name, row in report["latency_ms"].items():
         lines.append(f"  {name:<20} {_fmt_latency(row)}")
     status = "  ".join(f"{k}: {v}" for k, v in report["status"].items()) or "-"
@@ -628,6 +710,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration", type=float, help=f"seconds to run (default 10, max {MAX_DURATION_S:g})"
     )
     limit.add_argument("--requests", type=int, help=f"requests to send (max {MAX_REQUESTS})")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="send R requests/s on a fixed schedule (open loop; latency counts from each "
+        "request's scheduled time) instead of each client sending when its last answer arrives",
+    )
     parser.add_argument(
         "--stream-ratio", type=float, default=0.0, help="share of streamed requests, 0..1"
     )
@@ -713,6 +802,7 @@ async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens,
         prompt=_prompt(args),
         timeout=args.timeout,
+        rate=args.rate,
     )
     price = _price(args)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

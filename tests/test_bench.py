@@ -31,3 +31,15 @@ def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: P
     proxy, passthrough = short["targets"]["proxy"], short["targets"]["passthrough"]
     assert comparison["throughput_ratio_c_over_b"] == round(proxy["rps"] / passthrough["rps"], 3)
     assert "(c)/(b) throughput" in done.stdout
+    # The same paced load on (b) and (c): half of what (c) carried, offered to both.
+    paced = short["paced"]
+    assert set(paced) == {"passthrough", "proxy"}
+    offered = round(proxy["rps"] * 0.5, 1)
+    for row in paced.values():
+        assert row["offered_rps"] == offered
+        assert row["rps"] > 0
+        assert row["errors"] == 0 and row["p50_ms"] <= row["p99_ms"]
+    assert comparison["paced_added_p50_ms"] == round(
+        paced["proxy"]["p50_ms"] - paced["passthrough"]["p50_ms"], 3
+    )
+    assert "added latency at the same load" in done.stdout

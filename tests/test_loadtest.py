@@ -11,15 +11,28 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.cli import build_parser
-from proxy.loadtest import LoadKey, Plan, run_loadtest, synthetic_prompt
+from proxy.loadtest import (
+    WAKE_EARLY_S,
+    LoadKey,
+    LoadtestError,
+    Plan,
+    Runner,
+    build_report,
+    render,
+    run_loadtest,
+    synthetic_prompt,
+)
+from proxy.mock_upstream import MockOptions, build_mock_app
 from proxy.tokenizer import count_chat_prompt, get_encoding
-from tests.conftest import ADMIN_KEY, REPO, Proxy, start_proxy_process, write_config
+from tests.conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 TOKENS_PER_REQUEST = 32 + 16
 
@@ -154,3 +167,121 @@ async def test_cli_rejects_bad_options_before_sending() -> None:
         code, _, err = await run_cli("--url", "http://127.0.0.1:9", *argv)
         assert code == 2, err
         assert message in err
+
+
+# --- fixed rate (open loop) -----------------------------------------------------------------------
+
+MOCK_LATENCY_MS = 50
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[str]:
+    """The mock with a fixed delay before every answer, loaded directly (no proxy, no books)."""
+    server = TestServer(build_mock_app(MockOptions(latency_ms=MOCK_LATENCY_MS)), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def test_fixed_rate_follows_the_schedule(proxy: Proxy) -> None:
+    _, key = await proxy.create_key()
+    report = await loadtest(
+        "--url", proxy.url, "--key", key, "--requests", "100", "--rate", "200",
+        "--concurrency", "8", "--stream-ratio", "0.5",
+    )  # fmt: skip
+    assert_counts_add_up(report, 100)
+    assert report["status"] == {"200": 100}
+    # Request n is due at n / 200 s (a client wakes up to WAKE_EARLY_S before): the schedule
+    # alone takes 99 / 200 s.
+    assert 99 / 200 - WAKE_EARLY_S <= report["elapsed_s"] < 5
+    assert report["rate"] == 200.0
+    assert 0 < report["achieved_rate"] <= 200 * 1.02
+    assert report["late_starts"] >= 0
+    assert "rate       target 200.0 req/s, achieved" in render(report)
+
+
+async def test_fixed_rate_duration_issues_only_requests_due_before_the_deadline(
+    proxy: Proxy,
+) -> None:
+    _, key = await proxy.create_key()
+    report = await loadtest(
+        "--url", proxy.url, "--key", key, "--duration", "0.5", "--rate", "100",
+        "--concurrency", "4",
+    )  # fmt: skip
+    # Due at 0, 0.01, ..., 0.49 s; the one due at 0.5 s is not sent.
+    assert_counts_add_up(report, 50)
+    assert report["status"] == {"200": 50}
+    assert 0.49 - WAKE_EARLY_S <= report["elapsed_s"] < 5
+
+
+async def test_fixed_rate_latency_counts_from_the_scheduled_time(slow_upstream: str) -> None:
+    # One client, 50 ms per answer, a request due every 1 ms: the schedule runs away, and each
+    # request's wait for the busy client is part of its latency (no coordinated omission).
+    requests = 20
+    report = await loadtest(
+        "--url", slow_upstream, "--key", "k", "--requests", str(requests), "--rate", "1000",
+        "--concurrency", "1",
+    )  # fmt: skip
+    assert_counts_add_up(report, requests)
+    assert report["status"] == {"200": requests}
+    # Request n (due at n ms) ends no earlier than (n + 1) * 50 ms.
+    latency = report["latency_ms"]["all"]
+    assert latency["max"] >= requests * MOCK_LATENCY_MS - (requests - 1)
+    assert latency["p50"] >= 8 * MOCK_LATENCY_MS
+    assert report["late_starts"] >= requests - 1
+    assert report["achieved_rate"] < 1000 / 10
+    assert f"{report['late_starts']} request(s) started late" in render(report)
+
+    closed = await loadtest(
+        "--url", slow_upstream, "--key", "k", "--requests", str(requests), "--concurrency", "1",
+    )  # fmt: skip
+    assert_counts_add_up(closed, requests)
+    assert closed["rate"] is None and closed["late_starts"] is None
+    assert closed["achieved_rate"] is None
+    # Closed loop: each request measured from its own send, i.e. the mock's delay alone.
+    assert MOCK_LATENCY_MS <= closed["latency_ms"]["all"]["max"] < 8 * MOCK_LATENCY_MS
+    assert "rate " not in render(closed)
+    assert report["requests"] == closed["requests"]
+
+
+async def test_stop_ends_clients_waiting_for_their_slot(slow_upstream: str) -> None:
+    # 1 request/s, 4 clients: three of them hold tickets due 1, 2 and 3 s ahead.
+    plan = Plan(
+        url=slow_upstream, keys=(LoadKey("k"),), concurrency=4, duration=None, requests=10, rate=1.0
+    )
+    runner = Runner(plan, None)
+    run = asyncio.create_task(runner.run())
+
+    async def first_sent() -> bool:
+        return runner.tally.sent >= 1
+
+    await eventually(first_sent, what="the first request")
+    runner.stop()
+    tally = await asyncio.wait_for(run, timeout=0.9)
+    assert tally.interrupted
+    assert tally.sent == 1
+    assert tally.statuses == {200: 1}
+    report = build_report(plan, tally, None, {"status": "skipped", "reason": "test"})
+    assert_counts_add_up(report, 1)
+
+
+def test_rate_must_be_positive_and_bounded() -> None:
+    keys = (LoadKey("k"),)
+    for rate in (0.0, -1.0, float("nan"), float("inf"), 1e6):
+        with pytest.raises(LoadtestError, match="--rate must be in"):
+            Plan(url="http://x", keys=keys, rate=rate)
+    with pytest.raises(LoadtestError, match="longer than"):
+        Plan(url="http://x", keys=keys, duration=None, requests=10_000, rate=1.0)
+    assert Plan(url="http://x", keys=keys, duration=None, requests=3600, rate=1.0).rate == 1.0
+
+
+async def test_cli_rejects_bad_rates_before_sending() -> None:
+    for rate, message in (
+        ("0", "--rate must be in (0, 100000]"),
+        ("-5", "--rate must be in (0, 100000]"),
+        ("fast", "argument --rate: invalid float value: 'fast'"),
+    ):
+        code, out, err = await run_cli("--url", "http://127.0.0.1:9", "--key", "k", "--rate", rate)
+        assert code == 2, err
+        assert message in err
+        assert out == ""

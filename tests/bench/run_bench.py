@@ -2,7 +2,7 @@
 
     python tests/bench/run_bench.py [--duration 10] [--connections 64] [--json out.json]
                                     [--scenario short|long|both] [--memory-minutes N]
-                                    [--profile DIR] [--pin]
+                                    [--paced-fraction 0.5] [--profile DIR] [--pin]
 
 It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
 aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
@@ -10,6 +10,11 @@ aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy 
 load on (a) the mock directly, (b) the pass-through and (c) the proxy: a warm-up, then the
 measured run. The load generator is ``wrk`` (installed by ``scripts/install-wrk.sh`` if
 missing, when possible), else the proxy's own ``llm-proxy loadtest``; the report says which.
+
+Then (b) and (c) run again at the same paced load, ``--paced-fraction`` (default half) of the
+rate (c) reached: at saturation a closed loop's latency is mostly queueing, so the added latency
+the proxy itself causes is read at a load both carry (each ``wrk`` connection waits an
+exponentially distributed gap after every answer; the Python generator uses a fixed schedule).
 
 Scenarios: ``short`` chat prompts and ``long`` prompts of ~50k tokens (counting them must not
 stall the proxy's event loop: a /healthz probe runs beside the load and its latency shows
@@ -321,6 +326,7 @@ function request()
   return reqs[i]
 end
 
+{delay}
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -335,7 +341,18 @@ end
 """
 
 
-def write_wrk_script(path: Path, scenario: Scenario, key: str, stream_ratio: float) -> Path:
+WRK_PACING = """-- paced: after every answer each connection waits an exponentially distributed gap
+-- (mean {mean_ms} ms), so together they offer a steady rate instead of all they can
+function delay()
+  return math.floor(-{mean_ms} * math.log(1 - math.random()) + 0.5)
+end
+"""
+
+
+def write_wrk_script(
+    path: Path, scenario: Scenario, key: str, stream_ratio: float, pace_ms: float = 0.0
+) -> Path:
+    """``pace_ms`` > 0: each connection's mean gap between requests (see ``WRK_PACING``)."""
     buffered, streamed = scenario.body(False).decode(), scenario.body(True).decode()
     assert "]====]" not in buffered + streamed
     # Long prompts differ per request: the proxy remembers counts of long texts it has seen.
@@ -343,7 +360,7 @@ def write_wrk_script(path: Path, scenario: Scenario, key: str, stream_ratio: flo
     path.write_text(
         WRK_SCRIPT.format(
             buffered=buffered, streamed=streamed, ratio=stream_ratio, key=key, path=CHAT_PATH,
-            unique=unique,
+            unique=unique, delay=WRK_PACING.format(mean_ms=round(pace_ms, 3)) if pace_ms else "",
         )
     )  # fmt: skip
     return path
@@ -393,7 +410,13 @@ async def wrk_load(
 
 
 async def python_load(
-    url: str, prompt_file: Path, key: str, seconds: int, connections: int, stream_ratio: float
+    url: str,
+    prompt_file: Path,
+    key: str,
+    seconds: int,
+    connections: int,
+    stream_ratio: float,
+    rate: float | None = None,
 ) -> Load:
     """The fallback: the proxy's own ``llm-proxy loadtest`` (no admin key: no reconciliation).
     It repeats one prompt, so long prompts are counted once and then remembered: with it, the
@@ -406,6 +429,7 @@ async def python_load(
         "--duration", str(seconds), "--concurrency", str(connections),
         "--stream-ratio", str(stream_ratio), "--prompt-file", str(prompt_file),
         "--max-tokens", str(MAX_TOKENS), "--model", MODEL, "--json", str(report_path),
+        *(["--rate", str(rate)] if rate else []),
         env=env, cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await process.communicate()
@@ -479,10 +503,18 @@ class Bench:
     key: str
     generator: str
 
-    async def load(self, target: Target, scenario: Scenario, seconds: int) -> Load:
+    async def load(
+        self, target: Target, scenario: Scenario, seconds: int, rate: float | None = None
+    ) -> Load:
+        """All the load the connections can make, or about ``rate`` requests per second."""
         if self.generator == "wrk":
+            pace_ms = self.args.connections / rate * 1000 if rate else 0.0
             script = write_wrk_script(
-                self.work / f"{scenario.name}.lua", scenario, self.key, self.args.stream_ratio
+                self.work / f"{scenario.name}{'-paced' if rate else ''}.lua",
+                scenario,
+                self.key,
+                self.args.stream_ratio,
+                pace_ms,
             )
             return await wrk_load(
                 target.url,
@@ -495,7 +527,7 @@ class Bench:
         prompt_file.write_text(scenario.prompt)
         return await python_load(
             target.url, prompt_file, self.key, seconds, self.args.connections,
-            self.args.stream_ratio,
+            self.args.stream_ratio, rate,
         )  # fmt: skip
 
     async def profile(self, target: Target, scenario: Scenario, out: Path) -> dict[str, Any]:
@@ -511,6 +543,24 @@ class Bench:
         if sampler.returncode != 0 or not raw.exists():
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
         return bench_profile.summarise(raw)
+
+    async def paced(self, target: Target, scenario: Scenario, rate: float) -> dict[str, Any]:
+        """Latency at a load both targets carry: below saturation, so it shows what each adds
+        to a request rather than how long requests queue (which is throughput in disguise)."""
+        pids = [target.process.pid, self.mock.pid, self.redis_server.pid or 0]
+        quiesce(pids)
+        result = await self.load(target, scenario, self.args.duration, rate)
+        quiesce(pids)
+        return {
+            "target": target.label,
+            "offered_rps": round(rate, 1),
+            "rps": round(result.requests / result.seconds, 1),
+            "p50_ms": round(result.p50_ms, 3),
+            "p90_ms": round(result.p90_ms, 3),
+            "p99_ms": round(result.p99_ms, 3),
+            "max_ms": round(result.max_ms, 3),
+            "errors": result.errors,
+        }
 
     async def measure(self, target: Target, scenario: Scenario) -> dict[str, Any]:
         await self.load(target, scenario, self.args.warmup)
@@ -575,9 +625,20 @@ class Bench:
         return row
 
 
-def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(
+    rows: dict[str, dict[str, Any]], paced: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     b, c = rows["passthrough"], rows["proxy"]
+    same_load = {}
+    if paced:
+        pb, pc = paced["passthrough"], paced["proxy"]
+        same_load = {
+            "paced_rps": pc["offered_rps"],
+            "paced_added_p50_ms": round(pc["p50_ms"] - pb["p50_ms"], 3),
+            "paced_added_p99_ms": round(pc["p99_ms"] - pb["p99_ms"], 3),
+        }
     return {
+        **same_load,
         "throughput_ratio_c_over_b": round(c["rps"] / b["rps"], 3) if b["rps"] else None,
         "added_p50_ms": round(c["p50_ms"] - b["p50_ms"], 3),
         "added_p99_ms": round(c["p99_ms"] - b["p99_ms"], 3),
@@ -616,11 +677,27 @@ def render(result: dict[str, Any]) -> str:
             )
         cmp = scenario["comparison"]
         lines.append(
-            f"  (c)/(b) throughput {cmp['throughput_ratio_c_over_b']}; added latency "
-            f"p50 {cmp['added_p50_ms']:+.2f} ms, p99 {cmp['added_p99_ms']:+.2f} ms; Redis per "
-            f"request: {cmp['redis_evalsha_per_request']} EVALSHA, "
+            f"  (c)/(b) throughput {cmp['throughput_ratio_c_over_b']}; added latency at "
+            f"saturation p50 {cmp['added_p50_ms']:+.2f} ms, p99 {cmp['added_p99_ms']:+.2f} ms; "
+            f"Redis per request: {cmp['redis_evalsha_per_request']} EVALSHA, "
             f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads)"
         )
+        if "paced" in scenario:
+            lines.append(
+                f"  same load, paced at {cmp['paced_rps']:.0f} req/s offered "
+                f"({result['paced_fraction']:.0%} of (c)'s throughput), {result['connections']} "
+                "connections:"
+            )
+            for row in scenario["paced"].values():
+                lines.append(
+                    f"  {row['target']:<22}{row['rps']:>9.1f}{row['p50_ms']:>9.2f}"
+                    f"{row['p90_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['max_ms']:>9.1f}"
+                    f"{row['errors']:>8}"
+                )
+            lines.append(
+                f"  added latency at the same load: p50 {cmp['paced_added_p50_ms']:+.2f} ms, "
+                f"p99 {cmp['paced_added_p99_ms']:+.2f} ms"
+            )
     return "\n".join(lines)
 
 
@@ -772,6 +849,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "stream_ratio": args.stream_ratio,
+            "paced_fraction": args.paced_fraction,
             "max_tokens": MAX_TOKENS,
             "cpus": os.cpu_count(),
             "pinned": args.pin,
@@ -786,11 +864,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, target in targets.items():
                 print(f"{scenario.name}: {target.label}...", file=sys.stderr)
                 rows[name] = await bench.measure(target, scenario)
+            paced: dict[str, dict[str, Any]] = {}
+            if args.paced_fraction:
+                rate = rows["proxy"]["rps"] * args.paced_fraction
+                for name in ("passthrough", "proxy"):
+                    print(f"{scenario.name}: {targets[name].label} paced...", file=sys.stderr)
+                    paced[name] = await bench.paced(targets[name], scenario, rate)
             result["scenarios"][scenario.name] = {
                 "prompt_tokens": scenario.prompt_tokens,
                 "prompt_bytes": len(scenario.body(False)),
                 "targets": rows,
-                "comparison": compare(rows),
+                "comparison": compare(rows, paced),
+                **({"paced": paced} if paced else {}),
             }
             if args.profile:
                 result["scenarios"][scenario.name]["profile"] = {
@@ -820,6 +905,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--scenario", choices=("short", "long", "both"), default="both")
     parser.add_argument("--stream-ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="also measure (b) and (c) at this share of (c)'s throughput; 0: skip",
+    )
     parser.add_argument("--long-prompt-tokens", type=int, default=50_000)
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--json", dest="json_path", help="write the results here")
@@ -842,6 +933,8 @@ def main() -> None:
         parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     if not 0 <= args.stream_ratio <= 1 or args.duration < 1 or args.connections < 1:
         parser.error("--stream-ratio must be 0..1, --duration and --connections positive")
+    if not 0 <= args.paced_fraction < 1:
+        parser.error("--paced-fraction must be in [0, 1)")
     result = asyncio.run(run(args))
     print(render_memory(result["memory"]) if "memory" in result else render(result))
     if args.json_path:
