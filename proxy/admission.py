@@ -136,7 +136,7 @@ class Admission:
             ADMIT,
             [org_prefix(identity.org_id)],
             [
-                round(now * 1000),
+                int(now * 1000),
                 request_id,
                 identity.key_id,
                 reserve_tokens,
@@ -241,7 +241,7 @@ class Admission:
             SETTLE,
             [org_prefix(req.org_id)],
             [
-                round(now * 1000),
+                int(now * 1000),
                 req.request_id,
                 req.key_id,
                 req.tokens,

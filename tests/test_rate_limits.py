@@ -221,12 +221,14 @@ async def test_exactly_the_limit_is_admitted_per_window(
             assert answer.headers["x-should-retry"] == ("true" if retry_s <= 60 else "false")
     assert len(proxy.received()) == limit  # refusals never reach the upstream
 
-    clock.now = START + (interval_ms - 1) / 1000
+    # Half a millisecond in: the proxy's clock is read in whole milliseconds (truncated), and
+    # START + n / 1000 may land a hair below n ms in floating point.
+    clock.now = START + (interval_ms - 1 + 0.5) / 1000
     almost = await burst(proxy.session, proxy.url, key, 5)
     assert statuses(almost) == {429: 5}
     assert all(answer.headers["retry-after-ms"] == "1" for answer in almost)
 
-    clock.now = START + interval_ms / 1000
+    clock.now = START + (interval_ms + 0.5) / 1000
     one_more = await burst(proxy.session, proxy.url, key, 5)
     assert statuses(one_more) == {200: 1, 429: 4}
 
