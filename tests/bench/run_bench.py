@@ -382,6 +382,17 @@ class Load:
     errors: int
     generator_cpu_s: float
 
+    def figures(self) -> dict[str, Any]:
+        """Throughput and latency as every report row shows them."""
+        return {
+            "rps": round(self.requests / self.seconds, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p90_ms": round(self.p90_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "max_ms": round(self.max_ms, 3),
+            "errors": self.errors,
+        }
+
 
 async def wrk_load(
     url: str, script: Path, seconds: int, connections: int, cpus: set[int] | None = None
@@ -557,12 +568,7 @@ class Bench:
         return {
             "target": target.label,
             "offered_rps": round(rate, 1),
-            "rps": round(result.requests / result.seconds, 1),
-            "p50_ms": round(result.p50_ms, 3),
-            "p90_ms": round(result.p90_ms, 3),
-            "p99_ms": round(result.p99_ms, 3),
-            "max_ms": round(result.max_ms, 3),
-            "errors": result.errors,
+            **result.figures(),
         }
 
     async def measure(self, target: Target, scenario: Scenario) -> dict[str, Any]:
@@ -595,12 +601,7 @@ class Bench:
             "target": target.label,
             "requests": result.requests,
             "seconds": round(result.seconds, 3),
-            "rps": round(result.requests / result.seconds, 1),
-            "p50_ms": round(result.p50_ms, 3),
-            "p90_ms": round(result.p90_ms, 3),
-            "p99_ms": round(result.p99_ms, 3),
-            "max_ms": round(result.max_ms, 3),
-            "errors": result.errors,
+            **result.figures(),
             "cpu_us_per_request": {
                 **{name: round(seconds / n * 1e6, 1) for name, seconds in cpu.items()},
                 "generator": round(result.generator_cpu_s / n * 1e6, 1),
