@@ -10,20 +10,21 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy import budgets_api, health, keys_api, llm_api, metrics, webhooks
-from proxy.admission import Admission
-from proxy.auth import Authenticator
-from proxy.budgets import BudgetStore
+from proxy.admin import budgets_api, health, keys_api, webhooks
 from proxy.config import Settings
 from proxy.errors import ApiError, error_response, store_unavailable
-from proxy.keys import KeyCreate, KeyStore, digest
-from proxy.request_log import add_request_id_header, request_log_middleware
-from proxy.resp import PipelinedConnection
-from proxy.routes import build_routes
-from proxy.state import GATEWAY, Gateway
-from proxy.store import connect
-from proxy.upstream import UpstreamClient
-from proxy.windows import Clock, system_clock
+from proxy.gateway import llm_api, metrics
+from proxy.gateway.admission import Admission
+from proxy.gateway.auth import Authenticator
+from proxy.gateway.model_routes import build_routes
+from proxy.gateway.request_log import add_request_id_header, request_log_middleware
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.providers.upstream import UpstreamClient
+from proxy.store.budgets import BudgetStore
+from proxy.store.connection import connect
+from proxy.store.keys import KeyCreate, KeyStore, digest
+from proxy.store.pipelined import PipelinedConnection
+from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
 

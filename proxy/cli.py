@@ -32,7 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _check_routes(settings: Settings) -> None:
     """Prices and encodings are resolved in each worker too; failing here gives a clean exit
     before any Redis or worker is started."""
-    from proxy.routes import build_routes
+    from proxy.gateway.model_routes import build_routes
 
     try:
         build_routes(settings)
@@ -55,13 +55,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from proxy.demo import run_demo
+    from proxy.tools.demo import run_demo
 
     run_demo(_settings(args), args.host, args.port)
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
-    from proxy.mock_upstream import MockOptions, run_mock
+    from proxy.tools.mock_upstream import MockOptions, run_mock
 
     run_mock(
         args.host,
@@ -75,7 +75,7 @@ def cmd_mock(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
-    from proxy.loadtest import main as loadtest_main
+    from proxy.tools.loadtest import main as loadtest_main
 
     loadtest_main(args)
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_flags(org_limits)
     org_limits.set_defaults(func=cmd_org_limits)
 
-    from proxy.loadtest import add_arguments as add_loadtest_arguments
+    from proxy.tools.loadtest import add_arguments as add_loadtest_arguments
 
     loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
     add_loadtest_arguments(loadtest)

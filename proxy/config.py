@@ -35,7 +35,7 @@ class ServerConfig(_Strict):
 
 class RedisConfig(_Strict):
     url: str = ""
-    """Empty: start an embedded ``redis-server`` child (see ``proxy.embedded_redis``)."""
+    """Empty: start an embedded ``redis-server`` child (see ``proxy.store.embedded_redis``)."""
     data_dir: str = ".proxy-data"
     socket_timeout: float = Field(0.5, gt=0)
     socket_connect_timeout: float = Field(0.5, gt=0)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.embedded_redis import EmbeddedRedis
+from proxy.store.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, Settings, UpstreamConfig
-from proxy.embedded_redis import EmbeddedRedis, free_port
-from proxy.mock_upstream import RECEIVED, MockOptions, build_mock_app
+from proxy.store.embedded_redis import EmbeddedRedis, free_port
+from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
 
 ADMIN_KEY = "sk-test-admin-0123456789"
 REPO = Path(__file__).resolve().parent.parent

@@ -33,10 +33,10 @@ from conftest import (
 )
 
 from proxy.config import MeteringConfig, ModelConfig
-from proxy.embedded_redis import free_port
-from proxy.pricing import cost_nano, resolve_price
-from proxy.state import GATEWAY
-from proxy.tokenizer import count_prompt, get_encoding
+from proxy.gateway.pricing import cost_nano, resolve_price
+from proxy.gateway.state import GATEWAY
+from proxy.gateway.tokenizer import count_prompt, get_encoding
+from proxy.store.embedded_redis import free_port
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000

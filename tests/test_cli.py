@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, REPO, Proxy, start_proxy_process, write_config
 
-from proxy.embedded_redis import free_port
+from proxy.store.embedded_redis import free_port
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 

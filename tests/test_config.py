@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
-from proxy.pricing import resolve_price
-from proxy.routes import build_routes
+from proxy.gateway.model_routes import build_routes
+from proxy.gateway.pricing import resolve_price
 
 MINIMAL = """
 [[upstreams]]

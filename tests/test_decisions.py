@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from proxy.admission import Admitted, BudgetRefused, RateLimited
-from proxy.decisions import (
+from proxy.errors import ApiError
+from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
+from proxy.gateway.decisions import (
     admitted_headers,
     budget_error,
     nano_to_major,
     openai_duration,
     rate_limited_error,
 )
-from proxy.errors import ApiError
-from proxy.windows import windows_at
+from proxy.store.windows import windows_at
 
 RATE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit")
 

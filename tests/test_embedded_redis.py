@@ -16,8 +16,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from proxy import embedded_redis
-from proxy.embedded_redis import (
+from proxy.store import embedded_redis
+from proxy.store.embedded_redis import (
     EmbeddedRedis,
     RedisServerNotFound,
     find_redis_server,
@@ -157,7 +157,7 @@ def test_server_does_not_outlive_interpreter(tmp_path: Path) -> None:
     """A proxy that exits normally without calling stop() must not leak redis-server."""
     script = textwrap.dedent(
         f"""
-        from proxy.embedded_redis import EmbeddedRedis
+        from proxy.store.embedded_redis import EmbeddedRedis
         srv = EmbeddedRedis({str(tmp_path)!r})
         srv.start()
         print(srv.pid, flush=True)

@@ -1,5 +1,6 @@
-"""``proxy.http_client`` against real sockets: hand-written HTTP/1.1 answers from servers started
-on 127.0.0.1, so framing, keep-alive, back-pressure and timeout edge cases are exact.
+"""``proxy.providers.http_client`` against real sockets: hand-written HTTP/1.1 answers from
+servers started on 127.0.0.1, so framing, keep-alive, back-pressure and timeout
+edge cases are exact.
 
 Tests are sequenced with events and with conditions polled one loop turn at a time (``until``);
 a sleep appears only where slowness is the scenario itself (a trickling server, a slow consumer).
@@ -23,7 +24,7 @@ import pytest
 import trustme
 import uvloop
 
-from proxy.http_client import (
+from proxy.providers.http_client import (
     _HIGH_WATER,
     Client,
     Origin,

@@ -20,11 +20,11 @@ from conftest import ADMIN_KEY, Proxy, eventually, make_settings, usage_record
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
-from proxy.embedded_redis import free_port
-from proxy.pricing import Price, cost_nano
-from proxy.state import GATEWAY
-from proxy.tokenizer import count_prompt
-from proxy.windows import windows_at
+from proxy.gateway.pricing import Price, cost_nano
+from proxy.gateway.state import GATEWAY
+from proxy.gateway.tokenizer import count_prompt
+from proxy.store.embedded_redis import free_port
+from proxy.store.windows import windows_at
 
 ORG = "acme"
 P = "bp:{o:acme}:"

@@ -19,7 +19,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.cli import build_parser
-from proxy.loadtest import (
+from proxy.gateway.tokenizer import count_chat_prompt, get_encoding
+from proxy.tools.loadtest import (
     WAKE_EARLY_S,
     LoadKey,
     LoadtestError,
@@ -30,8 +31,7 @@ from proxy.loadtest import (
     run_loadtest,
     synthetic_prompt,
 )
-from proxy.mock_upstream import MockOptions, build_mock_app
-from proxy.tokenizer import count_chat_prompt, get_encoding
+from proxy.tools.mock_upstream import MockOptions, build_mock_app
 from tests.conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 TOKENS_PER_REQUEST = 32 + 16

@@ -19,7 +19,7 @@ import tiktoken_ext.openai_public as openai_public
 from aiohttp.test_utils import TestClient
 from tiktoken.load import load_tiktoken_bpe
 
-from proxy.mock_upstream import (
+from proxy.tools.mock_upstream import (
     RECEIVED,
     WORDS,
     MockOptions,
@@ -27,7 +27,7 @@ from proxy.mock_upstream import (
     build_mock_app,
 )
 
-ENCODINGS_DIR = Path(__file__).resolve().parent.parent / "proxy" / "encodings"
+ENCODINGS_DIR = Path(__file__).resolve().parent.parent / "proxy" / "gateway" / "encodings"
 ENCODING_NAMES = ("cl100k_base", "o200k_base")
 
 Client = TestClient[Any, Any]

@@ -1,4 +1,4 @@
-"""Integer prices and costs (proxy.pricing)."""
+"""Integer prices and costs (proxy.gateway.pricing)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from genai_prices import data_snapshot
 from genai_prices import types as gp
 
 from proxy.config import MeteringConfig, ModelConfig, PriceConfig
-from proxy.pricing import Price, cost_nano, lookup_price, price_from_config, resolve_price
+from proxy.gateway.pricing import Price, cost_nano, lookup_price, price_from_config, resolve_price
 
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
 

@@ -1,4 +1,4 @@
-"""Offline encodings and prompt counting (proxy.tokenizer)."""
+"""Offline encodings and prompt counting (proxy.gateway.tokenizer)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import tiktoken.load
 import tiktoken.registry
 from tiktoken_ext import openai_public
 
-from proxy import tokenizer
-from proxy.tokenizer import (
+from proxy.gateway import tokenizer
+from proxy.gateway.tokenizer import (
     IMAGE_TOKENS,
     EncodingUnavailable,
     count_chat_prompt,

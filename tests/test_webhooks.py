@@ -31,8 +31,8 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
-from proxy.embedded_redis import free_port
-from proxy.webhooks import TargetRefused, resolve_target
+from proxy.admin.webhooks import TargetRefused, resolve_target
+from proxy.store.embedded_redis import free_port
 from tests.conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
 
 FAST: dict[str, Any] = {

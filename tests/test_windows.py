@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from proxy.windows import (
+from proxy.store.windows import (
     PERIODS,
     WINDOW_GRACE_SECONDS,
     WindowCache,

@@ -59,9 +59,9 @@ sys.path.insert(0, str(REPO))
 
 import cpu_profile as bench_profile  # noqa: E402  (beside this file)
 
-from proxy.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from proxy.loadtest import percentiles  # noqa: E402
-from proxy.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
+from proxy.gateway.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
+from proxy.store.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from proxy.tools.loadtest import percentiles  # noqa: E402
 
 ADMIN_KEY = "sk-bench-admin-0123456789abcdef"
 ORG = "bench"

@@ -11,11 +11,11 @@ import asyncio
 from aiohttp import web
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.embedded_redis import free_port
-from proxy.keys import KeyCreate, KeyStore
-from proxy.mock_upstream import MockOptions, build_mock_app
 from proxy.serving import redis_url_for, running_site, serve_worker, use_uvloop
-from proxy.store import connect
+from proxy.store.connection import connect
+from proxy.store.embedded_redis import free_port
+from proxy.store.keys import KeyCreate, KeyStore
+from proxy.tools.mock_upstream import MockOptions, build_mock_app
 
 DEMO_ORG = "demo"
 

@@ -72,18 +72,18 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from proxy import metrics
-from proxy.access import require_admin
-from proxy.budgets import Spend, public
+from proxy.admin.access import require_admin
 from proxy.config import WebhookConfig
 from proxy.errors import bad_request, not_found
-from proxy.state import GATEWAY, Gateway
-from proxy.store import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
-from proxy.windows import iso_millis
+from proxy.gateway import metrics
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.budgets import Spend, public
+from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
+from proxy.store.windows import iso_millis
 
 log = logging.getLogger(__name__)
 
-OUTBOX = LuaScript("webhook_outbox.lua")
+OUTBOX = LuaScript("admin/webhook_outbox.lua")
 USER_AGENT = "llm-budget-proxy-webhooks/0.1"
 RESPONSE_READ_CAP = 4096
 ERROR_MAX_CHARS = 300

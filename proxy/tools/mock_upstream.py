@@ -707,7 +707,7 @@ def run_mock(host: str, port: int, options: MockOptions) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m proxy.mock_upstream``: run the mock for demos and load tests."""
+    """``python -m proxy.tools.mock_upstream``: run the mock for demos and load tests."""
     defaults = MockOptions()
     parser = argparse.ArgumentParser(description="Run the mock OpenAI-compatible upstream.")
     parser.add_argument("--host", default="127.0.0.1")

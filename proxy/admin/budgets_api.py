@@ -11,12 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.access import find_key, sees_org
-from proxy.body import read_json
-from proxy.budgets import OWNERS, BudgetInput, Scope
+from proxy.admin.access import find_key, sees_org
 from proxy.errors import bad_request, forbidden, not_found, parse_body
-from proxy.keys import Identity
-from proxy.state import GATEWAY, Gateway
+from proxy.gateway.body import read_json
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.budgets import OWNERS, BudgetInput, Scope
+from proxy.store.keys import Identity
 
 _EVENTS_DEFAULT, _EVENTS_MAX = 100, 1000
 

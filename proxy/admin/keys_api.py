@@ -10,11 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.access import find_key, require_admin, sees_org
-from proxy.body import read_json
+from proxy.admin.access import find_key, require_admin, sees_org
 from proxy.errors import bad_request, forbidden, not_found, parse_body
-from proxy.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
-from proxy.state import GATEWAY, Gateway
+from proxy.gateway.body import read_json
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 
 def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:

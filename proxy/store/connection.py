@@ -50,7 +50,8 @@ def connect(config: RedisConfig, url: str) -> Redis:
 
 
 class LuaScript:
-    """A script made of ``.lua`` files beside this package, called by SHA (EVALSHA).
+    """A script made of ``.lua`` files of the ``proxy`` package (paths relative to it, e.g.
+    ``gateway/admit.lua``, each beside the Python that calls it), called by SHA (EVALSHA).
 
     Files listed first are libraries (local functions) the last one uses; Redis has no
     include, so they are concatenated into one script body.
@@ -60,7 +61,7 @@ class LuaScript:
         package = resources.files("proxy")
         self.source = "\n".join(package.joinpath(name).read_text() for name in files)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis's id
-        self.name = files[-1]
+        self.name = files[-1].rsplit("/", 1)[-1]
 
     async def load(self, client: Redis) -> None:
         await client.script_load(self.source)

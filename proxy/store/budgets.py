@@ -18,14 +18,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from proxy.store import LuaScript, Redis, org_prefix
-from proxy.windows import Period, Windows, iso_millis
+from proxy.store.connection import LuaScript, Redis, org_prefix
+from proxy.store.windows import Period, Windows, iso_millis
 
 NANO = 1_000_000_000
 Scope = Literal["apikey", "org"]
 Owner = Literal["cluster", "org"]
 OWNERS: tuple[Owner, ...] = ("cluster", "org")
-PUT_BUDGET = LuaScript("budget_events.lua", "budget_put.lua")
+PUT_BUDGET = LuaScript("store/budget_events.lua", "store/budget_put.lua")
 
 
 class Threshold(BaseModel):

@@ -41,8 +41,8 @@ from typing import Any
 import aiohttp
 
 from proxy.config import PriceConfig
-from proxy.mock_upstream import WORDS
-from proxy.pricing import Price, cost_nano, lookup_price, price_from_config
+from proxy.gateway.pricing import Price, cost_nano, lookup_price, price_from_config
+from proxy.tools.mock_upstream import WORDS
 
 MAX_DURATION_S = 3600.0
 """Longest run, also the time cap of a ``--requests`` run: the tool must stop by itself."""

@@ -5,7 +5,7 @@ so one org cannot learn another's ids."""
 from __future__ import annotations
 
 from proxy.errors import forbidden, not_found
-from proxy.keys import Identity, KeyRecord, KeyStore
+from proxy.store.keys import Identity, KeyRecord, KeyStore
 
 
 def require_admin(identity: Identity) -> None:

@@ -10,8 +10,15 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig
 from proxy.errors import ApiError
-from proxy.http_client import Client, Response, Target, Timeouts, UpstreamError, UpstreamTimeout
-from proxy.routes import ModelRoute
+from proxy.gateway.model_routes import ModelRoute
+from proxy.providers.http_client import (
+    Client,
+    Response,
+    Target,
+    Timeouts,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 # Never forwarded upstream: hop-by-hop headers, the client's credential and identity headers
 # that belong to the client's own provider account, and the framing headers the proxy sets itself.
@@ -85,7 +92,7 @@ def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 class UpstreamClient:
-    """Every upstream's pooled keep-alive connections (``proxy.http_client``)."""
+    """Every upstream's pooled keep-alive connections (``proxy.providers.http_client``)."""
 
     def __init__(self, timeouts: TimeoutConfig) -> None:
         self._timeouts = Timeouts(

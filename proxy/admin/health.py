@@ -7,9 +7,9 @@ from __future__ import annotations
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.admission import ADMIT, SETTLE
-from proxy.budgets import PUT_BUDGET
-from proxy.state import GATEWAY
+from proxy.gateway.admission import ADMIT, SETTLE
+from proxy.gateway.state import GATEWAY
+from proxy.store.budgets import PUT_BUDGET
 
 SCRIPTS = (ADMIT, SETTLE, PUT_BUDGET)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.config import Role
-from proxy.store import ORGS_KEY, Redis, digest_key, org_prefix, valid_id
+from proxy.store.connection import ORGS_KEY, Redis, digest_key, org_prefix, valid_id
 
 KEY_PREFIX = "sk-bp-"
 KEY_ORG_PREFIX = "bp:ki:"

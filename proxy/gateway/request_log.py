@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import metrics
-from proxy.request_context import OUTCOME, REQUEST_ID, new_request_id
+from proxy.gateway import metrics
+from proxy.gateway.request_context import OUTCOME, REQUEST_ID, new_request_id
 
 log = logging.getLogger("llm_proxy.access")
 

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.admission import Admission
-from proxy.auth import Authenticator
-from proxy.budgets import BudgetStore
 from proxy.config import Settings
-from proxy.keys import KeyStore
-from proxy.routes import ModelRoute
-from proxy.store import Redis
-from proxy.upstream import UpstreamClient
-from proxy.windows import Clock
+from proxy.gateway.admission import Admission
+from proxy.gateway.auth import Authenticator
+from proxy.gateway.model_routes import ModelRoute
+from proxy.providers.upstream import UpstreamClient
+from proxy.store.budgets import BudgetStore
+from proxy.store.connection import Redis
+from proxy.store.keys import KeyStore
+from proxy.store.windows import Clock
 
 
 @dataclass

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import bad_request
-from proxy.pricing import Price, cost_nano
-from proxy.routes import ModelRoute
-from proxy.tokenizer import count_text
-from proxy.upstream import split_events
+from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.pricing import Price, cost_nano
+from proxy.gateway.tokenizer import count_text
+from proxy.providers.upstream import split_events
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 _CAP_FIELDS = {

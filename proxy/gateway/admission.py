@@ -17,17 +17,17 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from proxy import metrics
 from proxy.config import RoleLimits
-from proxy.keys import Identity
-from proxy.resp import PipelinedConnection
-from proxy.store import LuaScript, Redis, org_prefix
-from proxy.windows import Clock, WindowCache, Windows, iso_millis
+from proxy.gateway import metrics
+from proxy.store.connection import LuaScript, Redis, org_prefix
+from proxy.store.keys import Identity
+from proxy.store.pipelined import PipelinedConnection
+from proxy.store.windows import Clock, WindowCache, Windows, iso_millis
 
 log = logging.getLogger(__name__)
 
-ADMIT = LuaScript("lease.lua", "admit.lua")
-SETTLE = LuaScript("lease.lua", "budget_events.lua", "settle.lua")
+ADMIT = LuaScript("gateway/lease.lua", "gateway/admit.lua")
+SETTLE = LuaScript("gateway/lease.lua", "store/budget_events.lua", "gateway/settle.lua")
 _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import tiktoken
 
 from proxy.config import ConfigError, ModelConfig, Settings, UpstreamConfig
-from proxy.pricing import Price, resolve_price
-from proxy.tokenizer import get_encoding
+from proxy.gateway.pricing import Price, resolve_price
+from proxy.gateway.tokenizer import get_encoding
 
 
 @dataclass(frozen=True)

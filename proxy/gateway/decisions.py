@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
-from proxy.admission import Admitted, BudgetRefused, RateLimited
 from proxy.errors import ApiError
-from proxy.windows import Period, Windows
+from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
+from proxy.store.windows import Period, Windows
 
 _WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400, "tpm": 60}
 _LIMIT_WORDS = {

@@ -16,25 +16,25 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.admission import Admitted, BudgetRefused, RateLimited, Revoked
-from proxy.body import read_json
-from proxy.decisions import admitted_headers, budget_error, rate_limited_error
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.http_client import Response, UpstreamError, UpstreamTimeout
-from proxy.keys import Identity
-from proxy.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
-from proxy.pricing import cost_nano
-from proxy.request_context import OUTCOME, new_request_id
-from proxy.routes import ModelRoute
-from proxy.state import GATEWAY, Gateway
-from proxy.tokenizer import count_prompt, count_text
-from proxy.upstream import (
+from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, Revoked
+from proxy.gateway.body import read_json
+from proxy.gateway.decisions import admitted_headers, budget_error, rate_limited_error
+from proxy.gateway.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
+from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.pricing import cost_nano
+from proxy.gateway.request_context import OUTCOME, new_request_id
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.gateway.tokenizer import count_prompt, count_text
+from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.upstream import (
     EVENT_ENDS,
     client_headers,
     complete_events,
     upstream_broken,
     upstream_timeout,
 )
+from proxy.store.keys import Identity
 
 _MAX_ON_BEHALF_OF = 256
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'

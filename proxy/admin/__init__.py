@@ -1,0 +1,1 @@
+"""The operators' side: HTTP APIs over keys, budgets and usage, webhooks, health."""

@@ -1,0 +1,1 @@
+"""What users run beside the proxy: the mock upstream, the load tester, the demo."""
