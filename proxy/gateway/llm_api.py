@@ -245,7 +245,7 @@ async def _forward(
     sent_at = time.perf_counter()
     try:
         upstream = await gw.upstream.send(
-            exchange.route, exchange.endpoint, upstream_body, request.headers
+            exchange.route.upstream, exchange.endpoint, upstream_body, request.headers
         )
     except ApiError as exc:
         exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
@@ -261,10 +261,10 @@ async def _forward(
             data = await upstream.read()
         except UpstreamTimeout as exc:
             exchange.extra["upstream_error"] = "timeout"
-            raise upstream_timeout(exchange.route) from exc
+            raise upstream_timeout(exchange.route.upstream) from exc
         except UpstreamError as exc:
             exchange.extra["upstream_error"] = "broken_body"
-            raise upstream_broken(exchange.route) from exc
+            raise upstream_broken(exchange.route.upstream) from exc
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         if upstream.status == 200:
             exchange.usage = _buffered_usage(exchange, data)

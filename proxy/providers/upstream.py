@@ -8,9 +8,8 @@ from collections.abc import Mapping
 
 from multidict import CIMultiDict
 
-from proxy.config import TimeoutConfig
+from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
-from proxy.gateway.model_routes import ModelRoute
 from proxy.providers.http_client import (
     Client,
     Response,
@@ -67,13 +66,15 @@ _DROP_RESPONSE = frozenset(
 _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "ratelimit", "retry-after")
 
 
-def upstream_headers(client_headers: Mapping[str, str], route: ModelRoute) -> list[tuple[str, str]]:
+def upstream_headers(
+    client_headers: Mapping[str, str], upstream: UpstreamConfig
+) -> list[tuple[str, str]]:
     headers = [
         (name, value) for name, value in client_headers.items() if name.lower() not in _DROP_REQUEST
     ]
     headers.append(("Content-Type", "application/json"))
     headers.append(("Accept-Encoding", "identity"))
-    credential = route.upstream.credential()
+    credential = upstream.credential()
     if credential:
         headers.append(("Authorization", f"Bearer {credential}"))
     return headers
@@ -111,39 +112,39 @@ class UpstreamClient:
             await self._client.close()
 
     async def send(
-        self, route: ModelRoute, endpoint: str, body: bytes, headers: Mapping[str, str]
+        self, upstream: UpstreamConfig, endpoint: str, body: bytes, headers: Mapping[str, str]
     ) -> Response:
         assert self._client is not None, "UpstreamClient.start() not called"
-        base = route.upstream.base_url
+        base = upstream.base_url
         target = self._targets.get((base, endpoint))
         if target is None:
             target = self._targets[base, endpoint] = Target.parse(f"{base}/{endpoint}")
         try:
-            return await self._client.post(target, upstream_headers(headers, route), body)
+            return await self._client.post(target, upstream_headers(headers, upstream), body)
         except UpstreamTimeout as exc:
-            raise upstream_timeout(route) from exc
+            raise upstream_timeout(upstream) from exc
         except UpstreamError as exc:
-            raise upstream_unreachable(route) from exc
+            raise upstream_unreachable(upstream) from exc
 
 
-def _upstream_error(route: ModelRoute, status: int, what: str, code: str) -> ApiError:
+def _upstream_error(upstream: UpstreamConfig, status: int, what: str, code: str) -> ApiError:
     return ApiError(
-        status, f"The upstream '{route.upstream.name}' {what}.", type="server_error", code=code
+        status, f"The upstream '{upstream.name}' {what}.", type="server_error", code=code
     )
 
 
-def upstream_timeout(route: ModelRoute) -> ApiError:
-    return _upstream_error(route, 504, "did not answer in time", "upstream_timeout")
+def upstream_timeout(upstream: UpstreamConfig) -> ApiError:
+    return _upstream_error(upstream, 504, "did not answer in time", "upstream_timeout")
 
 
-def upstream_broken(route: ModelRoute) -> ApiError:
+def upstream_broken(upstream: UpstreamConfig) -> ApiError:
     return _upstream_error(
-        route, 502, "broke off its answer before it ended", "upstream_stream_broken"
+        upstream, 502, "broke off its answer before it ended", "upstream_stream_broken"
     )
 
 
-def upstream_unreachable(route: ModelRoute) -> ApiError:
-    return _upstream_error(route, 502, "could not be reached", "upstream_unavailable")
+def upstream_unreachable(upstream: UpstreamConfig) -> ApiError:
+    return _upstream_error(upstream, 502, "could not be reached", "upstream_unavailable")
 
 
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
