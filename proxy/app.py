@@ -13,11 +13,12 @@ from redis.exceptions import RedisError
 from proxy.admin import budgets_api, health, keys_api, webhooks
 from proxy.config import Settings
 from proxy.errors import ApiError, error_response, store_unavailable
-from proxy.gateway import llm_api, metrics
+from proxy.gateway import lease_sweeper, llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
+from proxy.gateway.settle_spool import SettleSpool
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
@@ -86,6 +87,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             settings.limits.defaults,
             settings.limits.lease_seconds,
             clock,
+            SettleSpool(settings.spool_directory()),
             hot_path=_hot_path(settings, redis_url),
         ),
         upstream=UpstreamClient(settings.timeouts),
@@ -95,6 +97,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(webhooks.delivery_ctx)
+    app.cleanup_ctx.append(lease_sweeper.sweeper_ctx)
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)

@@ -72,7 +72,14 @@ class RoleLimits(_Strict):
 class LimitsConfig(_Strict):
     lease_seconds: float = Field(120.0, gt=0)
     """How long a reservation survives a proxy that died; streams renew it while alive."""
+    sweep_seconds: float | None = Field(None, gt=0)
+    """How often expired leases of every org are reclaimed (default: a quarter lease)."""
+    spool_dir: str = ""
+    """Where settles Redis did not take are kept until it does (default: <data_dir>/spool)."""
     defaults: dict[Role, RoleLimits] = Field(default_factory=dict)
+
+    def sweep_interval(self) -> float:
+        return self.sweep_seconds or max(self.lease_seconds / 4, 0.2)
 
 
 class MeteringConfig(_Strict):
@@ -201,6 +208,9 @@ class Settings(_Strict):
 
     def upstream(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstreams if u.name == name)
+
+    def spool_directory(self) -> Path:
+        return Path(self.limits.spool_dir or Path(self.redis.data_dir) / "spool").resolve()
 
 
 MeteringConfig.model_rebuild()

@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,7 +72,11 @@ async def mock_upstream() -> AsyncIterator[TestServer]:
 
 
 def make_settings(upstream_url: str, **sections: Any) -> Settings:
-    """Settings for tests: the mock as the only upstream, fixed prices, test admin key env."""
+    """Settings for tests: the mock as the only upstream, fixed prices, test admin key env, and
+    a settle spool of its own (never the working directory's ``.proxy-data``)."""
+    limits = dict(sections.pop("limits", {}))
+    limits.setdefault("spool_dir", tempfile.mkdtemp(prefix="llm-proxy-spool-"))
+    sections["limits"] = limits
     data: dict[str, Any] = {
         "upstreams": [
             UpstreamConfig(name="mock", base_url=upstream_url, api_key_env="TEST_UPSTREAM_KEY")

@@ -7,11 +7,11 @@ from __future__ import annotations
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.gateway.admission import ADMIT, SETTLE
+from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
 from proxy.gateway.state import GATEWAY
 from proxy.store.budgets import PUT_BUDGET
 
-SCRIPTS = (ADMIT, SETTLE, PUT_BUDGET)
+SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 
 
 async def healthz(request: web.Request) -> web.Response:

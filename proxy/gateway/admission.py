@@ -1,8 +1,9 @@
 """Admit and settle: the two Redis round trips of every LLM request.
 
-``admit.lua`` decides and reserves atomically; ``settle.lua`` replaces the reservation with
-actual usage exactly once. Settles that cannot reach Redis are kept and retried (they are
-idempotent by request id), so a Redis blip loses no spend.
+``admit.lua`` decides and reserves atomically (idempotent by request id, so a call retried
+after a lost reply reserves once); ``settle.lua`` replaces the reservation with actual usage
+exactly once. Settles that cannot reach Redis are spooled to disk and retried
+(``deferred_settles``), so neither a Redis outage nor a stop during one loses spend.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from proxy.config import RoleLimits
 from proxy.gateway import metrics
+from proxy.gateway.deferred_settles import DeferredSettles
+from proxy.gateway.settle_spool import SettleRequest, SettleSpool
 from proxy.store.connection import LuaScript, Redis, org_prefix
 from proxy.store.keys import Identity
 from proxy.store.pipelined import PipelinedConnection
@@ -26,8 +29,13 @@ from proxy.store.windows import Clock, WindowCache, Windows, iso_millis
 
 log = logging.getLogger(__name__)
 
-ADMIT = LuaScript("gateway/lease.lua", "gateway/admit.lua")
-SETTLE = LuaScript("gateway/lease.lua", "store/budget_events.lua", "gateway/settle.lua")
+_LEDGER = ("store/budget_events.lua", "gateway/lease.lua")
+ADMIT = LuaScript(*_LEDGER, "gateway/admit.lua")
+SETTLE = LuaScript(*_LEDGER, "gateway/settle.lua")
+RECLAIM = LuaScript(*_LEDGER, "gateway/reclaim.lua")
+MAX_EXACT = 2**53 - 1
+"""The largest integer a Lua number (a double) holds exactly: no reservation, usage or limit
+past it may reach a script."""
 _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 
@@ -79,6 +87,11 @@ class Revoked:
     pass
 
 
+ALREADY_ADMITTED = Admitted(None, 0, 0, None, 0, 0, None, None, "", "", "")
+"""A retried admit of a request that already holds its lease: admitted, with no figures for
+the headers (the first call's reply, which had them, was lost)."""
+
+
 Decision = Admitted | RateLimited | BudgetRefused | Revoked
 
 
@@ -90,17 +103,6 @@ def _optional(value: int) -> int | None:
     return None if value < 0 else value
 
 
-@dataclass(slots=True)
-class SettleRequest:
-    org_id: str
-    request_id: str
-    key_id: str
-    tokens: int
-    cost_nano: int
-    usage_record: list[str | int]
-    """Field/value pairs of the usage stream entry."""
-
-
 class Admission:
     def __init__(
         self,
@@ -108,6 +110,7 @@ class Admission:
         role_defaults: Mapping[Any, RoleLimits],
         lease_seconds: float,
         clock: Clock,
+        spool: SettleSpool,
         hot_path: PipelinedConnection | None = None,
     ) -> None:
         self.redis = redis
@@ -122,12 +125,25 @@ class Admission:
         self._lease_ms = int(lease_seconds * 1000)
         self.clock = clock
         self._windows = WindowCache()
-        self._retry: list[SettleRequest] = []
-        self._retry_task: asyncio.Task[None] | None = None
+        self.deferred = DeferredSettles(self._settle_now, spool)
 
     async def admit(
-        self, identity: Identity, request_id: str, reserve_tokens: int, reserve_cost_nano: int
+        self,
+        identity: Identity,
+        request_id: str,
+        reserve_tokens: int,
+        reserve_cost_nano: int,
+        *,
+        prompt_tokens: int = 0,
+        model: str = "",
+        endpoint: str = "",
+        end_user: str | None = None,
     ) -> Decision:
+        """The lease records the request's model, endpoint and end user so that a lease
+        reclaimed from a dead proxy is charged and reported like any other request."""
+        for value in (reserve_tokens, reserve_cost_nano, prompt_tokens):
+            if not 0 <= value <= MAX_EXACT:
+                raise ValueError(f"reservation out of the exact range: {value}")
         now = self.clock()
         windows = self._windows.current(now)
         defaults = self._defaults.get(identity.role) or [""] * 6
@@ -146,6 +162,12 @@ class Admission:
                 windows.weekly,
                 windows.monthly,
                 *defaults,
+                *windows.ttls(now),
+                iso_millis(now),
+                prompt_tokens,
+                model,
+                endpoint,
+                end_user or "",
             ],
         )
         _ADMIT_TIME.observe(time.perf_counter() - started)
@@ -164,6 +186,8 @@ class Admission:
                 budget_window=result[10],
                 budget_field=result[11],
             )
+        if kind == "dup":
+            return ALREADY_ADMITTED
         if kind == "rate":
             return RateLimited(
                 scope=result[1],
@@ -180,6 +204,8 @@ class Admission:
                 spent=int(result[4]),
                 line=int(result[5]),
             )
+        if kind == "invalid":
+            raise ValueError(f"admit refused argument {result[1]}")
         return Revoked()
 
     async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
@@ -219,29 +245,30 @@ class Admission:
             key_id=identity.key_id,
             tokens=tokens,
             cost_nano=cost_nano,
+            at=self.clock(),
             usage_record=[item for name, value in record.items() for item in (name, _field(value))],
         )
 
     async def settle(self, req: SettleRequest) -> int:
-        """Returns the number of budget events recorded; on a Redis failure, retries later."""
+        """Returns the number of budget events recorded. A settle Redis does not take is
+        spooled to disk before this returns, and retried."""
         try:
             return await self._settle_now(req)
         except (RedisError, OSError) as exc:
-            log.warning("settle of %s deferred: %s", req.request_id, exc)
-            self._retry.append(req)
-            if self._retry_task is None or self._retry_task.done():
-                self._retry_task = asyncio.create_task(self._retry_loop())
+            await self.deferred.add(req, exc)
             return 0
 
     async def _settle_now(self, req: SettleRequest) -> int:
+        """Spend goes to the windows of the moment the request ended, also when replayed
+        later; only the windows' expiry is reckoned from now."""
         now = self.clock()
-        windows = self._windows.current(now)
+        windows = self._windows.current(req.at)
         started = time.perf_counter()
         result = await self._run(
             SETTLE,
             [org_prefix(req.org_id)],
             [
-                int(now * 1000),
+                int(req.at * 1000),
                 req.request_id,
                 req.key_id,
                 req.tokens,
@@ -249,34 +276,37 @@ class Admission:
                 windows.daily,
                 windows.weekly,
                 windows.monthly,
-                windows.ttl("daily", now),
-                windows.ttl("weekly", now),
-                windows.ttl("monthly", now),
-                iso_millis(now),
+                *windows.ttls(now),
+                iso_millis(req.at),
                 *req.usage_record,
             ],
         )
         _SETTLE_TIME.observe(time.perf_counter() - started)
         return max(int(result), 0)
 
-    async def _retry_loop(self) -> None:
-        delay = 0.05
-        while self._retry:
-            await asyncio.sleep(delay)
-            pending, self._retry = self._retry, []
-            for index, req in enumerate(pending):
-                try:
-                    await self._settle_now(req)
-                except (RedisError, OSError):
-                    self._retry.extend(pending[index:])
-                    break
-            delay = min(delay * 2, 2.0)
+    async def reclaim(self, org_id: str, limit: int = 100) -> tuple[int, int, int]:
+        """One org's expired leases (the sweeper's pass): (reclaimed, set aside now, set
+        aside in all)."""
+        now = self.clock()
+        windows = self._windows.current(now)
+        result = await RECLAIM(
+            self.redis,
+            [org_prefix(org_id)],
+            [
+                int(now * 1000),
+                windows.daily,
+                windows.weekly,
+                windows.monthly,
+                *windows.ttls(now),
+                iso_millis(now),
+                limit,
+            ],
+        )
+        return int(result[0]), int(result[1]), int(result[2])
 
     async def drain(self, grace: float) -> None:
-        """At shutdown: give deferred settles a last chance."""
-        if self._retry_task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._retry_task), grace)
+        """At shutdown: give deferred settles a last chance (the spool keeps the rest)."""
+        await self.deferred.drain(grace)
 
 
 class LeaseKeeper:

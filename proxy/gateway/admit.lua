@@ -2,32 +2,50 @@
 -- Checks key status, rate limits (key, org), concurrency, tokens per minute and every budget
 -- that applies; only when all pass does it reserve (lease). Nothing is written on rejection
 -- except housekeeping (reclaiming dead proxies' leases, dropping a removed limit's level).
+-- Idempotent by request id: admitting a request that already holds a lease (a call retried
+-- after a lost reply or a failover) reserves nothing more.
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, reserve_tokens, reserve_cost_nano, lease_ms,
 --          window daily, weekly, monthly,
---          role defaults rps, rpm, rph, rpd, tpm, concurrency ("" = none)
+--          role defaults rps, rpm, rph, rpd, tpm, concurrency ("" = none),
+--          ttl daily, weekly, monthly (s), now_iso, prompt_tokens, model, endpoint, end user
 --
 -- Returns  {"ok", req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
 --           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field}
+--       or {"dup"} (already admitted)
 --       or {"revoked"}
+--       or {"invalid", argument}
 --       or {"rate", scope, limit_name, limit, retry_after_ms, count}
 --       or {"budget", field, why ("blocked"|"exceeds"), window, spend, line}
 
 local P = KEYS[1]
-local now = tonumber(ARGV[1])
+local now = exact_int(ARGV[1])
 local rid = ARGV[2]
 local kid = ARGV[3]
-local rt = tonumber(ARGV[4])
-local rc = tonumber(ARGV[5])
-local lease_ms = tonumber(ARGV[6])
-local win = {daily = ARGV[7], weekly = ARGV[8], monthly = ARGV[9]}
+local rt = exact_int(ARGV[4])
+local rc = exact_int(ARGV[5])
+local lease_ms = exact_int(ARGV[6])
+local W = windows_from({ARGV[7], ARGV[8], ARGV[9], ARGV[16], ARGV[17], ARGV[18]}, 1)
+local win = W.win
+local now_iso = ARGV[19]
+local prompt_tokens = exact_int(ARGV[20])
+for name, value in pairs({now_ms = now, reserve_tokens = rt, reserve_cost_nano = rc,
+    lease_ms = lease_ms, prompt_tokens = prompt_tokens}) do
+  if not value or value < 0 then
+    return {'invalid', name}
+  end
+end
 
 local function fmt_int(x)
   if x == '' then
     return ''
   end
-  return string.format('%.0f', x)
+  return I(x)
+end
+
+if redis.call('EXISTS', P .. 'lease:' .. rid) == 1 then
+  return {'dup'}
 end
 
 local LIMIT_NAMES = {'rps', 'rpm', 'rph', 'rpd', 'tpm', 'concurrency'}
@@ -40,16 +58,16 @@ if kf[1] ~= 'active' then
   return {'revoked'}
 end
 
-reclaim_expired(P, now)
+reclaim_expired(P, now, W, now_iso, 32)
 
 local key_limits = {}
 for i = 1, 6 do
-  key_limits[i] = tonumber(kf[i + 1]) or tonumber(ARGV[9 + i])
+  key_limits[i] = exact_int(kf[i + 1]) or exact_int(ARGV[9 + i])
 end
 local of = redis.call('HMGET', P .. 'limits', unpack(LIMIT_NAMES))
 local org_limits = {}
 for i = 1, 6 do
-  org_limits[i] = tonumber(of[i])
+  org_limits[i] = exact_int(of[i])
 end
 local scopes = {{'key', 'k:' .. kid, key_limits}, {'org', 'o', org_limits}}
 
@@ -65,15 +83,18 @@ for _, scope in ipairs(scopes) do
   if limits[1] or limits[2] or limits[3] or limits[4] or limits[5] then
     local h = P .. 'rl:' .. scope[2]
     local v = redis.call('HMGET', h, 'at', 'rps', 'rpm', 'rph', 'rpd', 'tpm')
-    local at = tonumber(v[1]) or now
+    local at = exact_int(v[1]) or now
     local elapsed = math.max(now - at, 0)
-    local write = {h, 'at', math.max(at, now)}
+    local write = {h, 'at', I(math.max(at, now))}
     local ttl = 0
     for i = 1, 5 do
       local limit = limits[i]
       if limit then
         local window = WINDOW_MS[i]
         local stored = tonumber(v[i + 1]) or 0
+        if stored ~= stored or stored == math.huge or stored == -math.huge then
+          stored = 0 -- a level no script wrote: start the bucket afresh rather than fail
+        end
         local level = math.max(stored - elapsed * limit / window, 0)
         local cost = 1
         if i == 5 then
@@ -110,13 +131,13 @@ for _, scope in ipairs(scopes) do
 end
 
 -- Concurrency: the in-flight count of live leases.
+local inflight = {}
 for _, scope in ipairs(scopes) do
+  inflight[scope[2]] = read_inflight(P, scope[2])
   local limit = scope[3][6]
-  if limit then
-    local n = tonumber(redis.call('HGET', P .. 'infl:' .. scope[2], 'n')) or 0
-    if n >= limit then
-      return {'rate', scope[1], 'concurrency', limit, -1, n}
-    end
+  local n = inflight[scope[2]].n
+  if limit and n >= limit then
+    return {'rate', scope[1], 'concurrency', limit, -1, n}
   end
 end
 
@@ -131,11 +152,11 @@ for i = 1, 4 do
   local rule = rules[i]
   if rule then
     local period, unit, floor, ceil = string.match(rule, '^(%S+) (%S+) (%S+) (%S+)')
-    floor, ceil = tonumber(floor), tonumber(ceil)
-    if floor then
-      local w = win[period]
-      local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tags[i] .. ':' .. w, unit)) or 0
-      local held = tonumber(redis.call('HGET', P .. 'infl:' .. tags[i], unit)) or 0
+    floor, ceil = exact_int(floor), exact_int(ceil)
+    local w = win[period]
+    if floor and ceil and w and (unit == 'c' or unit == 't') then
+      local spent = exact_int(redis.call('HGET', P .. 'spend:' .. tags[i] .. ':' .. w, unit)) or 0
+      local held = inflight[tags[i]][unit]
       local r = rt
       if unit == 'c' then
         r = rc
@@ -162,20 +183,19 @@ local tpm_scopes = ''
 for _, wr in ipairs(rate_writes) do
   local ttl = table.remove(wr)
   redis.call('HSET', unpack(wr))
-  redis.call('PEXPIRE', wr[1], ttl + 1000)
+  redis.call('PEXPIRE', wr[1], I(ttl + 1000))
 end
 for _, scope in ipairs(scopes) do
   if scope[3][5] then
     tpm_scopes = tpm_scopes .. scope[1]:sub(1, 1)
   end
 end
-for _, h in ipairs({P .. 'infl:k:' .. kid, P .. 'infl:o'}) do
-  redis.call('HINCRBY', h, 'c', rc)
-  redis.call('HINCRBY', h, 't', rt)
-  redis.call('HINCRBY', h, 'n', 1)
-end
-redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', rc, 't', rt, 'r', tpm_scopes)
-redis.call('ZADD', P .. 'leases', now + lease_ms, rid)
+local extra = ''
+hold(P, lease_tags(kid, extra), rc, rt)
+redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', I(rc), 't', I(rt), 'r', tpm_scopes,
+  'pi', I(prompt_tokens), 'm', ARGV[21] or '', 'e', ARGV[22] or '', 'u', ARGV[23] or '',
+  'x', extra)
+redis.call('ZADD', P .. 'leases', I(now + lease_ms), rid)
 
 return {'ok', req_limit, req_remaining, req_reset, tok_limit, tok_remaining, tok_reset,
         fmt_int(bud_remaining), fmt_int(bud_line), bud_unit, bud_window, bud_field}

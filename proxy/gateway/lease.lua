@@ -1,36 +1,257 @@
--- Shared by admit.lua and settle.lua (prepended to both at load time).
--- A lease is one admitted request's reservation: in-flight cost, tokens and a concurrency slot
--- on the key and on the org. Releasing it is the single way reservations leave the books.
+-- The ledger's shared functions, prepended to admit.lua, settle.lua and reclaim.lua (after
+-- budget_events.lua). A lease is one admitted request's reservation: in-flight cost, tokens
+-- and a concurrency slot on every scope it counts against (the key, the org, any extra tags).
+-- Releasing it is the single way reservations leave the books; charging is the single way
+-- spend enters them.
+--
+-- Numbers. Lua numbers are doubles and Redis parses what a script passes as text: tostring()
+-- writes 1e+17 for 10^17 and "-0" for a negated zero, and HINCRBY rejects both; a script error
+-- keeps the writes made before it. So every integer a command receives goes through I(), every
+-- integer read comes through exact_int(), and the request path never lets a number past
+-- 2^53 - 1 (the largest a double holds exactly) reach a script.
 
-local function release_lease(P, rid)
-  local lease_key = P .. 'lease:' .. rid
-  local l = redis.call('HMGET', lease_key, 'k', 'c', 't', 'r')
-  if not l[1] then
-    return false
+local MAX_EXACT = 9007199254740991
+local MARKER_TTL = 8 * 86400 -- a reclaimed request may still settle late (spool replay)
+
+local function I(n)
+  if n == 0 then
+    return '0'
   end
-  local c = tonumber(l[2]) or 0
-  local t = tonumber(l[3]) or 0
-  for _, h in ipairs({P .. 'infl:k:' .. l[1], P .. 'infl:o'}) do
-    redis.call('HINCRBY', h, 'c', -c)
-    redis.call('HINCRBY', h, 't', -t)
-    redis.call('HINCRBY', h, 'n', -1)
+  return string.format('%.0f', n)
+end
+
+local function exact_int(v)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n ~= math.floor(n) or n > MAX_EXACT or n < -MAX_EXACT then
+    return nil
   end
-  redis.call('DEL', lease_key)
-  redis.call('ZREM', P .. 'leases', rid)
+  return n
+end
+
+local LEASE_FIELDS = {'k', 'c', 't', 'r', 'pi', 'm', 'e', 'u', 'x'}
+
+-- The lease of rid, or nil and why: 'missing' (settled or never written) or 'malformed'.
+local function read_lease(P, rid)
+  local v = redis.call('HMGET', P .. 'lease:' .. rid, unpack(LEASE_FIELDS))
+  if not v[1] then
+    if redis.call('EXISTS', P .. 'lease:' .. rid) == 1 then
+      return nil, 'malformed'
+    end
+    return nil, 'missing'
+  end
+  local l = {
+    rid = rid, k = v[1], c = exact_int(v[2]), t = exact_int(v[3]), r = v[4] or '',
+    pi = exact_int(v[5] or 0), m = v[6] or '', e = v[7] or '', u = v[8] or '', x = v[9] or '',
+  }
+  if not l.c or not l.t or not l.pi or l.c < 0 or l.t < 0 then
+    return nil, 'malformed'
+  end
   return l
 end
 
--- A proxy that died mid-request never settles: its lease expires and is reclaimed here, by the
--- next admission in the same org (bounded work per call).
-local function reclaim_expired(P, now)
-  local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 32)
-  for _, rid in ipairs(expired) do
-    if release_lease(P, rid) then
-      -- Its proxy may yet settle (it was only cut off from Redis): let that settle count once.
-      redis.call('SET', P .. 'reclaimed:' .. rid, '1', 'EX', 86400)
-    else
-      redis.call('ZREM', P .. 'leases', rid)
+-- Scopes a lease counts against: "k:<key>", "o", then its extra tags (space-separated).
+local function lease_tags(kid, extra)
+  local tags = {'k:' .. kid, 'o'}
+  for tag in string.gmatch(extra or '', '%S+') do
+    tags[#tags + 1] = tag
+  end
+  return tags
+end
+
+-- An in-flight hash rebuilt from the org's live leases: for a counter that holds something no
+-- script wrote (it would otherwise fail every admission of the org).
+local function heal_inflight(P, tag)
+  local n, c, t = 0, 0, 0
+  for _, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
+    local l = read_lease(P, rid)
+    if l then
+      for _, other in ipairs(lease_tags(l.k, l.x)) do
+        if other == tag then
+          n, c, t = n + 1, c + l.c, t + l.t
+        end
+      end
     end
   end
-  return #expired
+  local h = P .. 'infl:' .. tag
+  redis.call('DEL', h)
+  if n > 0 then
+    redis.call('HSET', h, 'n', I(n), 'c', I(c), 't', I(t))
+  end
+  redis.log(redis.LOG_WARNING, 'llm-proxy: rebuilt corrupt in-flight counters ' .. h)
+end
+
+-- In-flight {n, c, t} of a scope, healed first if a field is not an exact integer or the
+-- count exceeds the org's live leases (a counter left behind: it would refuse forever).
+local function read_inflight(P, tag)
+  local v = redis.call('HMGET', P .. 'infl:' .. tag, 'n', 'c', 't')
+  local n, c, t = exact_int(v[1] or 0), exact_int(v[2] or 0), exact_int(v[3] or 0)
+  if not (n and c and t) or n < 0 or (n > 0 and n > redis.call('ZCARD', P .. 'leases'))
+      or (n == 0 and (c ~= 0 or t ~= 0)) then
+    heal_inflight(P, tag)
+    v = redis.call('HMGET', P .. 'infl:' .. tag, 'n', 'c', 't')
+    n, c, t = exact_int(v[1] or 0), exact_int(v[2] or 0), exact_int(v[3] or 0)
+  end
+  return {n = n, c = c, t = t}
+end
+
+local function hold(P, tags, cost, tokens)
+  for _, tag in ipairs(tags) do
+    local h = P .. 'infl:' .. tag
+    redis.call('HINCRBY', h, 'c', I(cost))
+    redis.call('HINCRBY', h, 't', I(tokens))
+    redis.call('HINCRBY', h, 'n', 1)
+  end
+end
+
+local function release_lease(P, l)
+  for _, tag in ipairs(lease_tags(l.k, l.x)) do
+    local h = P .. 'infl:' .. tag
+    local left = redis.pcall('HINCRBY', h, 'n', -1)
+    if type(left) ~= 'number' or left <= 0 then
+      redis.call('DEL', h) -- nothing in flight (or a corrupt counter): no hash kept per idle scope
+    else
+      redis.pcall('HINCRBY', h, 'c', I(-l.c))
+      redis.pcall('HINCRBY', h, 't', I(-l.t))
+    end
+  end
+  redis.call('DEL', P .. 'lease:' .. l.rid)
+  redis.call('ZREM', P .. 'leases', l.rid)
+end
+
+-- A record that cannot be processed is set aside, never in the way of the next admission:
+-- out of the expiry index, kept (with the reason) for an operator; the sweeper reports it.
+-- Whatever it held in flight is unknown, so the counters it may be part of are rebuilt.
+local function set_aside(P, rid, now, why)
+  redis.call('ZREM', P .. 'leases', rid)
+  redis.call('ZADD', P .. 'leases:stuck', I(now), rid)
+  redis.call('HSET', P .. 'leases:stuck:why', rid, why)
+  local kid = redis.call('HGET', P .. 'lease:' .. rid, 'k')
+  heal_inflight(P, 'o')
+  if kid then
+    heal_inflight(P, 'k:' .. kid)
+  end
+end
+
+-- Tokens per minute: give back what the reservation took beyond actual use (or take the excess).
+local function refund_tpm(P, l, tokens)
+  local refund = l.t - tokens
+  if refund == 0 or l.r == '' then
+    return
+  end
+  for scope in string.gmatch(l.r, '.') do
+    local h = P .. 'rl:o'
+    if scope == 'k' then
+      h = P .. 'rl:k:' .. l.k
+    end
+    if redis.call('HEXISTS', h, 'tpm') == 1 then
+      redis.pcall('HINCRBYFLOAT', h, 'tpm', string.format('%.17g', -refund))
+    end
+  end
+end
+
+-- W: {win = {daily=, weekly=, monthly=}, ttl = {daily=, weekly=, monthly=}}
+local function windows_from(args, at)
+  return {
+    win = {daily = args[at], weekly = args[at + 1], monthly = args[at + 2]},
+    ttl = {daily = exact_int(args[at + 3]), weekly = exact_int(args[at + 4]),
+      monthly = exact_int(args[at + 5])},
+  }
+end
+
+local function add_spend(P, tags, tokens, cost, W, only_existing)
+  for _, tag in ipairs(tags) do
+    for period, w in pairs(W.win) do
+      local h = P .. 'spend:' .. tag .. ':' .. w
+      if not only_existing or redis.call('EXISTS', h) == 1 then
+        redis.pcall('HINCRBY', h, 'c', I(cost))
+        local t = redis.pcall('HINCRBY', h, 't', I(tokens))
+        if t == tokens and not only_existing then
+          redis.call('EXPIRE', h, I(W.ttl[period])) -- a new window (or nothing spent yet)
+        end
+      end
+    end
+  end
+end
+
+-- Threshold crossings of every budget on these scopes whose lowest line the spend has reached.
+-- A budget record that cannot be read is skipped (and logged), never fatal to the settle.
+local function check_budgets(P, tags, W, now, now_iso, seed)
+  local fields = {}
+  local field_tags = {}
+  for _, tag in ipairs(tags) do
+    for _, owner in ipairs({'cluster', 'org'}) do
+      fields[#fields + 1] = tag .. ':' .. owner
+      field_tags[#field_tags + 1] = tag
+    end
+  end
+  local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
+  local events = 0
+  for i = 1, #fields do
+    local rule = rules[i]
+    if rule then
+      local period, unit, lowest = string.match(rule, '^(%S+) (%S+) %S+ %S+ (%S+)$')
+      local w = period and W.win[period]
+      lowest = exact_int(lowest)
+      local spent = w and exact_int(redis.call('HGET', P .. 'spend:' .. field_tags[i] .. ':' .. w,
+        unit))
+      if spent and lowest and spent >= lowest then
+        local raw = redis.call('HGET', P .. 'budgets', fields[i])
+        local ok, n = pcall(function()
+          return record_crossings(P, cjson.decode(raw), raw, field_tags[i], w, W.ttl[period], now,
+            now_iso, seed)
+        end)
+        if ok then
+          events = events + n
+        else
+          redis.log(redis.LOG_WARNING, 'llm-proxy: budget ' .. fields[i] .. ' unreadable: ' ..
+            tostring(n))
+        end
+      end
+    end
+  end
+  return events
+end
+
+local USAGE_KEPT = 10000
+
+local function append_usage(P, pairs)
+  redis.call('XADD', P .. 'usage', 'MAXLEN', '~', USAGE_KEPT, '*', unpack(pairs))
+end
+
+-- A lease whose proxy died: released, and its whole reservation charged — it is the most the
+-- request could have spent, and the part of it that was used is unknown. A marker keeps what
+-- was charged where, so the proxy's own settle, if it comes after all, corrects it to the
+-- actual usage exactly once.
+local function reclaim_lease(P, l, W, now, now_iso)
+  release_lease(P, l)
+  local tags = lease_tags(l.k, l.x)
+  add_spend(P, tags, l.t, l.c, W, false)
+  local events = check_budgets(P, tags, W, now, now_iso, l.rid)
+  append_usage(P, {'rid', l.rid, 'kid', l.k, 'user', l.u, 'model', l.m, 'endpoint', l.e,
+    'in', I(l.pi), 'out', I(l.t - l.pi), 'cached', '0', 'reasoning', '0', 'cost_nano', I(l.c),
+    'reported', '0', 'status', '0', 'client_gone', '0', 'reclaimed', '1'})
+  local marker = P .. 'reclaimed:' .. l.rid
+  redis.call('HSET', marker, 'k', l.k, 'x', l.x, 'c', I(l.c), 't', I(l.t),
+    'daily', W.win.daily, 'weekly', W.win.weekly, 'monthly', W.win.monthly)
+  redis.call('EXPIRE', marker, MARKER_TTL)
+  return events
+end
+
+-- Expired leases of the org, oldest first, at most `limit` per call (bounded work).
+local function reclaim_expired(P, now, W, now_iso, limit)
+  local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', I(now), 'LIMIT', 0, limit)
+  local reclaimed, set_aside_n = 0, 0
+  for _, rid in ipairs(expired) do
+    local l, why = read_lease(P, rid)
+    if l then
+      reclaim_lease(P, l, W, now, now_iso)
+      reclaimed = reclaimed + 1
+    elseif why == 'missing' then
+      redis.call('ZREM', P .. 'leases', rid)
+    else
+      set_aside(P, rid, now, why)
+      set_aside_n = set_aside_n + 1
+    end
+  end
+  return reclaimed, set_aside_n
 end

@@ -20,7 +20,14 @@ from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
 from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, Revoked
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import admitted_headers, budget_error, rate_limited_error
-from proxy.gateway.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
+from proxy.gateway.metering import (
+    ENDPOINTS,
+    StreamMeter,
+    Usage,
+    check_reservation,
+    output_cap,
+    usage_from_body,
+)
 from proxy.gateway.model_routes import ModelRoute
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.request_context import OUTCOME, new_request_id
@@ -161,12 +168,22 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     stream = stream and endpoint != "embeddings"
     cap = output_cap(endpoint, body, route)
     prompt_tokens = await count_prompt(route.encoding, endpoint, body)
-    reserve_tokens = prompt_tokens + cap
-    reserve_cost = cost_nano(route.price, prompt_tokens, cap)
+    reserve_tokens = prompt_tokens + cap.tokens
+    reserve_cost = cost_nano(route.price, prompt_tokens, cap.tokens)
+    check_reservation(reserve_tokens, reserve_cost, cap)
     request_id = new_request_id()
     outcome["request_id"] = request_id
     try:
-        decision = await gw.admission.admit(identity, request_id, reserve_tokens, reserve_cost)
+        decision = await gw.admission.admit(
+            identity,
+            request_id,
+            reserve_tokens,
+            reserve_cost,
+            prompt_tokens=prompt_tokens,
+            model=route.name,
+            endpoint=endpoint,
+            end_user=on_behalf_of,
+        )
     except (RedisError, OSError):
         outcome["decision"] = "store_unavailable"
         raise store_unavailable() from None

@@ -44,34 +44,67 @@ class Usage:
         return cost_nano(price, self.input_tokens, self.output_tokens, self.cached_tokens)
 
 
-def _positive_int(body: dict[str, Any], name: str) -> int | None:
+MAX_OUTPUT_CAP = 1_000_000_000
+"""No model generates a billion tokens in one answer; a larger cap only overflows the books."""
+MAX_CHOICES = 128
+"""OpenAI's own maximum for ``n``."""
+MAX_EXACT = 2**53 - 1
+"""Reservations are checked in Lua, whose numbers are doubles: exact only up to here."""
+
+
+def _positive_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_request(f"'{name}' must be a positive integer.", param=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise bad_request(
+            f"'{name}' must be a positive integer no greater than {maximum}.", param=name
+        )
     return value
 
 
-def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> int:
+@dataclass(slots=True)
+class OutputCap:
+    tokens: int
+    """Worst-case output tokens, all choices included."""
+    param: str | None
+    """The request parameter that set it (None: the model's configured maximum)."""
+
+
+def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> OutputCap:
     """Worst-case output tokens: the request's own cap, else the model's configured maximum.
 
     A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
     our configuration, decides what it generates, and a reservation must never be smaller."""
     if endpoint == "embeddings":
-        return 0
+        return OutputCap(0, None)
     cap = None
+    param = None
     for name in _CAP_FIELDS[endpoint]:
-        value = _positive_int(body, name)
+        value = _positive_int(body, name, MAX_OUTPUT_CAP)
         if value is not None and cap is None:
-            cap = value
+            cap, param = value, name
     choices = 1
     if endpoint in ("chat/completions", "completions"):
-        choices = _positive_int(body, "n") or 1
-        if endpoint == "completions":
-            choices = max(choices, _positive_int(body, "best_of") or 1)
+        n = _positive_int(body, "n", MAX_CHOICES) or 1
+        best_of = _positive_int(body, "best_of", MAX_CHOICES) if endpoint == "completions" else 1
+        choices = max(n, best_of or 1)
+        if param is None and choices > 1:
+            param = "best_of" if (best_of or 1) > n else "n"
     limit = route.max_output_tokens if cap is None else cap
-    return limit * choices
+    return OutputCap(limit * choices, param)
+
+
+def check_reservation(tokens: int, cost_nano: int, cap: OutputCap) -> None:
+    """A worst case no ledger could record exactly is refused up front (400), before anything
+    is reserved: it could never be paid for anyway."""
+    if tokens > MAX_EXACT or cost_nano > MAX_EXACT:
+        raise bad_request(
+            f"This request's worst case ({tokens} tokens, {cost_nano} nano-units) is too large "
+            "to account for; lower the output cap or the number of choices.",
+            param=cap.param or "max_tokens",
+            code="reservation_too_large",
+        )
 
 
 def _int(value: Any) -> int:

@@ -17,6 +17,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -57,6 +58,24 @@ REDIS_TIME = Histogram(
     "llm_proxy_redis_seconds", "Redis script call latency", ["script"], buckets=_LATENCY_BUCKETS
 )
 WEBHOOKS = Counter("llm_proxy_webhook_deliveries_total", "Webhook delivery attempts", ["result"])
+SETTLES_PENDING = Gauge(
+    "llm_proxy_settles_pending",
+    "Settles Redis has not taken yet, kept in the spool and retried",
+    multiprocess_mode="livesum",
+)
+SETTLES_QUARANTINED = Counter(
+    "llm_proxy_settles_quarantined_total",
+    "Settles Redis kept refusing, set aside in the spool's quarantine file",
+)
+LEASES_RECLAIMED = Counter(
+    "llm_proxy_leases_reclaimed_total",
+    "Leases of proxies that stopped renewing them, released and charged their reservation",
+)
+LEASES_SET_ASIDE = Gauge(
+    "llm_proxy_leases_set_aside",
+    "Lease records that could not be processed, kept out of admission's way (all orgs)",
+    multiprocess_mode="max",
+)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -1,9 +1,11 @@
 -- settle: replaces one request's reservation with its actual usage, exactly once.
--- Adds actual spend to every window of the key and the org, refunds the unused part of the
--- tokens-per-minute reservation, records threshold crossings (and their webhook outbox
--- entries), appends a usage record and releases the lease. Idempotent by request id: the
--- lease is the proof that a request is still unsettled (a reclaimed lease leaves a marker),
--- so no per-request "done" key has to be kept.
+-- Adds actual spend to every window of every scope the lease counted against, refunds the
+-- unused part of the tokens-per-minute reservation, records threshold crossings (and their
+-- webhook outbox entries), appends a usage record and releases the lease. Idempotent by
+-- request id: the lease is the proof that a request is still unsettled, so no per-request
+-- "done" key has to be kept. A lease reclaimed meanwhile (its proxy looked dead) was charged
+-- its whole reservation and left a marker: this settle then corrects that charge to the
+-- actual usage, once.
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, tokens, cost_nano,
@@ -12,65 +14,56 @@
 -- Returns  number of budget events recorded, or -1 when this request was already settled
 
 local P = KEYS[1]
-local now = tonumber(ARGV[1])
+local now = exact_int(ARGV[1])
 local rid = ARGV[2]
 local kid = ARGV[3]
-local tokens = tonumber(ARGV[4])
-local cost = tonumber(ARGV[5])
-local win = {daily = ARGV[6], weekly = ARGV[7], monthly = ARGV[8]}
-local ttl = {daily = tonumber(ARGV[9]), weekly = tonumber(ARGV[10]), monthly = tonumber(ARGV[11])}
+local tokens = exact_int(ARGV[4])
+local cost = exact_int(ARGV[5])
+local W = windows_from(ARGV, 6)
 local now_iso = ARGV[12]
+if not (now and tokens and cost and W.ttl.daily and W.ttl.weekly and W.ttl.monthly)
+    or tokens < 0 or cost < 0 then
+  return redis.error_reply('settle: numbers must be exact non-negative integers')
+end
+local record = {unpack(ARGV, 13)}
 
-local leased = release_lease(P, rid)
-if not leased and redis.call('DEL', P .. 'reclaimed:' .. rid) == 0 then
+local lease, why = read_lease(P, rid)
+if lease then
+  release_lease(P, lease)
+  refund_tpm(P, lease, tokens)
+  local tags = lease_tags(lease.k, lease.x)
+  add_spend(P, tags, tokens, cost, W, false)
+  local events = check_budgets(P, tags, W, now, now_iso, rid)
+  append_usage(P, record)
+  return events
+end
+
+if why == 'malformed' then
+  -- Its reservation cannot be released (its numbers are unreadable), but the usage is known:
+  -- charge it, and set the record aside for an operator.
+  set_aside(P, rid, now, 'malformed at settle')
+  local tags = lease_tags(kid, '')
+  add_spend(P, tags, tokens, cost, W, false)
+  local events = check_budgets(P, tags, W, now, now_iso, rid)
+  append_usage(P, record)
+  return events
+end
+
+local marker = P .. 'reclaimed:' .. rid
+local m = redis.call('HMGET', marker, 'k', 'x', 'c', 't', 'daily', 'weekly', 'monthly')
+if not m[1] then
   return -1
 end
-
--- Tokens per minute: give back what the reservation took beyond actual use (or take the excess).
-if leased and leased[4] and leased[4] ~= '' then
-  local refund = (tonumber(leased[3]) or 0) - tokens
-  for scope in string.gmatch(leased[4], '.') do
-    local h = P .. 'rl:o'
-    if scope == 'k' then
-      h = P .. 'rl:k:' .. leased[1]
-    end
-    if refund ~= 0 and redis.call('HEXISTS', h, 'tpm') == 1 then
-      redis.call('HINCRBYFLOAT', h, 'tpm', -refund)
-    end
-  end
-end
-
-local tags = {'k:' .. kid, 'o'}
-for _, tag in ipairs(tags) do
-  for period, w in pairs(win) do
-    local h = P .. 'spend:' .. tag .. ':' .. w
-    redis.call('HINCRBY', h, 'c', cost)
-    if redis.call('HINCRBY', h, 't', tokens) == tokens then
-      redis.call('EXPIRE', h, ttl[period]) -- a new window (or nothing spent yet)
-    end
-  end
-end
-
+redis.call('DEL', marker)
+local charged_c, charged_t = exact_int(m[3]) or 0, exact_int(m[4]) or 0
+local then_W = {win = {daily = m[5], weekly = m[6], monthly = m[7]}, ttl = W.ttl}
+local tags = lease_tags(m[1], m[2])
+add_spend(P, tags, tokens - charged_t, cost - charged_c, then_W, true)
 local events = 0
-local fields = {'k:' .. kid .. ':cluster', 'k:' .. kid .. ':org', 'o:cluster', 'o:org'}
-local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
-for i = 1, 4 do
-  local rule = rules[i]
-  if rule then
-    local tag = tags[1]
-    if i > 2 then
-      tag = tags[2]
-    end
-    -- Only a budget whose lowest line the spend has reached can have anything to record.
-    local period, unit, lowest = string.match(rule, '^(%S+) (%S+) %S+ %S+ (%S+)$')
-    local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tag .. ':' .. win[period], unit))
-    if spent and spent >= tonumber(lowest) then
-      local raw = redis.call('HGET', P .. 'budgets', fields[i])
-      events = events + record_crossings(P, cjson.decode(raw), raw, tag, win[period],
-        ttl[period], now, now_iso, rid)
-    end
-  end
+if cost > charged_c or tokens > charged_t then
+  events = check_budgets(P, tags, then_W, now, now_iso, rid)
 end
-
-redis.call('XADD', P .. 'usage', 'MAXLEN', '~', 10000, '*', unpack(ARGV, 13))
+record[#record + 1] = 'late'
+record[#record + 1] = '1'
+append_usage(P, record)
 return events

@@ -48,7 +48,11 @@ class Windows:
 
     def ttl(self, period: Period, now: float) -> int:
         """Redis TTL of a spend window: past its end by a grace period, for late settles."""
-        return int(self.end(period) - now) + 1 + WINDOW_GRACE_SECONDS
+        return max(int(self.end(period) - now) + 1 + WINDOW_GRACE_SECONDS, 1)
+
+    def ttls(self, now: float) -> tuple[int, int, int]:
+        """Daily, weekly and monthly TTLs, in the order the scripts take them."""
+        return self.ttl("daily", now), self.ttl("weekly", now), self.ttl("monthly", now)
 
 
 def _next_month(day: date) -> date:

@@ -1,0 +1,96 @@
+"""The lease sweeper: nothing a dead proxy reserved stays held, with or without traffic.
+
+Admission reclaims expired leases of its own org on the way (bounded per call), but an org
+whose only traffic came through a proxy that died would keep that proxy's reservations and
+concurrency slots until its next request. Every proxy process runs this loop; one of them at a
+time (a short Redis lock) walks every org and reclaims what has expired — releasing it and
+charging its whole reservation (``lease.lua``). The same tick adopts settle spool files left by
+processes that are gone, so their usage is replayed without waiting for a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy.gateway import metrics
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.connection import ORGS_KEY
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "bp:sweeper"
+_SCAN_BATCH = 200
+
+
+async def sweep_once(gw: Gateway) -> tuple[int, int]:
+    """Reclaims every org's expired leases; returns (reclaimed, set aside in all)."""
+    reclaimed = set_aside_total = 0
+    async for org_id in _orgs(gw):
+        done, aside_now, aside = await gw.admission.reclaim(org_id)
+        reclaimed += done
+        set_aside_total += aside
+        if done:
+            metrics.LEASES_RECLAIMED.inc(done)
+            log.warning(
+                "reclaimed %d expired lease(s) of org %s (their proxy stopped renewing them); "
+                "each was charged its reservation",
+                done,
+                org_id,
+            )
+        if aside_now:
+            log.error(
+                "set aside %d unreadable lease record(s) of org %s (bp:{o:%s}:leases:stuck)",
+                aside_now,
+                org_id,
+                org_id,
+            )
+    metrics.LEASES_SET_ASIDE.set(set_aside_total)
+    return reclaimed, set_aside_total
+
+
+async def _orgs(gw: Gateway) -> AsyncIterator[str]:
+    cursor = 0
+    while True:
+        cursor, batch = await gw.redis.sscan(ORGS_KEY, cursor, count=_SCAN_BATCH)
+        for org_id in batch:
+            yield org_id
+        if cursor == 0:
+            return
+
+
+async def _take_turn(gw: Gateway, token: str, interval: float) -> bool:
+    """At most one sweeper per round across all processes: the others find the lock taken."""
+    taken = await gw.redis.set(LOCK_KEY, token, nx=True, px=max(int(interval * 900), 100))
+    return bool(taken)
+
+
+async def run(gw: Gateway, interval: float, stop: asyncio.Event) -> None:
+    token = secrets.token_hex(8)
+    while not stop.is_set():
+        try:
+            await gw.admission.deferred.adopt_orphans()
+            if await _take_turn(gw, token, interval):
+                await sweep_once(gw)
+        except (RedisError, OSError) as exc:
+            log.debug("lease sweep skipped: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A flag, not only ``cancel()``, ends the loop: redis-py (8.1, Python 3.11) can swallow
+    a cancellation that lands while a command completes."""
+    gw = app[GATEWAY]
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(gw, gw.settings.limits.sweep_interval(), stop))
+    yield
+    stop.set()
+    task.cancel()
+    await asyncio.wait([task], timeout=5)
