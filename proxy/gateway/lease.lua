@@ -11,8 +11,10 @@ local function release_lease(P, rid)
   local c = tonumber(l[2]) or 0
   local t = tonumber(l[3]) or 0
   for _, h in ipairs({P .. 'infl:k:' .. l[1], P .. 'infl:o'}) do
-    redis.call('HINCRBY', h, 'c', -c)
-    redis.call('HINCRBY', h, 't', -t)
+    -- 0 - x, not -x: a Lua -0 reaches Redis as "-0", which HINCRBY rejects (a lease that
+    -- reserved nothing, e.g. count_tokens, must still be released).
+    redis.call('HINCRBY', h, 'c', 0 - c)
+    redis.call('HINCRBY', h, 't', 0 - t)
     redis.call('HINCRBY', h, 'n', -1)
   end
   redis.call('DEL', lease_key)
