@@ -35,13 +35,24 @@ class Usage:
     reasoning_tokens: int = 0
     reported: bool = True
     """False when counted by the proxy because the upstream reported nothing."""
+    cache_write_tokens: int = 0
+    """Anthropic: input written to the prompt cache with the 5-minute lifetime."""
+    cache_write_1h_tokens: int = 0
+    """Anthropic: input written to the prompt cache with a 1-hour lifetime."""
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
     def cost_nano(self, price: Price) -> int:
-        return cost_nano(price, self.input_tokens, self.output_tokens, self.cached_tokens)
+        return cost_nano(
+            price,
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+        )
 
 
 def _positive_int(body: dict[str, Any], name: str) -> int | None:
