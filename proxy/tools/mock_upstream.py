@@ -132,7 +132,7 @@ class ReceivedRequest:
     method: str
     path: str
     headers: dict[str, str]
-    """Header names are lower-cased."""
+    """Header names are lower-cased; a header sent twice has its values joined with ", "."""
     body: dict[str, Any] | None
     """The parsed JSON body; None when the request had no body or an invalid one."""
     query: dict[str, str] = field(default_factory=dict)
@@ -184,6 +184,16 @@ def _error(
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = _dumps({"error": {"message": message, "type": kind, "code": code, "param": param}})
     return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _header_dict(request: web.Request) -> dict[str, str]:
+    """Repeated headers are joined, as HTTP allows, so a duplicate (e.g. a client's credential
+    forwarded beside the upstream's) is visible rather than silently overwritten."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
 
 
 def _text(words: int) -> str:
@@ -401,7 +411,7 @@ class _Mock:
         self, request: web.Request, *, json_body: bool = True, dialect: Dialect = "openai"
     ) -> tuple[_Plan, dict[str, Any]] | web.Response:
         """Log the request, apply its latency and injected status, and parse its JSON body."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = _header_dict(request)
         body: dict[str, Any] | None = None
         if json_body and (raw := await request.read()):
             try:
@@ -764,7 +774,7 @@ class _Mock:
         return web.Response(body=self.models_body, content_type="application/json")
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = _header_dict(request)
         self.received.append(ReceivedRequest(request.method, request.path, headers, None))
         message = f"Unknown request URL: {request.method} {request.path}."
         dialect: Dialect = "anthropic" if request.path.startswith("/v1/messages") else "openai"
