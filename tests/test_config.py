@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
-from proxy.gateway.model_routes import build_routes
+from proxy.gateway.model_routes import UnpricedModel, build_routes
 from proxy.gateway.pricing import resolve_price
 
 MINIMAL = """
@@ -241,3 +241,15 @@ def test_patterns_route_many_names_and_keep_their_own_names(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, aliased), environ={})
     assert "pattern" in str(caught.value)
+
+
+def test_a_pattern_match_without_a_price_follows_the_unknown_price_rule(tmp_path: Path) -> None:
+    text = UPSTREAMS + '[[models]]\nname = "in-house-*"\nupstream = "openai"\n'
+    routes = build_routes(load_settings(write(tmp_path, text), environ={}))
+    with pytest.raises(UnpricedModel):
+        routes.get("in-house-7b")
+    defaulted = text + (
+        "[metering]\nunknown_price = 'default'\n[metering.default_price]\ninput = 3\noutput = 4\n"
+    )
+    routes = build_routes(load_settings(write(tmp_path, defaulted), environ={}))
+    assert routes["in-house-7b"].price.source == "default"

@@ -112,3 +112,27 @@ def test_the_readme_fallback_example_is_a_valid_model_over_the_openai_and_azure_
         ("openai", "gpt-4o"),
         ("azure", "gpt4o-prod"),
     ]
+
+
+async def test_azure_v1_routes_carry_the_deployment_as_the_model(
+    start_proxy: Callable[..., Any], mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-secret")
+    root = str(mock_upstream.make_url("")).rstrip("/")
+    proxy: Proxy = await start_proxy(
+        upstreams=[
+            UpstreamConfig(
+                name="azure", base_url=root, api_key_env="AZURE_OPENAI_API_KEY", kind="azure"
+            )
+        ],
+        models=[ModelConfig(name="gpt-4o", upstream="azure", deployment="gpt4o-prod")],
+    )
+    _, key = await proxy.create_key("acme")
+    client = proxy.openai(key)
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+    sent = proxy.received()[-1]
+    assert (sent.path, sent.query) == ("/openai/v1/chat/completions", {})
+    assert sent.body is not None and sent.body["model"] == "gpt4o-prod"
+    assert sent.headers["api-key"] == "azure-secret"
+    await client.embeddings.create(model="gpt-4o", input="a b c")
+    assert proxy.received()[-1].path == "/openai/v1/embeddings"
