@@ -12,8 +12,8 @@ from redis.exceptions import RedisError
 
 from proxy.admin import budgets_api, health, keys_api, webhooks
 from proxy.config import Settings
-from proxy.errors import ApiError, error_response, store_unavailable
-from proxy.gateway import lease_sweeper, llm_api, metrics
+from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
+from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
@@ -35,20 +35,25 @@ BOOTSTRAP_ORG = "cluster"
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    dialect = dialect_of(request.path)
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return exc.response(dialect)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY].settings.server.max_body_bytes
         return error_response(
             413,
             f"Request body too large: the limit is {limit} bytes.",
             code="request_too_large",
+            dialect=dialect,
         )
     except web.HTTPNotFound:
         return error_response(
-            404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url"
+            404,
+            f"Unknown endpoint: {request.method} {request.path}",
+            code="unknown_url",
+            dialect=dialect,
         )
     except web.HTTPMethodNotAllowed as exc:
         return error_response(
@@ -56,15 +61,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             f"Method {request.method} is not allowed on {request.path}.",
             code="method_not_allowed",
             headers={"Allow": ",".join(sorted(exc.allowed_methods))},
+            dialect=dialect,
         )
     except web.HTTPException as exc:
-        return error_response(exc.status, exc.reason, code=str(exc.status))
+        return error_response(exc.status, exc.reason, code=str(exc.status), dialect=dialect)
     except (RedisError, ConnectionRefusedError) as exc:
         log.warning("store error on %s: %s", request.path, exc)
-        return store_unavailable().response()
+        return store_unavailable().response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "Internal proxy error.", type="server_error", code="internal")
+        return error_response(
+            500, "Internal proxy error.", type="server_error", code="internal", dialect=dialect
+        )
 
 
 def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
@@ -101,6 +109,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
+    anthropic_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
     webhooks.add_routes(app)

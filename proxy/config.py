@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy.toml"
 
-ProviderKind = Literal["openai"]
+ProviderKind = Literal["openai", "anthropic", "azure"]
+"""How the proxy speaks to an upstream: OpenAI's API (also Gemini's compatible endpoint, Groq,
+Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, or Azure OpenAI's paths."""
+Protocol = Literal["openai", "anthropic"]
+"""The API a client speaks to the proxy; ``openai`` and ``azure`` upstreams both serve the first."""
+_PRICE_PROVIDERS: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "azure": "azure"}
 Role = Literal["cluster_admin", "org_admin", "member"]
 
 
@@ -100,6 +105,11 @@ class PriceConfig(_Strict):
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(None, ge=0)
+    """Cache reads (OpenAI's cached input, Anthropic's ``cache_read_input_tokens``)."""
+    cache_write_input: Decimal | None = Field(None, ge=0)
+    """Anthropic cache writes with the default 5-minute lifetime (default: 1.25x input)."""
+    cache_write_1h_input: Decimal | None = Field(None, ge=0)
+    """Anthropic cache writes with a 1-hour lifetime (default: 2x input)."""
 
 
 class UpstreamConfig(_Strict):
@@ -108,6 +118,16 @@ class UpstreamConfig(_Strict):
     api_key_env: str | None = None
     """Name of the environment variable holding the upstream credential (never the value)."""
     kind: ProviderKind = "openai"
+    api_version: str = "v1"
+    """Azure only: ``v1`` uses Azure's ``/openai/v1/`` routes; a dated version (``2024-10-21``)
+    uses ``/openai/deployments/{deployment}/…?api-version=…``."""
+    anthropic_version: str = "2023-06-01"
+    """Anthropic only: the ``anthropic-version`` sent when the client sent none."""
+    price_provider: str | None = None
+    """Provider id in the price database (``google``, ``groq``, ``together``…); default by kind."""
+    cooldown_seconds: float = Field(30.0, ge=0)
+    """After a failure that made a fallback try the next upstream, this one is tried last for
+    this long (per proxy process)."""
 
     @field_validator("base_url")
     @classmethod
@@ -119,11 +139,28 @@ class UpstreamConfig(_Strict):
     def credential(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    @property
+    def protocol(self) -> Protocol:
+        return "anthropic" if self.kind == "anthropic" else "openai"
+
+    @property
+    def price_provider_id(self) -> str:
+        return self.price_provider or _PRICE_PROVIDERS[self.kind]
+
+
+class UpstreamChoice(_Strict):
+    """One upstream of a model's fallback list, with an optional weight."""
+
+    name: str = Field(min_length=1)
+    weight: float | None = Field(None, gt=0)
+
 
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
+    """A model name, or a pattern with ``*`` (``claude-*``) matching many concrete names."""
     aliases: list[str] = Field(default_factory=list)
-    upstream: str
+    upstream: str | list[str | UpstreamChoice]
+    """One upstream's name, or a list tried in order on connect failure, 429 or 5xx."""
     upstream_model: str | None = None
     price: PriceConfig | None = None
     """Overrides the price database; required when the database does not know the model."""
@@ -132,6 +169,31 @@ class ModelConfig(_Strict):
     max_output_tokens: int | None = Field(None, gt=0)
     encoding: str = "o200k_base"
     kind: Literal["chat", "embedding"] = "chat"
+    deployment: str | None = None
+    """Azure: the deployment serving this model (default: the upstream model name)."""
+    context_window: int = Field(1_000_000, gt=0)
+    """Anthropic: the most input tokens the model accepts, which caps the reservation of a
+    prompt. The default is the largest any Claude model takes (1M); set 200000 for models
+    without the 1M option to reserve less for very long prompts and for documents."""
+
+    @property
+    def is_pattern(self) -> bool:
+        return "*" in self.name
+
+    @property
+    def choices(self) -> list[UpstreamChoice]:
+        entries = [self.upstream] if isinstance(self.upstream, str) else self.upstream
+        return [UpstreamChoice(name=e) if isinstance(e, str) else e for e in entries]
+
+    @model_validator(mode="after")
+    def _pattern_rules(self) -> ModelConfig:
+        if isinstance(self.upstream, list) and not self.upstream:
+            raise ValueError("upstream: the list is empty")
+        if self.is_pattern and (self.aliases or self.upstream_model or self.deployment):
+            raise ValueError(
+                "a pattern's matches keep their own names: no aliases, upstream_model or deployment"
+            )
+        return self
 
 
 class WebhookConfig(_Strict):
@@ -197,9 +259,19 @@ class Settings(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("upstreams: duplicate name")
         seen: set[str] = set()
+        kinds = {u.name: u for u in self.upstreams}
         for index, model in enumerate(self.models):
-            if model.upstream not in names:
-                raise ValueError(f"models.{index}.upstream: unknown upstream {model.upstream!r}")
+            choices = model.choices
+            for choice in choices:
+                if choice.name not in names:
+                    raise ValueError(f"models.{index}.upstream: unknown upstream {choice.name!r}")
+            if len({kinds[c.name].protocol for c in choices}) > 1:
+                raise ValueError(
+                    f"models.{index}.upstream: a client speaks one API, so one model's "
+                    "upstreams are either all Anthropic or all OpenAI/Azure"
+                )
+            if len({c.name for c in choices}) != len(choices):
+                raise ValueError(f"models.{index}.upstream: an upstream is listed twice")
             for public in (model.name, *model.aliases):
                 if public in seen:
                     raise ValueError(f"models.{index}: name or alias {public!r} used twice")

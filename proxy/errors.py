@@ -1,15 +1,44 @@
-"""OpenAI-shaped errors: every failure a client sees, on any endpoint, has this one shape."""
+"""Errors in the shape of the route's own API: OpenAI's everywhere, Anthropic's on the Messages
+routes (so each official SDK maps them to its own exception classes).
+
+One exception type, ``ApiError``, is raised everywhere; the error middleware renders it in the
+dialect of the request's path, which also covers errors raised before any handler runs (auth,
+413, unknown paths under ``/v1/messages``).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+Dialect = Literal["openai", "anthropic"]
+_ANTHROPIC_PREFIXES = ("/v1/messages", "/api/v1/llm/messages", "/api/v1/llm/v1/messages")
+# Anthropic's documented error types by status; any other 4xx is an invalid_request_error and
+# any other 5xx an api_error.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def dialect_of(path: str) -> Dialect:
+    """Anthropic's Messages routes (and anything under them) answer in Anthropic's shape."""
+    return "anthropic" if path.startswith(_ANTHROPIC_PREFIXES) else "openai"
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 class ApiError(Exception):
@@ -33,7 +62,7 @@ class ApiError(Exception):
         self.param = param
         self.headers = dict(headers or {})
 
-    def response(self) -> web.Response:
+    def response(self, dialect: Dialect = "openai") -> web.Response:
         return error_response(
             self.status,
             self.message,
@@ -41,12 +70,19 @@ class ApiError(Exception):
             code=self.code,
             param=self.param,
             headers=self.headers,
+            dialect=dialect,
         )
 
 
-def error_body(message: str, type: str, code: str | None, param: str | None) -> bytes:
-    error = {"message": message, "type": type, "code": code, "param": param}
-    return json.dumps({"error": error}, separators=(",", ":")).encode()
+def error_body(
+    message: str, type: str, code: str | None, param: str | None, dialect: Dialect = "openai"
+) -> bytes:
+    """Anthropic's shape has no code or param: its ``error.type`` follows the status."""
+    if dialect == "anthropic":
+        error = {"type": type, "message": message}
+        return json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode()
+    openai_error = {"message": message, "type": type, "code": code, "param": param}
+    return json.dumps({"error": openai_error}, separators=(",", ":")).encode()
 
 
 def error_response(
@@ -57,10 +93,13 @@ def error_response(
     code: str | None = None,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
+    dialect: Dialect = "openai",
 ) -> web.Response:
+    if dialect == "anthropic":
+        type = anthropic_error_type(status)
     return web.Response(
         status=status,
-        body=error_body(message, type, code, param),
+        body=error_body(message, type, code, param, dialect),
         content_type="application/json",
         headers=headers,
     )

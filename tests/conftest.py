@@ -183,8 +183,11 @@ async def proxy(start_proxy: Callable[..., Any]) -> Proxy:
     return result
 
 
-def write_config(path: Path, upstream_url: str, redis_url: str, **extra: str) -> Path:
-    """A TOML config for proxies run as separate processes."""
+def write_config(
+    path: Path, upstream_url: str, redis_url: str, tail: str = "", **extra: str
+) -> Path:
+    """A TOML config for proxies run as separate processes; ``tail`` is appended as is (more
+    ``[[upstreams]]`` and ``[[models]]``)."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
@@ -204,7 +207,7 @@ def write_config(path: Path, upstream_url: str, redis_url: str, **extra: str) ->
     ]
     for section, body in extra.items():
         lines += [f"[{section}]", body]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + tail)
     return path
 
 
@@ -268,7 +271,16 @@ async def start_proxy_process(
     return ProxyProcess(process, url, log)
 
 
-_NUMERIC = ("in", "out", "cached", "reasoning", "cost_nano", "status")
+_NUMERIC = (
+    "in",
+    "out",
+    "cached",
+    "cache_write",
+    "cache_write_1h",
+    "reasoning",
+    "cost_nano",
+    "status",
+)
 _FLAGS = ("reported", "client_gone")
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
@@ -253,6 +254,16 @@ async def test_demo_prints_a_working_key_and_snippets(
             )
         assert answer.choices[0].message.content
         assert answer.usage is not None and answer.usage.total_tokens > 0
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN=" in printed
+        async with anthropic.AsyncAnthropic(
+            base_url=f"http://127.0.0.1:{port}", api_key=key.group(1), max_retries=0
+        ) as claude:
+            message = await claude.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=20,
+                messages=[{"role": "user", "content": "Hello"}],
+            )
+        assert message.usage.output_tokens > 0
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0, printed

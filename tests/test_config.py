@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
-from proxy.gateway.model_routes import build_routes
+from proxy.gateway.model_routes import UnpricedModel, build_routes
 from proxy.gateway.pricing import resolve_price
 
 MINIMAL = """
@@ -161,7 +161,11 @@ def test_the_shipped_default_config_loads_and_prices_every_model() -> None:
     assert settings.models, "the default config lists models"
     routes = build_routes(settings)
     for model in settings.models:
-        price = resolve_price(model, settings.metering)
+        provider = settings.upstream(model.choices[0].name).price_provider_id
+        if model.is_pattern:  # priced per concrete name: a current Claude model
+            assert routes["claude-sonnet-4-5"].price.input_nano_per_m > 0
+            continue
+        price = resolve_price(model, settings.metering, provider)
         assert price is not None, model.name
         assert price.input_nano_per_m > 0, model.name
         for public in (model.name, *model.aliases):
@@ -169,3 +173,83 @@ def test_the_shipped_default_config_loads_and_prices_every_model() -> None:
         if model.kind == "chat":
             assert price.output_nano_per_m > 0, model.name
             assert price.output_nano_per_m >= price.input_nano_per_m, model.name
+
+
+UPSTREAMS = """
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+
+[[upstreams]]
+name = "azure"
+base_url = "https://my-resource.openai.azure.com"
+kind = "azure"
+api_version = "2024-10-21"
+
+[[upstreams]]
+name = "anthropic"
+base_url = "https://api.anthropic.com"
+kind = "anthropic"
+"""
+
+
+def test_a_model_may_list_upstreams_of_one_api_with_optional_weights(tmp_path: Path) -> None:
+    text = (
+        UPSTREAMS
+        + """
+[[models]]
+name = "gpt-4o"
+upstream = ["openai", { name = "azure", weight = 2 }]
+deployment = "gpt4o-prod"
+"""
+    )
+    routes = build_routes(load_settings(write(tmp_path, text), environ={}))
+    route = routes["gpt-4o"]
+    assert [(c.upstream.name, c.model, c.deployment, c.weight) for c in route.upstreams] == [
+        ("openai", "gpt-4o", "", None),
+        ("azure", "gpt4o-prod", "gpt4o-prod", 2.0),
+    ]
+    mixed = UPSTREAMS + '[[models]]\nname = "x"\nupstream = ["openai", "anthropic"]\n'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, mixed), environ={})
+    assert "models.0.upstream" in str(caught.value) and "Anthropic" in str(caught.value)
+    for bad, words in (
+        ('upstream = ["openai", "nowhere"]', "unknown upstream 'nowhere'"),
+        ('upstream = ["openai", "openai"]', "listed twice"),
+        ("upstream = []", "empty"),
+    ):
+        text = UPSTREAMS + f'[[models]]\nname = "x"\n{bad}\n'
+        with pytest.raises(ConfigError) as caught:
+            load_settings(write(tmp_path, text), environ={})
+        assert words in str(caught.value), bad
+
+
+def test_patterns_route_many_names_and_keep_their_own_names(tmp_path: Path) -> None:
+    text = UPSTREAMS + '[[models]]\nname = "claude-*"\nupstream = "anthropic"\n'
+    routes = build_routes(load_settings(write(tmp_path, text), environ={}))
+    assert list(routes) == []  # patterns are not listed
+    route = routes["claude-sonnet-4-5"]
+    assert (route.name, route.upstream_model, route.entry, route.protocol) == (
+        "claude-sonnet-4-5",
+        "claude-sonnet-4-5",
+        "claude-*",
+        "anthropic",
+    )
+    assert route.price.cache_write_nano_per_m == 3_750_000_000
+    assert routes.get("gpt-4o") is None
+    aliased = UPSTREAMS + '[[models]]\nname = "claude-*"\nupstream = "anthropic"\naliases = ["c"]\n'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, aliased), environ={})
+    assert "pattern" in str(caught.value)
+
+
+def test_a_pattern_match_without_a_price_follows_the_unknown_price_rule(tmp_path: Path) -> None:
+    text = UPSTREAMS + '[[models]]\nname = "in-house-*"\nupstream = "openai"\n'
+    routes = build_routes(load_settings(write(tmp_path, text), environ={}))
+    with pytest.raises(UnpricedModel):
+        routes.get("in-house-7b")
+    defaulted = text + (
+        "[metering]\nunknown_price = 'default'\n[metering.default_price]\ninput = 3\noutput = 4\n"
+    )
+    routes = build_routes(load_settings(write(tmp_path, defaulted), environ={}))
+    assert routes["in-house-7b"].price.source == "default"

@@ -946,3 +946,17 @@ async def test_upstream_timeout_is_504_and_costs_nothing(
     await charged_zero(store, proxy, kid)
     [record] = await usage_records(store)
     assert record["cost_nano"] == 0
+
+
+async def test_a_request_that_reserved_nothing_is_settled_and_its_lease_released(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    # An empty embedding input reserves 0 tokens and 0 nano: releasing that lease once failed
+    # in Redis (Lua's -0 reaches HINCRBY as "-0"), leaving the settle to retry forever.
+    kid, key = member
+    answer = await proxy.openai(key).embeddings.create(model="text-embedding-3-small", input="")
+    assert answer.usage.prompt_tokens == 0
+    await wait_settled(store, proxy, kid)
+    assert await store.zcard(P + "leases") == 0
+    [record] = await usage_records(store)
+    assert (record["in"], record["cost_nano"]) == (0, 0)

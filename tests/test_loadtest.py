@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.cli import build_parser
+from proxy.config import ModelConfig, UpstreamConfig
 from proxy.gateway.tokenizer import count_chat_prompt, get_encoding
 from proxy.tools.loadtest import (
     WAKE_EARLY_S,
@@ -85,6 +86,32 @@ async def test_report_adds_up_and_spend_reconciles(proxy: Proxy) -> None:
         assert key["status"] == "revoked"
         status, budgets = await proxy.admin("GET", f"/api/v1/llm/budgets/apikey/{key_id}")
         assert status == 200 and budgets["data"] == []
+
+
+async def test_anthropic_messages_load_reconciles(
+    start_proxy: Any, mock_upstream: TestServer
+) -> None:
+    root = str(mock_upstream.make_url("")).rstrip("/")
+    proxy: Proxy = await start_proxy(
+        upstreams=[
+            UpstreamConfig(
+                name="claude", base_url=root, api_key_env="TEST_UPSTREAM_KEY", kind="anthropic"
+            )
+        ],
+        models=[ModelConfig(name="claude-sonnet-4-5", upstream="claude")],
+    )
+    report = await loadtest(
+        "--url", proxy.url, "--admin-key", ADMIN_KEY, "--create-keys", "2", "--org", "acme",
+        "--requests", "40", "--concurrency", "8", "--stream-ratio", "0.5",
+        "--api", "anthropic", "--model", "claude-sonnet-4-5",
+    )  # fmt: skip
+    assert_counts_add_up(report, 40)
+    assert report["status"] == {"200": 40}
+    assert report["usage"]["tokens"] == 40 * TOKENS_PER_REQUEST
+    rec = report["reconciliation"]
+    assert rec["status"] == "match", rec
+    assert rec["proxy"]["cost_nano"] == rec["upstream"]["cost_nano"] > 0
+    assert proxy.received()[-1].path == "/v1/messages"
 
 
 async def test_rejections_are_counted_by_reason(proxy: Proxy) -> None:

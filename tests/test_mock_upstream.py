@@ -459,3 +459,174 @@ async def test_latency_and_chunk_delay(aiohttp_client: MakeClient) -> None:
     await resp.read()
     # role, 2 words, finish, [DONE]: four gaps.
     assert time.monotonic() - started >= 0.04
+
+
+# --- Anthropic's Messages API ----------------------------------------------------------------
+
+CLAUDE = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 100,
+    "system": "be brief",
+    "messages": [{"role": "user", "content": "say hello to me"}],
+}
+# 2 system words + (4 + 4 words) + 3.
+CLAUDE_PROMPT = 13
+ANTHROPIC_HEADERS = {"x_api_key": "sk-ant-upstream", "anthropic_version": "2023-06-01"}
+
+
+async def test_messages_buffered_with_cache_reads_and_writes(client: Client) -> None:
+    resp = await post(
+        client,
+        "/v1/messages",
+        CLAUDE,
+        x_mock_output_tokens="4",
+        x_mock_cached_tokens="5",
+        x_mock_cache_write_tokens="3",
+        x_mock_cache_write_1h_tokens="2",
+        **ANTHROPIC_HEADERS,
+    )
+    assert resp.status == 200
+    assert resp.headers["anthropic-organization-id"] == "org-mock-upstream-account"
+    body = await resp.json()
+    assert body["type"] == "message" and body["role"] == "assistant"
+    assert body["id"].startswith("msg_") and body["model"] == "claude-sonnet-4-5"
+    assert body["content"] == [{"type": "text", "text": expected_text(4)}]
+    assert (body["stop_reason"], body["stop_sequence"]) == ("end_turn", None)
+    assert body["usage"] == {
+        "input_tokens": CLAUDE_PROMPT - 10,
+        "cache_creation_input_tokens": 5,
+        "cache_read_input_tokens": 5,
+        "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 2},
+        "output_tokens": 4,
+    }
+    capped = await (await post(client, "/v1/messages", {**CLAUDE, "max_tokens": 2},
+                               **ANTHROPIC_HEADERS)).json()  # fmt: skip
+    assert capped["stop_reason"] == "max_tokens" and capped["usage"]["output_tokens"] == 2
+
+
+async def test_messages_stream_follows_anthropics_event_sequence(client: Client) -> None:
+    resp = await post(
+        client,
+        "/v1/messages",
+        {**CLAUDE, "stream": True},
+        x_mock_output_tokens="3",
+        x_mock_cached_tokens="4",
+        **ANTHROPIC_HEADERS,
+    )
+    events = await sse_events(resp)
+    kinds = [kind for kind, _ in events]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None
+    assert start["usage"]["input_tokens"] == CLAUDE_PROMPT - 4
+    assert start["usage"]["cache_read_input_tokens"] == 4
+    text = "".join(data["delta"]["text"] for kind, data in events if kind == "content_block_delta")
+    assert text == expected_text(3)
+    delta = events[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"] == {"output_tokens": 3}
+
+
+async def test_messages_tool_use_buffered_and_streamed(client: Client) -> None:
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    request = {**CLAUDE, "tools": tools, "tool_choice": {"type": "any"}}
+    body = await (
+        await post(client, "/v1/messages", request, x_mock_output_tokens="2", **ANTHROPIC_HEADERS)
+    ).json()
+    [block] = body["content"]
+    assert block["type"] == "tool_use" and block["name"] == "lookup"
+    assert block["input"] == {"text": expected_text(2)}
+    assert body["stop_reason"] == "tool_use"
+    resp = await post(
+        client,
+        "/v1/messages",
+        {**request, "stream": True},
+        x_mock_output_tokens="2",
+        **ANTHROPIC_HEADERS,
+    )
+    events = await sse_events(resp)
+    assert events[1][1]["content_block"]["type"] == "tool_use"
+    partial = "".join(
+        data["delta"]["partial_json"] for kind, data in events if kind == "content_block_delta"
+    )
+    assert json.loads(partial) == {"text": expected_text(2)}
+
+
+async def test_count_tokens_and_anthropic_errors(client: Client) -> None:
+    resp = await post(client, "/v1/messages/count_tokens", CLAUDE, **ANTHROPIC_HEADERS)
+    assert await resp.json() == {"input_tokens": CLAUDE_PROMPT}
+    for headers, status, kind in (
+        ({"anthropic_version": "2023-06-01"}, 401, "authentication_error"),
+        ({"x_api_key": "k"}, 400, "invalid_request_error"),
+        ({**ANTHROPIC_HEADERS, "x_mock_status": "429"}, 429, "rate_limit_error"),
+        ({**ANTHROPIC_HEADERS, "x_mock_status": "529"}, 529, "overloaded_error"),
+        ({**ANTHROPIC_HEADERS, "x_mock_status": "500"}, 500, "api_error"),
+    ):
+        resp = await post(client, "/v1/messages", CLAUDE, **headers)
+        assert resp.status == status
+        body = await resp.json()
+        assert body["type"] == "error" and body["error"]["type"] == kind, body
+    no_cap = {k: v for k, v in CLAUDE.items() if k != "max_tokens"}
+    resp = await post(client, "/v1/messages", no_cap, **ANTHROPIC_HEADERS)
+    assert resp.status == 400 and "max_tokens" in (await resp.json())["error"]["message"]
+    resp = await client.post("/v1/messages/batches", json={})
+    assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found_error"
+
+
+async def test_messages_stream_can_break_off(client: Client) -> None:
+    resp = await post(
+        client,
+        "/v1/messages",
+        {**CLAUDE, "stream": True},
+        x_mock_fail_after_chunks="2",
+        **ANTHROPIC_HEADERS,
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+
+
+# --- Azure OpenAI's paths, and upstreams that always fail --------------------------------------
+
+
+async def test_azure_paths_need_an_api_key_and_dated_ones_an_api_version(client: Client) -> None:
+    dated = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+    for path in (dated, "/openai/v1/chat/completions"):
+        resp = await post(client, path, CHAT, api_key="azure-key")
+        assert resp.status == 200, path
+        assert (await resp.json())["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS
+    resp = await post(client, dated, CHAT)
+    assert resp.status == 401
+    no_version = "/openai/deployments/gpt4o-prod/chat/completions"
+    resp = await post(client, no_version, CHAT, api_key="azure-key")
+    assert resp.status == 400 and "api-version" in (await resp.json())["error"]["message"]
+    embed = "/openai/deployments/e/embeddings?api-version=2024-10-21"
+    resp = await post(client, embed, {"model": "e", "input": "a b"}, api_key="k")
+    assert (await resp.json())["usage"]["prompt_tokens"] == 2
+    resp = await post(
+        client, "/openai/responses?api-version=2025-03-01-preview", {"model": "d", "input": "x"},
+        api_key="k",
+    )  # fmt: skip
+    assert resp.status == 200
+
+
+async def test_a_mock_told_to_fail_answers_every_request_with_that_status(
+    aiohttp_client: MakeClient,
+) -> None:
+    client = await aiohttp_client(build_mock_app(MockOptions(status=503)))
+    resp = await post(client, "/v1/chat/completions", CHAT)
+    assert resp.status == 503 and (await resp.json())["error"]["type"] == "server_error"
+    resp = await post(client, "/v1/messages", CLAUDE, **ANTHROPIC_HEADERS)
+    assert resp.status == 503 and (await resp.json())["error"]["type"] == "api_error"
+    assert len(client.app[RECEIVED]) == 2
+    with pytest.raises(ValueError):
+        MockOptions(status=200)

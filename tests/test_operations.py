@@ -391,6 +391,7 @@ async def test_one_json_log_line_per_request_with_correct_values_and_no_secrets(
         "org_id": org,
         "on_behalf_of": END_USER,
         "model": "gpt-4o",
+        "upstream": "mock",
         "status": 200,
         "decision": "admitted",
         "input_tokens": MOCK_PROMPT,

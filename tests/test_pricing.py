@@ -12,7 +12,15 @@ from genai_prices import data_snapshot
 from genai_prices import types as gp
 
 from proxy.config import MeteringConfig, ModelConfig, PriceConfig
-from proxy.gateway.pricing import Price, cost_nano, lookup_price, price_from_config, resolve_price
+from proxy.gateway.pricing import (
+    Price,
+    cost_nano,
+    lookup_price,
+    price_from_config,
+    reserve_cost_nano,
+    resolve_price,
+    with_cache_writes,
+)
 
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
 
@@ -199,3 +207,59 @@ def test_cost_nano_is_always_an_int() -> None:
         assert cost >= 0
     with pytest.raises(TypeError):
         cost_nano(GPT_4O_MINI, 1.0, 0)  # type: ignore[arg-type]
+
+
+# --- Anthropic: cache writes at their own rates -----------------------------------------------
+
+
+def test_claude_prices_from_the_database_include_both_cache_write_rates() -> None:
+    price = lookup_price("claude-haiku-4-5", "anthropic")
+    assert price == Price(
+        1_000_000_000, 100_000_000, 5_000_000_000, "genai-prices", 1_250_000_000, 2_000_000_000
+    )
+    assert lookup_price("claude-haiku-4-5", "openai") is None  # another provider's catalogue
+
+
+def test_cache_reads_and_writes_are_each_billed_at_their_rate_rounded_up_once() -> None:
+    price = with_cache_writes(
+        price_from_config(PriceConfig(input=3, output=15, cached_input="0.3"))
+    )
+    assert (price.cache_write_nano_per_m, price.cache_write_1h_nano_per_m) == (
+        3_750_000_000,
+        6_000_000_000,
+    )  # Anthropic's 1.25x and 2x of the input price
+    # 10 input of which 4 cache reads, 3 five-minute writes, 2 one-hour writes; 7 output.
+    total = 1 * 3000 + 4 * 300 + 3 * 3750 + 2 * 6000 + 7 * 15000
+    assert cost_nano(price, 10, 7, 4, 3, 2) == total
+    one_token = Price(1, 1, 1, "config", 1, 1)
+    assert cost_nano(one_token, 1, 0, 0, 1, 0) == 1  # a fraction of a nano rounds up, once
+    # Writes are capped by the input left once reads are taken.
+    assert cost_nano(price, 5, 0, 4, 3, 2) == 1 * 3750 + 4 * 300
+
+
+def test_configured_cache_write_prices_win_and_openai_prices_have_none() -> None:
+    price = price_from_config(
+        PriceConfig(input=1, output=2, cache_write_input="1.5", cache_write_1h_input="2.5")
+    )
+    assert with_cache_writes(price) == price
+    assert (price.cache_write_nano_per_m, price.cache_write_1h_nano_per_m) == (
+        1_500_000_000,
+        2_500_000_000,
+    )
+    assert GPT_4O_MINI.cache_write_nano_per_m is None
+    assert cost_nano(GPT_4O_MINI, 1000, 0, 0, 500, 0) == cost_nano(GPT_4O_MINI, 1000, 0)
+
+
+def test_a_reservation_prices_every_input_token_at_the_dearest_input_rate() -> None:
+    price = with_cache_writes(price_from_config(PriceConfig(input=3, output=15)))
+    assert reserve_cost_nano(price, 1000, 100) == 1000 * 6000 + 100 * 15000
+    assert reserve_cost_nano(GPT_4O_MINI, 1000, 100) == cost_nano(GPT_4O_MINI, 1000, 100)
+
+
+def test_resolve_price_looks_up_the_upstreams_provider_and_a_patterns_match() -> None:
+    pattern = _model(name="claude-*")
+    found = resolve_price(pattern, MeteringConfig(), "anthropic", name="claude-opus-4-1")
+    assert found is not None and found.input_nano_per_m == 15 * 10**9
+    assert resolve_price(pattern, MeteringConfig(), "anthropic", name="claude-nope") is None
+    gemini = resolve_price(_model(name="gemini-2.5-flash"), MeteringConfig(), "google")
+    assert gemini is not None and gemini.output_nano_per_m == 2_500_000_000

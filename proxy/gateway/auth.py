@@ -1,4 +1,9 @@
-"""Bearer-key authentication with a short, bounded in-process cache.
+"""Proxy-key authentication with a short, bounded in-process cache.
+
+OpenAI routes take the key as ``Authorization: Bearer``; Anthropic's Messages routes also take
+it as ``x-api-key`` (what Anthropic's API reference, curl examples and ``ANTHROPIC_API_KEY``
+clients send), while the ``anthropic`` Python SDK and Claude Code's ``ANTHROPIC_AUTH_TOKEN``
+send a Bearer token.
 
 Keys are looked up by their SHA-256 digest, so the plaintext never reaches Redis and a lookup
 reveals nothing through timing. The cache lives at most ``cache_ttl_seconds`` (≤ 2 s), which
@@ -27,6 +32,19 @@ def bearer_token(request: web.Request) -> str:
     return token.strip()
 
 
+def anthropic_key(request: web.Request) -> str:
+    key = request.headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized(
+            "Missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'."
+        )
+    return token.strip()
+
+
 class Authenticator:
     def __init__(self, keys: KeyStore, cache_ttl: float) -> None:
         self._keys = keys
@@ -34,7 +52,9 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
 
     async def identify(self, request: web.Request) -> Identity:
-        token = bearer_token(request)
+        return await self.identify_key(bearer_token(request))
+
+    async def identify_key(self, token: str) -> Identity:
         hashed = digest(token)
         now = time.monotonic()
         hit = self._cache.get(hashed)

@@ -8,6 +8,7 @@ Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 from proxy.errors import ApiError
 from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
@@ -73,6 +74,39 @@ def admitted_headers(decision: Admitted) -> dict[str, str]:
         headers["x-budget-kind"] = "cost" if cost else "tokens"
         headers["x-budget-window"] = decision.budget_window
         headers["x-budget-scope"] = "apikey" if decision.budget_field.startswith("k:") else "org"
+    return headers
+
+
+def rfc3339_after(now: float, ms: int) -> str:
+    """Anthropic writes resets as instants; rounded up to the second so a client that waits
+    until then never arrives early."""
+    at = math.ceil(now + max(ms, 0) / 1000)
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def anthropic_ratelimit_headers(decision: Admitted | RateLimited, now: float) -> dict[str, str]:
+    """The tightest limits again, in Anthropic's names (``anthropic-ratelimit-requests-*`` and
+    ``-tokens-*``, resets as RFC 3339 instants), for the Messages routes."""
+    headers: dict[str, str] = {}
+    if isinstance(decision, RateLimited):
+        if decision.limit_name not in _WINDOW_SECONDS:
+            return headers
+        kind = "tokens" if decision.limit_name == "tpm" else "requests"
+        headers[f"anthropic-ratelimit-{kind}-limit"] = str(decision.limit)
+        headers[f"anthropic-ratelimit-{kind}-remaining"] = "0"
+        if decision.retry_after_ms >= 0:
+            headers[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_after(
+                now, decision.retry_after_ms
+            )
+        return headers
+    for kind, limit, remaining, reset_ms in (
+        ("requests", decision.request_limit, decision.request_remaining, decision.request_reset_ms),
+        ("tokens", decision.token_limit, decision.token_remaining, decision.token_reset_ms),
+    ):
+        if limit is not None:
+            headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
+            headers[f"anthropic-ratelimit-{kind}-remaining"] = str(max(remaining, 0))
+            headers[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_after(now, reset_ms)
     return headers
 
 

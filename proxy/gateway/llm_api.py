@@ -1,7 +1,5 @@
-"""The OpenAI-compatible endpoints: auth → parse & price → admit → upstream → settle.
-
-Every admitted request is settled exactly once — on success, upstream error, timeout, and when
-the client goes away mid-stream — in a ``finally`` that cancellation cannot skip.
+"""The OpenAI-compatible endpoints: the OpenAI dialect of the shared admission
+(``proxy.gateway.pipeline``): Bearer keys, tiktoken-counted reservations, OpenAI usage.
 """
 
 from __future__ import annotations
@@ -10,29 +8,23 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, Revoked
-from proxy.gateway.body import read_json
-from proxy.gateway.decisions import admitted_headers, budget_error, rate_limited_error
-from proxy.gateway.metering import (
-    ENDPOINTS,
-    StreamMeter,
-    Usage,
-    check_reservation,
-    output_cap,
-    usage_from_body,
-)
+from proxy.config import Protocol
+from proxy.errors import ApiError, bad_request
+from proxy.gateway import pipeline
+from proxy.gateway.admission import Admitted, RateLimited
+from proxy.gateway.auth import bearer_token
+from proxy.gateway.decisions import admitted_headers
+from proxy.gateway.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
 from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
-from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.tokenizer import count_prompt, count_text
+from proxy.providers import fallback
 from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
     EVENT_ENDS,
@@ -41,9 +33,7 @@ from proxy.providers.upstream import (
     upstream_broken,
     upstream_timeout,
 )
-from proxy.store.keys import Identity
 
-_MAX_ON_BEHALF_OF = 256
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
 _BROKEN_STREAM_EVENT = (
     b'data: {"error":{"message":"The upstream stream broke off before it ended; the answer is '
@@ -51,64 +41,12 @@ _BROKEN_STREAM_EVENT = (
 )
 
 
-@dataclass
-class Exchange:
-    """One admitted request, from reservation to settlement."""
-
-    identity: Identity
-    request_id: str
-    endpoint: str
-    route: ModelRoute
-    prompt_tokens: int
-    on_behalf_of: str | None
-    usage: Usage | None = None
-    status: int = 0
-    client_gone: bool = False
-    upstream_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _on_behalf_of(request: web.Request) -> str | None:
-    value = request.headers.get("X-On-Behalf-Of")
-    if value is None:
-        return None
-    if not value or len(value) > _MAX_ON_BEHALF_OF or not value.isprintable():
-        raise bad_request(
-            f"X-On-Behalf-Of must be 1-{_MAX_ON_BEHALF_OF} printable characters.",
-            param="X-On-Behalf-Of",
-        )
-    return value
-
-
-def _model(gw: Gateway, body: dict[str, Any], identity: Identity) -> ModelRoute:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("You must provide a model parameter.", param="model")
-    route = gw.routes.get(model)
-    if route is None:
-        raise ApiError(
-            404,
-            f"The model '{model}' does not exist or you do not have access to it.",
-            code="model_not_found",
-            param="model",
-        )
-    if not (identity.may_use(model) or identity.may_use(route.name)):
-        raise ApiError(
-            403,
-            f"This API key is not allowed to use the model '{model}'.",
-            type="permission_error",
-            code="model_not_allowed",
-            param="model",
-        )
-    return route
-
-
 def _upstream_body(
-    raw: bytes, body: dict[str, Any], endpoint: str, route: ModelRoute, stream: bool
+    raw: bytes, body: dict[str, Any], endpoint: str, upstream_model: str, stream: bool
 ) -> tuple[bytes, bool]:
     """The body sent upstream, and whether the usage chunk must be kept from the client."""
     strip_usage = False
-    same_model = body.get("model") == route.upstream_model
+    same_model = body.get("model") == upstream_model
     changed = not same_model
     if stream and endpoint in ("chat/completions", "completions"):
         options = body.get("stream_options")
@@ -120,11 +58,11 @@ def _upstream_body(
             if options is None and same_model and opening.startswith(b"{"):
                 # Splice instead of re-encoding: a long prompt's body is not serialised twice.
                 return _USAGE_OPTION + opening[1:], strip_usage
-            body["stream_options"] = {**(options or {}), "include_usage": True}
+            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
             changed = True
     if not changed:
         return raw, strip_usage
-    body["model"] = route.upstream_model
+    body = {**body, "model": upstream_model}
     return json.dumps(body, separators=(",", ":")).encode(), strip_usage
 
 
@@ -150,101 +88,45 @@ def _text_of_body(endpoint: str, data: Any) -> str:
     return "".join(parts)
 
 
+class OpenAIDialect:
+    protocol: Protocol = "openai"
+
+    def api_key(self, request: web.Request) -> str:
+        return bearer_token(request)
+
+    async def reserve(
+        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+    ) -> Reservation:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        cap = output_cap(endpoint, body, route)
+        prompt_tokens = await count_prompt(route.encoding, endpoint, body)
+        cost = cost_nano(route.price, prompt_tokens, cap.tokens)
+        return Reservation(
+            prompt_tokens, cap.tokens, cost, stream and endpoint != "embeddings", cap.param
+        )
+
+    def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
+        return {}
+
+    async def forward(
+        self,
+        request: web.Request,
+        gw: Gateway,
+        exchange: Exchange,
+        body: dict[str, Any],
+        reservation: Reservation,
+        decision: Admitted,
+    ) -> web.StreamResponse:
+        return await _forward(request, gw, exchange, body, reservation.stream, decision)
+
+
+OPENAI = OpenAIDialect()
+
+
 async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
-    started = time.perf_counter()
-    outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
-    request[OUTCOME] = outcome
-    identity = await gw.auth.identify(request)
-    outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
-    on_behalf_of = _on_behalf_of(request)
-    outcome["on_behalf_of"] = on_behalf_of
-    body = await read_json(request)
-    route = _model(gw, body, identity)
-    outcome["model"] = route.name
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean.", param="stream")
-    stream = stream and endpoint != "embeddings"
-    cap = output_cap(endpoint, body, route)
-    prompt_tokens = await count_prompt(route.encoding, endpoint, body)
-    reserve_tokens = prompt_tokens + cap.tokens
-    reserve_cost = cost_nano(route.price, prompt_tokens, cap.tokens)
-    check_reservation(reserve_tokens, reserve_cost, cap)
-    request_id = new_request_id()
-    outcome["request_id"] = request_id
-    try:
-        decision = await gw.admission.admit(
-            identity,
-            request_id,
-            reserve_tokens,
-            reserve_cost,
-            prompt_tokens=prompt_tokens,
-            model=route.name,
-            endpoint=endpoint,
-            end_user=on_behalf_of,
-        )
-    except (RedisError, OSError):
-        outcome["decision"] = "store_unavailable"
-        raise store_unavailable() from None
-    if isinstance(decision, RateLimited):
-        outcome["decision"] = f"rate_limit_{decision.limit_name}"
-        raise rate_limited_error(decision)
-    if isinstance(decision, BudgetRefused):
-        outcome["decision"] = "budget"
-        now = gw.clock()
-        raise budget_error(decision, gw.admission.windows(now), now)
-    if isinstance(decision, Revoked):
-        outcome["decision"] = "auth"
-        gw.auth.forget()
-        raise unauthorized("Incorrect API key provided (unknown or revoked).")
-    assert isinstance(decision, Admitted)
-    outcome["decision"] = "admitted"
-    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
-    exchange = Exchange(identity, request_id, endpoint, route, prompt_tokens, on_behalf_of)
-    lease = gw.admission.keep_alive(identity.org_id, request_id)
-    try:
-        return await _forward(request, gw, exchange, body, stream, decision)
-    finally:
-        lease.cancel()
-        # Not shielded: the settle command is queued on the Redis connection before this
-        # coroutine can be interrupted, so even a cancelled handler's request is settled.
-        await _settle(gw, exchange, outcome)
-
-
-async def _settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
-    usage = exchange.usage or Usage(0, 0, reported=False)
-    cost = usage.cost_nano(exchange.route.price)
-    record: dict[str, str | int | None] = {
-        "rid": exchange.request_id,
-        "kid": exchange.identity.key_id,
-        "user": exchange.on_behalf_of,
-        "model": exchange.route.name,
-        "endpoint": exchange.endpoint,
-        "in": usage.input_tokens,
-        "out": usage.output_tokens,
-        "cached": usage.cached_tokens,
-        "reasoning": usage.reasoning_tokens,
-        "cost_nano": cost,
-        "reported": int(usage.reported),
-        "status": exchange.status,
-        "client_gone": int(exchange.client_gone),
-    }
-    outcome.update(
-        status_upstream=exchange.status,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cost_nano=cost,
-        upstream_ms=exchange.upstream_ms,
-        client_gone=exchange.client_gone,
-        upstream=exchange.route.upstream.name,
-        **exchange.extra,
-    )
-    await gw.admission.settle(
-        gw.admission.settle_request(
-            exchange.identity, exchange.request_id, usage.total_tokens, cost, record
-        )
-    )
+    return await pipeline.handle(request, endpoint, OPENAI)
 
 
 async def _forward(
@@ -256,21 +138,40 @@ async def _forward(
     decision: Admitted,
 ) -> web.StreamResponse:
     raw = await request.read()
-    upstream_body, strip_usage = _upstream_body(
-        raw, body, exchange.endpoint, exchange.route, stream
-    )
+    bodies: dict[str, tuple[bytes, bool]] = {}
+
+    def body_for(candidate: fallback.Candidate) -> bytes:
+        # Upstreams of one model may name it differently (an Azure deployment): one body each.
+        if candidate.model not in bodies:
+            bodies[candidate.model] = _upstream_body(
+                raw, body, exchange.endpoint, candidate.model, stream
+            )
+        return bodies[candidate.model][0]
+
+    body_for(exchange.route.upstreams[0])  # an invalid body is a 400 before anything is sent
     sent_at = time.perf_counter()
     try:
-        upstream = await gw.upstream.send(
-            exchange.route.upstream, exchange.endpoint, upstream_body, request.headers
+        served = await fallback.send(
+            gw.upstream,
+            gw.cooldowns,
+            exchange.route.upstreams,
+            exchange.endpoint,
+            body_for,
+            request.headers,
         )
     except ApiError as exc:
         exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
         raise
+    upstream = served.response
+    strip_usage = bodies[served.candidate.model][1]
+    exchange.upstream = served.candidate.upstream.name
+    if served.skipped:
+        exchange.extra["fallback_from"] = ",".join(served.skipped)
     try:
         exchange.status = upstream.status
         headers = client_headers(upstream.headers)
         headers.update(admitted_headers(decision))
+        headers["x-upstream"] = exchange.upstream
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if upstream.status == 200 and is_sse:
             return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
@@ -278,10 +179,10 @@ async def _forward(
             data = await upstream.read()
         except UpstreamTimeout as exc:
             exchange.extra["upstream_error"] = "timeout"
-            raise upstream_timeout(exchange.route.upstream) from exc
+            raise upstream_timeout(served.candidate.upstream) from exc
         except UpstreamError as exc:
             exchange.extra["upstream_error"] = "broken_body"
-            raise upstream_broken(exchange.route.upstream) from exc
+            raise upstream_broken(served.candidate.upstream) from exc
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         if upstream.status == 200:
             exchange.usage = _buffered_usage(exchange, data)
@@ -369,7 +270,7 @@ async def list_models(request: web.Request) -> web.Response:
     data = [
         route.listing(name)
         for name, route in gw.routes.items()
-        if identity.may_use(name) or identity.may_use(route.name)
+        if identity.may_use(name) or identity.may_use(route.name) or identity.may_use(route.entry)
     ]
     return web.json_response({"object": "list", "data": data})
 

@@ -35,13 +35,24 @@ class Usage:
     reasoning_tokens: int = 0
     reported: bool = True
     """False when counted by the proxy because the upstream reported nothing."""
+    cache_write_tokens: int = 0
+    """Anthropic: input written to the prompt cache with the 5-minute lifetime."""
+    cache_write_1h_tokens: int = 0
+    """Anthropic: input written to the prompt cache with a 1-hour lifetime."""
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
     def cost_nano(self, price: Price) -> int:
-        return cost_nano(price, self.input_tokens, self.output_tokens, self.cached_tokens)
+        return cost_nano(
+            price,
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+        )
 
 
 MAX_OUTPUT_CAP = 1_000_000_000
@@ -95,14 +106,14 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Output
     return OutputCap(limit * choices, param)
 
 
-def check_reservation(tokens: int, cost_nano: int, cap: OutputCap) -> None:
+def check_reservation(tokens: int, cost_nano: int, param: str | None) -> None:
     """A worst case no ledger could record exactly is refused up front (400), before anything
     is reserved: it could never be paid for anyway."""
     if tokens > MAX_EXACT or cost_nano > MAX_EXACT:
         raise bad_request(
             f"This request's worst case ({tokens} tokens, {cost_nano} nano-units) is too large "
             "to account for; lower the output cap or the number of choices.",
-            param=cap.param or "max_tokens",
+            param=param or "max_tokens",
             code="reservation_too_large",
         )
 

@@ -1,60 +1,162 @@
-"""The model table: public model names and aliases → upstream, upstream model, price, limits.
+"""The model table: public model names, aliases and patterns → upstreams, upstream model, price,
+limits.
 
-Built once at start-up; a model without a known price stops the proxy there (never metered as
-free), so nothing on the request path can meet an unpriced model.
+Built once at start-up; a named model without a known price stops the proxy there (never
+metered as free), so nothing on the request path can meet an unpriced named model. A pattern
+(``claude-*``) is priced per concrete name when a request first names it — from its
+``[models.price]``, else the price database, else ``[metering] default_price`` when allowed —
+and a name without a price is refused, never served free.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import tiktoken
 
-from proxy.config import ConfigError, ModelConfig, Settings, UpstreamConfig
-from proxy.gateway.pricing import Price, resolve_price
+from proxy.config import ConfigError, ModelConfig, Protocol, Settings, UpstreamConfig
+from proxy.gateway.pricing import Price, resolve_price, with_cache_writes
 from proxy.gateway.tokenizer import get_encoding
+from proxy.providers.fallback import Candidate
+
+_MATCHED_MAX = 4096
+"""Concrete names matched by patterns that are remembered; past it, the oldest is re-priced
+when next seen (clients choose these names, so the table must stay bounded)."""
 
 
 @dataclass(frozen=True)
 class ModelRoute:
     name: str
-    upstream: UpstreamConfig
+    upstreams: tuple[Candidate, ...]
+    """Tried in order (see ``proxy.providers.fallback``); never empty."""
     upstream_model: str
     price: Price
     max_output_tokens: int
     encoding: tiktoken.Encoding
     kind: str
+    protocol: Protocol = "openai"
+    entry: str = ""
+    """The configured name (a pattern for matched names), which key model lists may name."""
+    context_window: int = 1_000_000
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The first upstream: the one a request goes to unless it fails."""
+        return self.upstreams[0].upstream
 
     def listing(self, public_name: str) -> dict[str, object]:
         return {"id": public_name, "object": "model", "created": 0, "owned_by": self.upstream.name}
 
 
-def build_routes(settings: Settings) -> dict[str, ModelRoute]:
-    routes: dict[str, ModelRoute] = {}
-    for index, model in enumerate(settings.models):
-        route = _route(settings, model, index)
-        for public in (model.name, *model.aliases):
-            routes[public] = route
-    return routes
+class UnpricedModel(LookupError):
+    """A pattern matched the name, but no price is known for it."""
+
+    def __init__(self, name: str, pattern: str) -> None:
+        super().__init__(
+            f"The model '{name}' (matched by '{pattern}') has no known price, and this proxy "
+            "meters every request: ask the operator to configure a price for it."
+        )
 
 
-def _route(settings: Settings, model: ModelConfig, index: int) -> ModelRoute:
-    price = resolve_price(model, settings.metering)
+class ModelTable(Mapping[str, ModelRoute]):
+    """Exact names and aliases first, then patterns in configuration order. Iterating yields
+    the exact names only (what ``GET /v1/models`` can list)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._exact: dict[str, ModelRoute] = {}
+        self._patterns: list[ModelConfig] = []
+        self._matched: dict[str, ModelRoute] = {}
+        for index, model in enumerate(settings.models):
+            if model.is_pattern:
+                _check_encoding(model, index)
+                self._patterns.append(model)
+                continue
+            route = _route(settings, model, index, model.name)
+            for public in (model.name, *model.aliases):
+                self._exact[public] = route
+
+    def __getitem__(self, name: str) -> ModelRoute:
+        route = self._exact.get(name) or self._matched.get(name)
+        if route is not None:
+            return route
+        for model in self._patterns:
+            if fnmatch.fnmatchcase(name, model.name):
+                route = _matched_route(self._settings, model, name)
+                if len(self._matched) >= _MATCHED_MAX:
+                    del self._matched[next(iter(self._matched))]
+                self._matched[name] = route
+                return route
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._exact)
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+
+def build_routes(settings: Settings) -> ModelTable:
+    return ModelTable(settings)
+
+
+def _check_encoding(model: ModelConfig, index: int) -> tiktoken.Encoding:
+    try:
+        return get_encoding(model.encoding)
+    except RuntimeError as exc:
+        raise ConfigError(f"models.{index}.encoding: {exc}") from exc
+
+
+def _candidates(settings: Settings, model: ModelConfig, upstream_model: str) -> list[Candidate]:
+    candidates = []
+    for choice in model.choices:
+        upstream = settings.upstream(choice.name)
+        if upstream.kind == "azure":
+            deployment = model.deployment or upstream_model
+            candidates.append(Candidate(upstream, deployment, deployment, choice.weight))
+        else:
+            candidates.append(Candidate(upstream, upstream_model, "", choice.weight))
+    return candidates
+
+
+def _assemble(
+    settings: Settings, model: ModelConfig, name: str, upstream_model: str, price: Price
+) -> ModelRoute:
+    candidates = _candidates(settings, model, upstream_model)
+    protocol = candidates[0].upstream.protocol
+    if protocol == "anthropic":
+        price = with_cache_writes(price)
+    return ModelRoute(
+        name=name,
+        upstreams=tuple(candidates),
+        upstream_model=upstream_model,
+        price=price,
+        max_output_tokens=model.max_output_tokens or settings.metering.default_max_output_tokens,
+        encoding=get_encoding(model.encoding),
+        kind=model.kind,
+        protocol=protocol,
+        entry=model.name,
+        context_window=model.context_window,
+    )
+
+
+def _route(settings: Settings, model: ModelConfig, index: int, name: str) -> ModelRoute:
+    provider = settings.upstream(model.choices[0].name).price_provider_id
+    price = resolve_price(model, settings.metering, provider)
     if price is None:
         raise ConfigError(
             f"models.{index}.price: no price known for {model.name!r}; set [models.price] "
             "or metering.unknown_price = 'default' with [metering.default_price]"
         )
-    try:
-        encoding = get_encoding(model.encoding)
-    except RuntimeError as exc:
-        raise ConfigError(f"models.{index}.encoding: {exc}") from exc
-    return ModelRoute(
-        name=model.name,
-        upstream=settings.upstream(model.upstream),
-        upstream_model=model.upstream_model or model.name,
-        price=price,
-        max_output_tokens=model.max_output_tokens or settings.metering.default_max_output_tokens,
-        encoding=encoding,
-        kind=model.kind,
-    )
+    _check_encoding(model, index)
+    return _assemble(settings, model, name, model.upstream_model or model.name, price)
+
+
+def _matched_route(settings: Settings, model: ModelConfig, name: str) -> ModelRoute:
+    provider = settings.upstream(model.choices[0].name).price_provider_id
+    price = resolve_price(model, settings.metering, provider, name=name)
+    if price is None:
+        raise UnpricedModel(name, model.name)
+    return _assemble(settings, model, name, name, price)

@@ -23,7 +23,16 @@ from genai_prices import types as gp
 
 from proxy.config import MeteringConfig, ModelConfig, PriceConfig
 
-__all__ = ["NANO", "Price", "cost_nano", "lookup_price", "price_from_config", "resolve_price"]
+__all__ = [
+    "NANO",
+    "Price",
+    "cost_nano",
+    "lookup_price",
+    "price_from_config",
+    "reserve_cost_nano",
+    "resolve_price",
+    "with_cache_writes",
+]
 
 NANO = 10**9
 """Nano-units per major currency unit."""
@@ -40,6 +49,21 @@ class Price:
     """Equals ``input_nano_per_m`` when the source has no cached-input discount."""
     output_nano_per_m: int
     source: PriceSource
+    cache_write_nano_per_m: int | None = None
+    """Anthropic cache writes (5-minute lifetime); None where the provider has none."""
+    cache_write_1h_nano_per_m: int | None = None
+    """Anthropic cache writes with a 1-hour lifetime."""
+
+    @property
+    def dearest_input_nano_per_m(self) -> int:
+        """The highest rate any input token can be billed at: what a reservation must assume
+        for a prompt whose split into plain, cache-read and cache-write tokens is unknown."""
+        return max(
+            self.input_nano_per_m,
+            self.cached_input_nano_per_m,
+            self.cache_write_nano_per_m or 0,
+            self.cache_write_1h_nano_per_m or 0,
+        )
 
 
 def _to_nano(value: Decimal) -> int:
@@ -53,7 +77,27 @@ def _to_nano(value: Decimal) -> int:
 def price_from_config(p: PriceConfig) -> Price:
     input_nano = _to_nano(p.input)
     cached = input_nano if p.cached_input is None else _to_nano(p.cached_input)
-    return Price(input_nano, cached, _to_nano(p.output), "config")
+    return Price(
+        input_nano,
+        cached,
+        _to_nano(p.output),
+        "config",
+        None if p.cache_write_input is None else _to_nano(p.cache_write_input),
+        None if p.cache_write_1h_input is None else _to_nano(p.cache_write_1h_input),
+    )
+
+
+def with_cache_writes(price: Price) -> Price:
+    """A Claude model's price with both cache-write rates filled in where neither the
+    configuration nor the price database gives them: Anthropic's published multipliers of the
+    base input price, 1.25x for 5-minute writes (rounded up) and 2x for 1-hour writes."""
+    write = price.cache_write_nano_per_m
+    write_1h = price.cache_write_1h_nano_per_m
+    if write is None:
+        write = -(-price.input_nano_per_m * 5 // 4)
+    if write_1h is None:
+        write_1h = price.input_nano_per_m * 2
+    return replace(price, cache_write_nano_per_m=write, cache_write_1h_nano_per_m=write_1h)
 
 
 def _in_force(model: gp.ModelInfo, now: datetime) -> list[gp.ModelPrice]:
@@ -102,20 +146,31 @@ def lookup_price(model_ref: str, provider_id: str = "openai") -> Price | None:
         return None
     output_mtok = _highest(candidates, "output_mtok")  # None for embeddings: no output tokens
     cached_mtok = _highest(candidates, "cache_read_mtok")
+    write_mtok = _highest(candidates, "cache_write_mtok")
+    write_1h_mtok = _highest(candidates, "cache_write_1h_mtok")
     input_nano = _to_nano(input_mtok)
     return Price(
         input_nano_per_m=input_nano,
         cached_input_nano_per_m=input_nano if cached_mtok is None else _to_nano(cached_mtok),
         output_nano_per_m=0 if output_mtok is None else _to_nano(output_mtok),
         source="genai-prices",
+        cache_write_nano_per_m=None if write_mtok is None else _to_nano(write_mtok),
+        cache_write_1h_nano_per_m=None if write_1h_mtok is None else _to_nano(write_1h_mtok),
     )
 
 
-def resolve_price(model: ModelConfig, metering: MeteringConfig) -> Price | None:
-    """None means the model has no price and the caller must refuse to start with it."""
+def resolve_price(
+    model: ModelConfig,
+    metering: MeteringConfig,
+    provider_id: str = "openai",
+    name: str | None = None,
+) -> Price | None:
+    """None means the model has no price and the caller must refuse to start with it (or, for
+    a name matched by a pattern, refuse the request). ``name`` is the concrete name a pattern
+    matched; ``provider_id`` the price database's provider of the model's first upstream."""
     if model.price is not None:
         return price_from_config(model.price)
-    found = lookup_price(model.price_ref or model.upstream_model or model.name)
+    found = lookup_price(name or model.price_ref or model.upstream_model or model.name, provider_id)
     if found is not None:
         return found
     if metering.unknown_price == "default" and metering.default_price is not None:
@@ -124,16 +179,37 @@ def resolve_price(model: ModelConfig, metering: MeteringConfig) -> Price | None:
 
 
 def cost_nano(
-    price: Price, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    price: Price,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> int:
-    """Integer-only and rounded up; floats are rejected (``operator.index``) rather than
-    silently truncated. ``cached_input_tokens`` is the cached subset of ``input_tokens``."""
+    """Integer-only and rounded up once; floats are rejected (``operator.index``) rather than
+    silently truncated. ``cached_input_tokens`` (cache reads) and the cache writes are subsets
+    of ``input_tokens``; the rest of the input is billed at the input rate."""
     input_tokens = max(0, operator.index(input_tokens))
     output_tokens = max(0, operator.index(output_tokens))
     cached = min(max(0, operator.index(cached_input_tokens)), input_tokens)
+    write = min(max(0, operator.index(cache_write_tokens)), input_tokens - cached)
+    write_1h = min(max(0, operator.index(cache_write_1h_tokens)), input_tokens - cached - write)
+    write_rate = price.cache_write_nano_per_m
+    write_1h_rate = price.cache_write_1h_nano_per_m
     total = (
-        (input_tokens - cached) * price.input_nano_per_m
+        (input_tokens - cached - write - write_1h) * price.input_nano_per_m
         + cached * price.cached_input_nano_per_m
+        + write * (price.input_nano_per_m if write_rate is None else write_rate)
+        + write_1h * (price.input_nano_per_m if write_1h_rate is None else write_1h_rate)
         + output_tokens * price.output_nano_per_m
     )
+    return -(-total // _PER)
+
+
+def reserve_cost_nano(price: Price, input_tokens: int, output_tokens: int) -> int:
+    """The worst case of a request whose input may turn out to be cache writes: every input
+    token at the dearest input rate."""
+    input_tokens = max(0, operator.index(input_tokens))
+    output_tokens = max(0, operator.index(output_tokens))
+    total = input_tokens * price.dearest_input_nano_per_m + output_tokens * price.output_nano_per_m
     return -(-total // _PER)

@@ -90,6 +90,8 @@ def _log_line(
         "org_id": outcome.get("org_id"),
         "on_behalf_of": outcome.get("on_behalf_of"),
         "model": outcome.get("model"),
+        "upstream": outcome.get("upstream"),
+        "fallback_from": outcome.get("fallback_from"),
         "status": status,
         "decision": outcome.get("decision"),
         "input_tokens": outcome.get("input_tokens"),

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy.config import Settings
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
-from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.model_routes import ModelTable
+from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
 from proxy.store.connection import Redis
@@ -26,8 +27,10 @@ class Gateway:
     auth: Authenticator
     admission: Admission
     upstream: UpstreamClient
-    routes: dict[str, ModelRoute]
+    routes: ModelTable
     clock: Clock
+    cooldowns: CoolDowns = field(default_factory=CoolDowns)
+    """Upstreams that failed recently, tried last in a model's fallback list."""
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -37,6 +37,15 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     """Connect, read (silence) or total timeout."""
 
 
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made, so nothing was sent: the one failure after which the same
+    request may safely go to another upstream."""
+
+
+class UpstreamConnectTimeout(UpstreamConnectError, UpstreamTimeout):
+    """The connection was not established in time (nothing was sent)."""
+
+
 @dataclass(frozen=True)
 class Timeouts:
     connect: float
@@ -423,9 +432,13 @@ class Client:
                 self._timeouts.connect,
             )
         except TimeoutError:
-            raise UpstreamTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
+            raise UpstreamConnectTimeout(
+                f"connecting to {origin.host}:{origin.port} timed out"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
+            raise UpstreamConnectError(
+                f"cannot connect to {origin.host}:{origin.port}: {exc}"
+            ) from None
         return connection
 
     def put_back(self, connection: _Connection) -> None:

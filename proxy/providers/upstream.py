@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
+from proxy.providers import kinds
 from proxy.providers.http_client import (
     Client,
     Response,
@@ -37,6 +38,8 @@ _DROP_REQUEST = frozenset(
         "content-length",
         "authorization",
         "api-key",
+        "x-api-key",  # an Anthropic client's proxy key
+        "anthropic-version",  # set per upstream (kinds.credential_headers)
         "cookie",
         "openai-organization",
         "openai-project",
@@ -63,7 +66,13 @@ _DROP_RESPONSE = frozenset(
         "trailer",
     }
 )
-_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "ratelimit", "retry-after")
+_DROP_RESPONSE_PREFIXES = (
+    "x-ratelimit-",
+    "ratelimit",
+    "retry-after",
+    "anthropic-ratelimit-",  # the upstream account's limits, as Anthropic names them
+    "anthropic-organization-",  # the upstream account's identity
+)
 
 
 def upstream_headers(
@@ -74,9 +83,7 @@ def upstream_headers(
     ]
     headers.append(("Content-Type", "application/json"))
     headers.append(("Accept-Encoding", "identity"))
-    credential = upstream.credential()
-    if credential:
-        headers.append(("Authorization", f"Bearer {credential}"))
+    headers.extend(kinds.credential_headers(upstream, client_headers))
     return headers
 
 
@@ -102,7 +109,7 @@ class UpstreamClient:
             total=timeouts.total_seconds,
         )
         self._client: Client | None = None
-        self._targets: dict[tuple[str, str], Target] = {}
+        self._targets: dict[str, Target] = {}
 
     async def start(self) -> None:
         self._client = Client(self._timeouts)
@@ -112,13 +119,19 @@ class UpstreamClient:
             await self._client.close()
 
     async def send(
-        self, upstream: UpstreamConfig, endpoint: str, body: bytes, headers: Mapping[str, str]
+        self,
+        upstream: UpstreamConfig,
+        endpoint: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        deployment: str = "",
     ) -> Response:
+        """``deployment`` names the Azure deployment (part of the path of dated API versions)."""
         assert self._client is not None, "UpstreamClient.start() not called"
-        base = upstream.base_url
-        target = self._targets.get((base, endpoint))
+        address = kinds.url(upstream, endpoint, deployment)
+        target = self._targets.get(address)
         if target is None:
-            target = self._targets[base, endpoint] = Target.parse(f"{base}/{endpoint}")
+            target = self._targets[address] = Target.parse(address)
         try:
             return await self._client.post(target, upstream_headers(headers, upstream), body)
         except UpstreamTimeout as exc:

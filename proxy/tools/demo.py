@@ -7,6 +7,7 @@ whole request path work before wiring a real provider.
 from __future__ import annotations
 
 import asyncio
+import os
 
 from aiohttp import web
 
@@ -18,13 +19,22 @@ from proxy.store.keys import KeyCreate, KeyStore
 from proxy.tools.mock_upstream import MockOptions, build_mock_app
 
 DEMO_ORG = "demo"
+_MOCK_KEY_ENV = "LLM_PROXY_DEMO_UPSTREAM_KEY"
+"""The mock's Anthropic routes want an ``x-api-key``, as Anthropic's do: the demo's own."""
 
 
 def demo_settings(base: Settings, mock_port: int) -> Settings:
     upstream = UpstreamConfig(
         name="mock", base_url=f"http://127.0.0.1:{mock_port}/v1", api_key_env=None
     )
+    claude = UpstreamConfig(
+        name="mock-anthropic",
+        base_url=f"http://127.0.0.1:{mock_port}",
+        api_key_env=_MOCK_KEY_ENV,
+        kind="anthropic",
+    )
     models = [
+        ModelConfig(name="claude-*", upstream="mock-anthropic", context_window=200_000),
         ModelConfig(name="gpt-4o-mini", upstream="mock", max_output_tokens=16384),
         ModelConfig(name="gpt-4o", upstream="mock", max_output_tokens=16384),
         ModelConfig(
@@ -34,7 +44,7 @@ def demo_settings(base: Settings, mock_port: int) -> Settings:
             kind="embedding",
         ),
     ]
-    return base.model_copy(update={"upstreams": [upstream], "models": models})
+    return base.model_copy(update={"upstreams": [upstream, claude], "models": models})
 
 
 def _instructions(host: str, port: int, key: str) -> str:
@@ -51,12 +61,19 @@ llm-proxy demo is running on http://{host}:{port} (upstream: the bundled mock).
   print(client.chat.completions.create(
       model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}]))
 
+  # Claude Code: ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN={key} claude
+  import anthropic
+  claude = anthropic.Anthropic(base_url="http://{host}:{port}", api_key="{key}")
+  print(claude.messages.create(model="claude-sonnet-4-5", max_tokens=100,
+      messages=[{{"role": "user", "content": "Hello"}}]))
+
 Press Ctrl-C to stop.
 """.rstrip()
 
 
 async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None:
     mock_port = free_port()
+    os.environ.setdefault(_MOCK_KEY_ENV, "demo-upstream-key")
     async with running_site(
         build_mock_app(MockOptions()), "127.0.0.1", mock_port, reuse_port=False, grace=1
     ):

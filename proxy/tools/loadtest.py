@@ -1,10 +1,11 @@
 """``llm-proxy loadtest``: drive a deployment with concurrent clients, then reconcile spend.
 
-N client coroutines share one pooled aiohttp session and send chat completions over M keys,
-buffered or streamed, for a fixed time or a fixed number of requests (both capped, so a run
-always ends by itself). By default each client sends its next request when the previous answer
-arrives (closed loop: latency at saturation, mostly queueing); with ``--rate`` requests are due
-on a fixed schedule instead (open loop), so two deployments can be compared at the same load.
+N client coroutines share one pooled aiohttp session and send chat completions (or, with
+``--api anthropic``, Anthropic Messages requests) over M keys, buffered or streamed, for a
+fixed time or a fixed number of requests (both capped, so a run always ends by itself). By
+default each client sends its next request when the previous answer arrives (closed loop:
+latency at saturation, mostly queueing); with ``--rate`` requests are due on a fixed schedule
+instead (open loop), so two deployments can be compared at the same load.
 The report gives throughput, latency percentiles, status counts and rejections by
 ``error.code``, and checks the accounting end to end: the tokens and cost the upstream reported
 (its ``usage``, incl. the final usage chunk of streams) against what the proxy recorded (the
@@ -36,12 +37,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
 from proxy.config import PriceConfig
-from proxy.gateway.pricing import Price, cost_nano, lookup_price, price_from_config
+from proxy.gateway.pricing import (
+    Price,
+    cost_nano,
+    lookup_price,
+    price_from_config,
+    with_cache_writes,
+)
 from proxy.tools.mock_upstream import WORDS
 
 MAX_DURATION_S = 3600.0
@@ -57,6 +64,8 @@ WAKE_EARLY_S = 0.001
 """Event-loop timers are only as fine as a millisecond (epoll rounds the wait up, uvloop to the
 nearest ms): waking this much early keeps timer noise out of the late starts."""
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
+Api = Literal["openai", "anthropic"]
 ADMIN_KEY_ENV = "PROXY_ADMIN_KEY"
 _CHAT_FRAMING_TOKENS = 7
 """One user message costs its text + 4 framing tokens + 3 reply-priming tokens."""
@@ -99,6 +108,8 @@ class Plan:
     timeout: float = 60.0
     rate: float | None = None
     """Requests per second on a fixed schedule (open loop); None: closed loop."""
+    api: Api = "openai"
+    """``anthropic``: POST /v1/messages with the key as ``x-api-key``."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -132,10 +143,24 @@ class Plan:
             "max_tokens": self.max_tokens,
         }
         if stream:
-            # Without it the proxy keeps the usage chunk to itself and nothing can be reconciled.
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+            if self.api == "openai":
+                # Without it the proxy keeps the usage chunk to itself: nothing to reconcile.
+                body["stream_options"] = {"include_usage": True}
         return json.dumps(body, separators=(",", ":")).encode()
+
+    @property
+    def path(self) -> str:
+        return MESSAGES_PATH if self.api == "anthropic" else CHAT_PATH
+
+    def headers(self, key: LoadKey) -> dict[str, str]:
+        if self.api == "anthropic":
+            return {
+                "x-api-key": key.secret,
+                "anthropic-version": "2023-06-01",
+                "Content-Type": "application/json",
+            }
+        return {"Authorization": f"Bearer {key.secret}", "Content-Type": "application/json"}
 
     def streamed(self, n: int) -> bool:
         """Request n is streamed: spreads exactly round(ratio * count) streams evenly."""
@@ -159,6 +184,8 @@ class KeyUsage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     cost_nano: int = 0
+    cache_write_tokens: int = 0
+    """Anthropic: prompt tokens written to the cache (5-minute and 1-hour)."""
 
     def add(self, other: KeyUsage) -> None:
         self.requests += other.requests
@@ -166,6 +193,7 @@ class KeyUsage:
         self.completion_tokens += other.completion_tokens
         self.cached_tokens += other.cached_tokens
         self.cost_nano += other.cost_nano
+        self.cache_write_tokens += other.cache_write_tokens
 
     @property
     def tokens(self) -> int:
@@ -197,7 +225,8 @@ class Tally:
 def _error_code(status: int, data: bytes) -> str:
     try:
         error = json.loads(data).get("error")
-        code = error.get("code") if isinstance(error, dict) else None
+        # Anthropic's errors carry no code: their type (rate_limit_error, …) stands in.
+        code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
     except (ValueError, AttributeError):
         code = None
     return code if isinstance(code, str) and code else f"http_{status}"
@@ -215,6 +244,26 @@ def _usage_of_stream(data: bytes) -> dict[str, Any] | None:
         if isinstance(usage, dict):
             return usage
     return None
+
+
+def _anthropic_usage_of_stream(data: bytes) -> dict[str, Any] | None:
+    """``message_start``'s usage (input and cache counts) updated by every ``message_delta``
+    (the output, cumulative); None when the stream never reported its final usage."""
+    usage: dict[str, Any] = {}
+    final = False
+    for line in data.splitlines():
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            continue
+        if event.get("type") == "message_start":
+            usage.update((event.get("message") or {}).get("usage") or {})
+        elif event.get("type") == "message_delta" and isinstance(event.get("usage"), dict):
+            usage.update({k: v for k, v in event["usage"].items() if v is not None})
+            final = True
+    return usage if final else None
 
 
 def _usage_of_body(data: bytes) -> dict[str, Any] | None:
@@ -236,12 +285,9 @@ class Runner:
         self.plan = plan
         self.price = price
         self.tally = Tally(per_key=[KeyUsage() for _ in plan.keys])
-        self._url = plan.url.rstrip("/") + CHAT_PATH
+        self._url = plan.url.rstrip("/") + plan.path
         self._bodies = (plan.body(False), plan.body(True))
-        self._headers = [
-            {"Authorization": f"Bearer {key.secret}", "Content-Type": "application/json"}
-            for key in plan.keys
-        ]
+        self._headers = [plan.headers(key) for key in plan.keys]
         self._stop = False
         self._next = 0
         self._started = 0.0
@@ -347,24 +393,49 @@ class Runner:
         if stream:
             tally.latency_streamed.append(elapsed)
             tally.first_byte_streamed.append(first_byte or elapsed)
-            usage = _usage_of_stream(data)
+            anthropic = self.plan.api == "anthropic"
+            usage = _anthropic_usage_of_stream(data) if anthropic else _usage_of_stream(data)
         else:
             tally.latency_buffered.append(elapsed)
             usage = _usage_of_body(data)
         if usage is None:
             tally.usage_missing += 1
             return
+        key = tally.per_key[index]
+        key.requests += 1
+        if self.plan.api == "anthropic":
+            self._add_anthropic(key, usage)
+            return
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
         details = usage.get("prompt_tokens_details")
         cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        key = tally.per_key[index]
-        key.requests += 1
         key.prompt_tokens += prompt
         key.completion_tokens += completion
         key.cached_tokens += cached
         if self.price is not None:
             key.cost_nano += cost_nano(self.price, prompt, completion, cached)
+
+    def _add_anthropic(self, key: KeyUsage, usage: dict[str, Any]) -> None:
+        """Anthropic's ``input_tokens`` exclude cache reads and writes: the prompt is all three."""
+        read = _count(usage.get("cache_read_input_tokens"))
+        writes = _count(usage.get("cache_creation_input_tokens"))
+        creation = usage.get("cache_creation")
+        one_hour = (
+            min(_count(creation.get("ephemeral_1h_input_tokens")), writes)
+            if isinstance(creation, dict)
+            else 0
+        )
+        prompt = _count(usage.get("input_tokens")) + read + writes
+        completion = _count(usage.get("output_tokens"))
+        key.prompt_tokens += prompt
+        key.completion_tokens += completion
+        key.cached_tokens += read
+        key.cache_write_tokens += writes
+        if self.price is not None:
+            key.cost_nano += cost_nano(
+                self.price, prompt, completion, read, writes - one_hour, one_hour
+            )
 
 
 # --- reconciliation through the admin and budget APIs --------------------------------------------
@@ -720,6 +791,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream-ratio", type=float, default=0.0, help="share of streamed requests, 0..1"
     )
+    parser.add_argument(
+        "--api",
+        choices=("openai", "anthropic"),
+        default="openai",
+        help="openai: POST /v1/chat/completions; anthropic: POST /v1/messages (x-api-key)",
+    )
     parser.add_argument("--model", default="gpt-4o-mini")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
@@ -762,6 +839,9 @@ def _prompt(args: argparse.Namespace) -> str:
 
 def _price(args: argparse.Namespace) -> Price | None:
     if not args.price:
+        if getattr(args, "api", "openai") == "anthropic":
+            found = lookup_price(args.model, "anthropic")
+            return None if found is None else with_cache_writes(found)
         return lookup_price(args.model)
     parts = args.price.split(",")
     if len(parts) not in (2, 3):
@@ -773,7 +853,8 @@ def _price(args: argparse.Namespace) -> Price | None:
         )
     except (InvalidOperation, ValueError) as exc:
         raise LoadtestError(f"--price: {exc}") from exc
-    return price_from_config(config)
+    price = price_from_config(config)
+    return with_cache_writes(price) if getattr(args, "api", "openai") == "anthropic" else price
 
 
 async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
@@ -803,6 +884,7 @@ async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
         prompt=_prompt(args),
         timeout=args.timeout,
         rate=args.rate,
+        api=args.api,
     )
     price = _price(args)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

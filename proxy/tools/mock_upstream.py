@@ -1,4 +1,5 @@
-"""A deterministic, OpenAI-compatible fake upstream for tests, demos and load tests.
+"""A deterministic fake upstream for tests, demos and load tests: OpenAI's API, Anthropic's
+Messages API and Azure OpenAI's paths.
 
 It stays independent of the proxy's own modules (including ``proxy.errors``), so a bug in the
 proxy cannot also hide in the upstream it is tested against.
@@ -37,6 +38,27 @@ Headers that change one request (invalid values are a 400):
 A Responses request whose cap cuts the output ends as OpenAI's does: ``status
 "incomplete"`` with ``incomplete_details``, and streamed as a ``response.incomplete`` event
 instead of ``response.completed``. Both carry usage.
+
+**Anthropic** (``POST /v1/messages`` and ``/v1/messages/count_tokens``): requests need
+``x-api-key`` (else 401) and ``anthropic-version`` (else 400); ``max_tokens`` caps the output.
+Prompt tokens are the words of ``system`` (a string or text blocks) plus, per message, 4 + the
+words of its text (string content, ``text`` blocks, and the text of ``tool_result`` blocks),
+plus 3. ``x-mock-cached-tokens`` sets cache reads, ``x-mock-cache-write-tokens`` and
+``x-mock-cache-write-1h-tokens`` cache writes (5-minute and 1-hour), each carved out of the
+prompt tokens in that order; ``input_tokens`` is the rest. With ``tool_choice`` ``any`` or
+``tool`` the answer is a ``tool_use`` block (the chosen or first tool) whose input is
+``{"text": <the words>}``. Streams follow Anthropic's event sequence (``message_start`` with the
+input usage, ``content_block_start``, ``ping``, one ``content_block_delta`` per word,
+``content_block_stop``, ``message_delta`` with the output usage, ``message_stop``). Errors are
+in Anthropic's shape. Answers carry an upstream account's ``anthropic-ratelimit-*`` and
+``anthropic-organization-id`` headers, which the proxy must not pass on.
+
+**Azure** (``/openai/deployments/{deployment}/{chat/completions,completions,embeddings}``
+with an ``api-version`` query, ``/openai/responses`` likewise, and ``/openai/v1/…``): the
+OpenAI handlers behind Azure's paths, requiring an ``api-key`` header (else 401).
+
+``MockOptions(status=…)`` answers every request with that error status, for upstreams that
+must fail (fallback tests).
 """
 
 from __future__ import annotations
@@ -51,8 +73,8 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -87,13 +109,22 @@ class MockOptions:
     chunk_delay_ms: float = 0.0
     """Delay between streamed chunks."""
     embedding_dim: int = 8
-    models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+    models: tuple[str, ...] = (
+        "gpt-4o-mini",
+        "gpt-4o",
+        "text-embedding-3-small",
+        "claude-sonnet-4-5",
+    )
+    status: int | None = None
+    """Answer every request with this error status (an upstream that must fail)."""
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0 or self.chunk_delay_ms < 0 or self.output_tokens < 0:
             raise ValueError("mock latency, chunk delay and output tokens must not be negative")
         if self.embedding_dim < 1:
             raise ValueError("mock embedding_dim must be positive")
+        if self.status is not None and not 400 <= self.status <= 599:
+            raise ValueError("mock status must be in 400-599")
 
 
 @dataclass(frozen=True)
@@ -101,9 +132,10 @@ class ReceivedRequest:
     method: str
     path: str
     headers: dict[str, str]
-    """Header names are lower-cased."""
+    """Header names are lower-cased; a header sent twice has its values joined with ", "."""
     body: dict[str, Any] | None
     """The parsed JSON body; None when the request had no body or an invalid one."""
+    query: dict[str, str] = field(default_factory=dict)
 
 
 RECEIVED: web.AppKey[collections.deque[ReceivedRequest]] = web.AppKey(
@@ -120,12 +152,48 @@ class _BadRequest(Exception):
         self.param = param
 
 
+Dialect = Literal["openai", "anthropic"]
+_ANTHROPIC_ERRORS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_ANTHROPIC_ACCOUNT_HEADERS = {
+    "anthropic-ratelimit-requests-limit": "4000",
+    "anthropic-ratelimit-requests-remaining": "3999",
+    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:00Z",
+    "anthropic-organization-id": "org-mock-upstream-account",
+}
+
+
 def _error(
-    status: int, message: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    dialect: Dialect = "openai",
 ) -> web.Response:
+    if dialect == "anthropic":
+        default = "api_error" if status >= 500 else "invalid_request_error"
+        kind = _ANTHROPIC_ERRORS.get(status, default)
+        body = _dumps({"type": "error", "error": {"type": kind, "message": message}})
+        return web.Response(status=status, body=body, content_type="application/json")
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = _dumps({"error": {"message": message, "type": kind, "code": code, "param": param}})
     return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _header_dict(request: web.Request) -> dict[str, str]:
+    """Repeated headers are joined, as HTTP allows, so a duplicate (e.g. a client's credential
+    forwarded beside the upstream's) is visible rather than silently overwritten."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
 
 
 def _text(words: int) -> str:
@@ -233,6 +301,8 @@ class _Plan:
     output_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
     latency_s: float
     chunk_delay_s: float
     status: int | None
@@ -254,6 +324,8 @@ class _Plan:
             output_tokens=_int_header(headers, "x-mock-output-tokens", options.output_tokens),
             cached_tokens=_int_header(headers, "x-mock-cached-tokens", 0),
             reasoning_tokens=_int_header(headers, "x-mock-reasoning-tokens", 0),
+            cache_write_tokens=_int_header(headers, "x-mock-cache-write-tokens", 0),
+            cache_write_1h_tokens=_int_header(headers, "x-mock-cache-write-1h-tokens", 0),
             latency_s=_ms_header(headers, "x-mock-latency-ms", options.latency_ms) / 1000,
             chunk_delay_s=_ms_header(headers, "x-mock-chunk-delay-ms", options.chunk_delay_ms)
             / 1000,
@@ -336,10 +408,10 @@ class _Mock:
         )
 
     async def begin(
-        self, request: web.Request, *, json_body: bool = True
+        self, request: web.Request, *, json_body: bool = True, dialect: Dialect = "openai"
     ) -> tuple[_Plan, dict[str, Any]] | web.Response:
         """Log the request, apply its latency and injected status, and parse its JSON body."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = _header_dict(request)
         body: dict[str, Any] | None = None
         if json_body and (raw := await request.read()):
             try:
@@ -348,24 +420,45 @@ class _Mock:
                 parsed = None
             if isinstance(parsed, dict):
                 body = parsed
-        self.received.append(ReceivedRequest(request.method, request.path, headers, body))
+        query = dict(request.query)
+        self.received.append(ReceivedRequest(request.method, request.path, headers, body, query))
         plan = self.default_plan
         if any(name.startswith("x-mock-") for name in headers):
             try:
                 plan = _Plan.parse(headers, self.options)
             except _BadRequest as exc:
-                return _error(400, exc.message)
+                return _error(400, exc.message, dialect=dialect)
         if plan.latency_s > 0:
             await asyncio.sleep(plan.latency_s)
-        if plan.status is not None:
-            return _error(plan.status, f"mock injected error {plan.status}")
+        status = self.options.status if self.options.status is not None else plan.status
+        if status is not None:
+            return _error(status, f"mock injected error {status}", dialect=dialect)
+        refused = self._credential_missing(request, headers, dialect)
+        if refused is not None:
+            return refused
         if not json_body:
             return plan, {}
         if body is None:
-            return _error(400, "We could not parse the JSON body of your request.")
+            return _error(400, "We could not parse the JSON body of your request.", dialect=dialect)
         if not isinstance(body.get("model"), str) or not body["model"]:
-            return _error(400, "you must provide a model parameter", param="model")
+            return _error(400, "you must provide a model parameter", param="model", dialect=dialect)
         return plan, body
+
+    def _credential_missing(
+        self, request: web.Request, headers: dict[str, str], dialect: Dialect
+    ) -> web.Response | None:
+        """Anthropic wants ``x-api-key`` and ``anthropic-version``; Azure an ``api-key``."""
+        if dialect == "anthropic":
+            if not headers.get("x-api-key"):
+                return _error(401, "x-api-key header is required", dialect=dialect)
+            if not headers.get("anthropic-version"):
+                return _error(400, "anthropic-version header is required", dialect=dialect)
+        elif request.path.startswith("/openai/"):
+            if not headers.get("api-key"):
+                return _error(401, "Access denied due to missing subscription key (api-key).")
+            if not request.path.startswith("/openai/v1/") and "api-version" not in request.query:
+                return _error(400, "Missing required query parameter 'api-version'.")
+        return None
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self.ids):012d}"
@@ -578,6 +671,102 @@ class _Mock:
         ]
         return await _stream(request, plan, pre, chunks, trailer)
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        begun = await self.begin(request, dialect="anthropic")
+        if isinstance(begun, web.Response):
+            return begun
+        plan, body = begun
+        try:
+            prompt = _anthropic_prompt_tokens(body)
+            cap = _cap(body, ("max_tokens",))
+            if cap is None:
+                raise _BadRequest("max_tokens: Field required", "max_tokens")
+            tokens = _tokens(plan, prompt, cap)
+        except _BadRequest as exc:
+            return _error(400, exc.message, dialect="anthropic")
+        usage = _anthropic_usage(plan, tokens)
+        tool = _chosen_tool(body)
+        stop = "tool_use" if tool else ("max_tokens" if tokens.capped else "end_turn")
+        ident, model = self.next_id("msg_"), body["model"]
+        headers = {"request-id": self.next_id("req_"), **_ANTHROPIC_ACCOUNT_HEADERS}
+        text = _text(tokens.visible)
+        if tool:
+            block: dict[str, Any] = {
+                "type": "tool_use",
+                "id": self.next_id("toolu_"),
+                "name": tool,
+                "input": {"text": text},
+            }
+        else:
+            block = {"type": "text", "text": text}
+        message: dict[str, Any] = {
+            "id": ident,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [block],
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": tokens.completion},
+        }
+        if not body.get("stream"):
+            return web.Response(
+                body=_dumps(message), content_type="application/json", headers=headers
+            )
+        started = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**usage, "output_tokens": min(1, tokens.completion)},
+        }
+        if tool:
+            opening = {**block, "input": {}}
+            deltas = [
+                _anthropic_event(
+                    "content_block_delta",
+                    index=0,
+                    delta={"type": "input_json_delta", "partial_json": part},
+                )
+                for part in (
+                    '{"text":"',
+                    *(w.strip('"') for w in _visible_words_json(tokens.visible)),
+                    '"}',
+                )
+            ]
+        else:
+            opening = {"type": "text", "text": ""}
+            head = (
+                b"event: content_block_delta\ndata: "
+                b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+            )
+            deltas = [head + w.encode() + b"}}\n\n" for w in _visible_words_json(tokens.visible)]
+        pre = [
+            _anthropic_event("message_start", message=started),
+            _anthropic_event("content_block_start", index=0, content_block=opening),
+            _anthropic_event("ping"),
+        ]
+        trailer = [
+            _anthropic_event("content_block_stop", index=0),
+            _anthropic_event(
+                "message_delta",
+                delta={"stop_reason": stop, "stop_sequence": None},
+                usage={"output_tokens": tokens.completion},
+            ),
+            _anthropic_event("message_stop"),
+        ]
+        return await _stream(request, plan, pre, deltas, trailer, headers)
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        begun = await self.begin(request, dialect="anthropic")
+        if isinstance(begun, web.Response):
+            return begun
+        _plan, body = begun
+        try:
+            prompt = _anthropic_prompt_tokens(body)
+        except _BadRequest as exc:
+            return _error(400, exc.message, dialect="anthropic")
+        return web.Response(body=_dumps({"input_tokens": prompt}), content_type="application/json")
+
     async def models(self, request: web.Request) -> web.StreamResponse:
         begun = await self.begin(request, json_body=False)
         if isinstance(begun, web.Response):
@@ -585,10 +774,11 @@ class _Mock:
         return web.Response(body=self.models_body, content_type="application/json")
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = _header_dict(request)
         self.received.append(ReceivedRequest(request.method, request.path, headers, None))
         message = f"Unknown request URL: {request.method} {request.path}."
-        return _error(404, message, code="not_found")
+        dialect: Dialect = "anthropic" if request.path.startswith("/v1/messages") else "openai"
+        return _error(404, message, code="not_found", dialect=dialect)
 
 
 class _ChunkWriter:
@@ -634,6 +824,69 @@ def _visible_words_json(count: int) -> list[str]:
     return list(_WORDS_JSON) * laps + list(_WORDS_JSON[:rest])
 
 
+def _anthropic_text_words(content: Any) -> int:
+    """Words of a message's text: string content, text blocks and tool results' text."""
+    if isinstance(content, str):
+        return len(content.split())
+    if not isinstance(content, list):
+        return 0
+    words = 0
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            words += _word_count(block.get("text"))
+        elif block.get("type") == "tool_result":
+            words += _anthropic_text_words(block.get("content"))
+    return words
+
+
+def _anthropic_prompt_tokens(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("messages: at least one message is required", "messages")
+    words = _anthropic_text_words(body.get("system"))
+    for message in messages:
+        if isinstance(message, dict):
+            words += 4 + _anthropic_text_words(message.get("content"))
+    return words + 3
+
+
+def _anthropic_usage(plan: _Plan, tokens: _Tokens) -> dict[str, Any]:
+    """Input usage: cache reads, then 5-minute and 1-hour writes, carved out of the prompt."""
+    rest = tokens.prompt - tokens.cached
+    write = min(plan.cache_write_tokens, rest)
+    write_1h = min(plan.cache_write_1h_tokens, rest - write)
+    return {
+        "input_tokens": rest - write - write_1h,
+        "cache_creation_input_tokens": write + write_1h,
+        "cache_read_input_tokens": tokens.cached,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": write,
+            "ephemeral_1h_input_tokens": write_1h,
+        },
+    }
+
+
+def _chosen_tool(body: dict[str, Any]) -> str | None:
+    """The tool a ``tool_choice`` of ``any`` or ``tool`` forces, else None (a text answer)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not isinstance(tools, list) or not tools or not isinstance(choice, dict):
+        return None
+    if choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+        return str(choice["name"])
+    first = tools[0]
+    if choice.get("type") == "any" and isinstance(first, dict):
+        return str(first.get("name", "tool"))
+    return None
+
+
+def _anthropic_event(kind: str, **fields: Any) -> bytes:
+    data = json.dumps({"type": kind, **fields}, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
 def _event(kind: str, seq: itertools.count[int], **fields: Any) -> bytes:
     data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, separators=(",", ":"))
     return f"event: {kind}\ndata: {data}\n\n".encode()
@@ -645,13 +898,14 @@ async def _stream(
     preamble: list[bytes],
     content: list[bytes],
     trailer: list[bytes],
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     """Write an SSE stream one chunk per write, as a real upstream trickles tokens out.
 
     With ``fail_after_chunks`` the connection is closed after that many content chunks, so the
     client sees a chunked body that never terminates properly.
     """
-    response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache", **(headers or {})})
     response.content_type = "text/event-stream"
     await response.prepare(request)
     failing = plan.fail_after_chunks is not None
@@ -687,6 +941,17 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:
         ("POST", "/v1/embeddings", mock.embeddings),
         ("POST", "/v1/responses", mock.responses),
         ("GET", "/v1/models", mock.models),
+        ("POST", "/v1/messages", mock.messages),
+        ("POST", "/v1/messages/count_tokens", mock.count_tokens),
+        # Azure OpenAI: dated API versions, and the v1 routes.
+        ("POST", "/openai/deployments/{deployment}/chat/completions", mock.chat_completions),
+        ("POST", "/openai/deployments/{deployment}/completions", mock.completions),
+        ("POST", "/openai/deployments/{deployment}/embeddings", mock.embeddings),
+        ("POST", "/openai/responses", mock.responses),
+        ("POST", "/openai/v1/chat/completions", mock.chat_completions),
+        ("POST", "/openai/v1/completions", mock.completions),
+        ("POST", "/openai/v1/embeddings", mock.embeddings),
+        ("POST", "/openai/v1/responses", mock.responses),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

@@ -1,0 +1,239 @@
+"""Anthropic's Messages API: ``POST /v1/messages`` and ``/v1/messages/count_tokens``, the
+Anthropic dialect of the shared admission (``proxy.gateway.pipeline``).
+
+Keys come as ``x-api-key`` or ``Authorization: Bearer``; a request reserves the worst case of
+``proxy.gateway.claude_bound`` plus ``max_tokens`` at the dearest input rate; the answer is
+relayed as it arrives and settled from the usage the upstream reports (cache reads and writes
+at their own rates). ``count_tokens`` passes the same admission (auth, model, rate limits) with
+nothing reserved and is never charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import Protocol
+from proxy.errors import ApiError, bad_request
+from proxy.gateway import pipeline
+from proxy.gateway.admission import Admitted, RateLimited
+from proxy.gateway.auth import anthropic_key
+from proxy.gateway.claude_bound import prompt_bound
+from proxy.gateway.decisions import admitted_headers, anthropic_ratelimit_headers
+from proxy.gateway.metering import MAX_OUTPUT_CAP, Usage
+from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.pipeline import Exchange, Reservation
+from proxy.gateway.pricing import reserve_cost_nano
+from proxy.gateway.state import Gateway
+from proxy.providers import anthropic, fallback
+from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.upstream import (
+    EVENT_ENDS,
+    client_headers,
+    complete_events,
+    split_events,
+    upstream_broken,
+    upstream_timeout,
+)
+
+PREFIXES = ("/v1", "/api/v1/llm", "/api/v1/llm/v1")
+"""``/api/v1/llm/v1`` is where an Anthropic SDK given ``base_url=…/api/v1/llm`` sends."""
+
+
+def _usage(counts: anthropic.TokenCounts, reported: bool = True) -> Usage:
+    return Usage(
+        input_tokens=counts.total_input,
+        output_tokens=counts.output,
+        cached_tokens=counts.cache_read,
+        cache_write_tokens=counts.cache_write - counts.cache_write_1h,
+        cache_write_1h_tokens=counts.cache_write_1h,
+        reported=reported,
+    )
+
+
+def _positive_int(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_CAP:
+        raise bad_request(
+            f"'{name}' is required and must be a positive integer no greater than "
+            f"{MAX_OUTPUT_CAP}.",
+            param=name,
+        )
+    return value
+
+
+class AnthropicDialect:
+    protocol: Protocol = "anthropic"
+
+    def api_key(self, request: web.Request) -> str:
+        return anthropic_key(request)
+
+    async def reserve(
+        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+    ) -> Reservation:
+        if endpoint == "messages/count_tokens":
+            return Reservation(0, 0, 0)
+        max_tokens = _positive_int(body, "max_tokens")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        long_context = "context-1m" in request.headers.get("anthropic-beta", "")
+        bound = prompt_bound(body, route.context_window, long_context)
+        cost = reserve_cost_nano(route.price, bound, max_tokens)
+        return Reservation(bound, max_tokens, cost, stream, "max_tokens")
+
+    def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
+        return anthropic_ratelimit_headers(decision, now)
+
+    async def forward(
+        self,
+        request: web.Request,
+        gw: Gateway,
+        exchange: Exchange,
+        body: dict[str, Any],
+        reservation: Reservation,
+        decision: Admitted,
+    ) -> web.StreamResponse:
+        raw = await request.read()
+
+        def body_for(candidate: fallback.Candidate) -> bytes:
+            if body.get("model") == candidate.model:
+                return raw
+            return json.dumps({**body, "model": candidate.model}, separators=(",", ":")).encode()
+
+        sent_at = time.perf_counter()
+        try:
+            served = await fallback.send(
+                gw.upstream,
+                gw.cooldowns,
+                exchange.route.upstreams,
+                exchange.endpoint,
+                body_for,
+                request.headers,
+            )
+        except ApiError as exc:
+            exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
+            raise
+        upstream = served.response
+        exchange.upstream = served.candidate.upstream.name
+        if served.skipped:
+            exchange.extra["fallback_from"] = ",".join(served.skipped)
+        try:
+            exchange.status = upstream.status
+            headers = client_headers(upstream.headers)
+            headers.update(admitted_headers(decision))
+            headers.update(anthropic_ratelimit_headers(decision, gw.clock()))
+            headers["x-upstream"] = exchange.upstream
+            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            if upstream.status == 200 and is_sse:
+                return await _relay_stream(request, exchange, upstream, headers)
+            try:
+                data = await upstream.read()
+            except UpstreamTimeout as exc:
+                exchange.extra["upstream_error"] = "timeout"
+                raise upstream_timeout(served.candidate.upstream) from exc
+            except UpstreamError as exc:
+                exchange.extra["upstream_error"] = "broken_body"
+                raise upstream_broken(served.candidate.upstream) from exc
+            exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+            if upstream.status == 200 and exchange.endpoint == "messages":
+                exchange.usage = _buffered_usage(exchange, data)
+            return web.Response(status=upstream.status, body=data, headers=headers)
+        finally:
+            upstream.release()
+
+
+ANTHROPIC = AnthropicDialect()
+
+
+def _buffered_usage(exchange: Exchange, data: bytes) -> Usage:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    counts = anthropic.usage_of_message(parsed)
+    if counts is not None:
+        return _usage(counts)
+    # No usage reported: the input bound, and the answer's text in bytes (both upper bounds).
+    generated = 0
+    content = parsed.get("content") if isinstance(parsed, dict) else None
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict):
+            text = block.get("text") or block.get("thinking")
+            if isinstance(text, str):
+                generated += len(text.encode("utf-8", "surrogatepass"))
+            elif "input" in block:
+                generated += len(json.dumps(block["input"]).encode())
+    return Usage(exchange.prompt_tokens, min(generated, exchange.output_cap), reported=False)
+
+
+def _stream_usage(exchange: Exchange, tracker: anthropic.StreamUsage) -> Usage:
+    """The upstream's own counts once its final ``message_delta`` arrived; before that, upper
+    bounds of what it may bill: the input bound until ``message_start`` reported the input,
+    and the bytes of the deltas relayed (at most ``max_tokens``) for the output."""
+    if tracker.finished:
+        return _usage(tracker.counts)
+    counts = tracker.counts
+    output = max(counts.output, min(tracker.generated_bytes, exchange.output_cap))
+    if tracker.started:
+        usage = _usage(counts, reported=False)
+        usage.output_tokens = output
+        return usage
+    return Usage(exchange.prompt_tokens, output, reported=False)
+
+
+async def _relay_stream(
+    request: web.Request, exchange: Exchange, upstream: Response, headers: Any
+) -> web.StreamResponse:
+    """Events are written as they arrive (an event split across reads waits for its end)."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "text/event-stream"
+    tracker = anthropic.StreamUsage()
+    sent_at = time.perf_counter()
+    try:
+        await response.prepare(request)
+        pending = b""
+        async for chunk in upstream.iter_chunks():
+            if pending:
+                chunk, pending = pending + chunk, b""
+            if not chunk.endswith(EVENT_ENDS):
+                chunk, pending = complete_events(chunk)
+            if chunk:
+                tracker.observe(split_events(chunk))
+                await response.write(chunk)
+        if pending.strip():
+            tracker.observe(split_events(pending))
+        await response.write_eof(pending)
+    except (ConnectionResetError, ConnectionError):
+        exchange.client_gone = True
+    except asyncio.CancelledError:
+        exchange.client_gone = True
+        raise
+    except UpstreamError:
+        exchange.extra["upstream_error"] = "broken_stream"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(anthropic.BROKEN_STREAM_EVENT)
+            await response.write_eof()
+    finally:
+        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+        exchange.usage = _stream_usage(exchange, tracker)
+    return response
+
+
+def _handler(endpoint: str) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await pipeline.handle(request, endpoint, ANTHROPIC)
+
+    handler.__name__ = "anthropic_" + endpoint.replace("/", "_")
+    return handler
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in PREFIXES:
+        for endpoint in anthropic.ENDPOINTS:
+            app.router.add_post(f"{prefix}/{endpoint}", _handler(endpoint))

@@ -1,0 +1,267 @@
+"""The admission every billable route shares: auth → model → reserve → admit → forward → settle.
+
+A route's API (OpenAI's or Anthropic's) is a ``Dialect``: how its clients pass their key, how a
+request's worst case is reserved, and how it is forwarded and metered. Everything else — key
+checks, model permissions, the one admit call, the lease kept alive, the settle that runs
+exactly once — is here, so no route can forward a request without it.
+
+Every admitted request is settled exactly once — on success, upstream error, timeout, and when
+the client goes away mid-stream — in a ``finally`` that cancellation cannot skip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy.config import Protocol as ApiProtocol
+from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
+from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, Revoked
+from proxy.gateway.body import read_json
+from proxy.gateway.decisions import budget_error, rate_limited_error
+from proxy.gateway.metering import Usage, check_reservation
+from proxy.gateway.model_routes import ModelRoute, UnpricedModel
+from proxy.gateway.request_context import OUTCOME, new_request_id
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.keys import Identity
+
+_MAX_ON_BEHALF_OF = 256
+_OTHER_ROUTE = {
+    "anthropic": "it is served over Anthropic's Messages API: use POST /v1/messages",
+    "openai": "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a request may cost at most, fixed before it is admitted."""
+
+    prompt_tokens: int
+    """Prompt tokens as counted (OpenAI: tiktoken) or bounded (Anthropic) by the proxy."""
+    output_tokens: int
+    """The output cap reserved."""
+    cost_nano: int
+    stream: bool = False
+    cap_param: str | None = None
+    """The request parameter that set the output cap, named when the worst case is refused."""
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass
+class Exchange:
+    """One admitted request, from reservation to settlement."""
+
+    identity: Identity
+    request_id: str
+    endpoint: str
+    route: ModelRoute
+    prompt_tokens: int
+    on_behalf_of: str | None
+    usage: Usage | None = None
+    status: int = 0
+    client_gone: bool = False
+    upstream_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    upstream: str = ""
+    """The upstream that served (the first of the model's list unless a fallback did)."""
+    output_cap: int = 0
+
+
+class Dialect(Protocol):
+    """What differs between the APIs clients speak."""
+
+    protocol: ApiProtocol
+
+    def api_key(self, request: web.Request) -> str:
+        """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
+        ...
+
+    async def reserve(
+        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+    ) -> Reservation:
+        """Validates what the reservation depends on (400 naming the param) and bounds it."""
+        ...
+
+    def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
+        """Extra headers on a rate-limit refusal."""
+        ...
+
+    async def forward(
+        self,
+        request: web.Request,
+        gw: Gateway,
+        exchange: Exchange,
+        body: dict[str, Any],
+        reservation: Reservation,
+        decision: Admitted,
+    ) -> web.StreamResponse:
+        """Sends the admitted request upstream and relays the answer, leaving the usage in
+        ``exchange.usage`` (also when the client or the upstream breaks off)."""
+        ...
+
+
+def on_behalf_of(request: web.Request) -> str | None:
+    value = request.headers.get("X-On-Behalf-Of")
+    if value is None:
+        return None
+    if not value or len(value) > _MAX_ON_BEHALF_OF or not value.isprintable():
+        raise bad_request(
+            f"X-On-Behalf-Of must be 1-{_MAX_ON_BEHALF_OF} printable characters.",
+            param="X-On-Behalf-Of",
+        )
+    return value
+
+
+def model_route(
+    gw: Gateway, body: dict[str, Any], identity: Identity, protocol: ApiProtocol
+) -> ModelRoute:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", param="model")
+    try:
+        route = gw.routes.get(model)
+    except UnpricedModel as exc:
+        raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+    if route is None:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    if not any(identity.may_use(name) for name in (model, route.name, route.entry)):
+        raise ApiError(
+            403,
+            f"This API key is not allowed to use the model '{model}'.",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+    if route.protocol != protocol:
+        raise bad_request(
+            f"The model '{model}' is not available on this endpoint: "
+            f"{_OTHER_ROUTE[route.protocol]}.",
+            param="model",
+            code="wrong_endpoint",
+        )
+    return route
+
+
+async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
+    request[OUTCOME] = outcome
+    identity = await gw.auth.identify_key(dialect.api_key(request))
+    outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
+    outcome["on_behalf_of"] = end_user = on_behalf_of(request)
+    body = await read_json(request)
+    route = model_route(gw, body, identity, dialect.protocol)
+    outcome["model"] = route.name
+    reservation = await dialect.reserve(request, endpoint, body, route)
+    check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
+    request_id = new_request_id()
+    outcome["request_id"] = request_id
+    decision = await _admit(
+        gw, identity, request_id, reservation, outcome, dialect, route, endpoint, end_user
+    )
+    outcome["decision"] = "admitted"
+    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
+    exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
+    exchange.upstream = route.upstream.name
+    exchange.output_cap = reservation.output_tokens
+    lease = gw.admission.keep_alive(identity.org_id, request_id)
+    try:
+        return await dialect.forward(request, gw, exchange, body, reservation, decision)
+    finally:
+        lease.cancel()
+        # Not shielded: the settle command is queued on the Redis connection before this
+        # coroutine can be interrupted, so even a cancelled handler's request is settled.
+        await settle(gw, exchange, outcome)
+
+
+async def _admit(
+    gw: Gateway,
+    identity: Identity,
+    request_id: str,
+    reservation: Reservation,
+    outcome: dict[str, Any],
+    dialect: Dialect,
+    route: ModelRoute,
+    endpoint: str,
+    end_user: str | None,
+) -> Admitted:
+    try:
+        decision = await gw.admission.admit(
+            identity,
+            request_id,
+            reservation.tokens,
+            reservation.cost_nano,
+            prompt_tokens=reservation.prompt_tokens,
+            model=route.name,
+            endpoint=endpoint,
+            end_user=end_user,
+        )
+    except (RedisError, OSError):
+        outcome["decision"] = "store_unavailable"
+        raise store_unavailable() from None
+    if isinstance(decision, RateLimited):
+        outcome["decision"] = f"rate_limit_{decision.limit_name}"
+        error = rate_limited_error(decision)
+        error.headers.update(dialect.refusal_headers(decision, gw.clock()))
+        raise error
+    if isinstance(decision, BudgetRefused):
+        outcome["decision"] = "budget"
+        now = gw.clock()
+        raise budget_error(decision, gw.admission.windows(now), now)
+    if isinstance(decision, Revoked):
+        outcome["decision"] = "auth"
+        gw.auth.forget()
+        raise unauthorized("Incorrect API key provided (unknown or revoked).")
+    assert isinstance(decision, Admitted)
+    return decision
+
+
+async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
+    usage = exchange.usage or Usage(0, 0, reported=False)
+    cost = usage.cost_nano(exchange.route.price)
+    record: dict[str, str | int | None] = {
+        "rid": exchange.request_id,
+        "kid": exchange.identity.key_id,
+        "user": exchange.on_behalf_of,
+        "model": exchange.route.name,
+        "endpoint": exchange.endpoint,
+        "in": usage.input_tokens,
+        "out": usage.output_tokens,
+        "cached": usage.cached_tokens,
+        "cache_write": usage.cache_write_tokens,
+        "cache_write_1h": usage.cache_write_1h_tokens,
+        "reasoning": usage.reasoning_tokens,
+        "cost_nano": cost,
+        "reported": int(usage.reported),
+        "status": exchange.status,
+        "client_gone": int(exchange.client_gone),
+        "upstream": exchange.upstream,
+    }
+    outcome.update(
+        status_upstream=exchange.status,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_nano=cost,
+        upstream_ms=exchange.upstream_ms,
+        client_gone=exchange.client_gone,
+        upstream=exchange.upstream,
+        **exchange.extra,
+    )
+    await gw.admission.settle(
+        gw.admission.settle_request(
+            exchange.identity, exchange.request_id, usage.total_tokens, cost, record
+        )
+    )
