@@ -81,7 +81,7 @@ def add_routes(app: web.Application, config: MetricsConfig) -> None:
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
+                given.strip().encode("utf-8", "surrogateescape"), token.encode()
             ):
                 raise ApiError(401, "Metrics need the metrics token.", type="authentication_error")
         registry = _registry()

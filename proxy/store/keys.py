@@ -26,7 +26,9 @@ Status = Literal["active", "revoked"]
 
 
 def digest(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode()).hexdigest()
+    """Of the bytes as sent: aiohttp decodes header bytes that are not UTF-8 to lone
+    surrogates, which plain ``encode()`` refuses; such a key is simply unknown (401)."""
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_plaintext() -> str:
