@@ -8,7 +8,6 @@ parser must read it the same way:
 * no duplicate keys: ``{"max_tokens": 100000, "max_tokens": 1}`` is read as 1 here and could be
   read as 100000 upstream (spending past the reservation), and a duplicate ``model`` could get
   past a key's model allow-list. No SDK ever sends one, so it is refused, not repaired;
-* no ``NaN`` / ``Infinity`` (not JSON, though Python reads them);
 * nesting at most ``MAX_DEPTH`` deep: deeper bodies exhaust the recursion of the code that
   walks them (``json`` itself, the tokenizer, the re-encoding of an aliased model).
 
@@ -19,7 +18,7 @@ parse), ~60 µs to a 60 kB body of 200 messages; the depth walk ~0.6 µs and ~50
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from typing import Any
 
 from aiohttp import web
 
@@ -35,10 +34,6 @@ class _Duplicate(ValueError):
         self.key = key
 
 
-class _NotJson(ValueError):
-    pass
-
-
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -48,10 +43,6 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise _Duplicate(key)
             seen.add(key)
     return obj
-
-
-def _no_constants(name: str) -> NoReturn:
-    raise _NotJson(name)
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -73,7 +64,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The body as a dict, or an ApiError (400) saying what is wrong with it."""
     try:
         text = raw.decode("utf-8")
-        body = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constants)
+        body = json.loads(text, object_pairs_hook=_unique)
     except _Duplicate as exc:
         shown = exc.key[:_SHOWN_KEY_CHARS]
         raise ApiError(
@@ -83,8 +74,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             param=shown,
             code="duplicate_key",
         ) from None
-    except _NotJson as exc:
-        raise bad_request(f"The JSON body contains {exc}, which is not a JSON number.") from None
     except RecursionError:
         raise _too_deep_error() from None
     except UnicodeDecodeError:
