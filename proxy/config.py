@@ -19,6 +19,12 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy
 ProviderKind = Literal["openai"]
 Role = Literal["cluster_admin", "org_admin", "member"]
 
+# The admit script computes with Lua numbers (doubles): every limit it reads must be an integer
+# a double holds exactly (<= 2**53 - 1). These maxima sit well inside that and above any real
+# deployment: a trillion requests or tokens per window, a million requests in flight.
+MAX_RATE_LIMIT = 10**12
+MAX_CONCURRENCY = 10**6
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,12 +67,12 @@ class TimeoutConfig(_Strict):
 
 
 class RoleLimits(_Strict):
-    rps: int | None = Field(None, gt=0)
-    rpm: int | None = Field(None, gt=0)
-    rph: int | None = Field(None, gt=0)
-    rpd: int | None = Field(None, gt=0)
-    tpm: int | None = Field(None, gt=0)
-    concurrency: int | None = Field(None, gt=0)
+    rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rph: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rpd: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    tpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    concurrency: int | None = Field(None, gt=0, le=MAX_CONCURRENCY)
 
 
 class LimitsConfig(_Strict):

@@ -70,6 +70,10 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         ("[timeouts]\nread_seconds = 0\n", {}, "timeouts.read_seconds"),
         ("[limits.defaults.member]\nrpm = 0\n", {}, "limits.defaults.member.rpm"),
         ("[limits.defaults.guest]\nrpm = 5\n", {}, "limits.defaults.guest"),
+        # Issue 11 item 2: past 2**53 the admit script stored NaN levels.
+        ("[limits.defaults.member]\ntpm = 9007199254740993\n", {}, "limits.defaults.member.tpm"),
+        ("[limits.defaults.member]\nrpd = 1000000000001\n", {}, "limits.defaults.member.rpd"),
+        ("[limits.defaults.member]\nconcurrency = 1000001\n", {}, "member.concurrency"),
         ("[metering]\nunknown_price = 'free'\n", {}, "metering.unknown_price"),
     ],
 )

@@ -137,6 +137,12 @@ async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
         ("PATCH", {"limits": {"concurrency": 0}}, "limits.concurrency"),
         ("PATCH", {"limits": {"rpm": 1.5}}, "limits.rpm"),
         ("PATCH", {"colour": "red"}, "colour"),
+        # Issue 11 item 2: past 2**53 the admit script stored NaN levels.
+        ("POST", {"org_id": "acme", "limits": {"rpm": 10**17}}, "limits.rpm"),
+        ("POST", {"org_id": "acme", "limits": {"tpm": 2**53 + 1}}, "limits.tpm"),
+        ("PATCH", {"limits": {"rps": 10**400}}, "limits.rps"),
+        ("PATCH", {"limits": {"rpd": 10**12 + 1}}, "limits.rpd"),
+        ("PATCH", {"limits": {"concurrency": 10**6 + 1}}, "limits.concurrency"),
     ],
 )
 async def test_invalid_key_specs_are_400_naming_the_field(
@@ -333,7 +339,13 @@ async def test_org_limits_are_set_by_cluster_admins_and_enforced(
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"rpm": 0}, "rpm"), ({"concurrency": "3"}, "concurrency"), ({"burst": 3}, "burst")],
+    [
+        ({"rpm": 0}, "rpm"),
+        ({"concurrency": "3"}, "concurrency"),
+        ({"burst": 3}, "burst"),
+        ({"tpm": 2**53}, "tpm"),
+        ({"rph": 10**400}, "rph"),
+    ],
 )
 async def test_invalid_org_limits_are_400_naming_the_field(
     proxy: Proxy, body: dict[str, Any], param: str

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from proxy.store.connection import LuaScript, Redis, org_prefix
 from proxy.store.windows import Period, Windows, iso_millis
@@ -28,10 +28,17 @@ OWNERS: tuple[Owner, ...] = ("cluster", "org")
 PUT_BUDGET = LuaScript("store/budget_events.lua", "store/budget_put.lua")
 
 
+# Lines are compared by Lua scripts, whose numbers are doubles: every line must be an integer
+# a double holds exactly. A cost line of 2**53 - 1 nano-units is 9,007,199.25 currency units.
+MAX_LINE = 2**53 - 1
+# Scripts write a threshold's pct into events with cjson (14 significant digits).
+MAX_PCT = 1_000_000_000
+
+
 class Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    pct: StrictInt = Field(gt=0)
+    pct: StrictInt = Field(gt=0, le=MAX_PCT)
     action: Literal["alert", "block"]
 
 
@@ -55,9 +62,29 @@ class BudgetInput(BaseModel):
 
     @field_validator("limit")
     @classmethod
-    def _finite_positive(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
+    def _finite_positive_exact(cls, value: int | float, info: ValidationInfo) -> int | float:
+        # isinstance first: math.isfinite(10**400) raises OverflowError.
+        if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
             raise ValueError("must be a finite number greater than 0")
+        kind = info.data.get("limit_kind")
+        if kind is not None and _unit_amount(value, kind) > MAX_LINE:
+            most = _most(kind)
+            raise ValueError(f"must be at most {most} for limit_kind '{kind}'")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _lines_exact(cls, value: list[Threshold], info: ValidationInfo) -> list[Threshold]:
+        kind, limit = info.data.get("limit_kind"), info.data.get("limit")
+        if kind is None or limit is None:
+            return value
+        amount = _unit_amount(limit, kind)
+        for threshold in value:
+            if math.ceil(amount * threshold.pct / 100) > MAX_LINE:
+                raise ValueError(
+                    f"pct {threshold.pct} puts a line past the largest one: limit x pct / 100 "
+                    f"must be at most {_most(kind)}"
+                )
         return value
 
     @field_validator("webhook_url")
@@ -84,21 +111,17 @@ def _unit_amount(limit: float | int, kind: str) -> Decimal:
     return amount * NANO if kind == "cost" else amount
 
 
-# Lua numbers are doubles: past 2**53 they lose integer precision (and past ~1.8e308 become
-# inf). No spend gets near 2**53 nano (9 million currency units per window) or tokens, so a
-# larger line is the same as that bound.
-_MAX_LINE = 2**53
-
-
-def _reachable(line: int) -> int:
-    return min(line, _MAX_LINE)
+def _most(kind: str) -> str:
+    if kind == "cost":
+        return f"{Decimal(MAX_LINE) / NANO} (currency units; {MAX_LINE} nano-units)"
+    return f"{MAX_LINE} tokens"
 
 
 def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) -> dict[str, Any]:
     """The JSON kept in Redis; the id is filled in by ``budget_put.lua``."""
     amount = _unit_amount(spec.limit, spec.limit_kind)
     lines = [
-        {"pct": t.pct, "action": t.action, "at": _reachable(math.ceil(amount * t.pct / 100))}
+        {"pct": t.pct, "action": t.action, "at": math.ceil(amount * t.pct / 100)}
         for t in spec.thresholds
     ]
     stored: dict[str, Any] = {
@@ -120,8 +143,8 @@ def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) 
     blocks = [t.pct for t in spec.thresholds if t.action == "block"]
     if blocks:
         line = amount * min(blocks) / 100
-        stored["block_floor"] = _reachable(math.floor(line))
-        stored["block_ceil"] = _reachable(math.ceil(line))
+        stored["block_floor"] = math.floor(line)
+        stored["block_ceil"] = math.ceil(line)
     return stored
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.config import Role
+from proxy.config import MAX_CONCURRENCY, MAX_RATE_LIMIT, Role
 from proxy.store.connection import ORGS_KEY, Redis, digest_key, org_prefix, valid_id
 
 KEY_PREFIX = "sk-bp-"
@@ -36,16 +36,17 @@ def new_plaintext() -> str:
 
 
 class Limits(BaseModel):
-    """Per-key or per-org limits; absent means unlimited."""
+    """Per-key or per-org limits; absent means unlimited. Bounded so that the admit script
+    only ever reads integers a Lua number holds exactly (see ``proxy.config.MAX_RATE_LIMIT``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rps: int | None = Field(None, gt=0, strict=True)
-    rpm: int | None = Field(None, gt=0, strict=True)
-    rph: int | None = Field(None, gt=0, strict=True)
-    rpd: int | None = Field(None, gt=0, strict=True)
-    tpm: int | None = Field(None, gt=0, strict=True)
-    concurrency: int | None = Field(None, gt=0, strict=True)
+    rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rph: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rpd: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    tpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    concurrency: int | None = Field(None, gt=0, le=MAX_CONCURRENCY, strict=True)
 
 
 class KeyCreate(BaseModel):
