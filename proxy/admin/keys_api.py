@@ -83,6 +83,8 @@ async def update_key(request: web.Request) -> web.Response:
         raise bad_request("A revoked key cannot be changed.", code="key_revoked")
     updated = await gw.keys.update(record, change)
     gw.auth.forget()
+    if updated is None:
+        raise bad_request("A revoked key cannot be changed.", code="key_revoked")
     return web.json_response(updated.public())
 
 
