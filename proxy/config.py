@@ -107,6 +107,19 @@ class UpstreamConfig(_Strict):
     api_key_env: str | None = None
     """Name of the environment variable holding the upstream credential (never the value)."""
     kind: ProviderKind = "openai"
+    forward_headers: list[str] = Field(default_factory=list)
+    """Request headers forwarded besides those the upstream's API reads (``accept``,
+    ``user-agent``, ``openai-beta``): exact names, or prefixes ending in ``*``. Credentials,
+    the client's provider-account headers and hop-by-hop headers are never forwarded."""
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            name = pattern.removesuffix("*")
+            if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+                raise ValueError(f"{pattern!r} is not a header name (or a prefix ending in *)")
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -74,7 +74,12 @@ def make_settings(upstream_url: str, **sections: Any) -> Settings:
     """Settings for tests: the mock as the only upstream, fixed prices, test admin key env."""
     data: dict[str, Any] = {
         "upstreams": [
-            UpstreamConfig(name="mock", base_url=upstream_url, api_key_env="TEST_UPSTREAM_KEY")
+            UpstreamConfig(
+                name="mock",
+                base_url=upstream_url,
+                api_key_env="TEST_UPSTREAM_KEY",
+                forward_headers=["x-mock-*"],  # the mock's per-request controls
+            )
         ],
         "models": [
             ModelConfig(name="gpt-4o-mini", upstream="mock", max_output_tokens=1000),
@@ -192,6 +197,7 @@ def write_config(path: Path, upstream_url: str, redis_url: str, **extra: str) ->
         "[[upstreams]]",
         'name = "mock"',
         f'base_url = "{upstream_url}"',
+        'forward_headers = ["x-mock-*"]',
         "[[models]]",
         'name = "gpt-4o-mini"',
         'upstream = "mock"',

@@ -389,6 +389,49 @@ async def test_upstream_gets_its_own_credential_never_the_clients(
     assert proxy.received()[-1].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
 
 
+CREDENTIAL_HEADERS = (
+    "x-api-key",
+    "anthropic-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "proxy-authorization",
+    "cookie",
+)
+
+
+async def test_only_headers_the_upstream_reads_are_forwarded(
+    proxy: Proxy, member: tuple[str, str]
+) -> None:
+    """Issue 11 item 5: a deny-list let the client's proxy key go upstream in the header an SDK
+    for another provider puts it in. Now an allow-list: accept, user-agent, openai-beta (and
+    the upstream's configured ``forward_headers``, here the mock's ``x-mock-*``)."""
+    _, key = member
+    headers = {name: f"Bearer {key}" for name in CREDENTIAL_HEADERS}
+    headers.update(
+        {
+            "OpenAI-Organization": "org-client",
+            "OpenAI-Project": "proj-client",
+            "X-Stainless-Lang": "python",
+            "X-Custom-Trace": key,
+            "User-Agent": "OpenAI/Python 3.57.0",
+            "OpenAI-Beta": "assistants=v2",
+            "Accept": "application/json",
+            "x-mock-output-tokens": "2",
+        }
+    )
+    status, _, _ = await raw_post(proxy, CHAT, GOOD, key, headers)
+    assert status == 200
+    sent = proxy.received()[-1].headers
+    assert all(key not in value for value in sent.values()), sent
+    assert set(sent) & {*CREDENTIAL_HEADERS, "openai-organization", "openai-project"} == set()
+    assert "x-stainless-lang" not in sent and "x-custom-trace" not in sent
+    assert sent["user-agent"] == "OpenAI/Python 3.57.0"
+    assert sent["openai-beta"] == "assistants=v2"
+    assert sent["accept"] == "application/json"
+    assert sent["x-mock-output-tokens"] == "2"
+    assert sent["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+
+
 # --- partial and unreported usage ----------------------------------------------------------
 
 
@@ -849,6 +892,8 @@ async def _leaky_upstream(request: web.Request) -> web.Response:
             "retry-after": "17",
             "set-cookie": "upstream-session=secret",
             "x-request-id": "upstream-req-1",
+            "openai-organization": "org-upstream-account",
+            "openai-project": "proj_upstream",
         },
     )  # fmt: skip
 
@@ -883,6 +928,9 @@ async def test_upstream_rate_limit_headers_are_not_passed_to_the_client(
     assert not any(name.startswith("x-ratelimit-") for name in lowered), lowered
     assert "retry-after" not in lowered
     assert "set-cookie" not in lowered
+    # Issue 11 item 5: the upstream account's identity stays with the proxy.
+    assert "openai-organization" not in lowered and "openai-project" not in lowered
+    assert "upstream-account" not in json.dumps(lowered) and "proj_" not in json.dumps(lowered)
     assert lowered.get("x-upstream-request-id") == "upstream-req-1"
     await charged_zero(store, proxy, kid)
 
