@@ -19,6 +19,7 @@ from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.http_protocol import BodyTimeout
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
 from proxy.store.connection import connect
@@ -38,6 +39,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except BodyTimeout:
+        limit = request.app[GATEWAY].settings.server.body_timeout_seconds
+        response = error_response(
+            408,
+            f"The request body stopped arriving for {limit:g} s.",
+            code="request_timeout",
+        )
+        response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY].settings.server.max_body_bytes
         return error_response(

@@ -37,6 +37,14 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1)
     uvloop: bool = True
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """A request's head must be complete this long after its first byte (or after connect)."""
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    """Longest pause while a request body is being received."""
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    """Idle keep-alive connections are closed after this."""
+    max_connections: int | None = Field(None, ge=1)
+    """Open connections per process; None: half the process's file-descriptor limit."""
 
 
 class RedisConfig(_Strict):

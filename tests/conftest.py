@@ -22,9 +22,12 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, Settings, UpstreamConfig
+from proxy.gateway.state import GATEWAY
+from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
 from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
 
@@ -144,6 +147,15 @@ class Proxy:
 ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
 
 
+class ProxyTestServer(TestServer):
+    """The proxy as ``llm-proxy serve`` serves it (``GuardedAppRunner``: JSON errors below the
+    application, read timeouts, the connection cap), on a free loopback port."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        limits = ConnectionLimits.of(self.app[GATEWAY].settings.server)
+        return GuardedAppRunner(self.app, limits, **kwargs)
+
+
 @pytest.fixture
 async def start_proxy(
     redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
@@ -156,7 +168,7 @@ async def start_proxy(
         clock = clock or FakeClock()
         settings = make_settings(str(mock_upstream.make_url("/v1")), **sections)
         app = create_app(settings, redis_url, clock=clock)
-        server = TestServer(app, host="127.0.0.1")
+        server = ProxyTestServer(app, host="127.0.0.1")
         await server.start_server()
         proxy = Proxy(
             url=str(server.make_url("")).rstrip("/"),
@@ -183,13 +195,16 @@ async def proxy(start_proxy: Callable[..., Any]) -> Proxy:
     return result
 
 
-def write_config(path: Path, upstream_url: str, redis_url: str, **extra: str) -> Path:
-    """A TOML config for proxies run as separate processes."""
+def write_config(
+    path: Path, upstream_url: str, redis_url: str, server: str = "", **extra: str
+) -> Path:
+    """A TOML config for proxies run as separate processes (``server``: more [server] lines)."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
         "uvloop = true",
         "shutdown_grace_seconds = 10",
+        server,
         "[redis]",
         f'url = "{redis_url}"',
         "[auth]",

@@ -23,6 +23,7 @@ from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.gateway.pricing import Price, cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
+from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import free_port
 from proxy.store.windows import windows_at
 
@@ -490,7 +491,7 @@ async def production_runner(
     monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
     app = create_app(make_settings(str(mock_upstream.make_url("/v1"))), redis_url)
-    runner = web.AppRunner(app)
+    runner = GuardedAppRunner(app, ConnectionLimits.of(app[GATEWAY].settings.server))
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
