@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +27,9 @@ from conftest import (
     ADMIN_KEY,
     Proxy,
     ProxyProcess,
+    ProxyTestServer,
     eventually,
+    make_settings,
     start_proxy_process,
     usage_record,
     write_config,
@@ -300,6 +304,45 @@ async def test_metrics_token_guards_the_endpoint(
     text, _ = await scrape(proxy.session, proxy.url, token)
     families = {family.name for family in text_string_to_metric_families(text)}
     assert {"llm_proxy_requests", "llm_proxy_admission_decisions"} <= families
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_metrics_without_a_token_are_for_loopback_callers_only(
+    redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 5: a fresh proxy on a public interface answered anonymous callers with
+    every org id and its spend. Without a token, only loopback peers are answered now."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    monkeypatch.delenv("PROXY_METRICS_TOKEN", raising=False)
+    monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
+    app = create_app(make_settings(str(mock_upstream.make_url("/v1"))), redis_url)
+    server = ProxyTestServer(app, host="0.0.0.0")  # noqa: S104 - the point of the test
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            _, key = await create_key_at(session, f"http://127.0.0.1:{server.port}", "acme-corp")
+            await post_chat(session, f"http://127.0.0.1:{server.port}", key, chat_body())
+            async with session.get(f"http://{address}:{server.port}/metrics") as response:
+                raw = await response.read()
+                assert response.status == 403, raw
+                assert_openai_error(raw, "permission_error")
+                assert b"acme-corp" not in raw and b"llm_proxy" not in raw
+            text, _ = await scrape(session, f"http://127.0.0.1:{server.port}", None)
+            assert "acme-corp" in text  # a local scraper still sees everything
+    finally:
+        await server.close()
 
 
 # --- 2. access log ---------------------------------------------------------------------------
