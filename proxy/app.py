@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from proxy.admin import budgets_api, health, keys_api, webhooks
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.gateway import llm_api, metrics
 from proxy.gateway.admission import Admission
@@ -25,6 +25,8 @@ from proxy.store.budgets import BudgetStore
 from proxy.store.connection import connect
 from proxy.store.keys import KeyCreate, KeyStore, digest
 from proxy.store.pipelined import PipelinedConnection
+from proxy.store.secret_box import ENV as SECRET_KEY_ENV
+from proxy.store.secret_box import SecretBox, SecretKeyError
 from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,15 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     )
     redis = connect(settings.redis, redis_url)
     keys = KeyStore(redis)
+    try:
+        box = SecretBox.from_env()
+    except SecretKeyError as exc:
+        raise ConfigError(str(exc)) from None
     app[GATEWAY] = Gateway(
         settings=settings,
         redis=redis,
         keys=keys,
-        budgets=BudgetStore(redis),
+        budgets=BudgetStore(redis, box),
         auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
         admission=Admission(
             redis,
@@ -130,6 +136,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         for script in health.SCRIPTS:
             await script.load(gw.redis)
         await _ensure_bootstrap_key(gw)
+        await _seal_webhook_secrets(gw)
     except (RedisError, OSError) as exc:
         log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
@@ -137,6 +144,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     gw.admission.close()
     await gw.upstream.close()
     await gw.redis.aclose()
+
+
+async def _seal_webhook_secrets(gw: Gateway) -> None:
+    if gw.budgets.box is None:
+        log.warning(
+            "%s is not set: webhook secrets are stored in Redis in plain text (set it to 32 "
+            "random bytes, base64-encoded, e.g. `openssl rand -base64 32`)",
+            SECRET_KEY_ENV,
+        )
+        return
+    sealed = await gw.budgets.seal_stored_secrets(await gw.keys.orgs())
+    if sealed:
+        log.info("sealed %d webhook secrets stored in plain text before %s", sealed, SECRET_KEY_ENV)
 
 
 async def _ensure_bootstrap_key(gw: Gateway) -> None:

@@ -30,13 +30,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _check_routes(settings: Settings) -> None:
-    """Prices and encodings are resolved in each worker too; failing here gives a clean exit
-    before any Redis or worker is started."""
+    """Prices and encodings (and the secret key) are resolved in each worker too; failing
+    here gives a clean exit before any Redis or worker is started."""
     from proxy.gateway.model_routes import build_routes
+    from proxy.store.secret_box import SecretBox, SecretKeyError
 
     try:
         build_routes(settings)
-    except ConfigError as exc:
+        SecretBox.from_env()
+    except (ConfigError, SecretKeyError) as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,7 +8,8 @@ entry in the same atomic step as the event. Every proxy process runs one backgro
 Redis keys (all under the org's hash tag, so this works on Redis Cluster):
 
 * ``bp:{o:<org>}:outbox`` — ZSET event id → when the entry may next be claimed (ms).
-* ``bp:{o:<org>}:wh:<event id>`` — HASH: event, budget (raw JSON, secret included), status
+* ``bp:{o:<org>}:wh:<event id>`` — HASH: event, budget (raw JSON, with its webhook secret
+  sealed when ``PROXY_SECRET_KEY`` is set, see ``proxy.store.secret_box``), status
   (``pending`` | ``delivered`` | ``failed``), attempts, created_ms, last_error,
   last_attempt_ms, delivered_ms, and the current claim (claim_token, claimed_by,
   claimed_until). Finished records expire after ``record_ttl_hours``.
@@ -79,6 +80,7 @@ from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.store.budgets import Spend, public
 from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
+from proxy.store.secret_box import SecretUnavailable
 from proxy.store.windows import iso_millis
 
 log = logging.getLogger(__name__)
@@ -358,6 +360,10 @@ class Deliverer:
                 status = await self._send(claim, url, event, budget)
         except TargetRefused as exc:
             return str(exc)[:ERROR_MAX_CHARS], True
+        except SecretUnavailable as exc:
+            # Never sent unsigned; retried, as the key may yet be restored.
+            log.warning("webhook %s: its secret cannot be opened: %s", claim.event_id, exc)
+            return f"webhook secret cannot be opened: {exc}"[:ERROR_MAX_CHARS], False
         except TimeoutError:
             return f"timed out after {self._config.total_timeout_seconds:g} s", False
         except socket.gaierror as exc:
@@ -391,10 +397,9 @@ class Deliverer:
             "webhook-id": claim.event_id,
             "webhook-timestamp": str(timestamp),
         }
-        if budget.get("webhook_secret"):
-            headers["webhook-signature"] = sign(
-                budget["webhook_secret"], claim.event_id, timestamp, body
-            )
+        secret = self._gw.budgets.webhook_secret(budget)
+        if secret:
+            headers["webhook-signature"] = sign(secret, claim.event_id, timestamp, body)
         async with self._session.post(
             url.with_host(str(address)).with_fragment(None),
             data=body,
