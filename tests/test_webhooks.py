@@ -421,6 +421,14 @@ async def test_internal_targets_are_refused_before_any_connection(
         ("http://0.0.0.0/hook", "unspecified address"),
         ("http://100.64.0.1/hook", "non-public address"),  # carrier-grade NAT
         ("ftp://93.184.216.34/hook", "only http and https"),
+        # Issue 11 item 8: IPv6 forms of refused IPv4 addresses, and site-local.
+        ("http://[2002:7f00:1::]/hook", "embedding 127.0.0.1, a loopback address"),  # 6to4
+        ("http://[2002:a9fe:a9fe::1]/", "embedding 169.254.169.254, a cloud metadata address"),
+        ("http://[2002:a00:1::1]/hook", "embedding 10.0.0.1, a private address"),
+        ("http://[fec0::1]/hook", "site-local address"),
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "embedding 127.0.0.1"),  # Teredo
+        ("http://[64:ff9b::a00:1]/hook", "embedding 10.0.0.1"),  # NAT64
+        ("http://[::7f00:1]/hook", "embedding 127.0.0.1"),  # IPv4-compatible
     ],
 )
 async def test_address_rules_refuse_internal_targets(url: str, reason: str) -> None:
@@ -433,6 +441,8 @@ async def test_allowed_networks_and_public_addresses_pass() -> None:
     allowed = [ipaddress.ip_network("10.0.0.0/8")]
     assert str(await resolve_target(URL("http://10.1.2.3/x"), allowed)) == "10.1.2.3"
     assert str(await resolve_target(URL("https://93.184.216.34/x"), [])) == "93.184.216.34"
+    public_6to4 = "2002:5db8:d822::1"  # 6to4 of 93.184.216.34
+    assert str(await resolve_target(URL(f"https://[{public_6to4}]/x"), [])) == public_6to4
     with pytest.raises(TargetRefused, match="metadata"):
         await resolve_target(URL("http://169.254.169.254/"), allowed)
 

@@ -28,7 +28,8 @@ while the sender died before recording it gets the event again, under the same i
 Safety: only http(s); the host is resolved here and the connection goes to the address that
 was checked (no DNS-rebinding window). Loopback, private, link-local, multicast, reserved,
 unspecified and cloud-metadata addresses are refused — a permanent failure — unless inside
-``webhooks.allow_private_targets``. Redirects are not followed (a 3xx is a failed attempt),
+``webhooks.allow_private_targets``; so are IPv6 addresses that embed a refused IPv4 address
+(IPv4-mapped and -compatible, 6to4, Teredo, NAT64) and deprecated site-local ones (fec0::/10). Redirects are not followed (a 3xx is a failed attempt),
 proxies from the environment are ignored, and at most 4 KiB of the answer is read.
 
 Verifying a delivery (receiver side, Standard Webhooks; the key is the UTF-8 bytes of the
@@ -108,6 +109,8 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class TargetRefused(Exception):
@@ -144,10 +147,30 @@ def backoff_seconds(attempts: int, config: WebhookConfig) -> float:
 # --- target checks -------------------------------------------------------------------------
 
 
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address reaches or stands for: 6to4 (2002::/16), Teredo
+    (2001::/32: server and client), NAT64 (64:ff9b::/96) and IPv4-compatible (::/96)."""
+    found: list[ipaddress.IPv4Address] = []
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in NAT64_PREFIX or (address in IPV4_COMPATIBLE and int(address) > 1):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
 def _refusal(address: IPAddress) -> str | None:
     """Why this address is not a public unicast one; None when it is."""
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "a site-local address (fec0::/10, deprecated)"
+        for inner in _embedded_ipv4(address):
+            why = _refusal(inner)
+            if why is not None:
+                return f"an IPv6 address embedding {inner}, {why}"
     checks = (
         ("loopback", address.is_loopback),
         ("unspecified", address.is_unspecified),
