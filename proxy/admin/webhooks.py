@@ -29,8 +29,9 @@ Safety: only http(s); the host is resolved here and the connection goes to the a
 was checked (no DNS-rebinding window). Loopback, private, link-local, multicast, reserved,
 unspecified and cloud-metadata addresses are refused — a permanent failure — unless inside
 ``webhooks.allow_private_targets``; so are IPv6 addresses that embed a refused IPv4 address
-(IPv4-mapped and -compatible, 6to4, Teredo, NAT64) and deprecated site-local ones (fec0::/10). Redirects are not followed (a 3xx is a failed attempt),
-proxies from the environment are ignored, and at most 4 KiB of the answer is read.
+(IPv4-mapped and -compatible, 6to4, Teredo, NAT64) and deprecated site-local ones (fec0::/10).
+Redirects are not followed (a 3xx is a failed attempt), proxies from the environment are
+ignored, and at most 4 KiB of the answer is read.
 
 Verifying a delivery (receiver side, Standard Webhooks; the key is the UTF-8 bytes of the
 budget's ``webhook_secret``)::
