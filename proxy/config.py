@@ -267,13 +267,14 @@ def load_settings(
 ) -> Settings:
     """Read, override and validate; raises ConfigError naming the offending field."""
     env = dict(os.environ if environ is None else environ)
-    config_path = Path(path or env.get("PROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    named = path or env.get("PROXY_CONFIG")  # --config and PROXY_CONFIG alike must exist
+    config_path = Path(named or DEFAULT_CONFIG_PATH)
+    if named and not config_path.exists():
+        raise ConfigError(f"{config_path}: no such file")
     try:
         data = tomllib.loads(config_path.read_text()) if config_path.exists() else {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: {exc}") from exc
-    if path is not None and not config_path.exists():
-        raise ConfigError(f"{config_path}: no such file")
     data = _apply_env(data, env)
     try:
         return Settings.model_validate(data)

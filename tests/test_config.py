@@ -59,6 +59,13 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml", environ={})
 
 
+def test_missing_file_named_by_proxy_config_is_an_error_too(tmp_path: Path) -> None:
+    """Issue 11 item 7: ``--config`` failed on a missing file, ``PROXY_CONFIG`` started an
+    empty proxy. One rule: a file that is named must exist."""
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(environ={"PROXY_CONFIG": str(tmp_path / "absent.toml")})
+
+
 @pytest.mark.parametrize(
     ("text", "env", "field"),
     [

@@ -462,3 +462,42 @@ async def test_a_malformed_index_entry_is_a_401_never_a_500(
     status, body = await proxy.admin("GET", "/api/v1/keys", key=key)
     assert status == 401, body
     assert_error(body, "authentication_error", "invalid_api_key")
+
+
+# --- one rule for org ids and model names (issue 11 item 7) --------------------------------
+
+BAD_ORG_IDS = ["..%2Fx", "a%0Ab", "x" * 5000, "a%20b", "%F0%9F%94%91", "-leading-dash", "a:b"]
+
+
+@pytest.mark.parametrize("org_id", BAD_ORG_IDS, ids=lambda v: v[:16])
+async def test_an_org_id_outside_the_rule_is_a_400_and_never_registered(
+    proxy: Proxy, store: aioredis.Redis, org_id: str
+) -> None:
+    """``PUT /api/v1/orgs/{id}/limits`` registered ``../x``, ``a\\nb`` and 5,000 characters."""
+    for method, path, body, param in (
+        ("PUT", f"/api/v1/orgs/{org_id}/limits", {"rpm": 5}, "orgId"),
+        ("GET", f"/api/v1/orgs/{org_id}/limits", None, "orgId"),
+        ("GET", f"/api/v1/keys?org_id={org_id}", None, "org_id"),
+        ("PUT", f"/api/v1/llm/budgets/org/{org_id}", {"period": "daily"}, "orgId"),
+        ("GET", f"/api/v1/llm/budgets/org/{org_id}/events", None, "orgId"),
+        ("GET", f"/api/v1/webhooks/deliveries?org_id={org_id}", None, "org_id"),
+    ):
+        status, answer = await proxy.admin(method, path, body)
+        assert status == 400, (method, path, answer)
+        assert_error(answer, "invalid_request_error", "invalid_request", param)
+    assert await store.smembers("bp:orgs") == {"cluster"}  # only the bootstrap key's org
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_key_may_only_be_limited_to_models_that_exist(proxy: Proxy, method: str) -> None:
+    kid, _ = await proxy.create_key("acme")
+    path = "/api/v1/keys" if method == "POST" else f"/api/v1/keys/{kid}"
+    body: dict[str, Any] = {"models": ["gpt-4o", "gpt-5-imaginary"]}
+    if method == "POST":
+        body["org_id"] = "acme"
+    status, answer = await proxy.admin(method, path, body)
+    assert status == 400, answer
+    assert_error(answer, "invalid_request_error", "model_not_found", "models.1")
+    status, answer = await proxy.admin(method, path, {**body, "models": ["gpt-4o-latest"] * 3})
+    assert status in (200, 201), answer
+    assert answer["models"] == ["gpt-4o-latest"]  # aliases count; each name kept once

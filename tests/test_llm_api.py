@@ -360,6 +360,42 @@ async def test_models_list_shows_only_allowed_models(proxy: Proxy) -> None:
     assert [m["id"] for m in admin_listing["data"]] == ["gpt-4o", "gpt-4o-latest"]
 
 
+async def test_models_retrieve_answers_for_models_the_key_may_use(proxy: Proxy) -> None:
+    """Issue 11 item 7: ``GET /v1/models/{id}`` (the SDKs' ``models.retrieve``) was a 404."""
+    _, key = await proxy.create_key(ORG, models=["gpt-4o"])
+    client = proxy.openai(key)
+    model = await client.models.retrieve("gpt-4o-latest")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o-latest", "model", "mock")
+    for hidden in ("gpt-4o-mini", "no-such-model"):  # not allowed, and unknown: alike
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.models.retrieve(hidden)
+        assert_error(caught.value.body and {"error": caught.value.body}, "invalid_request_error",
+                     "model_not_found", "model")  # fmt: skip
+    status, body, _ = await raw_post(proxy, "/api/v1/llm/models/gpt-4o", b"", key, method="GET")
+    assert (status, body["id"]) == (200, "gpt-4o")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "text-embedding-3-small", "messages": MESSAGES}),
+        ("/v1/completions", {"model": "text-embedding-3-small", "prompt": "hi"}),
+        ("/v1/responses", {"model": "text-embedding-3-small", "input": "hi"}),
+        ("/v1/embeddings", {"model": "gpt-4o", "input": "hi"}),
+    ],
+)
+async def test_a_model_serves_only_the_endpoints_of_its_kind(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis, path: str, body: Any
+) -> None:
+    """Issue 11 item 7: an embedding model on chat answered 200."""
+    _, key = member
+    status, answer, _ = await raw_post(proxy, path, body, key)
+    assert status == 400, answer
+    assert_error(answer, "invalid_request_error", "model_not_supported", "model")
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+
+
 # --- upstream credential -------------------------------------------------------------------
 
 

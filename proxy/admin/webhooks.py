@@ -75,13 +75,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from proxy.admin.access import require_admin
+from proxy.admin.access import org_id_param, require_admin
 from proxy.config import WebhookConfig
 from proxy.errors import bad_request, not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.store.budgets import Spend, public
-from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
+from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
 from proxy.store.secret_box import SecretUnavailable
 from proxy.store.windows import iso_millis
 
@@ -554,10 +554,10 @@ async def list_deliveries(request: web.Request) -> web.Response:
     require_admin(caller)
     status, limit = _list_params(request)
     wanted = request.query.get("org_id")
-    if wanted is not None and (
-        not valid_id(wanted) or (caller.role != "cluster_admin" and wanted != caller.org_id)
-    ):
-        raise not_found(f"No org '{wanted}'.")
+    if wanted is not None:
+        org_id_param(wanted, "org_id")
+        if caller.role != "cluster_admin" and wanted != caller.org_id:
+            raise not_found(f"No org '{wanted}'.")
     if caller.role == "cluster_admin":
         orgs = [wanted] if wanted is not None else await gw.keys.orgs()
     else:

@@ -73,7 +73,14 @@ def _on_behalf_of(request: web.Request) -> str | None:
     return value
 
 
-def _model(gw: Gateway, body: dict[str, Any], identity: Identity) -> ModelRoute:
+# A model serves the endpoints of its kind only (an embedding model on chat answered 200).
+_KIND_ENDPOINTS = {
+    "chat": frozenset({"chat/completions", "completions", "responses"}),
+    "embedding": frozenset({"embeddings"}),
+}
+
+
+def _model(gw: Gateway, body: dict[str, Any], identity: Identity, endpoint: str) -> ModelRoute:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", param="model")
@@ -91,6 +98,13 @@ def _model(gw: Gateway, body: dict[str, Any], identity: Identity) -> ModelRoute:
             f"This API key is not allowed to use the model '{model}'.",
             type="permission_error",
             code="model_not_allowed",
+            param="model",
+        )
+    if endpoint not in _KIND_ENDPOINTS.get(route.kind, frozenset()):
+        raise ApiError(
+            400,
+            f"The model '{model}' is a {route.kind} model and is not served on {endpoint}.",
+            code="model_not_supported",
             param="model",
         )
     return route
@@ -153,7 +167,7 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     on_behalf_of = _on_behalf_of(request)
     outcome["on_behalf_of"] = on_behalf_of
     body = await read_json(request)
-    route = _model(gw, body, identity)
+    route = _model(gw, body, identity, endpoint)
     outcome["model"] = route.name
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -357,8 +371,25 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): one model this key may use."""
+    gw = request.app[GATEWAY]
+    identity = await gw.auth.identify(request)
+    name = request.match_info["model"]
+    route = gw.routes.get(name)
+    if route is None or not (identity.may_use(name) or identity.may_use(route.name)):
+        raise ApiError(
+            404,
+            f"The model '{name[:200]}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    return web.json_response(route.listing(name))
+
+
 def add_routes(app: web.Application) -> None:
     for prefix in ("/v1", "/api/v1/llm"):
         for endpoint in ENDPOINTS:
             app.router.add_post(f"{prefix}/{endpoint}", llm_handler(endpoint))
         app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
