@@ -186,7 +186,7 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise store_unavailable() from None
     if isinstance(decision, RateLimited):
         outcome["decision"] = f"rate_limit_{decision.limit_name}"
-        raise rate_limited_error(decision)
+        raise rate_limited_error(decision, reserve_tokens if decision.limit_name == "tpm" else 1)
     if isinstance(decision, BudgetRefused):
         outcome["decision"] = "budget"
         now = gw.clock()
