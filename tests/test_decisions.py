@@ -332,8 +332,10 @@ def test_a_window_that_cannot_be_told_apart_is_left_out() -> None:
     assert headers["RateLimit-Policy"] == '"requests";q=1000000'
 
 
-@pytest.mark.parametrize(("name", "window_ms"), [("rps", 1000), ("rpm", 60_000),
-                                                 ("rph", 3_600_000), ("rpd", 86_400_000)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "window_ms"),
+    [("rps", 1000), ("rpm", 60_000), ("rph", 3_600_000), ("rpd", 86_400_000)],
+)
 @pytest.mark.parametrize("limit", [1, 2, 7, 100, 10**6])
 @pytest.mark.parametrize("level", [0.0, 0.3, 0.999, 1.5])
 def test_the_request_window_is_read_back_from_the_bucket(
