@@ -17,6 +17,7 @@ from proxy.gateway import llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
+from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
@@ -72,6 +73,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, exc.reason, code=str(exc.status))
     except (RedisError, ConnectionRefusedError) as exc:
         log.warning("store error on %s: %s", request.path, exc)
+        outcome = request.get(OUTCOME)
+        if outcome is not None:  # e.g. looking the key up: not an authentication failure
+            outcome["decision"] = "store_unavailable"
         return store_unavailable().response()
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -234,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from proxy.gateway.request_log import configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    configure_logging(args.log_level.upper())
     args.func(args)
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.gateway.request_log import configure_logging
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import EmbeddedRedis
 
@@ -126,7 +127,7 @@ def freeze_startup_objects() -> None:
 
 def _worker_main(settings: Settings, redis_url: str, host: str, port: int, log_level: int) -> None:
     """Runs in a fresh (spawned) interpreter: the parent's logging setup must be redone."""
-    logging.basicConfig(level=log_level, format="%(message)s")
+    configure_logging(log_level)
     use_uvloop(settings.server.uvloop)
     asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True))
 

@@ -229,6 +229,8 @@ class ProxyProcess:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    """stdout, and stderr too unless ``errors`` is given."""
+    errors: Path | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -241,12 +243,14 @@ class ProxyProcess:
 
 
 async def start_proxy_process(
-    config: Path, log: Path, workers: int = 1, port: int | None = None
+    config: Path, log: Path, workers: int = 1, port: int | None = None, errors: Path | None = None
 ) -> ProxyProcess:
-    """``llm-proxy serve`` in its own process, ready when /healthz answers."""
+    """``llm-proxy serve`` in its own process, ready when /healthz answers. Its stdout goes to
+    ``log``, its stderr too, or to ``errors`` when given."""
     port = port or free_port()
     env = {**os.environ, "TEST_PROXY_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO)}
     handle = log.open("wb")
+    error_handle = errors.open("wb") if errors is not None else None
     process = subprocess.Popen(
         [
             sys.executable,
@@ -261,7 +265,7 @@ async def start_proxy_process(
             str(workers),
         ],
         stdout=handle,
-        stderr=subprocess.STDOUT,
+        stderr=error_handle if error_handle is not None else subprocess.STDOUT,
         env=env,
         cwd=str(config.parent),
     )
@@ -281,7 +285,7 @@ async def start_proxy_process(
                 process.kill()
                 raise RuntimeError(f"proxy did not start: {log.read_text()}")
             await asyncio.sleep(0.05)
-    return ProxyProcess(process, url, log)
+    return ProxyProcess(process, url, log, errors)
 
 
 _NUMERIC = ("in", "out", "cached", "reasoning", "cost_nano", "status")

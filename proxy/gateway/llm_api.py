@@ -270,7 +270,9 @@ async def _forward(
         headers.update(admitted_headers(decision))
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if upstream.status == 200 and is_sse:
-            return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
+            return await _relay_stream(
+                request, gw, exchange, upstream, headers, strip_usage, sent_at
+            )
         try:
             data = await upstream.read()
         except UpstreamTimeout as exc:
@@ -307,11 +309,13 @@ async def _relay_stream(
     upstream: Response,
     headers: Any,
     strip_usage: bool,
+    sent_at: float,
 ) -> web.StreamResponse:
+    """``sent_at``: when the request went upstream; the wait for its first bytes is the
+    upstream's time, not the proxy's overhead."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
     meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage)
-    sent_at = time.perf_counter()
     try:
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
