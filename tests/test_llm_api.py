@@ -34,6 +34,7 @@ UPSTREAM_SECRET = "sk-upstream-secret"
 GPT_4O = Price(2_500_000_000, 1_250_000_000, 10_000_000_000, "config")
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
 MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+CHAT_PATH = "/v1/chat/completions"
 # Mock prompt tokens for MESSAGES: words + 4 per message + 3.
 MOCK_PROMPT = 5 + 4 + 3
 ERROR_FIELDS = {"message", "type", "code", "param"}
@@ -243,6 +244,31 @@ async def test_streamed_chat_with_include_usage_false_hides_the_usage_chunk(
     assert all(chunk.usage is None and chunk.choices for chunk in chunks)
     assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
     await wait_settled(store, proxy, kid)
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
+
+
+async def test_streamed_chat_with_stream_options_null_is_charged_the_reported_usage(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    """Found by the hostile-input suite: next to ``"stream_options": null`` the proxy spliced
+    in its own ``stream_options``, a duplicate key; the upstream kept the last (null), sent
+    no usage, and the request was charged an estimate instead of its usage."""
+    kid, key = member
+    raw = json.dumps(
+        {"model": "gpt-4o", "messages": MESSAGES, "stream": True, "stream_options": None}
+    ).encode()
+    async with proxy.session.post(
+        proxy.url + CHAT_PATH,
+        data=raw,
+        headers={"Authorization": f"Bearer {key}", "x-mock-output-tokens": "4"},
+    ) as response:
+        assert response.status == 200
+        streamed = await response.read()
+    assert b'"usage":{' not in streamed  # the client did not ask for it
+    assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
+    await wait_settled(store, proxy, kid)
+    [record] = await usage_records(store)
+    assert record["reported"] is True
     await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
 
 

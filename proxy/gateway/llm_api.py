@@ -124,8 +124,10 @@ def _upstream_body(
         if not (options or {}).get("include_usage"):
             strip_usage = True
             opening = raw.lstrip()
-            if options is None and same_model and opening.startswith(b"{"):
+            if "stream_options" not in body and same_model and opening.startswith(b"{"):
                 # Splice instead of re-encoding: a long prompt's body is not serialised twice.
+                # Only when the key is absent: next to a "stream_options": null the spliced
+                # one would be a duplicate, and an upstream keeping the last sends no usage.
                 return _USAGE_OPTION + opening[1:], strip_usage
             body["stream_options"] = {**(options or {}), "include_usage": True}
             changed = True
