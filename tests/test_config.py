@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,13 @@ def test_the_shipped_default_config_loads_and_prices_every_model() -> None:
         if model.kind == "chat":
             assert price.output_nano_per_m > 0, model.name
             assert price.output_nano_per_m >= price.input_nano_per_m, model.name
+
+
+def test_the_readmes_config_for_the_bundled_mock_loads() -> None:
+    """The README shows how to run ``serve`` against ``llm-proxy mock-upstream``."""
+    readme = (DEFAULT_CONFIG_PATH.parent.parent / "README.md").read_text()
+    snippet = readme.split("cat > mock.toml <<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
+    settings = Settings.model_validate(tomllib.loads(snippet))
+    routes = build_routes(settings)
+    assert routes["gpt-4o-mini"].upstream.base_url == "http://127.0.0.1:9090/v1"
+    assert routes["gpt-4o-mini"].upstream.forward_headers == ["x-mock-*"]
