@@ -153,8 +153,12 @@ class GuardedRequestHandler(web.RequestHandler):
         self._guard = manager
         self._limits = limits
         self._loop_ = kwargs["loop"]
+        # One watch timer per connection, not one per request: it fires every
+        # header_timeout_seconds and checks how long the current head has been pending.
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = False  # a request's head has begun arriving
+        self._head_pending = False  # waiting for a request's head to complete
+        self._head_since = 0.0
+        self._head_bytes = False  # some of that head has arrived
         self._in_request = False  # a head is complete; its handler runs
         self._pipelined = False  # bytes of the next request came in during this one
         self._body: StreamReader | None = None
@@ -173,7 +177,10 @@ class GuardedRequestHandler(web.RequestHandler):
             )
             self._answer_and_close(_TOO_MANY)
             return
-        self._arm_head_timer()
+        self._head_pending, self._head_since = True, self._loop_.time()
+        self._head_timer = self._loop_.call_at(
+            self._head_since + self._limits.header_timeout, self._head_watch
+        )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
@@ -181,9 +188,9 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if not self._in_request:
+            if data and not self._head_pending:
+                self._head_pending, self._head_since = True, self._loop_.time()
             self._head_bytes = self._head_bytes or bool(data)
-            if self._head_timer is None and data:
-                self._arm_head_timer()
         elif self._body is not None and not self._body.is_eof():
             self._body_seen = self._loop_.time()
         elif data:
@@ -194,10 +201,7 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def head_received(self, payload: StreamReader) -> None:
         """Called as aiohttp hands a parsed request to the application."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._in_request, self._head_bytes = True, False
+        self._in_request, self._head_pending, self._head_bytes = True, False, False
         if not payload.is_eof():
             self._body = payload
             self._body_seen = self._loop_.time()
@@ -216,23 +220,23 @@ class GuardedRequestHandler(web.RequestHandler):
                 self._body_timer = None
             if self._pipelined:
                 self._pipelined, self._head_bytes = False, True
-                self._arm_head_timer()
+                self._head_pending, self._head_since = True, self._loop_.time()
 
     # -- timers --------------------------------------------------------------------------
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self._loop_.call_later(self._limits.header_timeout, self._head_late)
-
-    def _head_late(self) -> None:
+    def _head_watch(self) -> None:
         self._head_timer = None
-        if self._in_request or self.transport is None:
+        if self.transport is None:
             return
-        if self._head_bytes:
-            self._answer_and_close(_HEAD_TIMEOUT)
-        else:
-            self.force_close()  # never sent a byte: nobody to answer
+        now, limit = self._loop_.time(), self._limits.header_timeout
+        if self._head_pending and not self._in_request and now - self._head_since >= limit:
+            if self._head_bytes:
+                self._answer_and_close(_HEAD_TIMEOUT)
+            else:
+                self.force_close()  # never sent a byte: nobody to answer
+            return
+        due = self._head_since + limit if self._head_pending else now + limit
+        self._head_timer = self._loop_.call_at(max(due, now + 0.001), self._head_watch)
 
     def _body_check(self) -> None:
         self._body_timer = None
