@@ -11,20 +11,24 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from proxy.admin import budgets_api, health, keys_api, webhooks
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings
 from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
 from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
+from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
 from proxy.gateway.settle_spool import SettleSpool
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.http_protocol import BodyTimeout
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
 from proxy.store.connection import connect
 from proxy.store.keys import KeyCreate, KeyStore, digest
 from proxy.store.pipelined import PipelinedConnection
+from proxy.store.secret_box import ENV as SECRET_KEY_ENV
+from proxy.store.secret_box import SecretBox, SecretKeyError
 from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response(dialect)
+    except BodyTimeout:
+        limit = request.app[GATEWAY].settings.server.body_timeout_seconds
+        response = error_response(
+            408,
+            f"The request body stopped arriving for {limit:g} s.",
+            code="request_timeout",
+            dialect=dialect,
+        )
+        response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY].settings.server.max_body_bytes
         return error_response(
@@ -67,6 +81,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, exc.reason, code=str(exc.status), dialect=dialect)
     except (RedisError, ConnectionRefusedError) as exc:
         log.warning("store error on %s: %s", request.path, exc)
+        outcome = request.get(OUTCOME)
+        if outcome is not None:  # e.g. looking the key up: not an authentication failure
+            outcome["decision"] = "store_unavailable"
         return store_unavailable().response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -84,11 +101,15 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     )
     redis = connect(settings.redis, redis_url)
     keys = KeyStore(redis)
+    try:
+        box = SecretBox.from_env()
+    except SecretKeyError as exc:
+        raise ConfigError(str(exc)) from None
     app[GATEWAY] = Gateway(
         settings=settings,
         redis=redis,
         keys=keys,
-        budgets=BudgetStore(redis),
+        budgets=BudgetStore(redis, box),
         auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
         admission=Admission(
             redis,
@@ -132,6 +153,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         for script in health.SCRIPTS:
             await script.load(gw.redis)
         await _ensure_bootstrap_key(gw)
+        await _seal_webhook_secrets(gw)
     except (RedisError, OSError) as exc:
         log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
@@ -139,6 +161,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     gw.admission.close()
     await gw.upstream.close()
     await gw.redis.aclose()
+
+
+async def _seal_webhook_secrets(gw: Gateway) -> None:
+    if gw.budgets.box is None:
+        log.warning(
+            "%s is not set: webhook secrets are stored in Redis in plain text (set it to 32 "
+            "random bytes, base64-encoded, e.g. `openssl rand -base64 32`)",
+            SECRET_KEY_ENV,
+        )
+        return
+    sealed = await gw.budgets.seal_stored_secrets(await gw.keys.orgs())
+    if sealed:
+        log.info("sealed %d webhook secrets stored in plain text before %s", sealed, SECRET_KEY_ENV)
 
 
 async def _ensure_bootstrap_key(gw: Gateway) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -30,13 +29,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _check_routes(settings: Settings) -> None:
-    """Prices and encodings are resolved in each worker too; failing here gives a clean exit
-    before any Redis or worker is started."""
+    """Prices and encodings (and the secret key) are resolved in each worker too; failing
+    here gives a clean exit before any Redis or worker is started."""
     from proxy.gateway.model_routes import build_routes
+    from proxy.store.secret_box import SecretBox, SecretKeyError
 
     try:
         build_routes(settings)
-    except ConfigError as exc:
+        SecretBox.from_env()
+    except (ConfigError, SecretKeyError) as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
 
@@ -232,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from proxy.gateway.request_log import configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    configure_logging(args.log_level.upper())
     args.func(args)
 
 

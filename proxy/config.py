@@ -24,6 +24,12 @@ Protocol = Literal["openai", "anthropic"]
 _PRICE_PROVIDERS: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "azure": "azure"}
 Role = Literal["cluster_admin", "org_admin", "member"]
 
+# The admit script computes with Lua numbers (doubles): every limit it reads must be an integer
+# a double holds exactly (<= 2**53 - 1). These maxima sit well inside that and above any real
+# deployment: a trillion requests or tokens per window, a million requests in flight.
+MAX_RATE_LIMIT = 10**12
+MAX_CONCURRENCY = 10**6
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +42,14 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1)
     uvloop: bool = True
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """A request's head must be complete this long after its first byte (or after connect)."""
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    """Longest pause while a request body is being received."""
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    """Idle keep-alive connections are closed after this."""
+    max_connections: int | None = Field(None, ge=1)
+    """Open connections per process; None: half the process's file-descriptor limit."""
 
 
 class RedisConfig(_Strict):
@@ -66,12 +80,12 @@ class TimeoutConfig(_Strict):
 
 
 class RoleLimits(_Strict):
-    rps: int | None = Field(None, gt=0)
-    rpm: int | None = Field(None, gt=0)
-    rph: int | None = Field(None, gt=0)
-    rpd: int | None = Field(None, gt=0)
-    tpm: int | None = Field(None, gt=0)
-    concurrency: int | None = Field(None, gt=0)
+    rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rph: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    rpd: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    tpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT)
+    concurrency: int | None = Field(None, gt=0, le=MAX_CONCURRENCY)
 
 
 class LimitsConfig(_Strict):
@@ -128,6 +142,19 @@ class UpstreamConfig(_Strict):
     cooldown_seconds: float = Field(30.0, ge=0)
     """After a failure that made a fallback try the next upstream, this one is tried last for
     this long (per proxy process)."""
+    forward_headers: list[str] = Field(default_factory=list)
+    """Request headers forwarded besides those the upstream's API reads (``accept``,
+    ``user-agent``, ``openai-beta``): exact names, or prefixes ending in ``*``. Credentials,
+    the client's provider-account headers and hop-by-hop headers are never forwarded."""
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            name = pattern.removesuffix("*")
+            if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+                raise ValueError(f"{pattern!r} is not a header name (or a prefix ending in *)")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -322,13 +349,14 @@ def load_settings(
 ) -> Settings:
     """Read, override and validate; raises ConfigError naming the offending field."""
     env = dict(os.environ if environ is None else environ)
-    config_path = Path(path or env.get("PROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    named = path or env.get("PROXY_CONFIG")  # --config and PROXY_CONFIG alike must exist
+    config_path = Path(named or DEFAULT_CONFIG_PATH)
+    if named and not config_path.exists():
+        raise ConfigError(f"{config_path}: no such file")
     try:
         data = tomllib.loads(config_path.read_text()) if config_path.exists() else {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: {exc}") from exc
-    if path is not None and not config_path.exists():
-        raise ConfigError(f"{config_path}: no such file")
     data = _apply_env(data, env)
     try:
         return Settings.model_validate(data)

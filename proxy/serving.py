@@ -24,6 +24,8 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.gateway.request_log import configure_logging
+from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,20 @@ async def wait_for_stop_signal() -> None:
 
 @contextlib.asynccontextmanager
 async def running_site(
-    app: web.Application, host: str, port: int, *, reuse_port: bool, grace: float
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    grace: float,
+    limits: ConnectionLimits | None = None,
 ) -> AsyncIterator[web.AppRunner]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    """``limits``: serve through ``GuardedAppRunner`` (the proxy); None: a plain runner."""
+    runner = (
+        GuardedAppRunner(app, limits, access_log=None, shutdown_timeout=grace)
+        if limits is not None
+        else web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=grace)
     await site.start()
@@ -89,7 +102,10 @@ async def serve_worker(
 ) -> None:
     app = create_app(settings, redis_url)
     grace = settings.server.shutdown_grace_seconds
-    async with running_site(app, host, port, reuse_port=reuse_port, grace=grace) as runner:
+    limits = ConnectionLimits.of(settings.server)
+    async with running_site(
+        app, host, port, reuse_port=reuse_port, grace=grace, limits=limits
+    ) as runner:
         freeze_startup_objects()
         if on_ready is not None:
             await on_ready(runner)
@@ -111,7 +127,7 @@ def freeze_startup_objects() -> None:
 
 def _worker_main(settings: Settings, redis_url: str, host: str, port: int, log_level: int) -> None:
     """Runs in a fresh (spawned) interpreter: the parent's logging setup must be redone."""
-    logging.basicConfig(level=log_level, format="%(message)s")
+    configure_logging(log_level)
     use_uvloop(settings.server.uvloop)
     asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True))
 

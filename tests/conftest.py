@@ -23,9 +23,12 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.app import create_app
 from proxy.config import ModelConfig, PriceConfig, Settings, UpstreamConfig
+from proxy.gateway.state import GATEWAY
+from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
 from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
 
@@ -79,7 +82,12 @@ def make_settings(upstream_url: str, **sections: Any) -> Settings:
     sections["limits"] = limits
     data: dict[str, Any] = {
         "upstreams": [
-            UpstreamConfig(name="mock", base_url=upstream_url, api_key_env="TEST_UPSTREAM_KEY")
+            UpstreamConfig(
+                name="mock",
+                base_url=upstream_url,
+                api_key_env="TEST_UPSTREAM_KEY",
+                forward_headers=["x-mock-*"],  # the mock's per-request controls
+            )
         ],
         "models": [
             ModelConfig(name="gpt-4o-mini", upstream="mock", max_output_tokens=1000),
@@ -144,6 +152,15 @@ class Proxy:
 ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
 
 
+class ProxyTestServer(TestServer):
+    """The proxy as ``llm-proxy serve`` serves it (``GuardedAppRunner``: JSON errors below the
+    application, read timeouts, the connection cap), on a free loopback port."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        limits = ConnectionLimits.of(self.app[GATEWAY].settings.server)
+        return GuardedAppRunner(self.app, limits, **kwargs)
+
+
 @pytest.fixture
 async def start_proxy(
     redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
@@ -156,7 +173,7 @@ async def start_proxy(
         clock = clock or FakeClock()
         settings = make_settings(str(mock_upstream.make_url("/v1")), **sections)
         app = create_app(settings, redis_url, clock=clock)
-        server = TestServer(app, host="127.0.0.1")
+        server = ProxyTestServer(app, host="127.0.0.1")
         await server.start_server()
         proxy = Proxy(
             url=str(server.make_url("")).rstrip("/"),
@@ -184,15 +201,21 @@ async def proxy(start_proxy: Callable[..., Any]) -> Proxy:
 
 
 def write_config(
-    path: Path, upstream_url: str, redis_url: str, tail: str = "", **extra: str
+    path: Path,
+    upstream_url: str,
+    redis_url: str,
+    tail: str = "",
+    server: str = "",
+    **extra: str,
 ) -> Path:
-    """A TOML config for proxies run as separate processes; ``tail`` is appended as is (more
-    ``[[upstreams]]`` and ``[[models]]``)."""
+    """A TOML config for proxies run as separate processes; ``server``: more [server] lines;
+    ``tail`` is appended as is (more ``[[upstreams]]`` and ``[[models]]``)."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
         "uvloop = true",
         "shutdown_grace_seconds = 10",
+        server,
         "[redis]",
         f'url = "{redis_url}"',
         "[auth]",
@@ -200,6 +223,7 @@ def write_config(
         "[[upstreams]]",
         'name = "mock"',
         f'base_url = "{upstream_url}"',
+        'forward_headers = ["x-mock-*"]',
         "[[models]]",
         'name = "gpt-4o-mini"',
         'upstream = "mock"',
@@ -216,6 +240,8 @@ class ProxyProcess:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    """stdout, and stderr too unless ``errors`` is given."""
+    errors: Path | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -228,12 +254,14 @@ class ProxyProcess:
 
 
 async def start_proxy_process(
-    config: Path, log: Path, workers: int = 1, port: int | None = None
+    config: Path, log: Path, workers: int = 1, port: int | None = None, errors: Path | None = None
 ) -> ProxyProcess:
-    """``llm-proxy serve`` in its own process, ready when /healthz answers."""
+    """``llm-proxy serve`` in its own process, ready when /healthz answers. Its stdout goes to
+    ``log``, its stderr too, or to ``errors`` when given."""
     port = port or free_port()
     env = {**os.environ, "TEST_PROXY_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO)}
     handle = log.open("wb")
+    error_handle = errors.open("wb") if errors is not None else None
     process = subprocess.Popen(
         [
             sys.executable,
@@ -248,7 +276,7 @@ async def start_proxy_process(
             str(workers),
         ],
         stdout=handle,
-        stderr=subprocess.STDOUT,
+        stderr=error_handle if error_handle is not None else subprocess.STDOUT,
         env=env,
         cwd=str(config.parent),
     )
@@ -268,7 +296,7 @@ async def start_proxy_process(
                 process.kill()
                 raise RuntimeError(f"proxy did not start: {log.read_text()}")
             await asyncio.sleep(0.05)
-    return ProxyProcess(process, url, log)
+    return ProxyProcess(process, url, log, errors)
 
 
 _NUMERIC = (

@@ -76,10 +76,17 @@ def claude_sections(mock_root: str, **extra: Any) -> dict[str, Any]:
     sections: dict[str, Any] = {
         "upstreams": [
             UpstreamConfig(
-                name="mock", base_url=mock_root + "/v1", api_key_env="TEST_UPSTREAM_KEY"
+                name="mock",
+                base_url=mock_root + "/v1",
+                api_key_env="TEST_UPSTREAM_KEY",
+                forward_headers=["x-mock-*"],
             ),
             UpstreamConfig(
-                name="claude", base_url=mock_root, api_key_env="TEST_UPSTREAM_KEY", kind="anthropic"
+                name="claude",
+                base_url=mock_root,
+                api_key_env="TEST_UPSTREAM_KEY",
+                kind="anthropic",
+                forward_headers=["x-mock-*"],
             ),
         ],
         "models": [
@@ -378,8 +385,6 @@ async def test_a_rate_limit_is_retried_by_the_sdk_after_retry_after(
         model=MODEL, max_tokens=5, messages=MESSAGES
     )
     assert raw_answer.retries_taken >= 1
-    retried = proxy.received()[-1].headers
-    assert int(retried["x-stainless-retry-count"]) >= 1
     # The refusal itself, as the SDK saw it.
     status, body, headers = await raw(
         proxy, "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": MESSAGES},

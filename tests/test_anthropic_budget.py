@@ -84,6 +84,7 @@ name = "claude"
 base_url = "{root}"
 kind = "anthropic"
 api_key_env = "TEST_UPSTREAM_KEY"
+forward_headers = ["x-mock-*"]
 
 [[models]]
 name = "{MODEL}"

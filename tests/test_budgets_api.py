@@ -361,6 +361,20 @@ INVALID: list[Any] = [
         json.dumps(budget(limit=7)).replace("7", "-1e400").encode(), "limit", id="limit--1e400"
     ),
     pytest.param(json.dumps(budget(limit=7)).replace("7", "NaN").encode(), "limit", id="limit-NaN"),
+    # Issue 11 items 2 and 3: an OverflowError (500), or lines a Lua number cannot hold exactly.
+    pytest.param(budget(limit=10**400), "limit", id="limit-1-and-400-zeros"),
+    pytest.param(budget(limit=2**53), "limit", id="tokens-limit-2**53"),
+    pytest.param(budget(limit_kind="cost", limit=9_007_200), "limit", id="cost-limit-past-2**53"),
+    pytest.param(
+        budget(limit_kind="cost", limit=9_000_000, thresholds=[{"pct": 101, "action": "block"}]),
+        "thresholds",
+        id="cost-line-past-2**53",
+    ),
+    pytest.param(
+        budget(thresholds=[{"pct": 10**9 + 1, "action": "alert"}]),
+        "thresholds.0.pct",
+        id="pct-past-1e9",
+    ),
     pytest.param(budget(thresholds=[]), "thresholds", id="thresholds-empty"),
     pytest.param(budget(thresholds={"pct": 80, "action": "alert"}), "thresholds", id="thr-obj"),
     pytest.param(
@@ -425,22 +439,29 @@ async def test_invalid_input_is_400_naming_the_field_and_stores_nothing(
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("kinds", "value"),
     [
-        pytest.param(0.000000001, id="one-nano"),
-        pytest.param(1e15, id="huge-finite"),
-        pytest.param(7, id="int"),
-        pytest.param(99.99, id="cents"),
+        pytest.param(("cost", "tokens"), 0.000000001, id="one-nano"),
+        pytest.param(("cost", "tokens"), 7, id="int"),
+        pytest.param(("cost", "tokens"), 99.99, id="cents"),
+        # The largest lines a Lua number holds exactly: 2**53 - 1 nano-units, or tokens.
+        pytest.param(("cost",), 9_007_199.254740991, id="largest-cost"),
+        pytest.param(("tokens",), 2**53 - 1, id="largest-tokens"),
     ],
 )
-async def test_any_finite_positive_limit_is_accepted(world: World, value: float) -> None:
-    for kind in ("cost", "tokens"):
+async def test_any_finite_positive_limit_up_to_2_to_53_is_accepted(
+    world: World, store: aioredis.Redis, kinds: tuple[str, ...], value: float
+) -> None:
+    for kind in kinds:
         status, b = await call(
             world.proxy, "PUT", "/org/acme", budget(limit_kind=kind, limit=value)
         )
         assert status == 200, b
         assert b["limit"] == value and type(b["limit"]) is type(value)
         assert b["spend"]["status"] == "ok"
+        stored = json.loads(await store.hget("bp:{o:acme}:budgets", "o:org"))
+        assert all(isinstance(line["at"], int) for line in stored["lines"])
+        assert max(line["at"] for line in stored["lines"]) <= 2**53 - 1
 
 
 async def test_optional_fields_accept_null(world: World) -> None:

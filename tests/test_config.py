@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,13 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml", environ={})
 
 
+def test_missing_file_named_by_proxy_config_is_an_error_too(tmp_path: Path) -> None:
+    """Issue 11 item 7: ``--config`` failed on a missing file, ``PROXY_CONFIG`` started an
+    empty proxy. One rule: a file that is named must exist."""
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(environ={"PROXY_CONFIG": str(tmp_path / "absent.toml")})
+
+
 @pytest.mark.parametrize(
     ("text", "env", "field"),
     [
@@ -70,6 +78,10 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         ("[timeouts]\nread_seconds = 0\n", {}, "timeouts.read_seconds"),
         ("[limits.defaults.member]\nrpm = 0\n", {}, "limits.defaults.member.rpm"),
         ("[limits.defaults.guest]\nrpm = 5\n", {}, "limits.defaults.guest"),
+        # Issue 11 item 2: past 2**53 the admit script stored NaN levels.
+        ("[limits.defaults.member]\ntpm = 9007199254740993\n", {}, "limits.defaults.member.tpm"),
+        ("[limits.defaults.member]\nrpd = 1000000000001\n", {}, "limits.defaults.member.rpd"),
+        ("[limits.defaults.member]\nconcurrency = 1000001\n", {}, "member.concurrency"),
         ("[metering]\nunknown_price = 'free'\n", {}, "metering.unknown_price"),
     ],
 )
@@ -253,3 +265,13 @@ def test_a_pattern_match_without_a_price_follows_the_unknown_price_rule(tmp_path
     )
     routes = build_routes(load_settings(write(tmp_path, defaulted), environ={}))
     assert routes["in-house-7b"].price.source == "default"
+
+
+def test_the_readmes_config_for_the_bundled_mock_loads() -> None:
+    """The README shows how to run ``serve`` against ``llm-proxy mock-upstream``."""
+    readme = (DEFAULT_CONFIG_PATH.parent.parent / "README.md").read_text()
+    snippet = readme.split("cat > mock.toml <<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
+    settings = Settings.model_validate(tomllib.loads(snippet))
+    routes = build_routes(settings)
+    assert routes["gpt-4o-mini"].upstream.base_url == "http://127.0.0.1:9090/v1"
+    assert routes["gpt-4o-mini"].upstream.forward_headers == ["x-mock-*"]

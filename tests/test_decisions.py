@@ -7,6 +7,7 @@ These are the strings clients and SDKs parse (``x-ratelimit-*``, ``Retry-After``
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from proxy.gateway.decisions import (
     nano_to_major,
     openai_duration,
     rate_limited_error,
+    request_window_ms,
 )
 from proxy.store.windows import windows_at
 
@@ -110,15 +112,16 @@ def test_no_limits_and_no_budget_means_no_rate_headers() -> None:
 
 
 def test_request_limit_headers() -> None:
+    # 5 per minute, 1.625 requests in the bucket after this one: empty in 19.5 s.
     headers = admitted_headers(
-        admitted(request_limit=5, request_remaining=3, request_reset_ms=58_500)
+        admitted(request_limit=5, request_remaining=3, request_reset_ms=19_500)
     )
     assert headers == {
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "3",
-        "x-ratelimit-reset-requests": "58.5s",
-        "RateLimit-Policy": '"requests";q=5',
-        "RateLimit": '"requests";r=3;t=59',
+        "x-ratelimit-reset-requests": "19.5s",
+        "RateLimit-Policy": '"requests";q=5;w=60',
+        "RateLimit": '"requests";r=3;t=20',
     }
 
 
@@ -212,9 +215,10 @@ def test_per_second_refusal_says_retry_soon() -> None:
         "x-should-retry": "true",
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "400ms",
+        # When the bucket is empty: this request's retry + 4 more fifths of a second.
+        "x-ratelimit-reset-requests": "1.2s",
         "RateLimit-Policy": '"requests";q=5;w=1',
-        "RateLimit": '"requests";r=0;t=1',
+        "RateLimit": '"requests";r=0;t=2',
     }
     body = body_of(error)
     assert body == {
@@ -297,9 +301,58 @@ def test_concurrency_refusal_suggests_a_short_retry() -> None:
     assert body_of(error)["error"]["type"] == "requests"
 
 
-def test_refusal_carries_the_reset_header_too() -> None:
+def test_refusal_reset_means_what_it_means_on_admitted_answers() -> None:
+    """The reset is when the bucket is whole again: the retry time, when one more request
+    fits, plus the drain of the other limit - 1 (3 x 15 s here), not the retry time."""
     error = rate_limited_error(limited("rpm", 4, 29_999))
-    assert error.headers["x-ratelimit-reset-requests"] == "29.999s"
+    assert error.headers["x-ratelimit-reset-requests"] == "1m14.999s"
+    assert error.headers["RateLimit"] == '"requests";r=0;t=75'
+    assert error.headers["retry-after-ms"] == "29999"
+
+
+def test_token_refusal_reset_counts_the_refused_reservation() -> None:
+    # 1000 tpm, a request reserving 400 that fits in 6 s: the bucket is empty 36 s later.
+    error = rate_limited_error(limited("tpm", 1000, 6_000, current=700), cost=400)
+    assert error.headers["x-ratelimit-reset-tokens"] == "42s"
+    assert error.headers["RateLimit-Policy"] == '"tokens";q=1000;w=60'
+
+
+def test_a_request_that_never_fits_still_says_when_the_bucket_is_empty() -> None:
+    error = rate_limited_error(limited("tpm", 1000, -1, current=250), cost=5000)
+    assert error.headers["x-ratelimit-reset-tokens"] == "15s"
+    assert "Retry-After" not in error.headers
+
+
+def test_a_window_that_cannot_be_told_apart_is_left_out() -> None:
+    """10**6 per second and per minute both drain one request in under a millisecond."""
+    assert request_window_ms(10**6, 999_999, 1) is None
+    headers = admitted_headers(
+        admitted(request_limit=10**6, request_remaining=999_999, request_reset_ms=1)
+    )
+    assert headers["RateLimit-Policy"] == '"requests";q=1000000'
+
+
+@pytest.mark.parametrize(
+    ("name", "window_ms"),
+    [("rps", 1000), ("rpm", 60_000), ("rph", 3_600_000), ("rpd", 86_400_000)],
+)
+@pytest.mark.parametrize("limit", [1, 2, 7, 100, 10**6])
+@pytest.mark.parametrize("level", [0.0, 0.3, 0.999, 1.5])
+def test_the_request_window_is_read_back_from_the_bucket(
+    name: str, window_ms: int, limit: int, level: float
+) -> None:
+    """As the admit script reports an admission (level before + 1 request)."""
+    if window_ms / limit < 2:
+        # Draining a request in under 2 ms: rps and rpm both report a 1 ms reset.
+        limit = window_ms // 2
+    after = min(level, limit - 1) + 1
+    remaining = math.floor(limit - after + 1e-9)
+    reset_ms = math.ceil(after * window_ms / limit - 1e-9)
+    assert request_window_ms(limit, remaining, reset_ms) == window_ms, name
+    headers = admitted_headers(
+        admitted(request_limit=limit, request_remaining=remaining, request_reset_ms=reset_ms)
+    )
+    assert headers["RateLimit-Policy"] == f'"requests";q={limit};w={window_ms // 1000}'
 
 
 # --- budget_error ---------------------------------------------------------------------------

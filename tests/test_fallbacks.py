@@ -53,6 +53,7 @@ def root(server: TestServer) -> str:
 
 
 def upstream(name: str, base: str, **fields: Any) -> UpstreamConfig:
+    fields.setdefault("forward_headers", ["x-mock-*"])
     return UpstreamConfig(name=name, base_url=base, api_key_env="TEST_UPSTREAM_KEY", **fields)
 
 
@@ -265,6 +266,7 @@ async def test_an_azure_fallback_gets_its_deployment_and_its_own_credential(
                 api_key_env="TEST_AZURE_KEY",
                 kind="azure",
                 api_version="2024-10-21",
+                forward_headers=["x-mock-*"],
             ),
         ],
         models=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import Proxy
+
+from proxy.gateway.state import GATEWAY
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 ERROR_FIELDS = {"message", "type", "code", "param"}
@@ -137,6 +140,12 @@ async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
         ("PATCH", {"limits": {"concurrency": 0}}, "limits.concurrency"),
         ("PATCH", {"limits": {"rpm": 1.5}}, "limits.rpm"),
         ("PATCH", {"colour": "red"}, "colour"),
+        # Issue 11 item 2: past 2**53 the admit script stored NaN levels.
+        ("POST", {"org_id": "acme", "limits": {"rpm": 10**17}}, "limits.rpm"),
+        ("POST", {"org_id": "acme", "limits": {"tpm": 2**53 + 1}}, "limits.tpm"),
+        ("PATCH", {"limits": {"rps": 10**400}}, "limits.rps"),
+        ("PATCH", {"limits": {"rpd": 10**12 + 1}}, "limits.rpd"),
+        ("PATCH", {"limits": {"concurrency": 10**6 + 1}}, "limits.concurrency"),
     ],
 )
 async def test_invalid_key_specs_are_400_naming_the_field(
@@ -333,7 +342,13 @@ async def test_org_limits_are_set_by_cluster_admins_and_enforced(
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"rpm": 0}, "rpm"), ({"concurrency": "3"}, "concurrency"), ({"burst": 3}, "burst")],
+    [
+        ({"rpm": 0}, "rpm"),
+        ({"concurrency": "3"}, "concurrency"),
+        ({"burst": 3}, "burst"),
+        ({"tpm": 2**53}, "tpm"),
+        ({"rph": 10**400}, "rph"),
+    ],
 )
 async def test_invalid_org_limits_are_400_naming_the_field(
     proxy: Proxy, body: dict[str, Any], param: str
@@ -366,3 +381,123 @@ async def test_a_model_allowance_covers_the_models_aliases(proxy: Proxy) -> None
         model="gpt-4o-latest", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert answer.choices[0].message.content
+
+
+# --- key writes are atomic (issue 11 item 3) -----------------------------------------------
+
+
+def digest_key(plaintext: str) -> str:
+    return "bp:kd:" + hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+async def test_concurrent_patch_and_delete_never_corrupt_the_index(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    """A PATCH racing a DELETE used to rewrite the index entry the DELETE had just removed,
+    leaving one without ``kid``: that key answered 500 forever (5 of 60 trials)."""
+    changes = [{"models": ["gpt-4o"]}, {"role": "org_admin"}, {"name": "renamed"}]
+    for trial in range(60):
+        kid, key = await proxy.create_key("acme", name=f"k{trial}")
+        change = changes[trial % len(changes)]
+        patch, delete = await asyncio.gather(
+            proxy.admin("PATCH", f"/api/v1/keys/{kid}", change),
+            proxy.admin("DELETE", f"/api/v1/keys/{kid}"),
+        )
+        assert delete[0] == 200, delete
+        assert patch[0] in (200, 400), patch  # 400 key_revoked when the DELETE came first
+        # Revoked, and no trace of it left in the index: the key is refused cleanly.
+        assert await store.exists(digest_key(key)) == 0, (trial, change)
+        assert await chat(proxy, key) == 401
+        status, body = await proxy.admin("GET", f"/api/v1/keys/{kid}")
+        assert (status, body["status"]) == (200, "revoked")
+
+
+async def test_index_writes_arriving_late_never_overwrite_newer_state(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    """Each update is two atomic steps in two slots (record, then index). On several processes
+    the index steps of two PATCHes, or of a PATCH and a DELETE, can arrive in either order:
+    the index must end as the record says, and a revoked key's entry must stay gone."""
+    keys = proxy.app[GATEWAY].keys
+    kid, key = await proxy.create_key("acme")
+    record = await keys.get("acme", kid)
+    assert record is not None
+    first = await keys.update_record(record, {"role": "org_admin"}, [])
+    second = await keys.update_record(record, {"role": "member", "models": '["gpt-4o"]'}, [])
+    assert first is not None and second is not None
+    await keys.update_index(kid, second)
+    await keys.update_index(kid, first)  # the older state, late
+    index = await store.hgetall(digest_key(key))
+    assert (index["role"], json.loads(index["models"])) == ("member", ["gpt-4o"])
+    assert (index["kid"], index["org"]) == (kid, "acme")
+    # A PATCH whose index step lands after a DELETE: the entry stays deleted.
+    third = await keys.update_record(record, {"role": "org_admin"}, [])
+    assert third is not None
+    await keys.revoke(record)
+    await keys.update_index(kid, third)
+    assert await store.exists(digest_key(key)) == 0
+    # And a PATCH after the DELETE changes nothing at all.
+    assert await keys.update_record(record, {"name": "late"}, []) is None
+    assert (await store.hget(f"bp:{{o:acme}}:key:{kid}", "name")) != "late"
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param({"org": "acme", "role": "member", "models": ""}, id="no-kid"),
+        pytest.param({"kid": "key_x", "role": "member"}, id="no-org"),
+        pytest.param({"kid": "key_x", "org": "acme"}, id="no-role"),
+        pytest.param({"kid": "key_x", "org": "acme", "role": "root"}, id="unknown-role"),
+        pytest.param({"kid": "key_x", "org": "acme", "role": "member", "models": "{"}, id="json"),
+        pytest.param({"kid": "key_x", "org": "acme", "role": "member", "models": "7"}, id="int"),
+        pytest.param({"kid": "key_x", "org": "a c}", "role": "member"}, id="bad-org-id"),
+    ],
+)
+async def test_a_malformed_index_entry_is_a_401_never_a_500(
+    proxy: Proxy, store: aioredis.Redis, index: dict[str, str]
+) -> None:
+    key = "sk-bp-malformed-index-entry"
+    await store.hset(digest_key(key), mapping=index)
+    assert await chat(proxy, key) == 401
+    status, body = await proxy.admin("GET", "/api/v1/keys", key=key)
+    assert status == 401, body
+    assert_error(body, "authentication_error", "invalid_api_key")
+
+
+# --- one rule for org ids and model names (issue 11 item 7) --------------------------------
+
+BAD_ORG_IDS = ["..%2Fx", "a%0Ab", "x" * 5000, "a%20b", "%F0%9F%94%91", "-leading-dash", "a:b"]
+
+
+@pytest.mark.parametrize("org_id", BAD_ORG_IDS, ids=lambda v: v[:16])
+async def test_an_org_id_outside_the_rule_is_a_400_and_never_registered(
+    proxy: Proxy, store: aioredis.Redis, org_id: str
+) -> None:
+    """``PUT /api/v1/orgs/{id}/limits`` registered ``../x``, ``a\\nb`` and 5,000 characters."""
+    for method, path, body, param in (
+        ("PUT", f"/api/v1/orgs/{org_id}/limits", {"rpm": 5}, "orgId"),
+        ("GET", f"/api/v1/orgs/{org_id}/limits", None, "orgId"),
+        ("GET", f"/api/v1/keys?org_id={org_id}", None, "org_id"),
+        ("PUT", f"/api/v1/llm/budgets/org/{org_id}", {"period": "daily"}, "orgId"),
+        ("GET", f"/api/v1/llm/budgets/org/{org_id}/events", None, "orgId"),
+        ("GET", f"/api/v1/webhooks/deliveries?org_id={org_id}", None, "org_id"),
+    ):
+        status, answer = await proxy.admin(method, path, body)
+        assert status == 400, (method, path, answer)
+        assert_error(answer, "invalid_request_error", "invalid_request", param)
+    assert await store.smembers("bp:orgs") == {"cluster"}  # only the bootstrap key's org
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_key_may_only_be_limited_to_models_that_exist(proxy: Proxy, method: str) -> None:
+    kid, _ = await proxy.create_key("acme")
+    path = "/api/v1/keys" if method == "POST" else f"/api/v1/keys/{kid}"
+    body: dict[str, Any] = {"models": ["gpt-4o", "gpt-5-imaginary"]}
+    if method == "POST":
+        body["org_id"] = "acme"
+    status, answer = await proxy.admin(method, path, body)
+    assert status == 400, answer
+    assert_error(answer, "invalid_request_error", "model_not_found", "models.1")
+    status, answer = await proxy.admin(method, path, {**body, "models": ["gpt-4o-latest"] * 3})
+    assert status in (200, 201), answer
+    assert answer["models"] == ["gpt-4o-latest"]  # aliases count; each name kept once

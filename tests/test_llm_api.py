@@ -23,6 +23,7 @@ from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.gateway.pricing import Price, cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
+from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import free_port
 from proxy.store.windows import windows_at
 
@@ -33,6 +34,7 @@ UPSTREAM_SECRET = "sk-upstream-secret"
 GPT_4O = Price(2_500_000_000, 1_250_000_000, 10_000_000_000, "config")
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
 MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+CHAT_PATH = "/v1/chat/completions"
 # Mock prompt tokens for MESSAGES: words + 4 per message + 3.
 MOCK_PROMPT = 5 + 4 + 3
 ERROR_FIELDS = {"message", "type", "code", "param"}
@@ -245,6 +247,31 @@ async def test_streamed_chat_with_include_usage_false_hides_the_usage_chunk(
     await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
 
 
+async def test_streamed_chat_with_stream_options_null_is_charged_the_reported_usage(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+) -> None:
+    """Found by the hostile-input suite: next to ``"stream_options": null`` the proxy spliced
+    in its own ``stream_options``, a duplicate key; the upstream kept the last (null), sent
+    no usage, and the request was charged an estimate instead of its usage."""
+    kid, key = member
+    raw = json.dumps(
+        {"model": "gpt-4o", "messages": MESSAGES, "stream": True, "stream_options": None}
+    ).encode()
+    async with proxy.session.post(
+        proxy.url + CHAT_PATH,
+        data=raw,
+        headers={"Authorization": f"Bearer {key}", "x-mock-output-tokens": "4"},
+    ) as response:
+        assert response.status == 200
+        streamed = await response.read()
+    assert b'"usage":{' not in streamed  # the client did not ask for it
+    assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
+    await wait_settled(store, proxy, kid)
+    [record] = await usage_records(store)
+    assert record["reported"] is True
+    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
+
+
 async def test_streamed_chat_with_include_usage_gets_the_usage_chunk(
     proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
 ) -> None:
@@ -359,6 +386,42 @@ async def test_models_list_shows_only_allowed_models(proxy: Proxy) -> None:
     assert [m["id"] for m in admin_listing["data"]] == ["gpt-4o", "gpt-4o-latest"]
 
 
+async def test_models_retrieve_answers_for_models_the_key_may_use(proxy: Proxy) -> None:
+    """Issue 11 item 7: ``GET /v1/models/{id}`` (the SDKs' ``models.retrieve``) was a 404."""
+    _, key = await proxy.create_key(ORG, models=["gpt-4o"])
+    client = proxy.openai(key)
+    model = await client.models.retrieve("gpt-4o-latest")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o-latest", "model", "mock")
+    for hidden in ("gpt-4o-mini", "no-such-model"):  # not allowed, and unknown: alike
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.models.retrieve(hidden)
+        assert_error(caught.value.body and {"error": caught.value.body}, "invalid_request_error",
+                     "model_not_found", "model")  # fmt: skip
+    status, body, _ = await raw_post(proxy, "/api/v1/llm/models/gpt-4o", b"", key, method="GET")
+    assert (status, body["id"]) == (200, "gpt-4o")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "text-embedding-3-small", "messages": MESSAGES}),
+        ("/v1/completions", {"model": "text-embedding-3-small", "prompt": "hi"}),
+        ("/v1/responses", {"model": "text-embedding-3-small", "input": "hi"}),
+        ("/v1/embeddings", {"model": "gpt-4o", "input": "hi"}),
+    ],
+)
+async def test_a_model_serves_only_the_endpoints_of_its_kind(
+    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis, path: str, body: Any
+) -> None:
+    """Issue 11 item 7: an embedding model on chat answered 200."""
+    _, key = member
+    status, answer, _ = await raw_post(proxy, path, body, key)
+    assert status == 400, answer
+    assert_error(answer, "invalid_request_error", "model_not_supported", "model")
+    await nothing_charged(store)
+    assert len(proxy.received()) == 0
+
+
 # --- upstream credential -------------------------------------------------------------------
 
 
@@ -387,6 +450,49 @@ async def test_upstream_gets_its_own_credential_never_the_clients(
     raw = [chunk.model_dump_json() async for chunk in stream]
     assert all(UPSTREAM_SECRET not in chunk for chunk in raw)
     assert proxy.received()[-1].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
+
+
+CREDENTIAL_HEADERS = (
+    "x-api-key",
+    "anthropic-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "proxy-authorization",
+    "cookie",
+)
+
+
+async def test_only_headers_the_upstream_reads_are_forwarded(
+    proxy: Proxy, member: tuple[str, str]
+) -> None:
+    """Issue 11 item 5: a deny-list let the client's proxy key go upstream in the header an SDK
+    for another provider puts it in. Now an allow-list: accept, user-agent, openai-beta (and
+    the upstream's configured ``forward_headers``, here the mock's ``x-mock-*``)."""
+    _, key = member
+    headers = {name: f"Bearer {key}" for name in CREDENTIAL_HEADERS}
+    headers.update(
+        {
+            "OpenAI-Organization": "org-client",
+            "OpenAI-Project": "proj-client",
+            "X-Stainless-Lang": "python",
+            "X-Custom-Trace": key,
+            "User-Agent": "OpenAI/Python 3.57.0",
+            "OpenAI-Beta": "assistants=v2",
+            "Accept": "application/json",
+            "x-mock-output-tokens": "2",
+        }
+    )
+    status, _, _ = await raw_post(proxy, CHAT, GOOD, key, headers)
+    assert status == 200
+    sent = proxy.received()[-1].headers
+    assert all(key not in value for value in sent.values()), sent
+    assert set(sent) & {*CREDENTIAL_HEADERS, "openai-organization", "openai-project"} == set()
+    assert "x-stainless-lang" not in sent and "x-custom-trace" not in sent
+    assert sent["user-agent"] == "OpenAI/Python 3.57.0"
+    assert sent["openai-beta"] == "assistants=v2"
+    assert sent["accept"] == "application/json"
+    assert sent["x-mock-output-tokens"] == "2"
+    assert sent["authorization"] == f"Bearer {UPSTREAM_SECRET}"
 
 
 # --- partial and unreported usage ----------------------------------------------------------
@@ -447,7 +553,7 @@ async def production_runner(
     monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
     app = create_app(make_settings(str(mock_upstream.make_url("/v1"))), redis_url)
-    runner = web.AppRunner(app)
+    runner = GuardedAppRunner(app, ConnectionLimits.of(app[GATEWAY].settings.server))
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -591,6 +697,27 @@ GOOD = {"model": "gpt-4o", "messages": MESSAGES}
          "invalid_request_error", "invalid_request", "max_output_tokens"),
         ("unknown path", "/v1/chat/complete", GOOD, 404, "invalid_request_error",
          "unknown_url", None),
+        # Issue 11 item 3: a RecursionError in the JSON parser was a 500.
+        ("JSON nested 100,000 deep", CHAT, b"[" * 100_000 + b"]" * 100_000, 400,
+         "invalid_request_error", "invalid_request", None),
+        ("a field nested 129 deep", CHAT,
+         b'{"model": "gpt-4o", "messages": [], "metadata": ' + b"[" * 128 + b"]" * 128 + b"}",
+         400, "invalid_request_error", "invalid_request", None),
+        # Issue 11 item 4: priced on one value, forwarded with both.
+        ("duplicate max_tokens", CHAT,
+         b'{"model": "gpt-4o", "messages": [], "max_tokens": 100000, "max_tokens": 1}', 400,
+         "invalid_request_error", "duplicate_key", "max_tokens"),
+        ("duplicate model", CHAT,
+         b'{"model": "gpt-4o-mini", "model": "gpt-4o", "messages": []}', 400,
+         "invalid_request_error", "duplicate_key", "model"),
+        ("duplicate key in a message", CHAT,
+         b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "a", "content": "b"}]}',
+         400, "invalid_request_error", "duplicate_key", "content"),
+        ("escaped duplicate", CHAT,
+         b'{"model": "gpt-4o", "messages": [], "max_tokens": 9, "max\\u005ftokens": 1}', 400,
+         "invalid_request_error", "duplicate_key", "max_tokens"),
+        ("UTF-16 body", CHAT, json.dumps(GOOD).encode("utf-16"), 400,
+         "invalid_request_error", "invalid_request", None),
     ],
 )  # fmt: skip
 async def test_bad_input_is_refused_exactly_and_costs_nothing(
@@ -828,6 +955,8 @@ async def _leaky_upstream(request: web.Request) -> web.Response:
             "retry-after": "17",
             "set-cookie": "upstream-session=secret",
             "x-request-id": "upstream-req-1",
+            "openai-organization": "org-upstream-account",
+            "openai-project": "proj_upstream",
         },
     )  # fmt: skip
 
@@ -862,6 +991,9 @@ async def test_upstream_rate_limit_headers_are_not_passed_to_the_client(
     assert not any(name.startswith("x-ratelimit-") for name in lowered), lowered
     assert "retry-after" not in lowered
     assert "set-cookie" not in lowered
+    # Issue 11 item 5: the upstream account's identity stays with the proxy.
+    assert "openai-organization" not in lowered and "openai-project" not in lowered
+    assert "upstream-account" not in json.dumps(lowered) and "proj_" not in json.dumps(lowered)
     assert lowered.get("x-upstream-request-id") == "upstream-req-1"
     await charged_zero(store, proxy, kid)
 

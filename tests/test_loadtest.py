@@ -95,7 +95,11 @@ async def test_anthropic_messages_load_reconciles(
     proxy: Proxy = await start_proxy(
         upstreams=[
             UpstreamConfig(
-                name="claude", base_url=root, api_key_env="TEST_UPSTREAM_KEY", kind="anthropic"
+                name="claude",
+                base_url=root,
+                api_key_env="TEST_UPSTREAM_KEY",
+                kind="anthropic",
+                forward_headers=["x-mock-*"],
             )
         ],
         models=[ModelConfig(name="claude-sonnet-4-5", upstream="claude")],

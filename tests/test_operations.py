@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +27,9 @@ from conftest import (
     ADMIN_KEY,
     Proxy,
     ProxyProcess,
+    ProxyTestServer,
     eventually,
+    make_settings,
     start_proxy_process,
     usage_record,
     write_config,
@@ -302,7 +306,66 @@ async def test_metrics_token_guards_the_endpoint(
     assert {"llm_proxy_requests", "llm_proxy_admission_decisions"} <= families
 
 
+def non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_metrics_without_a_token_are_for_loopback_callers_only(
+    redis_url: str, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 5: a fresh proxy on a public interface answered anonymous callers with
+    every org id and its spend. Without a token, only loopback peers are answered now."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    monkeypatch.delenv("PROXY_METRICS_TOKEN", raising=False)
+    monkeypatch.setenv("TEST_PROXY_ADMIN_KEY", ADMIN_KEY)
+    app = create_app(make_settings(str(mock_upstream.make_url("/v1"))), redis_url)
+    server = ProxyTestServer(app, host="0.0.0.0")  # noqa: S104 - the point of the test
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            _, key = await create_key_at(session, f"http://127.0.0.1:{server.port}", "acme-corp")
+            await post_chat(session, f"http://127.0.0.1:{server.port}", key, chat_body())
+            async with session.get(f"http://{address}:{server.port}/metrics") as response:
+                raw = await response.read()
+                assert response.status == 403, raw
+                assert_openai_error(raw, "permission_error")
+                assert b"acme-corp" not in raw and b"llm_proxy" not in raw
+            text, _ = await scrape(session, f"http://127.0.0.1:{server.port}", None)
+            assert "acme-corp" in text  # a local scraper still sees everything
+    finally:
+        await server.close()
+
+
 # --- 2. access log ---------------------------------------------------------------------------
+
+
+async def test_a_streams_wait_for_the_upstream_is_upstream_time_not_overhead(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 9: the stream relay restarted its timer once the upstream's headers
+    came, so the upstream's 300 ms before its first byte was logged as the proxy's."""
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    _, key = await proxy.create_key("ops-timing")
+    latency = {"x-mock-latency-ms": "300", "x-request-id": "slow-stream"}
+    status, raw, _ = await post_chat(proxy.session, proxy.url, key, chat_body(3, True), latency)
+    assert status == 200, raw
+
+    async def line() -> dict[str, Any] | None:
+        found = [x for x in access_lines(caplog) if x["request_id"] == "slow-stream"]
+        return found[0] if found else None
+
+    logged = await eventually(line, what="the stream's access-log line")
+    assert logged["upstream_ms"] >= 300, logged
+    assert logged["overhead_ms"] < 300, logged
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -531,7 +594,7 @@ async def two_workers(
     """A ``serve --workers 2`` process, returned once both workers answer on the port."""
     config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
     log = tmp_path / "proxy.log"
-    running = await start_proxy_process(config, log, workers=2)
+    running = await start_proxy_process(config, log, workers=2, errors=tmp_path / "proxy.err")
     try:
         seen: set[str] = set()
         connector = aiohttp.TCPConnector(force_close=True)
@@ -609,6 +672,11 @@ async def test_two_workers_write_the_access_log(two_workers: ProxyProcess) -> No
         return set(sent) <= logged()
 
     await eventually(all_logged, within=2, what="access-log lines in the process output")
+    # Issue 11 item 9: on stdout, as documented; stderr holds diagnostics only.
+    assert two_workers.errors is not None
+    errors = two_workers.errors.read_text()
+    assert "PROXY_SECRET_KEY is not set" in errors  # a diagnostic: it goes to stderr
+    assert "request_id" not in errors and "ops-log-" not in errors
 
 
 def test_a_worker_freezes_what_start_up_built_out_of_the_collectors_reach() -> None:

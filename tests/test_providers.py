@@ -122,10 +122,23 @@ async def test_azure_v1_routes_carry_the_deployment_as_the_model(
     proxy: Proxy = await start_proxy(
         upstreams=[
             UpstreamConfig(
-                name="azure", base_url=root, api_key_env="AZURE_OPENAI_API_KEY", kind="azure"
+                name="azure",
+                base_url=root,
+                api_key_env="AZURE_OPENAI_API_KEY",
+                kind="azure",
+                forward_headers=["x-mock-*"],
             )
         ],
-        models=[ModelConfig(name="gpt-4o", upstream="azure", deployment="gpt4o-prod")],
+        models=[
+            ModelConfig(name="gpt-4o", upstream="azure", deployment="gpt4o-prod"),
+            ModelConfig(
+                name="text-embedding-3-small",
+                upstream="azure",
+                deployment="embed-prod",
+                encoding="cl100k_base",
+                kind="embedding",
+            ),
+        ],
     )
     _, key = await proxy.create_key("acme")
     client = proxy.openai(key)
@@ -134,5 +147,5 @@ async def test_azure_v1_routes_carry_the_deployment_as_the_model(
     assert (sent.path, sent.query) == ("/openai/v1/chat/completions", {})
     assert sent.body is not None and sent.body["model"] == "gpt4o-prod"
     assert sent.headers["api-key"] == "azure-secret"
-    await client.embeddings.create(model="gpt-4o", input="a b c")
+    await client.embeddings.create(model="text-embedding-3-small", input="a b c")
     assert proxy.received()[-1].path == "/openai/v1/embeddings"

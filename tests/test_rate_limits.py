@@ -770,7 +770,7 @@ async def test_admitted_answers_carry_rate_limit_headers(start_proxy: StartProxy
         assert answer.headers["x-ratelimit-limit-requests"] == "5"
         assert answer.headers["x-ratelimit-remaining-requests"] == str(remaining)
         assert answer.headers["x-ratelimit-reset-requests"] == reset
-        assert answer.headers["RateLimit-Policy"] == '"requests";q=5'
+        assert answer.headers["RateLimit-Policy"] == '"requests";q=5;w=60'
         seconds = math.ceil((1 + 0.875 * index) * 12)
         assert answer.headers["RateLimit"] == f'"requests";r={remaining};t={seconds}'
         assert "x-ratelimit-limit-tokens" not in answer.headers
@@ -784,6 +784,12 @@ async def test_admitted_answers_carry_rate_limit_headers(start_proxy: StartProxy
     assert refused.headers["x-ratelimit-limit-requests"] == "5"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert "Try again in 5s." in refused.error["message"]
+    # Issue 11 item 7: one meaning on admitted and refused answers. The reset is when the
+    # bucket is empty (4.375 requests drained at one per 12 s), not the retry time; the
+    # policy names its window on both.
+    assert refused.headers["x-ratelimit-reset-requests"] == "52.5s"
+    assert refused.headers["RateLimit-Policy"] == '"requests";q=5;w=60'
+    assert refused.headers["RateLimit"] == '"requests";r=0;t=53'
 
 
 async def test_no_rate_limit_headers_without_limits(start_proxy: StartProxy) -> None:
@@ -809,7 +815,7 @@ async def test_streamed_answers_carry_the_headers_too(start_proxy: StartProxy) -
     assert answer.headers["x-ratelimit-remaining-requests"] == "1"
     assert answer.headers["x-ratelimit-reset-requests"] == "500ms"
     assert answer.headers["x-ratelimit-limit-tokens"] == "5000"
-    assert answer.headers["RateLimit-Policy"] == '"requests";q=2, "tokens";q=5000;w=60'
+    assert answer.headers["RateLimit-Policy"] == '"requests";q=2;w=1, "tokens";q=5000;w=60'
     assert answer.headers["RateLimit"].startswith('"requests";r=1;t=1, "tokens";r=')
 
 

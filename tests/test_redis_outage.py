@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -175,3 +177,18 @@ async def test_settle_deferred_by_a_crash_lands_after_recovery(outage: Outage) -
         assert tokens == usage.total_tokens
     finally:
         await client.close()
+
+
+async def test_a_503_while_redis_is_down_is_recorded_as_store_unavailable(
+    outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 9: when the key lookup itself failed, the request was logged (and
+    counted) as decision ``auth``, as if the key had been wrong."""
+    caplog.set_level(logging.INFO, logger="llm_proxy.access")
+    _, key = await outage.create_key()  # never used: not in any authentication cache
+    await outage.crash_redis()
+    status, body = await outage.post("/v1/chat/completions", key, CHAT, **{"x-request-id": "r-1"})
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llm_proxy.access"]
+    [line] = [line for line in lines if line["request_id"] == "r-1"]
+    assert (line["status"], line["decision"]) == (503, "store_unavailable")

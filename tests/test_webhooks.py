@@ -15,6 +15,7 @@ import hmac
 import inspect
 import ipaddress
 import json
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from yarl import URL
 
 from proxy.admin.webhooks import TargetRefused, resolve_target
 from proxy.store.embedded_redis import free_port
+from proxy.store.secret_box import SecretBox, SecretKeyError, SecretUnavailable
 from tests.conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
 
 FAST: dict[str, Any] = {
@@ -419,6 +421,14 @@ async def test_internal_targets_are_refused_before_any_connection(
         ("http://0.0.0.0/hook", "unspecified address"),
         ("http://100.64.0.1/hook", "non-public address"),  # carrier-grade NAT
         ("ftp://93.184.216.34/hook", "only http and https"),
+        # Issue 11 item 8: IPv6 forms of refused IPv4 addresses, and site-local.
+        ("http://[2002:7f00:1::]/hook", "embedding 127.0.0.1, a loopback address"),  # 6to4
+        ("http://[2002:a9fe:a9fe::1]/", "embedding 169.254.169.254, a cloud metadata address"),
+        ("http://[2002:a00:1::1]/hook", "embedding 10.0.0.1, a private address"),
+        ("http://[fec0::1]/hook", "site-local address"),
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "embedding 127.0.0.1"),  # Teredo
+        ("http://[64:ff9b::a00:1]/hook", "embedding 10.0.0.1"),  # NAT64
+        ("http://[::7f00:1]/hook", "embedding 127.0.0.1"),  # IPv4-compatible
     ],
 )
 async def test_address_rules_refuse_internal_targets(url: str, reason: str) -> None:
@@ -431,6 +441,8 @@ async def test_allowed_networks_and_public_addresses_pass() -> None:
     allowed = [ipaddress.ip_network("10.0.0.0/8")]
     assert str(await resolve_target(URL("http://10.1.2.3/x"), allowed)) == "10.1.2.3"
     assert str(await resolve_target(URL("https://93.184.216.34/x"), [])) == "93.184.216.34"
+    public_6to4 = "2002:5db8:d822::1"  # 6to4 of 93.184.216.34
+    assert str(await resolve_target(URL(f"https://[{public_6to4}]/x"), [])) == public_6to4
     with pytest.raises(TargetRefused, match="metadata"):
         await resolve_target(URL("http://169.254.169.254/"), allowed)
 
@@ -628,3 +640,143 @@ async def test_delivery_of_a_killed_proxy_is_completed_once_by_another(
     client = redis.Redis.from_url(redis_url)
     assert client.zcard("bp:{o:acme}:outbox") == 0
     client.close()
+
+
+# --- secrets at rest (issue 11 item 5) -----------------------------------------------------
+
+SECRET_KEY = base64.b64encode(b"k" * 32).decode()
+OTHER_KEY = base64.b64encode(b"o" * 32).decode()
+
+
+def redis_text(redis_url: str) -> str:
+    """Every key name and every value of the test Redis, as one string."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    parts: list[str] = []
+    try:
+        for name in client.scan_iter("*"):
+            parts.append(name)
+            kind = client.type(name)
+            if kind == "hash":
+                parts += [f"{k}={v}" for k, v in client.hgetall(name).items()]
+            elif kind == "string":
+                parts.append(str(client.get(name)))
+            elif kind == "list":
+                parts += client.lrange(name, 0, -1)
+            elif kind == "zset":
+                parts += client.zrange(name, 0, -1)
+            elif kind == "set":
+                parts += list(client.smembers(name))
+            elif kind == "stream":
+                parts += [json.dumps(fields) for _, fields in client.xrange(name)]
+    finally:
+        client.close()
+    return "\n".join(parts)
+
+
+def verify(secret: str, hit: Hit) -> dict[str, Any]:
+    result: dict[str, Any] = Webhook(base64.b64encode(secret.encode()).decode()).verify(
+        hit.body, hit.headers
+    )
+    return result
+
+
+async def test_webhook_secrets_are_sealed_at_rest_and_still_sign(
+    start_proxy: Callable[..., Awaitable[Proxy]],
+    receivers: list[Receiver],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11 item 5: secrets were plain text in Redis (the budget, and every queued
+    delivery's copy of it). With PROXY_SECRET_KEY set, neither holds it; deliveries are signed
+    with it all the same."""
+    monkeypatch.setenv("PROXY_SECRET_KEY", SECRET_KEY)
+    proxy = await start_proxy(clock=TickingClock(), webhooks=FAST)
+    gate = asyncio.Event()
+
+    async def after_gate(hit: Hit, n: int) -> web.Response:
+        return web.Response(text="ok") if gate.is_set() else web.Response(status=503)
+
+    target = await receiver(receivers, after_gate)
+    key_id, _ = await key_with_spend(proxy)
+    event = await alert_now(proxy, key_id, target.url, SECRET)
+    await wait_for(lambda: target.hits, "a first (refused) attempt")
+    stored = redis_text(redis_url)
+    assert "webhook_secret_sealed" in stored  # in the budget and in the queued delivery
+    assert "s3cret" not in stored  # (JSON writes the rest of it as \\u escapes)
+    gate.set()
+    await settled(proxy, event["id"], "delivered")
+    assert verify(SECRET, target.hits[-1])["event"]["id"] == event["id"]
+
+
+async def test_secrets_stored_before_a_key_was_set_are_sealed_at_the_next_start(
+    start_proxy: Callable[..., Awaitable[Proxy]],
+    receivers: list[Receiver],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.delenv("PROXY_SECRET_KEY", raising=False)
+    caplog.set_level(logging.WARNING)
+    old = await start_proxy(clock=TickingClock(), webhooks=FAST)
+    assert "PROXY_SECRET_KEY is not set" in caplog.text  # said at start-up
+    gate = asyncio.Event()
+
+    async def after_gate(hit: Hit, n: int) -> web.Response:
+        return web.Response(text="ok") if gate.is_set() else web.Response(status=503)
+
+    target = await receiver(receivers, after_gate)
+    key_id, _ = await key_with_spend(old)
+    event = await alert_now(old, key_id, target.url, SECRET)
+    await wait_for(lambda: target.hits, "a first (refused) attempt")
+    assert "s3cret" in redis_text(redis_url)  # plain text: no key was set
+    await old.server.close()  # its deliverer stops too
+
+    monkeypatch.setenv("PROXY_SECRET_KEY", f"{SECRET_KEY},{OTHER_KEY}")
+    new = await start_proxy(clock=TickingClock(), webhooks=FAST)
+    assert "s3cret" not in redis_text(redis_url)  # the budget and the queued delivery, sealed
+    gate.set()
+    await settled(new, event["id"], "delivered")
+    assert verify(SECRET, target.hits[-1])["event"]["id"] == event["id"]
+
+
+async def test_a_secret_that_cannot_be_opened_is_never_sent_unsigned(
+    start_proxy: Callable[..., Awaitable[Proxy]],
+    receivers: list[Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXY_SECRET_KEY", SECRET_KEY)
+    sealer = await start_proxy(webhooks={**FAST, "poll_seconds": 3600})  # never gets to deliver
+    target = await receiver(receivers)
+    key_id, _ = await key_with_spend(sealer)
+    event = await alert_now(sealer, key_id, target.url, SECRET)
+    await sealer.server.close()
+    monkeypatch.setenv("PROXY_SECRET_KEY", OTHER_KEY)  # the sealing key is gone
+    proxy = await start_proxy(clock=TickingClock(), webhooks=FAST)
+
+    async def errored() -> dict[str, Any] | None:
+        record = await delivery_of(proxy, event["id"])
+        return record if record["last_error"] else None
+
+    record = await wait_for(errored, "an attempt that could not open the secret")
+    assert record["status"] == "pending"  # retried: the key may be restored
+    assert "secret cannot be opened" in record["last_error"]
+    assert target.hits == []  # never sent unsigned
+
+
+def test_the_secret_key_must_be_32_bytes_of_base64() -> None:
+    for bad in ("short", base64.b64encode(b"x" * 31).decode(), "not base64 at all!" * 3):
+        with pytest.raises(SecretKeyError):
+            SecretBox.from_env({"PROXY_SECRET_KEY": bad})
+    assert SecretBox.from_env({}) is None
+    new, old = (
+        SecretBox.from_env({"PROXY_SECRET_KEY": f"{OTHER_KEY},{SECRET_KEY}"}),
+        (SecretBox.from_env({"PROXY_SECRET_KEY": SECRET_KEY})),
+    )
+    assert new is not None and old is not None
+    sealed = old.seal(SECRET)
+    assert SECRET not in sealed and old.seal(SECRET) != sealed  # a fresh nonce each time
+    assert new.open(sealed) == SECRET  # rotation: the new list still opens old values
+    with pytest.raises(SecretUnavailable):
+        SecretBox.from_env({"PROXY_SECRET_KEY": OTHER_KEY}).open(sealed)  # type: ignore[union-attr]
+    with pytest.raises(SecretUnavailable):
+        old.open(sealed[:-4] + "AAAA")  # altered

@@ -4,8 +4,19 @@ so one org cannot learn another's ids."""
 
 from __future__ import annotations
 
-from proxy.errors import forbidden, not_found
+from proxy.errors import bad_request, forbidden, not_found
+from proxy.store.connection import valid_id
 from proxy.store.keys import Identity, KeyRecord, KeyStore
+
+ORG_ID_RULE = "1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def org_id_param(value: str, param: str) -> str:
+    """An org id from a path or query; 400 naming ``param`` when it cannot be one (ids become
+    part of Redis key names, so ``../x``, ``a\nb`` or 5,000 characters are never registered)."""
+    if not valid_id(value):
+        raise bad_request(f"'{param}' must be {ORG_ID_RULE}.", param=param)
+    return value
 
 
 def require_admin(identity: Identity) -> None:

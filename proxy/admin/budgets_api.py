@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.access import find_key, sees_org
+from proxy.admin.access import find_key, org_id_param, sees_org
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
@@ -28,6 +28,7 @@ async def _target(gw: Gateway, caller: Identity, scope: Scope, scope_id: str, wr
             raise forbidden("Only org or cluster admins can change budgets.")
         record = await find_key(gw.keys, caller, scope_id)
         return record.org_id
+    org_id_param(scope_id, "orgId")
     if not sees_org(caller, scope_id) or scope_id not in await gw.keys.orgs():
         raise not_found(f"No org '{scope_id}'.")
     if caller.role == "member":

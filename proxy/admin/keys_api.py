@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.access import find_key, require_admin, sees_org
+from proxy.admin.access import find_key, org_id_param, require_admin, sees_org
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
@@ -23,11 +23,27 @@ def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
         raise forbidden("Org admins cannot change or revoke cluster_admin keys.")
 
 
+def _known_models(gw: Gateway, models: list[str]) -> list[str]:
+    """A key's allow-list names configured models, aliases or patterns only (each once): a
+    name no route knows would allow nothing, or something else once such a model is configured."""
+    for index, name in enumerate(models):
+        if not gw.routes.names(name):
+            shown = name[:100]
+            raise bad_request(
+                f"Unknown model '{shown}' in 'models': not a configured model or alias.",
+                param=f"models.{index}",
+                code="model_not_found",
+            )
+    return list(dict.fromkeys(models))
+
+
 async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
     require_admin(caller)
     spec = parse_body(KeyCreate, await read_json(request))
+    if spec.models is not None:
+        spec.models = _known_models(gw, spec.models)
     org_id = spec.org_id or caller.org_id
     if caller.role == "org_admin":
         if org_id != caller.org_id:
@@ -45,6 +61,8 @@ async def list_keys(request: web.Request) -> web.Response:
     caller = await gw.auth.identify(request)
     require_admin(caller)
     wanted = request.query.get("org_id")
+    if wanted is not None:
+        org_id_param(wanted, "org_id")
     if caller.role == "cluster_admin":
         orgs = [wanted] if wanted else await gw.keys.orgs()
     else:
@@ -77,12 +95,16 @@ async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyReco
 async def update_key(request: web.Request) -> web.Response:
     gw, caller, record = await _managed_key(request)
     change = parse_body(KeyUpdate, await read_json(request))
+    if change.models is not None:
+        change.models = _known_models(gw, change.models)
     if caller.role == "org_admin" and change.role == "cluster_admin":
         raise forbidden("Org admins cannot grant cluster_admin.")
     if record.status != "active":
         raise bad_request("A revoked key cannot be changed.", code="key_revoked")
     updated = await gw.keys.update(record, change)
     gw.auth.forget()
+    if updated is None:
+        raise bad_request("A revoked key cannot be changed.", code="key_revoked")
     return web.json_response(updated.public())
 
 
@@ -96,7 +118,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def get_org_limits(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
-    org_id = request.match_info["orgId"]
+    org_id = org_id_param(request.match_info["orgId"], "orgId")
     require_admin(caller)
     if not sees_org(caller, org_id):
         raise not_found(f"No org '{org_id}'.")
@@ -108,7 +130,7 @@ async def put_org_limits(request: web.Request) -> web.Response:
     """Cluster admins only: an org's limits protect the cluster from the org."""
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
-    org_id = request.match_info["orgId"]
+    org_id = org_id_param(request.match_info["orgId"], "orgId")
     require_admin(caller)
     if not sees_org(caller, org_id):
         raise not_found(f"No org '{org_id}'.")

@@ -8,7 +8,8 @@ entry in the same atomic step as the event. Every proxy process runs one backgro
 Redis keys (all under the org's hash tag, so this works on Redis Cluster):
 
 * ``bp:{o:<org>}:outbox`` — ZSET event id → when the entry may next be claimed (ms).
-* ``bp:{o:<org>}:wh:<event id>`` — HASH: event, budget (raw JSON, secret included), status
+* ``bp:{o:<org>}:wh:<event id>`` — HASH: event, budget (raw JSON, with its webhook secret
+  sealed when ``PROXY_SECRET_KEY`` is set, see ``proxy.store.secret_box``), status
   (``pending`` | ``delivered`` | ``failed``), attempts, created_ms, last_error,
   last_attempt_ms, delivered_ms, and the current claim (claim_token, claimed_by,
   claimed_until). Finished records expire after ``record_ttl_hours``.
@@ -27,8 +28,10 @@ while the sender died before recording it gets the event again, under the same i
 Safety: only http(s); the host is resolved here and the connection goes to the address that
 was checked (no DNS-rebinding window). Loopback, private, link-local, multicast, reserved,
 unspecified and cloud-metadata addresses are refused — a permanent failure — unless inside
-``webhooks.allow_private_targets``. Redirects are not followed (a 3xx is a failed attempt),
-proxies from the environment are ignored, and at most 4 KiB of the answer is read.
+``webhooks.allow_private_targets``; so are IPv6 addresses that embed a refused IPv4 address
+(IPv4-mapped and -compatible, 6to4, Teredo, NAT64) and deprecated site-local ones (fec0::/10).
+Redirects are not followed (a 3xx is a failed attempt), proxies from the environment are
+ignored, and at most 4 KiB of the answer is read.
 
 Verifying a delivery (receiver side, Standard Webhooks; the key is the UTF-8 bytes of the
 budget's ``webhook_secret``)::
@@ -72,13 +75,14 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from proxy.admin.access import require_admin
+from proxy.admin.access import org_id_param, require_admin
 from proxy.config import WebhookConfig
 from proxy.errors import bad_request, not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.store.budgets import Spend, public
-from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix, valid_id
+from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
+from proxy.store.secret_box import SecretUnavailable
 from proxy.store.windows import iso_millis
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,8 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class TargetRefused(Exception):
@@ -142,10 +148,30 @@ def backoff_seconds(attempts: int, config: WebhookConfig) -> float:
 # --- target checks -------------------------------------------------------------------------
 
 
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address reaches or stands for: 6to4 (2002::/16), Teredo
+    (2001::/32: server and client), NAT64 (64:ff9b::/96) and IPv4-compatible (::/96)."""
+    found: list[ipaddress.IPv4Address] = []
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in NAT64_PREFIX or (address in IPV4_COMPATIBLE and int(address) > 1):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
 def _refusal(address: IPAddress) -> str | None:
     """Why this address is not a public unicast one; None when it is."""
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "a site-local address (fec0::/10, deprecated)"
+        for inner in _embedded_ipv4(address):
+            why = _refusal(inner)
+            if why is not None:
+                return f"an IPv6 address embedding {inner}, {why}"
     checks = (
         ("loopback", address.is_loopback),
         ("unspecified", address.is_unspecified),
@@ -358,6 +384,10 @@ class Deliverer:
                 status = await self._send(claim, url, event, budget)
         except TargetRefused as exc:
             return str(exc)[:ERROR_MAX_CHARS], True
+        except SecretUnavailable as exc:
+            # Never sent unsigned; retried, as the key may yet be restored.
+            log.warning("webhook %s: its secret cannot be opened: %s", claim.event_id, exc)
+            return f"webhook secret cannot be opened: {exc}"[:ERROR_MAX_CHARS], False
         except TimeoutError:
             return f"timed out after {self._config.total_timeout_seconds:g} s", False
         except socket.gaierror as exc:
@@ -391,10 +421,9 @@ class Deliverer:
             "webhook-id": claim.event_id,
             "webhook-timestamp": str(timestamp),
         }
-        if budget.get("webhook_secret"):
-            headers["webhook-signature"] = sign(
-                budget["webhook_secret"], claim.event_id, timestamp, body
-            )
+        secret = self._gw.budgets.webhook_secret(budget)
+        if secret:
+            headers["webhook-signature"] = sign(secret, claim.event_id, timestamp, body)
         async with self._session.post(
             url.with_host(str(address)).with_fragment(None),
             data=body,
@@ -525,10 +554,10 @@ async def list_deliveries(request: web.Request) -> web.Response:
     require_admin(caller)
     status, limit = _list_params(request)
     wanted = request.query.get("org_id")
-    if wanted is not None and (
-        not valid_id(wanted) or (caller.role != "cluster_admin" and wanted != caller.org_id)
-    ):
-        raise not_found(f"No org '{wanted}'.")
+    if wanted is not None:
+        org_id_param(wanted, "org_id")
+        if caller.role != "cluster_admin" and wanted != caller.org_id:
+            raise not_found(f"No org '{wanted}'.")
     if caller.role == "cluster_admin":
         orgs = [wanted] if wanted is not None else await gw.keys.orgs()
     else:

@@ -3,6 +3,12 @@
 Rate-limit headers follow OpenAI (``x-ratelimit-*``, resets written like ``1s``, ``6m0s``,
 ``12ms``) and the IETF draft (``RateLimit-Policy`` / ``RateLimit``), for the tightest limit.
 Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying.
+
+One meaning on admitted and refused answers alike: ``x-ratelimit-reset-*`` and the ``t`` of
+``RateLimit`` are the time until the limit's bucket has drained completely (the whole limit
+is available again), as OpenAI defines them; ``Retry-After`` / ``retry-after-ms`` (refusals
+only) the time until this request would be admitted. ``RateLimit-Policy`` always carries the
+limit's window as ``w`` (seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
 from proxy.store.windows import Period, Windows
 
 _WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400, "tpm": 60}
+_REQUEST_WINDOWS_MS = (1000, 60_000, 3_600_000, 86_400_000)
 _LIMIT_WORDS = {
     "rps": "requests per second",
     "rpm": "requests per minute",
@@ -45,6 +52,26 @@ def nano_to_major(nano: int) -> str:
     return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
+def request_window_ms(limit: int, remaining: int, reset_ms: int) -> int | None:
+    """Which window (per second, minute, hour or day) the tightest request limit of an
+    admission has, read back from what the admit script reports about its bucket.
+
+    After the request the bucket holds ``after`` requests (at least 1), with
+    ``remaining = floor(limit - after)`` and ``reset_ms = ceil(after * window / limit)``. The
+    windows differ by 24x or more, and ``after`` is known within a factor of 2, so at most
+    one window fits; None when none does (then the policy goes without ``w``).
+    """
+    low, high = max(limit - remaining - 1, 1), limit - remaining
+    slack = 1e-9 * max(limit, 1)
+    fits = [
+        window
+        for window in _REQUEST_WINDOWS_MS
+        if (reset_ms - 1) * limit / window <= high + slack
+        and reset_ms * limit / window >= low - slack
+    ]
+    return fits[0] if len(fits) == 1 else None
+
+
 def admitted_headers(decision: Admitted) -> dict[str, str]:
     headers: dict[str, str] = {}
     policy: list[str] = []
@@ -55,7 +82,11 @@ def admitted_headers(decision: Admitted) -> dict[str, str]:
         headers["x-ratelimit-remaining-requests"] = str(max(decision.request_remaining, 0))
         headers["x-ratelimit-reset-requests"] = reset
         seconds = math.ceil(decision.request_reset_ms / 1000)
-        policy.append(f'"requests";q={decision.request_limit}')
+        window = request_window_ms(
+            decision.request_limit, decision.request_remaining, decision.request_reset_ms
+        )
+        w = f";w={window // 1000}" if window else ""
+        policy.append(f'"requests";q={decision.request_limit}{w}')
         state.append(f'"requests";r={max(decision.request_remaining, 0)};t={seconds}')
     if decision.token_limit is not None:
         headers["x-ratelimit-limit-tokens"] = str(decision.token_limit)
@@ -110,7 +141,9 @@ def anthropic_ratelimit_headers(decision: Admitted | RateLimited, now: float) ->
     return headers
 
 
-def rate_limited_error(decision: RateLimited) -> ApiError:
+def rate_limited_error(decision: RateLimited, cost: int = 1) -> ApiError:
+    """``cost``: what the refused request would have taken from the limit (1 request, or its
+    reserved tokens for ``tpm``), to tell when the bucket is whole again."""
     words = _LIMIT_WORDS.get(decision.limit_name, decision.limit_name)
     kind = "tokens" if decision.limit_name == "tpm" else "requests"
     who = "API key" if decision.scope == "key" else "organization"
@@ -133,17 +166,27 @@ def rate_limited_error(decision: RateLimited) -> ApiError:
         headers["x-should-retry"] = "true" if retry_s <= _MAX_USEFUL_RETRY_SECONDS else "false"
     if decision.limit_name in _WINDOW_SECONDS:
         suffix = "tokens" if kind == "tokens" else "requests"
+        window_s = _WINDOW_SECONDS[decision.limit_name]
+        full_ms = _drained_ms(decision, cost, window_s * 1000)
         headers[f"x-ratelimit-limit-{suffix}"] = str(decision.limit)
         headers[f"x-ratelimit-remaining-{suffix}"] = "0"
-        if decision.retry_after_ms >= 0:
-            headers[f"x-ratelimit-reset-{suffix}"] = openai_duration(decision.retry_after_ms)
-            seconds = math.ceil(decision.retry_after_ms / 1000)
-            window = f";w={_WINDOW_SECONDS[decision.limit_name]}"
-            headers["RateLimit-Policy"] = f'"{suffix}";q={decision.limit}{window}'
-            headers["RateLimit"] = f'"{suffix}";r=0;t={seconds}'
+        headers[f"x-ratelimit-reset-{suffix}"] = openai_duration(full_ms)
+        headers["RateLimit-Policy"] = f'"{suffix}";q={decision.limit};w={window_s}'
+        headers["RateLimit"] = f'"{suffix}";r=0;t={math.ceil(full_ms / 1000)}'
     return ApiError(
         429, message, type=kind, code="rate_limit_exceeded", param=None, headers=headers
     )
+
+
+def _drained_ms(decision: RateLimited, cost: int, window_ms: int) -> int:
+    """Until the bucket is empty. The script's retry time is when ``cost`` more fits, i.e.
+    when the level has drained to ``limit - cost``; draining that much more takes
+    ``(limit - cost) * window / limit``. A request that never fits (cost above the limit)
+    has no retry time: the level itself, rounded up to whole units, is drained instead."""
+    limit = max(decision.limit, 1)
+    if decision.retry_after_ms >= 0 and cost <= limit:
+        return decision.retry_after_ms + math.ceil((limit - cost) * window_ms / limit)
+    return math.ceil(max(decision.current, 0) * window_ms / limit)
 
 
 def _period_of(window: str) -> Period:

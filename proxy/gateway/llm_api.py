@@ -19,7 +19,7 @@ from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import bearer_token
 from proxy.gateway.decisions import admitted_headers
 from proxy.gateway.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
-from proxy.gateway.model_routes import ModelRoute
+from proxy.gateway.model_routes import ModelRoute, UnpricedModel
 from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY, Gateway
@@ -55,8 +55,10 @@ def _upstream_body(
         if not (options or {}).get("include_usage"):
             strip_usage = True
             opening = raw.lstrip()
-            if options is None and same_model and opening.startswith(b"{"):
+            if "stream_options" not in body and same_model and opening.startswith(b"{"):
                 # Splice instead of re-encoding: a long prompt's body is not serialised twice.
+                # Only when the key is absent: next to a "stream_options": null the spliced
+                # one would be a duplicate, and an upstream keeping the last sends no usage.
                 return _USAGE_OPTION + opening[1:], strip_usage
             body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
             changed = True
@@ -174,7 +176,9 @@ async def _forward(
         headers["x-upstream"] = exchange.upstream
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if upstream.status == 200 and is_sse:
-            return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
+            return await _relay_stream(
+                request, gw, exchange, upstream, headers, strip_usage, sent_at
+            )
         try:
             data = await upstream.read()
         except UpstreamTimeout as exc:
@@ -211,11 +215,13 @@ async def _relay_stream(
     upstream: Response,
     headers: Any,
     strip_usage: bool,
+    sent_at: float,
 ) -> web.StreamResponse:
+    """``sent_at``: when the request went upstream; the wait for its first bytes is the
+    upstream's time, not the proxy's overhead."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
     meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage)
-    sent_at = time.perf_counter()
     try:
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
@@ -275,8 +281,30 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): one model this key may use."""
+    gw = request.app[GATEWAY]
+    identity = await gw.auth.identify(request)
+    name = request.match_info["model"]
+    try:
+        route = gw.routes.get(name)
+    except UnpricedModel:
+        route = None
+    if route is None or not any(
+        identity.may_use(allowed) for allowed in (name, route.name, route.entry)
+    ):
+        raise ApiError(
+            404,
+            f"The model '{name[:200]}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    return web.json_response(route.listing(name))
+
+
 def add_routes(app: web.Application) -> None:
     for prefix in ("/v1", "/api/v1/llm"):
         for endpoint in ENDPOINTS:
             app.router.add_post(f"{prefix}/{endpoint}", llm_handler(endpoint))
         app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)

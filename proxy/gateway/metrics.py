@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import os
 from typing import Any
 
@@ -93,16 +94,39 @@ def _registry() -> CollectorRegistry | None:
     return registry
 
 
+def _from_loopback(request: web.Request) -> bool:
+    """The TCP peer itself (never X-Forwarded-For, which any client can write)."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def add_routes(app: web.Application, config: MetricsConfig) -> None:
+    """``/metrics`` labels spend by org, so it is never anonymous on a network: with a token
+    configured it needs the token; without one it answers loopback callers only (a scraper on
+    the same host, or behind a sidecar) and 403 to everyone else."""
     token = os.environ.get(config.token_env) if config.token_env else None
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
+                given.strip().encode("utf-8", "surrogateescape"), token.encode()
             ):
                 raise ApiError(401, "Metrics need the metrics token.", type="authentication_error")
+        elif not _from_loopback(request):
+            raise ApiError(
+                403,
+                "Metrics are served to loopback callers only; set "
+                f"{config.token_env or '[metrics] token_env'} to scrape them over the network "
+                "with that token.",
+                type="permission_error",
+                code="metrics_token_required",
+            )
         registry = _registry()
         body = generate_latest(registry) if registry is not None else generate_latest()
         response = web.Response(body=body)

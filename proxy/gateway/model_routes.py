@@ -91,6 +91,15 @@ class ModelTable(Mapping[str, ModelRoute]):
                 return route
         raise KeyError(name)
 
+    def names(self, name: str) -> bool:
+        """Whether a key's model allow-list may name this: a configured name or alias, a
+        pattern itself, or a name a pattern matches (pricing it is not needed to allow it)."""
+        if name in self._exact:
+            return True
+        return any(
+            name == model.name or fnmatch.fnmatchcase(name, model.name) for model in self._patterns
+        )
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._exact)
 

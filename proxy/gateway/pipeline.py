@@ -30,6 +30,13 @@ from proxy.gateway.state import GATEWAY, Gateway
 from proxy.store.keys import Identity
 
 _MAX_ON_BEHALF_OF = 256
+# A model serves the endpoints of its kind only (an embedding model on chat answered 200).
+_KIND_ENDPOINTS = {
+    "chat": frozenset(
+        {"chat/completions", "completions", "responses", "messages", "messages/count_tokens"}
+    ),
+    "embedding": frozenset({"embeddings"}),
+}
 _OTHER_ROUTE = {
     "anthropic": "it is served over Anthropic's Messages API: use POST /v1/messages",
     "openai": "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses",
@@ -120,7 +127,7 @@ def on_behalf_of(request: web.Request) -> str | None:
 
 
 def model_route(
-    gw: Gateway, body: dict[str, Any], identity: Identity, protocol: ApiProtocol
+    gw: Gateway, body: dict[str, Any], identity: Identity, protocol: ApiProtocol, endpoint: str
 ) -> ModelRoute:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -144,6 +151,13 @@ def model_route(
             code="model_not_allowed",
             param="model",
         )
+    if endpoint not in _KIND_ENDPOINTS.get(route.kind, frozenset()):
+        raise ApiError(
+            400,
+            f"The model '{model}' is a {route.kind} model and is not served on {endpoint}.",
+            code="model_not_supported",
+            param="model",
+        )
     if route.protocol != protocol:
         raise bad_request(
             f"The model '{model}' is not available on this endpoint: "
@@ -163,7 +177,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
     body = await read_json(request)
-    route = model_route(gw, body, identity, dialect.protocol)
+    route = model_route(gw, body, identity, dialect.protocol, endpoint)
     outcome["model"] = route.name
     reservation = await dialect.reserve(request, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
@@ -214,7 +228,9 @@ async def _admit(
         raise store_unavailable() from None
     if isinstance(decision, RateLimited):
         outcome["decision"] = f"rate_limit_{decision.limit_name}"
-        error = rate_limited_error(decision)
+        error = rate_limited_error(
+            decision, reservation.tokens if decision.limit_name == "tpm" else 1
+        )
         error.headers.update(dialect.refusal_headers(decision, gw.clock()))
         raise error
     if isinstance(decision, BudgetRefused):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -17,7 +18,25 @@ from aiohttp.typedefs import Handler
 from proxy.gateway import metrics
 from proxy.gateway.request_context import OUTCOME, REQUEST_ID, new_request_id
 
-log = logging.getLogger("llm_proxy.access")
+ACCESS_LOGGER = "llm_proxy.access"
+log = logging.getLogger(ACCESS_LOGGER)
+
+
+def configure_logging(level: int | str) -> None:
+    """For a process of the proxy: diagnostics go to stderr, the access log (one JSON line per
+    request, data for log shippers) to stdout, each line once."""
+    logging.basicConfig(level=level, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_access)
+    if not any(getattr(h, "llm_proxy_access", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.llm_proxy_access = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+
+
+def _not_access(record: logging.LogRecord) -> bool:
+    return record.name != ACCESS_LOGGER
 
 
 def _request_id(request: web.Request) -> str:

@@ -4,6 +4,7 @@ server-sent events relayed as they arrive without buffering the stream.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from multidict import CIMultiDict
@@ -20,14 +21,33 @@ from proxy.providers.http_client import (
     UpstreamTimeout,
 )
 
-# Never forwarded upstream: hop-by-hop headers, the client's credential and identity headers
-# that belong to the client's own provider account, and the framing headers the proxy sets itself.
-_DROP_REQUEST = frozenset(
+# Request headers go upstream by an allow-list: only what the upstream's API reads. A deny-list
+# let a client's proxy key through in whatever header its SDK uses for another provider
+# (x-api-key, anthropic-api-key, x-goog-api-key, ...).
+FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
+    "openai": frozenset({"accept", "user-agent", "openai-beta"}),
+    "azure": frozenset({"accept", "user-agent", "openai-beta"}),
+    "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}),
+}
+# Never forwarded, whatever an operator's ``forward_headers`` pattern matches: credentials,
+# the client's own provider account, hop-by-hop and framing headers the proxy sets itself.
+NEVER_FORWARDED = frozenset(
     {
+        "authorization",
+        "proxy-authorization",
+        "api-key",
+        "x-api-key",
+        "anthropic-api-key",
+        "x-goog-api-key",
+        "anthropic-version",  # set per upstream (kinds.credential_headers)
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "x-on-behalf-of",
+        "x-request-id",
         "connection",
         "keep-alive",
         "proxy-authenticate",
-        "proxy-authorization",
         "proxy-connection",
         "te",
         "trailer",
@@ -36,21 +56,13 @@ _DROP_REQUEST = frozenset(
         "upgrade",
         "host",
         "content-length",
-        "authorization",
-        "api-key",
-        "x-api-key",  # an Anthropic client's proxy key
-        "anthropic-version",  # set per upstream (kinds.credential_headers)
-        "cookie",
-        "openai-organization",
-        "openai-project",
-        "x-on-behalf-of",
-        "x-request-id",
-        "accept-encoding",
         "content-type",
+        "accept-encoding",
         "expect",
     }
 )
-# Never passed back: hop-by-hop, framing the proxy redoes, and the upstream account's limits.
+# Never passed back: hop-by-hop, framing the proxy redoes, the upstream account's identity and
+# its own limits.
 _DROP_RESPONSE = frozenset(
     {
         "connection",
@@ -64,6 +76,9 @@ _DROP_RESPONSE = frozenset(
         "server",
         "x-request-id",
         "trailer",
+        "openai-organization",
+        "openai-project",
+        "anthropic-organization-id",
     }
 )
 _DROP_RESPONSE_PREFIXES = (
@@ -75,12 +90,31 @@ _DROP_RESPONSE_PREFIXES = (
 )
 
 
+@functools.lru_cache(maxsize=64)
+def _forwarding(kind: str, extra: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(exact names, name prefixes) of the request headers an upstream receives."""
+    names = set(FORWARDED_BY_KIND.get(kind, frozenset()))
+    prefixes: list[str] = []
+    for pattern in extra:
+        pattern = pattern.lower()
+        if pattern.endswith("*"):
+            prefixes.append(pattern[:-1])
+        else:
+            names.add(pattern)
+    return frozenset(names - NEVER_FORWARDED), tuple(prefixes)
+
+
 def upstream_headers(
     client_headers: Mapping[str, str], upstream: UpstreamConfig
 ) -> list[tuple[str, str]]:
-    headers = [
-        (name, value) for name, value in client_headers.items() if name.lower() not in _DROP_REQUEST
-    ]
+    names, prefixes = _forwarding(upstream.kind, tuple(upstream.forward_headers))
+    headers = []
+    for name, value in client_headers.items():
+        lower = name.lower()
+        if lower in names or (
+            prefixes and lower.startswith(prefixes) and lower not in NEVER_FORWARDED
+        ):
+            headers.append((name, value))
     headers.append(("Content-Type", "application/json"))
     headers.append(("Accept-Encoding", "identity"))
     headers.extend(kinds.credential_headers(upstream, client_headers))

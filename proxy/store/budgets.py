@@ -4,11 +4,16 @@ A budget is stored as one JSON value in its org's ``budgets`` hash, under the fi
 ``k:<key id>:<owner>`` or ``o:<owner>``. Besides the contract's fields it carries what the Lua
 scripts compare against, precomputed here in exact decimal arithmetic: each threshold's line
 and the block line, as integers in the budget's unit (nano-units for cost, tokens for tokens).
+
+Its webhook secret is sealed (``webhook_secret_sealed``, see ``proxy.store.secret_box``) when
+``PROXY_SECRET_KEY`` is set, else kept in ``webhook_secret`` as before. The scripts copy the
+budget's JSON into each queued delivery, so deliveries carry the secret as the budget does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -16,22 +21,34 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from proxy.store.connection import LuaScript, Redis, org_prefix
+from proxy.store.secret_box import SecretBox, open_sealed
 from proxy.store.windows import Period, Windows, iso_millis
+
+log = logging.getLogger(__name__)
 
 NANO = 1_000_000_000
 Scope = Literal["apikey", "org"]
 Owner = Literal["cluster", "org"]
 OWNERS: tuple[Owner, ...] = ("cluster", "org")
 PUT_BUDGET = LuaScript("store/budget_events.lua", "store/budget_put.lua")
+HASH_SWAP = LuaScript("store/hash_swap.lua")
+SEALED = "webhook_secret_sealed"
+
+
+# Lines are compared by Lua scripts, whose numbers are doubles: every line must be an integer
+# a double holds exactly. A cost line of 2**53 - 1 nano-units is 9,007,199.25 currency units.
+MAX_LINE = 2**53 - 1
+# Scripts write a threshold's pct into events with cjson (14 significant digits).
+MAX_PCT = 1_000_000_000
 
 
 class Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    pct: StrictInt = Field(gt=0)
+    pct: StrictInt = Field(gt=0, le=MAX_PCT)
     action: Literal["alert", "block"]
 
 
@@ -55,9 +72,29 @@ class BudgetInput(BaseModel):
 
     @field_validator("limit")
     @classmethod
-    def _finite_positive(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
+    def _finite_positive_exact(cls, value: int | float, info: ValidationInfo) -> int | float:
+        # isinstance first: math.isfinite(10**400) raises OverflowError.
+        if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
             raise ValueError("must be a finite number greater than 0")
+        kind = info.data.get("limit_kind")
+        if kind is not None and _unit_amount(value, kind) > MAX_LINE:
+            most = _most(kind)
+            raise ValueError(f"must be at most {most} for limit_kind '{kind}'")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _lines_exact(cls, value: list[Threshold], info: ValidationInfo) -> list[Threshold]:
+        kind, limit = info.data.get("limit_kind"), info.data.get("limit")
+        if kind is None or limit is None:
+            return value
+        amount = _unit_amount(limit, kind)
+        for threshold in value:
+            if math.ceil(amount * threshold.pct / 100) > MAX_LINE:
+                raise ValueError(
+                    f"pct {threshold.pct} puts a line past the largest one: limit x pct / 100 "
+                    f"must be at most {_most(kind)}"
+                )
         return value
 
     @field_validator("webhook_url")
@@ -84,21 +121,19 @@ def _unit_amount(limit: float | int, kind: str) -> Decimal:
     return amount * NANO if kind == "cost" else amount
 
 
-# Lua numbers are doubles: past 2**53 they lose integer precision (and past ~1.8e308 become
-# inf). No spend gets near 2**53 nano (9 million currency units per window) or tokens, so a
-# larger line is the same as that bound.
-_MAX_LINE = 2**53
+def _most(kind: str) -> str:
+    if kind == "cost":
+        return f"{Decimal(MAX_LINE) / NANO} (currency units; {MAX_LINE} nano-units)"
+    return f"{MAX_LINE} tokens"
 
 
-def _reachable(line: int) -> int:
-    return min(line, _MAX_LINE)
-
-
-def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) -> dict[str, Any]:
+def stored_budget(
+    spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str, box: SecretBox | None = None
+) -> dict[str, Any]:
     """The JSON kept in Redis; the id is filled in by ``budget_put.lua``."""
     amount = _unit_amount(spec.limit, spec.limit_kind)
     lines = [
-        {"pct": t.pct, "action": t.action, "at": _reachable(math.ceil(amount * t.pct / 100))}
+        {"pct": t.pct, "action": t.action, "at": math.ceil(amount * t.pct / 100)}
         for t in spec.thresholds
     ]
     stored: dict[str, Any] = {
@@ -111,18 +146,41 @@ def stored_budget(spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str) 
         "limit": spec.limit,
         "thresholds": [t.model_dump() for t in spec.thresholds],
         "alert_webhook_url": spec.webhook_url,
-        "webhook_secret": spec.webhook_secret,
+        "webhook_secret": spec.webhook_secret if box is None else None,
         "unit": "c" if spec.limit_kind == "cost" else "t",
         "lines": lines,
         "limit_str": format(Decimal(str(spec.limit)), "f"),
         "updated_at": now_iso,
     }
+    if box is not None and spec.webhook_secret is not None:
+        stored[SEALED] = box.seal(spec.webhook_secret)
     blocks = [t.pct for t in spec.thresholds if t.action == "block"]
     if blocks:
         line = amount * min(blocks) / 100
-        stored["block_floor"] = _reachable(math.floor(line))
-        stored["block_ceil"] = _reachable(math.ceil(line))
+        stored["block_floor"] = math.floor(line)
+        stored["block_ceil"] = math.ceil(line)
     return stored
+
+
+def webhook_secret(budget: dict[str, Any], box: SecretBox | None) -> str | None:
+    """The secret that signs the budget's deliveries; SecretUnavailable when it is sealed
+    and cannot be opened (no key, another key, altered)."""
+    sealed = budget.get(SEALED)
+    if sealed:
+        return open_sealed(box, sealed)
+    plain = budget.get("webhook_secret")
+    return plain if isinstance(plain, str) and plain else None
+
+
+def seal_stored(raw: str, box: SecretBox) -> str | None:
+    """A stored budget's JSON with its plain-text secret sealed; None when there is none."""
+    budget = json.loads(raw)
+    plain = budget.get("webhook_secret")
+    if not isinstance(plain, str) or not plain:
+        return None
+    budget["webhook_secret"] = None
+    budget[SEALED] = box.seal(plain)
+    return json.dumps(budget, separators=(",", ":"))
 
 
 def rule(stored: dict[str, Any]) -> str:
@@ -177,8 +235,45 @@ def public(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
 
 
 class BudgetStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, box: SecretBox | None = None) -> None:
         self._redis = redis
+        self.box = box
+
+    def webhook_secret(self, budget: dict[str, Any]) -> str | None:
+        return webhook_secret(budget, self.box)
+
+    async def seal_stored_secrets(self, orgs: list[str]) -> int:
+        """Seals the plain-text webhook secrets written before a key was set: in the budgets
+        and in the deliveries already queued (each carries its budget's JSON). Each rewrite is
+        a compare-and-set, so a budget changed meanwhile is left as its writer made it."""
+        if self.box is None:
+            return 0
+        sealed = 0
+        for org_id in orgs:
+            prefix = org_prefix(org_id)
+            for field, raw in (await self._redis.hgetall(prefix + "budgets")).items():  # type: ignore[misc]
+                sealed += await self._swap(prefix + "budgets", field, raw)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrange(prefix + "outbox", 0, -1)
+            pipe.zrange(prefix + "whlog", 0, -1)
+            ids = {event_id for listing in await pipe.execute() for event_id in listing}
+            for event_id in ids:
+                record = prefix + "wh:" + event_id
+                raw = await self._redis.hget(record, "budget")  # type: ignore[misc]
+                if raw:
+                    sealed += await self._swap(record, "budget", raw)
+        return sealed
+
+    async def _swap(self, key: str, field: str, raw: str) -> int:
+        assert self.box is not None
+        try:
+            new = seal_stored(raw, self.box)
+        except ValueError:
+            log.warning("%s %s: not JSON; left as it is", key, field)
+            return 0
+        if new is None:
+            return 0
+        return int(await HASH_SWAP(self._redis, [key], [field, raw, new]))
 
     async def put(
         self,
@@ -189,7 +284,7 @@ class BudgetStore:
         windows: Windows,
         now: float,
     ) -> dict[str, Any]:
-        stored = stored_budget(spec, scope, scope_id, iso_millis(now))
+        stored = stored_budget(spec, scope, scope_id, iso_millis(now), self.box)
         await PUT_BUDGET(
             self._redis,
             [org_prefix(org_id)],

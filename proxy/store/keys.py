@@ -3,30 +3,53 @@
 A key lives twice: its record in its org's slot (``bp:{o:org}:key:<id>``, read atomically by
 the admit script, so revocation is seen by the very next request), and a small identity in the
 global digest index (``bp:kd:<sha256>``), which is how a bearer token finds its org.
+
+The two live in different hash slots (on Redis Cluster, on different nodes), so no single
+atomic step can change both. Each change is therefore atomic per slot and ordered so that no
+interleaving corrupts the index: the record first (``key_record.lua``: only while the key is
+active, and versioned), then the index (``key_index.lua``: only an entry that is still this
+key's, and only to a newer version). A revoked key's entry is deleted and never written again.
+An index entry that is malformed anyway is treated as no key at all (401), never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.config import Role
-from proxy.store.connection import ORGS_KEY, Redis, digest_key, org_prefix, valid_id
+from proxy.config import MAX_CONCURRENCY, MAX_RATE_LIMIT, Role
+from proxy.store.connection import (
+    ORGS_KEY,
+    LuaScript,
+    Redis,
+    digest_key,
+    org_prefix,
+    valid_id,
+)
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-bp-"
 KEY_ORG_PREFIX = "bp:ki:"
 LIMIT_FIELDS = ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
+ROLES: frozenset[str] = frozenset(("cluster_admin", "org_admin", "member"))
 Status = Literal["active", "revoked"]
+KEY_RECORD = LuaScript("store/key_record.lua")
+KEY_INDEX = LuaScript("store/key_index.lua")
 
 
 def digest(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode()).hexdigest()
+    """Of the bytes as sent: aiohttp decodes header bytes that are not UTF-8 to lone
+    surrogates, which plain ``encode()`` refuses; such a key is simply unknown (401)."""
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_plaintext() -> str:
@@ -34,16 +57,17 @@ def new_plaintext() -> str:
 
 
 class Limits(BaseModel):
-    """Per-key or per-org limits; absent means unlimited."""
+    """Per-key or per-org limits; absent means unlimited. Bounded so that the admit script
+    only ever reads integers a Lua number holds exactly (see ``proxy.config.MAX_RATE_LIMIT``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rps: int | None = Field(None, gt=0, strict=True)
-    rpm: int | None = Field(None, gt=0, strict=True)
-    rph: int | None = Field(None, gt=0, strict=True)
-    rpd: int | None = Field(None, gt=0, strict=True)
-    tpm: int | None = Field(None, gt=0, strict=True)
-    concurrency: int | None = Field(None, gt=0, strict=True)
+    rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rph: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    rpd: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    tpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
+    concurrency: int | None = Field(None, gt=0, le=MAX_CONCURRENCY, strict=True)
 
 
 class KeyCreate(BaseModel):
@@ -112,18 +136,35 @@ class KeyRecord:
         }
 
 
-def _record_from_hash(data: dict[str, str]) -> KeyRecord:
-    return KeyRecord(
-        id=data["id"],
-        org_id=data["org"],
-        name=data.get("name", ""),
-        role=data["role"],  # type: ignore[arg-type]
-        status=data.get("status", "revoked"),  # type: ignore[arg-type]
-        models=json.loads(data["models"]) if data.get("models") else None,
-        created_at=int(data.get("created_at", "0")),
-        prefix=data.get("prefix", ""),
-        limits={name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)},
-    )
+def _models(raw: str | None) -> list[str] | None:
+    """A stored model allow-list ("" = all models); ValueError when it is not one."""
+    if not raw:
+        return None
+    models = json.loads(raw)
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ValueError("models is not a list of names")
+    return models
+
+
+def _record_from_hash(data: dict[str, str]) -> KeyRecord | None:
+    """None for a record that is not one (missing fields, bad values): treated as absent."""
+    try:
+        if data.get("role") not in ROLES:
+            raise ValueError("unknown role")
+        return KeyRecord(
+            id=data["id"],
+            org_id=data["org"],
+            name=data.get("name", ""),
+            role=data["role"],  # type: ignore[arg-type]
+            status="active" if data.get("status") == "active" else "revoked",
+            models=_models(data.get("models")),
+            created_at=int(data.get("created_at", "0")),
+            prefix=data.get("prefix", ""),
+            limits={name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)},
+        )
+    except (KeyError, ValueError) as exc:
+        log.warning("ignoring a malformed key record %s: %s", data.get("id", "?"), exc)
+        return None
 
 
 class KeyStore:
@@ -168,17 +209,27 @@ class KeyStore:
             mapping={"org": org_id, "kid": key_id, "role": spec.role, "models": models},
         )
         await pipe.execute()
-        return _record_from_hash({k: str(v) for k, v in record.items()}), plaintext
+        created = _record_from_hash({k: str(v) for k, v in record.items()})
+        assert created is not None
+        return created, plaintext
 
     async def identity(self, plaintext: str) -> Identity | None:
-        data = await self._redis.hgetall(digest_key(digest(plaintext)))  # type: ignore[misc]
+        hashed = digest(plaintext)
+        data = await self._redis.hgetall(digest_key(hashed))  # type: ignore[misc]
         if not data:
             return None
-        models = json.loads(data["models"]) if data.get("models") else None
+        kid, org, role = data.get("kid", ""), data.get("org", ""), data.get("role")
+        try:
+            if not (valid_id(kid) and valid_id(org) and role in ROLES):
+                raise ValueError("missing or invalid kid, org or role")
+            models = _models(data.get("models"))
+        except ValueError as exc:
+            log.warning("key index entry %s… is malformed (%s): refused", hashed[:8], exc)
+            return None
         return Identity(
-            key_id=data["kid"],
-            org_id=data["org"],
-            role=data["role"],
+            key_id=kid,
+            org_id=org,
+            role=role,  # type: ignore[arg-type]
             models=frozenset(models) if models is not None else None,
         )
 
@@ -201,21 +252,20 @@ class KeyStore:
         pipe = self._redis.pipeline(transaction=False)
         for key_id in ids:
             pipe.hgetall(prefix + "key:" + key_id)
-        return [_record_from_hash(data) for data in await pipe.execute() if data]
+        records = (_record_from_hash(data) for data in await pipe.execute() if data)
+        return [record for record in records if record is not None]
 
     async def orgs(self) -> list[str]:
         return sorted(await self._redis.smembers(ORGS_KEY))  # type: ignore[misc]
 
     async def revoke(self, record: KeyRecord) -> None:
         """Status first: the admit script refuses from this moment; then the index goes."""
-        key_hash = org_prefix(record.org_id) + "key:" + record.id
-        hashed = await self._redis.hget(key_hash, "digest")  # type: ignore[misc]
-        await self._redis.hset(key_hash, "status", "revoked")  # type: ignore[misc]
+        hashed = await KEY_RECORD(self._redis, [self._record_key(record)], ["revoke"])
         if hashed:
-            await self._redis.delete(digest_key(hashed))
+            await KEY_INDEX(self._redis, [digest_key(hashed)], ["drop", record.id])
 
-    async def update(self, record: KeyRecord, change: KeyUpdate) -> KeyRecord:
-        key_hash = org_prefix(record.org_id) + "key:" + record.id
+    async def update(self, record: KeyRecord, change: KeyUpdate) -> KeyRecord | None:
+        """The updated record; None when the key was revoked meanwhile (nothing changed)."""
         fields: dict[str, str] = {}
         if change.name is not None:
             fields["name"] = change.name
@@ -231,20 +281,33 @@ class KeyStore:
                     cleared.append(name)
                 else:
                     fields[name] = str(value)
-        pipe = self._redis.pipeline(transaction=False)
-        if fields:
-            pipe.hset(key_hash, mapping=fields)
-        if cleared:
-            pipe.hdel(key_hash, *cleared)
-        pipe.hget(key_hash, "digest")
-        result = await pipe.execute()
-        hashed = result[-1]
-        index_fields = {k: v for k, v in fields.items() if k in ("role", "models")}
-        if hashed and index_fields and record.status == "active":
-            await self._redis.hset(digest_key(hashed), mapping=index_fields)  # type: ignore[misc]
-        updated = await self.get(record.org_id, record.id)
-        assert updated is not None
-        return updated
+        state = await self.update_record(record, fields, cleared)
+        if state is None:
+            return None
+        await self.update_index(record.id, state)
+        return await self.get(record.org_id, record.id)
+
+    async def update_record(
+        self, record: KeyRecord, fields: dict[str, str], cleared: Sequence[str]
+    ) -> list[str] | None:
+        """Step one of an update, atomic in the org's slot: the record's digest, role, models
+        and version afterwards, or None when the key is no longer active."""
+        pairs = [item for name, value in fields.items() for item in (name, value)]
+        args = ["update", len(fields), *pairs, *cleared]
+        state = await KEY_RECORD(self._redis, [self._record_key(record)], args)
+        return [str(value) for value in state] if state else None
+
+    async def update_index(self, key_id: str, state: list[str]) -> None:
+        """Step two: the index entry takes the record's state, unless it is gone or newer."""
+        hashed, role, models, version = state
+        if hashed:
+            await KEY_INDEX(
+                self._redis, [digest_key(hashed)], ["update", key_id, role, models, version]
+            )
+
+    @staticmethod
+    def _record_key(record: KeyRecord) -> str:
+        return org_prefix(record.org_id) + "key:" + record.id
 
     async def get_org_limits(self, org_id: str) -> dict[str, int]:
         data = await self._redis.hgetall(org_prefix(org_id) + "limits")  # type: ignore[misc]

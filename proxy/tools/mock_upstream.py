@@ -100,6 +100,9 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+_MAX_DIM = 3072
+
+
 @dataclass(frozen=True)
 class MockOptions:
     latency_ms: float = 0.0
@@ -141,6 +144,24 @@ class ReceivedRequest:
 RECEIVED: web.AppKey[collections.deque[ReceivedRequest]] = web.AppKey(
     "mock_upstream_received", collections.deque
 )
+
+
+@dataclass(frozen=True)
+class ReportedUsage:
+    """The usage one answer carried to its client (for checking a proxy's books)."""
+
+    path: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+
+
+REPORTED: web.AppKey[collections.deque[ReportedUsage]] = web.AppKey(
+    "mock_upstream_reported", collections.deque
+)
+_REPORTED_MAXLEN = 100_000
 
 
 class _BadRequest(Exception):
@@ -391,9 +412,15 @@ def _tokens(plan: _Plan, prompt: int, cap: int | None) -> _Tokens:
 class _Mock:
     """Holds the handlers' shared state: options, the request log and the id counter."""
 
-    def __init__(self, options: MockOptions, received: collections.deque[ReceivedRequest]):
+    def __init__(
+        self,
+        options: MockOptions,
+        received: collections.deque[ReceivedRequest],
+        reported: collections.deque[ReportedUsage],
+    ):
         self.options = options
         self.received = received
+        self.reported = reported
         self.default_plan = _Plan.parse({}, options)
         self.ids = itertools.count(1)
         created = int(time.time())
@@ -460,6 +487,19 @@ class _Mock:
                 return _error(400, "Missing required query parameter 'api-version'.")
         return None
 
+    def report(self, request: web.Request, model: str, tokens: _Tokens) -> None:
+        """Notes usage that is sent (a buffered answer's, or a stream's that will end)."""
+        self.reported.append(
+            ReportedUsage(
+                request.path,
+                model,
+                tokens.prompt,
+                tokens.completion,
+                tokens.cached,
+                tokens.reasoning,
+            )
+        )
+
     def next_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self.ids):012d}"
 
@@ -497,9 +537,12 @@ class _Mock:
             }
             if not plan.omit_usage:
                 out["usage"] = tokens.chat_usage()
+                self.report(request, model, tokens)
             return web.Response(body=_dumps(out), content_type="application/json")
 
         sse = _ChunkWriter("chat.completion.chunk", ident, created, model, body, plan)
+        if sse.include_usage and plan.fail_after_chunks is None:
+            self.report(request, model, tokens)
         end = ',"logprobs":null,"finish_reason":null}'
         role = sse.chunk(
             '{"index":0,"delta":{"role":"assistant","content":"","refusal":null}' + end
@@ -541,9 +584,12 @@ class _Mock:
             }
             if not plan.omit_usage:
                 out["usage"] = tokens.chat_usage()
+                self.report(request, model, tokens)
             return web.Response(body=_dumps(out), content_type="application/json")
 
         sse = _ChunkWriter("text_completion", ident, created, model, body, plan)
+        if sse.include_usage and plan.fail_after_chunks is None:
+            self.report(request, model, tokens)
         chunks = [
             sse.chunk(f'{{"text":{w},"index":0,"logprobs":null,"finish_reason":null}}')
             for w in _visible_words_json(tokens.visible)
@@ -562,8 +608,12 @@ class _Mock:
             if value is None:
                 raise _BadRequest("'input' is required", "input")
             prompt = _input_tokens(value, "input")
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-                raise _BadRequest("'dimensions' must be a positive integer", "dimensions")
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _MAX_DIM:
+                # As OpenAI does: the embedding models stop at 3072 dimensions.
+                raise _BadRequest(
+                    f"'dimensions' must be a positive integer no greater than {_MAX_DIM}",
+                    "dimensions",
+                )
         except _BadRequest as exc:
             return _error(400, exc.message, param=exc.param)
         items: list[Any]
@@ -584,6 +634,7 @@ class _Mock:
         out: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
         if not plan.omit_usage:
             out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+            self.report(request, body["model"], _Tokens(prompt, 0, 0, 0, False))
         return web.Response(body=_dumps(out), content_type="application/json")
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
@@ -633,7 +684,10 @@ class _Mock:
             "user": None,
             "metadata": body.get("metadata") or {},
         }
-        if not body.get("stream"):
+        streamed = bool(body.get("stream"))
+        if not plan.omit_usage and (not streamed or plan.fail_after_chunks is None):
+            self.report(request, body["model"], tokens)
+        if not streamed:
             return web.Response(body=_dumps(response), content_type="application/json")
 
         seq = itertools.count()
@@ -930,11 +984,14 @@ async def _stream(
 
 
 def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:
-    """Build the mock's app; ``app[RECEIVED]`` logs the most recent requests it received."""
+    """Build the mock's app; ``app[RECEIVED]`` logs the most recent requests it received,
+    ``app[REPORTED]`` the usage its answers carried."""
     received: collections.deque[ReceivedRequest] = collections.deque(maxlen=_RECEIVED_MAXLEN)
-    mock = _Mock(options, received)
+    reported: collections.deque[ReportedUsage] = collections.deque(maxlen=_REPORTED_MAXLEN)
+    mock = _Mock(options, received, reported)
     app = web.Application()
     app[RECEIVED] = received
+    app[REPORTED] = reported
     routes: list[tuple[str, str, Callable[[web.Request], Any]]] = [
         ("POST", "/v1/chat/completions", mock.chat_completions),
         ("POST", "/v1/completions", mock.completions),

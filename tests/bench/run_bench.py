@@ -234,7 +234,7 @@ async def provision(proxy_url: str) -> str:
     budget = {
         "period": "monthly",
         "limit_kind": "cost",
-        "limit": 10**9,
+        "limit": 10**6,  # out of reach (cost limits stop at 9,007,199.25 units)
         "thresholds": [{"pct": 80, "action": "alert"}, {"pct": 100, "action": "block"}],
     }
     async with aiohttp.ClientSession() as session:
