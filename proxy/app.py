@@ -21,9 +21,8 @@ from proxy.gateway.request_log import add_request_id_header, request_log_middlew
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
-from proxy.store.connection import connect
+from proxy.store.connection import connect, hot_path
 from proxy.store.keys import KeyCreate, KeyStore, digest
-from proxy.store.pipelined import PipelinedConnection
 from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             settings.limits.defaults,
             settings.limits.lease_seconds,
             clock,
-            hot_path=_hot_path(settings, redis_url),
+            hot_path=hot_path(settings.redis, redis_url),
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
@@ -102,15 +101,6 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     budgets_api.add_routes(app)
     webhooks.add_routes(app)
     return app
-
-
-def _hot_path(settings: Settings, redis_url: str) -> PipelinedConnection | None:
-    """The pipelined connection speaks plain redis:// only; other URLs go through redis-py."""
-    if not redis_url.startswith("redis://"):
-        return None
-    return PipelinedConnection(
-        redis_url, settings.redis.hot_path_timeout, settings.redis.socket_connect_timeout
-    )
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
