@@ -27,8 +27,9 @@ the master of the call's shard on a cluster (``proxy.store.cluster``, ``proxy.st
   Such a call is treated like the next errors.
 * **READONLY** (the old master came back as a replica), **TRYAGAIN**, **CLUSTERDOWN**,
   **LOADING**, an ASK for a script, a master that does not accept connections: Redis did not
-  run the call; the router refreshes its map and the call goes again, a bounded number of
-  times, then fails as a store error (503 for an admit, a deferred retry for a settle).
+  run the call; the router refreshes its map, and if that names another node the call goes
+  there (a bounded number of times). Otherwise — a failover still under way — it fails at once
+  as a store error (503 for an admit, a deferred retry for a settle), not after a wait.
 * **NOSCRIPT** (a promoted replica never loaded the scripts): the script is loaded on that very
   node and the call sent again.
 
@@ -441,7 +442,10 @@ class PipelinedConnection:
             if failures >= self._attempts:
                 raise error
             await self._router.refresh(link)
-            link, asking = await self._router.link_for(command), False
+            fresh = await self._router.link_for(command)
+            if fresh is link and not isinstance(error, ConnectionLost):
+                raise error  # nothing changed: the same node would refuse again (fast 503)
+            link, asking = fresh, False
 
     def close(self) -> None:
         self._router.close()
