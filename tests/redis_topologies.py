@@ -92,6 +92,9 @@ class RedisClusterTopology:
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             # Any replica may take over, however long it was cut off (tests pause replicas).
             "--cluster-replica-validity-factor", "0",
+            # Shards whose master is up keep serving while another shard fails over (the
+            # default stops the whole cluster until every slot has a live master again).
+            "--cluster-require-full-coverage", "no",
         ]  # fmt: skip
         self.nodes = [
             EmbeddedRedis(base / f"node{i}", cluster_port(), persist=False, extra_args=args)

@@ -41,8 +41,9 @@ from redis_topologies import (
 
 from proxy.config import RedisConfig
 from proxy.gateway.state import GATEWAY
-from proxy.store.connection import Redis, connect, org_prefix
+from proxy.store.connection import Redis, connect, digest_key, org_prefix
 from proxy.store.embedded_redis import EmbeddedRedis
+from proxy.store.keys import digest
 from proxy.store.windows import windows_at
 from tests.conftest import Proxy, eventually
 
@@ -283,3 +284,41 @@ async def _fail_over(
     )
     await eventually(lambda: _ready(load.budget_refused()), within=60, what="the block line")
     return killed_at, promoted_at
+
+
+async def test_other_shards_keep_serving_while_one_fails_over(
+    topology: RedisClusterTopology | RedisSentinelTopology, start_proxy: Any
+) -> None:
+    """An org whose slot, and whose key's digest entry, live on other shards never sees the
+    failover (with ``cluster-require-full-coverage no`` on the nodes)."""
+    if not isinstance(topology, RedisClusterTopology):
+        pytest.skip("under Sentinel every org shares the one master")
+    proxy: Proxy = await start_proxy(redis={"url": topology.url})
+    failing = topology.master_of(PREFIX)
+    _, failing_key = await proxy.create_key(ORG)
+    bystander = next(
+        org
+        for org in (f"bystander{n}" for n in range(100))
+        if topology.master_of(org_prefix(org)) is not failing
+    )
+    while True:  # a key whose digest entry (a global key of its own slot) is elsewhere too
+        _, key = await proxy.create_key(bystander)
+        if topology.master_of(digest_key(digest(key))) is not failing:
+            break
+    load, bystanders = Load(proxy, failing_key), Load(proxy, key)
+    load.start()
+    bystanders.start()
+    try:
+        await eventually(lambda: _ready(bystanders.count(200) >= 20), within=30, what="load")
+        killed_at = time.monotonic()
+        failing.kill()
+        await asyncio.to_thread(topology.wait_master_changed, PREFIX, failing)
+        await eventually(
+            lambda: _ready(load.count(200, since=killed_at) > 0), within=30, what="recovery"
+        )
+    finally:
+        await load.finish()
+        await bystanders.finish()
+    during = [o for o in bystanders.outcomes if o.started >= killed_at]
+    assert during and {o.status for o in during} == {200}
+    assert load.count(503, since=killed_at) > 0  # the failing shard's org did see it
