@@ -63,9 +63,14 @@ class RedisConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _ack_before_reply_timeout(self) -> RedisConfig:
-        if self.durability == "replicated" and self.replica_ack_timeout >= self.hot_path_timeout:
+    def _replicated_is_possible(self) -> RedisConfig:
+        if self.durability != "replicated":
+            return self
+        if self.replica_ack_timeout >= self.hot_path_timeout:
             raise ValueError("replica_ack_timeout must be below hot_path_timeout")
+        if not self.url or self.url.startswith("unix:"):
+            # The embedded server has no replica; a unix socket has no pipelined path to WAIT on.
+            raise ValueError('durability = "replicated" needs a TCP url of a Redis with replicas')
         return self
 
     # --- end of high availability ---

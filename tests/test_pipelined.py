@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+import trustme
 from redis_topologies import client, command, pause, poll, resume
 
 from proxy.config import RedisConfig
@@ -25,6 +27,11 @@ from proxy.store.pipelined import (
     ReplicaTimeout,
     SingleNode,
 )
+from tests.conftest import TEST_TOPOLOGY
+
+ONE_SERVER = pytest.mark.skipif(
+    TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"
+)
 
 
 def link_to(url: str) -> Link:
@@ -32,6 +39,7 @@ def link_to(url: str) -> Link:
     return Link("127.0.0.1", port, timeout=2.0, connect_timeout=0.5)
 
 
+@ONE_SERVER
 async def test_a_connection_redis_closed_is_replaced_and_the_call_resent(redis_url: str) -> None:
     """Issue #12: after a Redis restart the first calls failed on connections to the old
     server. The hot path resends a call whose connection died before the reply."""
@@ -82,6 +90,7 @@ async def test_a_call_is_resent_once_not_again(dropping_server: tuple[int, list[
     hot.close()
 
 
+@ONE_SERVER
 async def test_a_script_missing_on_the_node_is_loaded_there(
     redis_url: str, store: aioredis.Redis
 ) -> None:
@@ -122,7 +131,9 @@ def master_and_replica(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, Embedded
 
 
 def replicated(**fields: Any) -> RedisConfig:
-    return RedisConfig(durability="replicated", replica_ack_timeout=0.2, **fields)
+    return RedisConfig(
+        url="redis://replicated", durability="replicated", replica_ack_timeout=0.2, **fields
+    )
 
 
 async def test_replicated_calls_return_once_a_replica_has_them_one_wait_per_batch(
@@ -164,5 +175,63 @@ async def test_replicated_call_fails_when_no_replica_acknowledges(
 
 def test_replicated_needs_the_pipelined_hot_path() -> None:
     with pytest.raises(ValueError, match="replicated"):
-        hot_path(replicated(), "rediss://127.0.0.1:6379/0")
+        hot_path(replicated(), "unix:///tmp/redis.sock")
     assert hot_path(RedisConfig(), "unix:///tmp/redis.sock") is None
+
+
+@pytest.fixture
+async def tls_front(
+    master_and_replica: tuple[EmbeddedRedis, EmbeddedRedis],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[int]:
+    """TLS in front of the real master (what stunnel or a managed service's endpoint does),
+    with a certificate for 127.0.0.1 from a CA that ``SSL_CERT_FILE`` names."""
+    master, _ = master_and_replica
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", master.port)
+        await asyncio.gather(copy(reader, to_writer), copy(to_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def test_the_hot_path_speaks_tls_with_replicated_durability(
+    tls_front: int, master_and_replica: tuple[EmbeddedRedis, EmbeddedRedis]
+) -> None:
+    """``rediss://`` (managed services) keeps the pipelined path and its WAIT."""
+    _, replica = master_and_replica
+    hot = hot_path(replicated(), f"rediss://127.0.0.1:{tls_front}/0")
+    assert hot is not None
+    try:
+        assert await asyncio.gather(*(hot.execute("INCR", "n") for _ in range(20))) == list(
+            range(1, 21)
+        )
+        assert command(replica, "GET", "n") == "20"
+    finally:
+        hot.close()
+
+
+async def test_tls_verifies_the_server(tls_front: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE")  # the test CA is trusted no more
+    hot = hot_path(RedisConfig(), f"rediss://127.0.0.1:{tls_front}/0")
+    assert hot is not None
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await hot.execute("PING")
+    finally:
+        hot.close()

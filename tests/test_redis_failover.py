@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +39,8 @@ from redis_topologies import (
     running,
 )
 
-from proxy.config import RedisConfig
 from proxy.gateway.state import GATEWAY
-from proxy.store.connection import Redis, connect, digest_key, org_prefix
+from proxy.store.connection import Redis, digest_key, org_prefix
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.keys import digest
 from proxy.store.windows import windows_at
@@ -71,13 +70,6 @@ def topology(
 @pytest.fixture
 def redis_url(topology: RedisClusterTopology | RedisSentinelTopology) -> str:
     return topology.url
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Redis]:
-    redis = connect(RedisConfig(), redis_url)
-    yield redis
-    await redis.aclose()
 
 
 @dataclass

@@ -25,9 +25,8 @@ from redis_topologies import (
     running,
 )
 
-from proxy.config import RedisConfig
 from proxy.gateway.admission import ADMIT, SETTLE
-from proxy.store.connection import Redis, connect, org_prefix
+from proxy.store.connection import Redis, org_prefix
 from proxy.store.windows import windows_at
 from tests.conftest import Proxy, eventually
 
@@ -51,14 +50,6 @@ def topology(
 def redis_url(topology: Topology) -> str:
     topology.flushall()
     return topology.url
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Redis]:
-    """The proxy's own kind of client for this topology, to check what the proxy wrote."""
-    redis = connect(RedisConfig(), redis_url)
-    yield redis
-    await redis.aclose()
 
 
 async def post_chat(proxy: Proxy, key: str) -> tuple[int, Any]:

@@ -1,7 +1,6 @@
 """Redis URLs and the redis-py clients made from them: the ``limits`` library's forms for
-Sentinel and Cluster, passwords from the URL or the environment (never in a message), a retry
-of a call whose pooled connection turned out dead, and connection errors that stay connection
-errors."""
+Sentinel and Cluster, passwords from the URL or the environment (never in a message), what
+``durability = "replicated"`` needs, and connection errors that stay connection errors."""
 
 from __future__ import annotations
 
@@ -15,6 +14,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from proxy.config import ConfigError, RedisConfig, load_settings
 from proxy.store import topology
 from proxy.store.connection import connect
+from tests.conftest import TEST_TOPOLOGY
+
+ONE_SERVER = pytest.mark.skipif(
+    TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"
+)
 
 
 def test_sentinel_url_forms() -> None:
@@ -34,7 +38,7 @@ def test_cluster_url_forms() -> None:
     parsed = topology.parse("redis+cluster://127.0.0.1:7000,[::1]:7001,node3")
     assert parsed.kind == "cluster"
     assert parsed.nodes == (("127.0.0.1", 7000), ("::1", 7001), ("node3", 6379))
-    assert parsed.plain_tcp and not topology.parse("rediss+cluster://h:7000").plain_tcp
+    assert parsed.tcp and topology.parse("rediss+cluster://h:7000").tls
     assert topology.parse("redis+cluster://:x@h:7000", {"REDIS_PASSWORD": "y"}).password == "y"
 
 
@@ -71,9 +75,13 @@ def test_bad_urls_are_config_errors_naming_the_problem_not_the_password(
     assert "secret" not in str(caught.value)
 
 
-def test_replica_ack_must_come_before_the_reply_timeout() -> None:
+def test_replicated_durability_needs_what_it_waits_for() -> None:
+    url = "redis+cluster://h:7000"
     with pytest.raises(ValueError, match="replica_ack_timeout"):
-        RedisConfig(durability="replicated", replica_ack_timeout=2.0, hot_path_timeout=2.0)
+        RedisConfig(url=url, durability="replicated", replica_ack_timeout=2, hot_path_timeout=2)
+    for url in ("", "unix:///run/redis.sock"):  # embedded: no replica; unix: no hot path
+        with pytest.raises(ValueError, match="replicas"):
+            RedisConfig(url=url, durability="replicated")
 
 
 def test_cluster_url_makes_a_cluster_client() -> None:
@@ -82,6 +90,7 @@ def test_cluster_url_makes_a_cluster_client() -> None:
     assert [n.port for n in client.startup_nodes] == [7000, 7001]
 
 
+@ONE_SERVER
 async def test_a_write_racing_a_close_is_a_connection_error(redis_url: str) -> None:
     """redis-py closes connections from its own error handling (``disconnect(nowait=True)``),
     also ones another call is writing on; that call then raised AttributeError — not a

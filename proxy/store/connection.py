@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import ssl
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any, ClassVar, TypeAlias
@@ -177,21 +178,23 @@ def connect(config: RedisConfig, url: str) -> Redis:
 
 
 def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
-    """The pipelined admit/settle connection for this URL; None where it cannot speak the
-    transport (TLS, unix sockets), and admission then goes through redis-py."""
+    """The pipelined admit/settle connection for this URL; None for a unix socket, where
+    admission goes through redis-py. TLS (``rediss``) verifies the server against the system's
+    certificates, or the bundle ``SSL_CERT_FILE`` names (as redis-py does)."""
     topo = topology.parse(url, os.environ)
     wait = (
         (config.replicas, int(config.replica_ack_timeout * 1000))
         if config.durability == "replicated"
         else None
     )
-    if not topo.plain_tcp:
+    if not topo.tcp:
         if wait is not None:
             raise ValueError(
-                'durability = "replicated" needs a plain TCP URL (redis://, redis+sentinel://, '
-                "redis+cluster://): the pipelined hot path issues the WAIT"
+                'durability = "replicated" needs a TCP URL (redis[s]://, redis[s]+sentinel://, '
+                "redis[s]+cluster://): the pipelined hot path issues the WAIT"
             )
         return None
+    tls = ssl.create_default_context() if topo.tls else None
 
     def data_link(host: str, port: int) -> Link:
         return Link(
@@ -203,6 +206,7 @@ def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
             password=topo.password,
             db=topo.db,
             wait=wait,
+            tls=tls,
         )
 
     def control_link(host: str, port: int) -> Link:
@@ -213,6 +217,7 @@ def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
             connect_timeout=config.socket_connect_timeout,
             username=topo.username,
             password=topo.password,
+            tls=tls,
         )
 
     def sentinel_link(host: str, port: int) -> Link:
@@ -223,6 +228,7 @@ def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
             connect_timeout=config.socket_connect_timeout,
             username=topo.sentinel_username,
             password=topo.sentinel_password,
+            tls=tls,
         )
 
     router: Router

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -140,7 +141,8 @@ class _Protocol(asyncio.Protocol):
 
 class Link:
     """One pipelined connection to one Redis server, opened on first use and again after a
-    failure. ``wait``: (replicas, timeout ms) for ``durability = "replicated"``."""
+    failure. ``wait``: (replicas, timeout ms) for ``durability = "replicated"``; ``tls``: the
+    context for ``rediss`` URLs (the server's name or address is verified)."""
 
     def __init__(
         self,
@@ -153,8 +155,10 @@ class Link:
         password: str | None = None,
         db: int = 0,
         wait: tuple[int, int] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self._tls = tls
         self.port = port
         self._db = db
         self._password = password
@@ -190,7 +194,13 @@ class Link:
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.host, self.port),
+                loop.create_connection(
+                    lambda: _Protocol(self),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=self.host if self._tls else None,
+                ),
                 self._connect_timeout,
             )
         except (OSError, TimeoutError) as exc:

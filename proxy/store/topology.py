@@ -41,9 +41,9 @@ class Topology:
     tls: bool = False
 
     @property
-    def plain_tcp(self) -> bool:
-        """What the pipelined hot path speaks: TCP without TLS."""
-        return not self.tls and bool(self.nodes)
+    def tcp(self) -> bool:
+        """What the pipelined hot path speaks: TCP, with or without TLS (not a unix socket)."""
+        return bool(self.nodes)
 
 
 def _nodes(netloc: str, kind: Kind, url: str) -> tuple[tuple[str, int], ...]:
