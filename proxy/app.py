@@ -24,9 +24,8 @@ from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
-from proxy.store.connection import connect
+from proxy.store.connection import connect, hot_path
 from proxy.store.keys import KeyCreate, KeyStore, digest
-from proxy.store.pipelined import PipelinedConnection
 from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.store.secret_box import SecretBox, SecretKeyError
 from proxy.store.windows import Clock, system_clock
@@ -117,7 +116,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             settings.limits.lease_seconds,
             clock,
             SettleSpool(settings.spool_directory()),
-            hot_path=_hot_path(settings, redis_url),
+            hot_path=hot_path(settings.redis, redis_url),
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
@@ -135,15 +134,6 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     budgets_api.add_routes(app)
     webhooks.add_routes(app)
     return app
-
-
-def _hot_path(settings: Settings, redis_url: str) -> PipelinedConnection | None:
-    """The pipelined connection speaks plain redis:// only; other URLs go through redis-py."""
-    if not redis_url.startswith("redis://"):
-        return None
-    return PipelinedConnection(
-        redis_url, settings.redis.hot_path_timeout, settings.redis.socket_connect_timeout
-    )
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.store import topology
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy.toml"
 
 ProviderKind = Literal["openai", "anthropic", "azure"]
@@ -63,6 +65,34 @@ class RedisConfig(_Strict):
     heavy load a reply queues behind others; a dead Redis is still seen at once (reset)."""
     max_connections: int = Field(1024, gt=0)
     """Pool size for admin calls and key look-ups (admit/settle share one pipelined link)."""
+    # --- high availability (redis+sentinel://, redis+cluster://; see proxy.store.topology) ---
+    durability: Literal["async", "replicated"] = "async"
+    """``replicated``: every admit and settle batch waits (``WAIT``) until a replica has it, so
+    an acknowledged settle survives a failover; ``async`` trusts Redis's own replication."""
+    replicas: int = Field(1, ge=1)
+    """How many replicas must acknowledge a batch when ``durability = "replicated"``."""
+    replica_ack_timeout: float = Field(0.5, gt=0)
+    """Longest wait for that acknowledgement; past it the call fails as a store error."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, value: str) -> str:
+        if value:
+            topology.parse(value)  # ValueError names the problem, never the password
+        return value
+
+    @model_validator(mode="after")
+    def _replicated_is_possible(self) -> RedisConfig:
+        if self.durability != "replicated":
+            return self
+        if self.replica_ack_timeout >= self.hot_path_timeout:
+            raise ValueError("replica_ack_timeout must be below hot_path_timeout")
+        if not self.url or self.url.startswith("unix:"):
+            # The embedded server has no replica; a unix socket has no pipelined path to WAIT on.
+            raise ValueError('durability = "replicated" needs a TCP url of a Redis with replicas')
+        return self
+
+    # --- end of high availability ---
 
 
 class AuthConfig(_Strict):

@@ -26,14 +26,21 @@ from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 
 from proxy.app import create_app
-from proxy.config import ModelConfig, PriceConfig, Settings, UpstreamConfig
+from proxy.config import ModelConfig, PriceConfig, RedisConfig, Settings, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
+from proxy.store.connection import connect
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
 from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
 
 ADMIN_KEY = "sk-test-admin-0123456789"
 REPO = Path(__file__).resolve().parent.parent
+
+
+TEST_TOPOLOGY = os.environ.get("LLM_PROXY_TEST_REDIS", "single")
+"""``cluster`` or ``sentinel`` runs the tests that take ``redis_url`` against that topology
+(``tests/redis_topologies.py``) instead of one server. Tests that talk to the server as a
+single node themselves (restarts, raw clients) do not apply there."""
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +51,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from redis_topologies import RedisClusterTopology, RedisSentinelTopology, running
+
+    base = tmp_path_factory.mktemp(TEST_TOPOLOGY)
+    kinds = {"cluster": RedisClusterTopology, "sentinel": RedisSentinelTopology}
+    with running(kinds[TEST_TOPOLOGY](base)) as started:
+        yield started
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
+def redis_url(request: pytest.FixtureRequest) -> str:
     """A clean database for every test (tests run one at a time)."""
+    if TEST_TOPOLOGY != "single":
+        topology = request.getfixturevalue("redis_topology")
+        topology.flushall()
+        url: str = topology.url
+        return url
+    redis_server: EmbeddedRedis = request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
@@ -328,7 +351,7 @@ def usage_record(fields: dict[str, str]) -> dict[str, Any]:
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the test Redis, to check what the proxy wrote."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = connect(RedisConfig(), redis_url)  # the proxy's own kind of client for the URL
     yield client
     await client.aclose()
 

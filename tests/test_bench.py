@@ -21,12 +21,25 @@ def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: P
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     short = result["scenarios"]["short"]
-    assert set(short["targets"]) == {"mock", "passthrough", "proxy"}
+    assert set(short["targets"]) == {
+        "mock", "passthrough", "proxy", "cluster", "cluster_replicated",
+    }  # fmt: skip
     for row in short["targets"].values():
         assert row["requests"] > 0 and row["errors"] == 0, row
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
-    # Every request was admitted: one admit and one settle each, nothing else scripted.
-    assert short["targets"]["proxy"]["redis_per_request"]["evalsha"] == 2.0
+    # Every request was admitted: one admit and one settle each, nothing else scripted —
+    # on the single Redis and, summed over the shards, on the cluster.
+    for name in ("proxy", "cluster", "cluster_replicated"):
+        assert short["targets"][name]["redis_per_request"]["evalsha"] == 2.0, name
+    # The cluster rows spread their orgs over all three shards and say what each shard costs.
+    for name in ("cluster", "cluster_replicated"):
+        shards = short["targets"][name]["redis_shards"]
+        assert set(shards) == {"shard1", "shard2", "shard3"}
+        assert all(shard["share_of_requests"] > 0 for shard in shards.values())
+        assert abs(sum(shard["share_of_requests"] for shard in shards.values()) - 1) < 0.01
+        assert all(shard["master_us_per_request"] > 0 for shard in shards.values())
+    assert "Redis CPU per shard" in done.stdout
+    assert set(short["comparison"]["topologies"]) == {"cluster", "cluster_replicated"}
     comparison = short["comparison"]
     proxy, passthrough = short["targets"]["proxy"], short["targets"]["passthrough"]
     assert comparison["throughput_ratio_c_over_b"] == round(proxy["rps"] / passthrough["rps"], 3)
@@ -36,7 +49,7 @@ def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: P
     assert "(c)/(b) throughput" in done.stdout
     # The same paced load on (b) and (c): half of what (c) carried, offered to both.
     paced = short["paced"]
-    assert set(paced) == {"passthrough", "proxy"}
+    assert set(paced) == {"passthrough", "proxy", "cluster", "cluster_replicated"}
     offered = round(proxy["rps"] * 0.5, 1)
     for row in paced.values():
         assert row["offered_rps"] == offered

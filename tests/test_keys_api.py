@@ -501,3 +501,21 @@ async def test_a_key_may_only_be_limited_to_models_that_exist(proxy: Proxy, meth
     status, answer = await proxy.admin(method, path, {**body, "models": ["gpt-4o-latest"] * 3})
     assert status in (200, 201), answer
     assert answer["models"] == ["gpt-4o-latest"]  # aliases count; each name kept once
+
+
+async def test_a_burst_of_first_requests_with_one_key_looks_it_up_once(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    """Fifty requests arriving together with a key this process has not seen yet share one
+    lookup (each used to open a pooled Redis connection of its own: under load, connection
+    timeouts and 503s)."""
+    _, key = await proxy.create_key()
+
+    async def lookups() -> int:
+        stats = await store.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    before = await lookups()
+    statuses = await asyncio.gather(*(chat(proxy, key) for _ in range(50)))
+    assert statuses == [200] * 50
+    assert await lookups() - before <= 2  # one, or two if the 1 s cache expired meanwhile

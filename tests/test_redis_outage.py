@@ -192,3 +192,31 @@ async def test_a_503_while_redis_is_down_is_recorded_as_store_unavailable(
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llm_proxy.access"]
     [line] = [line for line in lines if line["request_id"] == "r-1"]
     assert (line["status"], line["decision"]) == (503, "store_unavailable")
+
+
+async def test_no_call_fails_on_a_stale_connection_once_redis_is_back(outage: Outage) -> None:
+    """Issue #12 item 4: right after Redis came back, a few calls got 503 "Connection closed by
+    server" from connections opened to the old server. A connection found dead before its
+    reply is replaced transparently: once Redis answers again, every call succeeds."""
+    kid, key = await outage.create_key()
+    # Concurrent calls leave several connections open in the pool and on the hot path.
+    warm = await asyncio.gather(
+        *(outage.post("/v1/chat/completions", key, CHAT) for _ in range(20)),
+        *(outage.get("/api/v1/keys", ADMIN_KEY) for _ in range(10)),
+    )
+    assert {status for status, _ in warm} == {200}
+
+    await asyncio.to_thread(outage.redis.restart)
+    async with aioredis.Redis.from_url(outage.redis.url) as client:
+        assert await client.ping()
+
+    statuses = []
+    for n in range(40):
+        if n % 4 == 3:
+            status, _ = await outage.get("/api/v1/keys", ADMIN_KEY)
+        else:
+            status, _ = await outage.post("/v1/chat/completions", key, CHAT)
+        statuses.append(status)
+    assert statuses == [200] * 40
+    _, tokens = await key_spend(outage.redis.url, kid)
+    assert tokens > 0

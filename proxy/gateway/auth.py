@@ -13,6 +13,7 @@ once because the admit script reads the key's status itself.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 
@@ -50,6 +51,7 @@ class Authenticator:
         self._keys = keys
         self._ttl = cache_ttl
         self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+        self._lookups: dict[str, asyncio.Future[Identity | None]] = {}
 
     async def identify(self, request: web.Request) -> Identity:
         return await self.identify_key(bearer_token(request))
@@ -61,7 +63,7 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             identity = hit[1]
         else:
-            identity = await self._keys.identity(token)
+            identity = await self._lookup(token, hashed)
             if self._ttl > 0:
                 self._cache[hashed] = (now + self._ttl, identity)
                 self._cache.move_to_end(hashed)
@@ -69,6 +71,35 @@ class Authenticator:
                     self._cache.popitem(last=False)
         if identity is None:
             raise unauthorized("Incorrect API key provided (unknown or revoked).")
+        return identity
+
+    async def _lookup(self, token: str, hashed: str) -> Identity | None:
+        """One Redis lookup per key at a time: a burst of first requests with one key (or all
+        of them when its cache entry expires) waits for the same answer instead of opening a
+        pooled connection each."""
+        pending = self._lookups.get(hashed)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The request that was looking it up went away: look it up ourselves.
+        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
+        self._lookups[hashed] = future
+        try:
+            identity = await self._keys.identity(token)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without followers
+            raise
+        finally:
+            del self._lookups[hashed]
+        future.set_result(identity)
         return identity
 
     def forget(self, hashed: str | None = None) -> None:

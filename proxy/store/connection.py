@@ -1,26 +1,48 @@
-"""Redis connection, key naming and Lua script loading.
+"""Redis clients, key naming and Lua script loading.
 
 Everything one admission touches carries the org's hash tag (``bp:{o:<org>}:``), so the same
-scripts work on one Redis and on a cluster. Only the key-digest index and the org set are
-global (they are read before the org is known).
+scripts work on one Redis, under Sentinel and on a cluster. Only the key-digest index and the
+org set are global (they are read before the org is known); on a cluster they live in slots of
+their own, and nothing writes them in one transaction with an org's keys.
+
+Two clients per process: redis-py (pooled) for key look-ups, the admin APIs, webhooks and
+script loading, and the pipelined hot path (``proxy.store.pipelined``) for admit and settle.
+The URL decides the kind of both (``proxy.store.topology``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import ssl
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from proxy.config import RedisConfig
+from proxy.store import topology
+from proxy.store.cluster import ClusterRouter
+from proxy.store.pipelined import Link, PipelinedConnection, Router, SingleNode
+from proxy.store.sentinel import SentinelRouter
 
 ORGS_KEY = "bp:orgs"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-Redis: TypeAlias = Any  # redis.asyncio.Redis (decode_responses=True); see pyproject
+Redis: TypeAlias = Any  # redis.asyncio.Redis or RedisCluster (decode_responses=True)
 
 
 def valid_id(value: str) -> bool:
@@ -36,17 +58,187 @@ def digest_key(digest: str) -> str:
     return f"bp:kd:{digest}"
 
 
+def _retry() -> Retry:
+    """A pooled connection that turns out dead (Redis restarted, a master failed over) is
+    replaced and the call sent once more, at once. Only connection errors: a timeout is not
+    retried, so a hung Redis still becomes a fast 503. Every command sent through this client
+    is idempotent or harmless twice (plain writes of given values, budget PUTs, webhook claims
+    keyed by event id); admit and settle go through the hot path, which has its own rules."""
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+class _WriteGuard:
+    """redis-py 8.1 lets a write race a close of the same connection (its own error handling
+    closes connections other calls are using, e.g. a cluster client's reset during a
+    failover): the write then fails with ``AttributeError``/``TypeError`` instead of a
+    ``ConnectionError`` (redis-py issues #3546, #4287), which no retry policy catches and
+    which surfaced as a 500. Here it is the ``OSError`` redis-py turns into a
+    ``ConnectionError``: retried, else a 503."""
+
+    _writer: Any
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        writer = self._writer  # one reference for the whole write
+        if writer is None or writer.transport.is_closing():
+            raise ConnectionResetError("the connection was closed while a command was sent")
+        writer.writelines(command)
+        await writer.drain()
+
+
+class _Connection(_WriteGuard, Connection):  # type: ignore[misc]
+    pass
+
+
+class _SSLConnection(_WriteGuard, SSLConnection):  # type: ignore[misc]
+    pass
+
+
+class _SentinelConnection(_WriteGuard, SentinelManagedConnection):  # type: ignore[misc]
+    pass
+
+
+class _SentinelSSLConnection(_WriteGuard, SentinelManagedSSLConnection):  # type: ignore[misc]
+    pass
+
+
+class _Cluster(RedisCluster):  # type: ignore[misc]
+    """RedisCluster has no ``connection_class`` parameter: its nodes get the guarded one here,
+    before any node is discovered."""
+
+    def __init__(self, *, ssl: bool, **kwargs: Any) -> None:
+        super().__init__(ssl=ssl, **kwargs)
+        guarded = _SSLConnection if ssl else _Connection
+        self.connection_kwargs["connection_class"] = guarded
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = guarded
+
+
+class _SentinelMaster(aioredis.Redis):  # type: ignore[misc]
+    """The master client of a Sentinel set; closing it closes the sentinel clients too."""
+
+    sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+
 def connect(config: RedisConfig, url: str) -> Redis:
     """Short socket timeouts: a dead Redis must turn into a fast 503, not a hung request."""
+    topo = topology.parse(url, os.environ)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": config.socket_timeout,
+        "socket_connect_timeout": config.socket_connect_timeout,
+        "health_check_interval": 0,
+    }
+    if topo.kind == "sentinel":
+        sentinel = Sentinel(
+            topo.nodes,
+            sentinel_kwargs={
+                "socket_timeout": config.socket_timeout,
+                "socket_connect_timeout": config.socket_connect_timeout,
+                "username": topo.sentinel_username,
+                "password": topo.sentinel_password,
+                "ssl": topo.tls,
+            },
+        )
+        master: _SentinelMaster = sentinel.master_for(
+            topo.service,
+            redis_class=_SentinelMaster,
+            db=topo.db,
+            username=topo.username,
+            password=topo.password,
+            connection_class=_SentinelSSLConnection if topo.tls else _SentinelConnection,
+            retry=_retry(),
+            max_connections=config.max_connections,
+            **common,
+        )
+        master.sentinel = sentinel
+        return master
+    if topo.kind == "cluster":
+        return _Cluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in topo.nodes],
+            username=topo.username,
+            password=topo.password,
+            ssl=topo.tls,
+            # Orgs on healthy shards keep working while one shard has no master.
+            require_full_coverage=False,
+            # A dead node's connection: the slot map is read again and the call resent.
+            retry=Retry(NoBackoff(), 2),
+            max_connections=config.max_connections,
+            **common,
+        )
+    if topo.nodes:  # TCP, not a unix socket
+        common["connection_class"] = _SSLConnection if topo.tls else _Connection
     return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=config.socket_timeout,
-        socket_connect_timeout=config.socket_connect_timeout,
-        retry_on_timeout=False,
-        health_check_interval=0,
-        max_connections=config.max_connections,
+        url, retry=_retry(), max_connections=config.max_connections, **common
     )
+
+
+def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
+    """The pipelined admit/settle connection for this URL; None for a unix socket, where
+    admission goes through redis-py. TLS (``rediss``) verifies the server against the system's
+    certificates, or the bundle ``SSL_CERT_FILE`` names (as redis-py does)."""
+    topo = topology.parse(url, os.environ)
+    wait = (
+        (config.replicas, int(config.replica_ack_timeout * 1000))
+        if config.durability == "replicated"
+        else None
+    )
+    if not topo.tcp:
+        if wait is not None:
+            raise ValueError(
+                'durability = "replicated" needs a TCP URL (redis[s]://, redis[s]+sentinel://, '
+                "redis[s]+cluster://): the pipelined hot path issues the WAIT"
+            )
+        return None
+    tls = ssl.create_default_context() if topo.tls else None
+
+    def data_link(host: str, port: int) -> Link:
+        return Link(
+            host,
+            port,
+            timeout=config.hot_path_timeout,
+            connect_timeout=config.socket_connect_timeout,
+            username=topo.username,
+            password=topo.password,
+            db=topo.db,
+            wait=wait,
+            tls=tls,
+        )
+
+    def control_link(host: str, port: int) -> Link:
+        return Link(
+            host,
+            port,
+            timeout=config.socket_timeout,
+            connect_timeout=config.socket_connect_timeout,
+            username=topo.username,
+            password=topo.password,
+            tls=tls,
+        )
+
+    def sentinel_link(host: str, port: int) -> Link:
+        return Link(
+            host,
+            port,
+            timeout=config.socket_timeout,
+            connect_timeout=config.socket_connect_timeout,
+            username=topo.sentinel_username,
+            password=topo.sentinel_password,
+            tls=tls,
+        )
+
+    router: Router
+    if topo.kind == "cluster":
+        router = ClusterRouter(topo.nodes, data_link, control_link)
+    elif topo.kind == "sentinel":
+        router = SentinelRouter(topo.nodes, topo.service, data_link, sentinel_link)
+    else:
+        router = SingleNode(data_link(*topo.nodes[0]))
+    return PipelinedConnection(router, LuaScript.sources)
 
 
 class LuaScript:
@@ -57,13 +249,19 @@ class LuaScript:
     include, so they are concatenated into one script body.
     """
 
+    sources: ClassVar[dict[str, str]] = {}
+    """Every script by SHA: the hot path loads one on a node that lacks it (a promoted
+    replica, a restarted server) without a round trip through redis-py."""
+
     def __init__(self, *files: str) -> None:
         package = resources.files("proxy")
         self.source = "\n".join(package.joinpath(name).read_text() for name in files)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis's id
         self.name = files[-1].rsplit("/", 1)[-1]
+        LuaScript.sources[self.sha] = self.source
 
     async def load(self, client: Redis) -> None:
+        """On a cluster, redis-py sends SCRIPT LOAD to every master."""
         await client.script_load(self.source)
 
     async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -135,10 +136,16 @@ class EmbeddedRedis:
         *,
         persist: bool = True,
         binary: str | None = None,
+        extra_args: Sequence[str] = (),
+        config_file: str | Path | None = None,
     ) -> None:
+        """``extra_args`` and ``config_file`` (first on the command line, e.g. a sentinel's
+        rewritable config) let the test harness start replicas, cluster nodes and sentinels."""
         self.data_dir = Path(data_dir).absolute()
         self.persist = persist
         self._binary = binary
+        self._extra_args = tuple(extra_args)
+        self._config_file = config_file
         self._port = port
         # Only an auto-picked port that has never served may be swapped after a bind clash.
         self._port_pinned = port != 0
@@ -171,8 +178,8 @@ class EmbeddedRedis:
         return self.data_dir / _LOG_NAME
 
     def _command(self, binary: str) -> list[str]:
-        cmd = [
-            binary,
+        cmd = [binary, *([str(self._config_file)] if self._config_file else [])]
+        cmd += [
             "--port", str(self._port),
             "--bind", _HOST,
             "--protected-mode", "yes",
@@ -185,7 +192,7 @@ class EmbeddedRedis:
             cmd += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             cmd += ["--appendonly", "no"]
-        return cmd
+        return cmd + list(self._extra_args)
 
     def start(self, timeout: float = 10.0) -> None:
         """Spawn redis-server and return once it answers; a no-op if already running."""

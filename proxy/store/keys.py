@@ -317,10 +317,12 @@ class KeyStore:
         """Replaces the org's limits: fields left out are removed."""
         key = org_prefix(org_id) + "limits"
         values = limits.model_dump(exclude_none=True)
+        # The org set has a slot of its own: on a cluster one MULTI cannot span both. Listing
+        # the org first is harmless if the replacement then fails.
+        await self._redis.sadd(ORGS_KEY, org_id)  # type: ignore[misc]
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
         if values:
             pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
-        pipe.sadd(ORGS_KEY, org_id)
         await pipe.execute()
         return values

@@ -3,6 +3,7 @@
     python tests/bench/run_bench.py [--duration 10] [--connections 64] [--json out.json]
                                     [--scenario short|long|both] [--memory-minutes N]
                                     [--rounds N] [--paced-fraction 0.5] [--profile DIR] [--pin]
+                                    [--cluster-orgs 24]
 
 It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
 aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
@@ -18,6 +19,13 @@ Then (b) and (c) run again at the same paced load, ``--paced-fraction`` (default
 rate (c) reached: at saturation a closed loop's latency is mostly queueing, so the added latency
 the proxy itself causes is read at a load both carry (each ``wrk`` connection waits an
 exponentially distributed gap after every answer; the Python generator uses a fixed schedule).
+
+The same run also measures (c) on a three-shard Redis Cluster (three masters, one replica each,
+started by the test harness, ``tests/redis_topologies.py``), twice: with ``durability =
+"async"`` and with ``"replicated"`` (a ``WAIT`` per batch), the load spread round-robin over one
+key in each of ``--cluster-orgs`` orgs (and so over the shards). For these rows it reports the
+Redis CPU of every shard: its share of the calls, its master's CPU per request of the run and
+per request it served, and its replica's CPU per request (replication's cost).
 
 Scenarios: ``short`` chat prompts and ``long`` prompts of ~50k tokens (counting them must not
 stall the proxy's event loop: a /healthz probe runs beside the load and its latency shows
@@ -47,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +64,10 @@ import redis
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 import cpu_profile as bench_profile  # noqa: E402  (beside this file)
+from redis_topologies import RedisClusterTopology, running  # noqa: E402  (the test harness)
 
 from proxy.gateway.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
@@ -144,7 +154,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def proxy_config(path: Path, upstream: str, redis_url: str) -> Path:
+def proxy_config(path: Path, upstream: str, redis_url: str, durability: str = "async") -> Path:
     path.write_text(
         "\n".join(
             [
@@ -154,6 +164,7 @@ def proxy_config(path: Path, upstream: str, redis_url: str) -> Path:
                 "shutdown_grace_seconds = 5",
                 "[redis]",
                 f'url = "{redis_url}"',
+                f'durability = "{durability}"',
                 "[auth]",
                 'bootstrap_key_env = "BENCH_ADMIN_KEY"',
                 "[[upstreams]]",
@@ -178,6 +189,16 @@ class Target:
     process: subprocess.Popen[bytes]
     probe_path: str
     log: Path
+    keys: list[str] = field(default_factory=list)
+    """The LLM keys the load spreads over (a proxy target); the mock and pass-through take any."""
+    redis: dict[str, int] = field(default_factory=dict)
+    """Name → pid of every Redis process behind a proxy target (masters and replicas)."""
+    redis_stats: dict[str, redis.Redis] = field(default_factory=dict)
+    """Name → client of each master whose command statistics count this target's calls."""
+
+    @property
+    def is_proxy(self) -> bool:
+        return bool(self.redis)
 
 
 def _tail(log: Path) -> str:
@@ -228,8 +249,9 @@ async def admin(session: aiohttp.ClientSession, method: str, url: str, body: Any
         return payload
 
 
-async def provision(proxy_url: str) -> str:
-    """A key whose every check runs and passes: key and org limits, key and org budgets."""
+async def provision(proxy_url: str, orgs: list[str]) -> list[str]:
+    """Per org a key whose every check runs and passes: key and org limits, key and org
+    budgets. Returns the keys' secrets, one per org."""
     limits = {"rpm": HUGE, "tpm": HUGE, "concurrency": 100_000}
     budget = {
         "period": "monthly",
@@ -237,24 +259,31 @@ async def provision(proxy_url: str) -> str:
         "limit": 10**6,  # out of reach (cost limits stop at 9,007,199.25 units)
         "thresholds": [{"pct": 80, "action": "alert"}, {"pct": 100, "action": "block"}],
     }
+    secrets: list[str] = []
     async with aiohttp.ClientSession() as session:
-        key = await admin(
-            session,
-            "POST",
-            f"{proxy_url}/api/v1/keys",
-            {"org_id": ORG, "name": "bench", "limits": limits},
-        )
-        await admin(session, "PUT", f"{proxy_url}/api/v1/orgs/{ORG}/limits", limits)
-        await admin(session, "PUT", f"{proxy_url}/api/v1/llm/budgets/apikey/{key['id']}", budget)
-        await admin(
-            session,
-            "PUT",
-            f"{proxy_url}/api/v1/llm/budgets/org/{ORG}",
-            {**budget, "limit_kind": "tokens", "limit": HUGE},
-        )
-    secret: str = key["key"]
-    return secret
+        for org in orgs:
+            key = await admin(
+                session,
+                "POST",
+                f"{proxy_url}/api/v1/keys",
+                {"org_id": org, "name": "bench", "limits": limits},
+            )
+            await admin(session, "PUT", f"{proxy_url}/api/v1/orgs/{org}/limits", limits)
+            await admin(
+                session, "PUT", f"{proxy_url}/api/v1/llm/budgets/apikey/{key['id']}", budget
+            )
+            await admin(
+                session,
+                "PUT",
+                f"{proxy_url}/api/v1/llm/budgets/org/{org}",
+                {**budget, "limit_kind": "tokens", "limit": HUGE},
+            )
+            secrets.append(key["key"])
+    return secrets
 
+
+CLUSTER_TARGETS = ("cluster", "cluster_replicated")
+"""The (c) rows on the three-shard cluster: durability async, and replicated (WAIT)."""
 
 LOAD_CPUS, SERVER_CPUS = {0}, {1}
 """``--pin``: the generator, the mock and Redis share CPU 0; the server under test has CPU 1."""
@@ -307,13 +336,19 @@ local ratio = {ratio}
 -- unique: every prompt starts with its request number, so no cache anywhere sees a repeat
 local unique = {unique}
 local marker = '"content":"'
-local headers = {{ ["Content-Type"] = "application/json", ["Authorization"] = "Bearer {key}" }}
+-- requests go round-robin over the keys (one per org: spread over a cluster's shards)
+local keys = {{ {keys} }}
+local headers = {{ ["Content-Type"] = "application/json" }}
 local reqs, heads, tails = {{}}, {{}}, {{}}
 local n = 0
 
 function init(args)
   for i = 1, 2 do
-    reqs[i] = wrk.format("POST", "{path}", headers, bodies[i])
+    reqs[i] = {{}}
+    for k = 1, #keys do
+      headers["Authorization"] = "Bearer " .. keys[k]
+      reqs[i][k] = wrk.format("POST", "{path}", headers, bodies[i])
+    end
     local _, cut = string.find(bodies[i], marker, 1, true)
     heads[i], tails[i] = string.sub(bodies[i], 1, cut), string.sub(bodies[i], cut + 1)
   end
@@ -323,10 +358,12 @@ function request()
   local streamed = math.floor((n + 1) * ratio) > math.floor(n * ratio)
   n = n + 1
   local i = streamed and 2 or 1
+  local k = n % #keys + 1
   if unique then
+    headers["Authorization"] = "Bearer " .. keys[k]
     return wrk.format("POST", "{path}", headers, heads[i] .. n .. " " .. tails[i])
   end
-  return reqs[i]
+  return reqs[i][k]
 end
 
 {delay}
@@ -353,7 +390,7 @@ end
 
 
 def write_wrk_script(
-    path: Path, scenario: Scenario, key: str, stream_ratio: float, pace_ms: float = 0.0
+    path: Path, scenario: Scenario, keys: list[str], stream_ratio: float, pace_ms: float = 0.0
 ) -> Path:
     """``pace_ms`` > 0: each connection's mean gap between requests (see ``WRK_PACING``)."""
     buffered, streamed = scenario.body(False).decode(), scenario.body(True).decode()
@@ -362,7 +399,8 @@ def write_wrk_script(
     unique = "true" if scenario.prompt_tokens > 1000 else "false"
     path.write_text(
         WRK_SCRIPT.format(
-            buffered=buffered, streamed=streamed, ratio=stream_ratio, key=key, path=CHAT_PATH,
+            buffered=buffered, streamed=streamed, ratio=stream_ratio, path=CHAT_PATH,
+            keys=", ".join(f'"{key}"' for key in keys or ["none"]),
             unique=unique, delay=WRK_PACING.format(mean_ms=round(pace_ms, 3)) if pace_ms else "",
         )
     )  # fmt: skip
@@ -426,7 +464,7 @@ async def wrk_load(
 async def python_load(
     url: str,
     prompt_file: Path,
-    key: str,
+    keys: list[str],
     seconds: int,
     connections: int,
     stream_ratio: float,
@@ -439,7 +477,8 @@ async def python_load(
     env = {k: v for k, v in _env().items() if k != "PROXY_ADMIN_KEY"}
     before = children_cpu()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "loadtest", "--url", url, "--key", key,
+        sys.executable, "-m", "proxy", "loadtest", "--url", url,
+        *(arg for key in keys or ["none"] for arg in ("--key", key)),
         "--duration", str(seconds), "--concurrency", str(connections),
         "--stream-ratio", str(stream_ratio), "--prompt-file", str(prompt_file),
         "--max-tokens", str(MAX_TOKENS), "--model", MODEL, "--json", str(report_path),
@@ -514,7 +553,6 @@ class Bench:
     redis_server: EmbeddedRedis
     redis_client: redis.Redis
     mock: subprocess.Popen[bytes]
-    key: str
     generator: str
 
     async def load(
@@ -524,9 +562,9 @@ class Bench:
         if self.generator == "wrk":
             pace_ms = self.args.connections / rate * 1000 if rate else 0.0
             script = write_wrk_script(
-                self.work / f"{scenario.name}{'-paced' if rate else ''}.lua",
+                self.work / f"{scenario.name}-{target.name}{'-paced' if rate else ''}.lua",
                 scenario,
-                self.key,
+                target.keys,
                 self.args.stream_ratio,
                 pace_ms,
             )
@@ -540,7 +578,7 @@ class Bench:
         prompt_file = self.work / f"{scenario.name}.prompt.txt"
         prompt_file.write_text(scenario.prompt)
         return await python_load(
-            target.url, prompt_file, self.key, seconds, self.args.connections,
+            target.url, prompt_file, target.keys, seconds, self.args.connections,
             self.args.stream_ratio, rate,
         )  # fmt: skip
 
@@ -561,7 +599,7 @@ class Bench:
     async def paced(self, target: Target, scenario: Scenario, rate: float) -> dict[str, Any]:
         """Latency at a load both targets carry: below saturation, so it shows what each adds
         to a request rather than how long requests queue (which is throughput in disguise)."""
-        pids = [target.process.pid, self.mock.pid, self.redis_server.pid or 0]
+        pids = [target.process.pid, self.mock.pid, *target.redis.values()]
         quiesce(pids)
         result = await self.load(target, scenario, self.args.duration, rate)
         quiesce(pids)
@@ -573,14 +611,12 @@ class Bench:
 
     async def measure(self, target: Target, scenario: Scenario) -> dict[str, Any]:
         await self.load(target, scenario, self.args.warmup)
-        pids = {"server": target.process.pid, "mock": self.mock.pid}
-        if target.name == "proxy":
-            pids["redis"] = self.redis_server.pid or 0
+        pids = {"server": target.process.pid, "mock": self.mock.pid, **target.redis}
         quiesce(list(pids.values()))
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         machine_before, self_before = machine_cpu(), time.process_time()
-        calls_before = command_calls(self.redis_client)
-        served_before = await served_requests(target.url) if target.name == "proxy" else None
+        calls_before = {name: command_calls(c) for name, c in target.redis_stats.items()}
+        served_before = await served_requests(target.url) if target.is_proxy else None
         stop, samples = asyncio.Event(), list[float]()
         prober = asyncio.create_task(probe(target.url + target.probe_path, stop, samples))
         result = await self.load(target, scenario, self.args.duration)
@@ -591,12 +627,14 @@ class Bench:
         busy = machine_after[0] - machine_before[0]
         ours = sum(cpu.values()) + result.generator_cpu_s + time.process_time() - self_before
         quiesce(list(pids.values()))  # the cut-off requests end and settle
-        calls_after = command_calls(self.redis_client)
+        calls_after = {name: command_calls(c) for name, c in target.redis_stats.items()}
         n = max(result.requests, 1)
         served = n
         if served_before is not None:
             served_after = await served_requests(target.url)
             served = max((served_after or 0) - served_before, 1)
+        redis_each = {name: cpu.pop(name) for name in target.redis}
+        redis_cpu = sum(redis_each.values())
         row: dict[str, Any] = {
             "target": target.label,
             "requests": result.requests,
@@ -604,6 +642,7 @@ class Bench:
             **result.figures(),
             "cpu_us_per_request": {
                 **{name: round(seconds / n * 1e6, 1) for name, seconds in cpu.items()},
+                **({"redis": round(redis_cpu / n * 1e6, 1)} if target.is_proxy else {}),
                 "generator": round(result.generator_cpu_s / n * 1e6, 1),
             },
             # Other processes on this machine during the run: they skew every figure.
@@ -611,13 +650,20 @@ class Bench:
             "other_processes_cpu_pct": round(max(busy - ours, 0.0) / result.seconds * 100, 1),
             "probe_ms": percentiles(samples) or {"count": 0, "p50": 0, "p99": 0, "max": 0},
         }
-        if target.name == "proxy":
-            diff = {
-                name: calls_after.get(name, 0) - calls_before.get(name, 0)
-                for name in sorted(calls_before.keys() | calls_after.keys())
-                if name != "info"
+        if target.is_proxy:
+            diffs = {
+                shard: {
+                    name: calls_after[shard].get(name, 0) - calls_before[shard].get(name, 0)
+                    for name in calls_before[shard].keys() | calls_after[shard].keys()
+                    if name != "info"
+                }
+                for shard in target.redis_stats
             }
-            per_command = {name: round(d / served, 3) for name, d in diff.items() if d > 0}
+            total: dict[str, int] = {}
+            for diff in diffs.values():
+                for name, d in diff.items():
+                    total[name] = total.get(name, 0) + d
+            per_command = {name: round(d / served, 3) for name, d in sorted(total.items()) if d > 0}
             reads = per_command.pop("_reads", 0.0)
             row["redis_per_request"] = {
                 "requests_served": served,
@@ -626,7 +672,30 @@ class Bench:
                 "commands_incl_inside_scripts": round(sum(per_command.values()), 3),
                 "by_command": per_command,
             }
+            if len(target.redis_stats) > 1:
+                row["redis_shards"] = shard_figures(diffs, n, redis_each)
         return row
+
+
+def shard_figures(
+    diffs: dict[str, dict[str, int]], requests: int, cpu: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Per shard: its share of the script calls, its master's and replica's CPU per request of
+    the run, and the master's CPU per request it served itself (two script calls each)."""
+    calls = {shard: max(diff.get("evalsha", 0), 0) for shard, diff in diffs.items()}
+    everything = max(sum(calls.values()), 1)
+    shards: dict[str, dict[str, float]] = {}
+    for shard in diffs:
+        master = cpu[shard]
+        replica = cpu.get(f"{shard}-replica", 0.0)
+        own = max(calls[shard] / 2, 1)
+        shards[shard] = {
+            "share_of_requests": round(calls[shard] / everything, 3),
+            "master_us_per_request": round(master / requests * 1e6, 1),
+            "master_us_per_own_request": round(master / own * 1e6, 1),
+            "replica_us_per_request": round(replica / requests * 1e6, 1),
+        }
+    return shards
 
 
 def compare(
@@ -641,6 +710,22 @@ def compare(
             "paced_added_p50_ms": round(pc["p50_ms"] - pb["p50_ms"], 3),
             "paced_added_p99_ms": round(pc["p99_ms"] - pb["p99_ms"], 3),
         }
+    topologies = {}
+    for name in CLUSTER_TARGETS:
+        if name in rows:
+            row = rows[name]
+            topologies[name] = {
+                "throughput_over_single": round(row["rps"] / c["rps"], 3) if c["rps"] else None,
+                "throughput_ratio_over_b": round(row["rps"] / b["rps"], 3) if b["rps"] else None,
+                "evalsha_per_request": row["redis_per_request"]["evalsha"],
+            }
+            if paced and name in paced:
+                topologies[name]["paced_added_p50_ms_over_single"] = round(
+                    paced[name]["p50_ms"] - paced["proxy"]["p50_ms"], 3
+                )
+                topologies[name]["paced_added_p99_ms_over_single"] = round(
+                    paced[name]["p99_ms"] - paced["proxy"]["p99_ms"], 3
+                )
     return {
         **same_load,
         "throughput_ratio_c_over_b": round(c["rps"] / b["rps"], 3) if b["rps"] else None,
@@ -648,6 +733,7 @@ def compare(
         "added_p99_ms": round(c["p99_ms"] - b["p99_ms"], 3),
         "redis_evalsha_per_request": c["redis_per_request"]["evalsha"],
         "redis_socket_reads_per_request": c["redis_per_request"]["socket_reads"],
+        **({"topologies": topologies} if topologies else {}),
     }
 
 
@@ -681,6 +767,15 @@ def render(result: dict[str, Any]) -> str:
                 f"{cpu.get('redis', 0):>5.0f} /{cpu['generator']:>5.0f}"
                 f"{'':>14}{row['probe_ms']['p99']:.1f}/{row['probe_ms']['max']:.1f}"
             )
+        for row in scenario["targets"].values():
+            if "redis_shards" in row:
+                shards = "; ".join(
+                    f"{name} {f['share_of_requests']:.0%} of requests, master "
+                    f"{f['master_us_per_request']:.0f} µs/req ({f['master_us_per_own_request']:.0f}"
+                    f" per own), replica {f['replica_us_per_request']:.0f} µs/req"
+                    for name, f in row["redis_shards"].items()
+                )
+                lines.append(f"  {row['target']} — Redis CPU per shard: {shards}")
         others = max(row["other_processes_cpu_pct"] for row in scenario["targets"].values())
         if others > 10:
             lines.append(
@@ -699,6 +794,18 @@ def render(result: dict[str, Any]) -> str:
             f"Redis per request: {cmp['redis_evalsha_per_request']} EVALSHA, "
             f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads)"
         )
+        for name, topo in cmp.get("topologies", {}).items():
+            line = (
+                f"  {scenario['targets'][name]['target']}: {topo['throughput_over_single']} of "
+                f"(c) single's throughput, {topo['throughput_ratio_over_b']} of (b); "
+                f"{topo['evalsha_per_request']} EVALSHA per request"
+            )
+            if "paced_added_p50_ms_over_single" in topo:
+                line += (
+                    f"; at the same load p50 {topo['paced_added_p50_ms_over_single']:+.2f} ms, "
+                    f"p99 {topo['paced_added_p99_ms_over_single']:+.2f} ms over (c) single"
+                )
+            lines.append(line)
         if "paced" in scenario:
             lines.append(
                 f"  same load, paced at {cmp['paced_rps']:.0f} req/s offered "
@@ -845,21 +952,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "proxy": Target(
                 "(c) llm-proxy", "proxy", f"http://127.0.0.1:{proxy_port}", proxy, "/healthz",
-                work / "proxy.log",
+                work / "proxy.log", redis={"redis": redis_server.pid or 0},
+                redis_stats={"redis": redis_client},
             ),
         }  # fmt: skip
+        if args.cluster_orgs and not args.memory_minutes:
+            targets.update(start_cluster_targets(stack, work, mock_url))
         if args.pin:
             # The system under test alone on one core, everything else on the other: steadier
             # CPU-per-request figures for comparing two versions of the proxy.
-            for pid in (mock.pid, redis_server.pid or 0):
+            redis_pids = [pid for t in targets.values() for pid in t.redis.values()]
+            for pid in (mock.pid, *redis_pids):
                 os.sched_setaffinity(pid, LOAD_CPUS)
-            for pid in (passthrough.pid, proxy.pid):
-                os.sched_setaffinity(pid, SERVER_CPUS)
+            for target in targets.values():
+                if target.name != "mock":
+                    os.sched_setaffinity(target.process.pid, SERVER_CPUS)
         for target in targets.values():
             await wait_ready(target.url + target.probe_path, target.process, target.log)
-        await wait_ready(targets["proxy"].url + "/readyz", proxy, targets["proxy"].log)
-        key = await provision(targets["proxy"].url)
-        bench = Bench(args, work, redis_server, redis_client, mock, key, generator)
+            if target.is_proxy:
+                await wait_ready(target.url + "/readyz", target.process, target.log)
+        targets["proxy"].keys = await provision(targets["proxy"].url, [ORG])
+        if "cluster" in targets:
+            orgs = [f"{ORG}-{n}" for n in range(args.cluster_orgs)]
+            keys = await provision(targets["cluster"].url, orgs)
+            for name in CLUSTER_TARGETS:
+                targets[name].keys = keys
+        bench = Bench(args, work, redis_server, redis_client, mock, generator)
         result: dict[str, Any] = {
             "generator": generator,
             "connections": args.connections,
@@ -888,7 +1006,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             paced: dict[str, dict[str, Any]] = {}
             if args.paced_fraction:
                 rate = rows["proxy"]["rps"] * args.paced_fraction
-                for name in ("passthrough", "proxy"):
+                for name in ("passthrough", "proxy", *(t for t in CLUSTER_TARGETS if t in rows)):
                     print(f"{scenario.name}: {targets[name].label} paced...", file=sys.stderr)
                     paced[name] = await bench.paced(targets[name], scenario, rate)
             result["scenarios"][scenario.name] = {
@@ -909,6 +1027,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name in ("passthrough", "proxy")
                 }
         return result
+
+
+def start_cluster_targets(
+    stack: contextlib.ExitStack[Any], work: Path, mock_url: str
+) -> dict[str, Target]:
+    """A three-shard Redis Cluster (one replica per master) and two proxies on it: durability
+    async and replicated. Shards are named by their slot ranges' order."""
+    cluster = stack.enter_context(running(RedisClusterTopology(work / "cluster")))
+    redis_pids: dict[str, int] = {}
+    redis_stats: dict[str, redis.Redis] = {}
+    for index, (master, replica) in enumerate(cluster.shards(), start=1):
+        redis_pids[f"shard{index}"] = master.pid or 0
+        redis_pids[f"shard{index}-replica"] = replica.pid or 0
+        stats = redis.Redis(port=master.port, decode_responses=True)
+        stack.callback(stats.close)
+        redis_stats[f"shard{index}"] = stats
+    targets = {}
+    for name, durability, label in (
+        ("cluster", "async", "(c) cluster, 3 shards"),
+        ("cluster_replicated", "replicated", "(c) cluster, replicated"),
+    ):
+        port = free_port()
+        config = proxy_config(work / f"proxy-{name}.toml", mock_url, cluster.url, durability)
+        log = work / f"proxy-{name}.log"
+        process = stack.enter_context(
+            started(
+                [sys.executable, "-m", "proxy", "--config", str(config), "--log-level",
+                 "WARNING", "serve", "--port", str(port), "--workers", "1"],
+                log,
+            )
+        )  # fmt: skip
+        targets[name] = Target(
+            label, name, f"http://127.0.0.1:{port}", process, "/healthz", log,
+            redis=redis_pids, redis_stats=redis_stats,
+        )  # fmt: skip
+    return targets
 
 
 def render_memory(memory: dict[str, Any]) -> str:
@@ -941,6 +1095,12 @@ def main() -> None:
         help="also measure (b) and (c) at this share of (c)'s throughput; 0: skip",
     )
     parser.add_argument("--long-prompt-tokens", type=int, default=50_000)
+    parser.add_argument(
+        "--cluster-orgs",
+        type=int,
+        default=24,
+        help="also run (c) on a three-shard Redis Cluster, keys over this many orgs; 0: skip",
+    )
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--json", dest="json_path", help="write the results here")
     parser.add_argument(
