@@ -69,7 +69,9 @@ async def wait_for_stop_signal() -> None:
 async def running_site(
     app: web.Application, host: str, port: int, *, reuse_port: bool, grace: float
 ) -> AsyncIterator[web.AppRunner]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    # Handler cancellation: a client that goes away cancels its handler wherever it waits (a
+    # silent upstream, its own full socket), so its upstream call and its slot end at once.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=grace)
     await site.start()

@@ -2,6 +2,12 @@
 
 Every admitted request is settled exactly once — on success, upstream error, timeout, and when
 the client goes away mid-stream — in a ``finally`` that cancellation cannot skip.
+
+A client that goes away cancels its handler (the server runs with aiohttp's handler
+cancellation), wherever it waits: for Redis, for a silent upstream, or on its own full socket.
+The upstream call ends at once, and what the upstream had delivered by then is charged.
+``timeouts.total_seconds`` bounds the whole exchange, from sending upstream to the last byte
+written to the client (see ``_Deadline``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
 _BROKEN_STREAM_EVENT = (
     b'data: {"error":{"message":"The upstream stream broke off before it ended; the answer is '
     b'incomplete.","type":"server_error","code":"upstream_stream_broken","param":null}}\n\n'
+)
+_TIMEOUT_EVENT = (
+    b'data: {"error":{"message":"The upstream did not finish in time; the answer is '
+    b'incomplete.","type":"server_error","code":"upstream_timeout","param":null}}\n\n'
 )
 
 
@@ -170,6 +180,14 @@ async def handle_llm(request: web.Request, endpoint: str) -> web.StreamResponse:
     except (RedisError, OSError):
         outcome["decision"] = "store_unavailable"
         raise store_unavailable() from None
+    except asyncio.CancelledError:
+        # The client left while Redis decided; the admit command was already sent and may have
+        # reserved. A settle queued behind it releases that reservation at once (settling a
+        # request that holds no lease does nothing), instead of leaving it to lease expiry.
+        gone = Exchange(identity, request_id, endpoint, route, prompt_tokens, on_behalf_of)
+        gone.client_gone = True
+        await _settle(gw, gone, outcome)
+        raise
     if isinstance(decision, RateLimited):
         outcome["decision"] = f"rate_limit_{decision.limit_name}"
         raise rate_limited_error(decision)
@@ -250,6 +268,10 @@ async def _forward(
     except ApiError as exc:
         exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
         raise
+    except asyncio.CancelledError:
+        # Gone before the upstream's first byte: the call is closed, nothing was received.
+        exchange.client_gone = True
+        raise
     try:
         exchange.status = upstream.status
         headers = client_headers(upstream.headers)
@@ -257,14 +279,24 @@ async def _forward(
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if upstream.status == 200 and is_sse:
             return await _relay_stream(request, gw, exchange, upstream, headers, strip_usage)
+        parts: list[bytes] = []
         try:
-            data = await upstream.read()
+            async for chunk in upstream.iter_chunks():
+                parts.append(chunk)
         except UpstreamTimeout as exc:
             exchange.extra["upstream_error"] = "timeout"
             raise upstream_timeout(exchange.route.upstream) from exc
         except UpstreamError as exc:
             exchange.extra["upstream_error"] = "broken_body"
             raise upstream_broken(exchange.route.upstream) from exc
+        except asyncio.CancelledError:
+            # A buffered answer's usage comes at its end: it counts if all of it had arrived.
+            exchange.client_gone = True
+            parts.append(upstream.salvage())
+            if upstream.complete and upstream.status == 200:
+                exchange.usage = _buffered_usage(exchange, b"".join(parts))
+            raise
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         if upstream.status == 200:
             exchange.usage = _buffered_usage(exchange, data)
@@ -286,6 +318,29 @@ def _buffered_usage(exchange: Exchange, data: bytes) -> Usage:
     return Usage(exchange.prompt_tokens, output, reported=False)
 
 
+class _Deadline:
+    """``total_seconds`` for the whole exchange, on the upstream request's one timer.
+
+    When it passes, the upstream connection has already been read out and closed (every byte
+    it delivered is counted). A client that has taken everything sent so far then gets the
+    ``upstream_timeout`` error event; one that has not — its socket is full, it is not
+    reading — is cut off, since waiting for it is what the deadline forbids. The cut also
+    ends a relay blocked writing to it (its handler is cancelled, like a client that left).
+    """
+
+    __slots__ = ("_request", "passed")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.passed = False
+
+    def __call__(self) -> None:
+        self.passed = True
+        transport = self._request.transport
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+
+
 async def _relay_stream(
     request: web.Request,
     gw: Gateway,
@@ -297,17 +352,21 @@ async def _relay_stream(
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "text/event-stream"
     meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage)
+    deadline = _Deadline(request)
+    upstream.on_deadline(deadline)
     sent_at = time.perf_counter()
+    pending = b""  # the start of an event whose end has not arrived yet
     try:
         await response.prepare(request)
         last: bytes | None = None  # held back so the end of the stream costs one write, not two
-        pending = b""  # the start of an event whose end has not arrived yet
         async for chunk in upstream.iter_chunks():
             if pending:
                 chunk, pending = pending + chunk, b""
             if not chunk.endswith(EVENT_ENDS):
                 chunk, pending = complete_events(chunk)
             data = meter.relay(chunk) if chunk else b""
+            if deadline.passed:
+                continue  # counted; past the deadline the client gets only the error event
             if last is not None:
                 await response.write(last)
                 last = None
@@ -319,18 +378,29 @@ async def _relay_stream(
         if pending.strip():
             data = meter.relay(pending)
             last = last + data if last else data
+        pending = b""
+        if deadline.passed:  # the answer was cut: never a [DONE] for it
+            raise UpstreamTimeout("the exchange did not finish in time")
         await response.write_eof(last or b"")
-    except (ConnectionResetError, ConnectionError):
-        exchange.client_gone = True
-    except asyncio.CancelledError:
-        exchange.client_gone = True
-        raise
-    except UpstreamError:
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        # The client left, or was cut off at the deadline. Count everything the upstream had
+        # delivered, also what was never relayed (buffered here, or still in the socket);
+        # release() then closes the upstream connection.
+        exchange.client_gone = not deadline.passed
+        rest = pending + upstream.salvage()
+        if rest:
+            meter.relay(rest)
+        if deadline.passed:
+            exchange.extra["upstream_error"] = "timeout"
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    except UpstreamError as exc:
         # The client must not mistake a truncated answer for a complete one: end the stream
         # with an error event (the OpenAI SDKs raise APIError on it) and no [DONE].
-        exchange.extra["upstream_error"] = "broken_stream"
+        timed_out = isinstance(exc, UpstreamTimeout)
+        exchange.extra["upstream_error"] = "timeout" if timed_out else "broken_stream"
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(_BROKEN_STREAM_EVENT)
+            await response.write(_TIMEOUT_EVENT if timed_out else _BROKEN_STREAM_EVENT)
             await response.write_eof()
     finally:
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
