@@ -21,9 +21,10 @@ from proxy.gateway.request_log import add_request_id_header, request_log_middlew
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
-from proxy.store.connection import connect
+from proxy.store.connection import Redis, connect
 from proxy.store.keys import KeyCreate, KeyStore, digest
 from proxy.store.pipelined import PipelinedConnection
+from proxy.store.readiness import StoreNotReady, describe, wait_until_ready
 from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,8 @@ def _hot_path(settings: Settings, redis_url: str) -> PipelinedConnection | None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
+    await prepare_store(gw.settings, gw.redis)
     await gw.upstream.start()
-    try:
-        for script in health.SCRIPTS:
-            await script.load(gw.redis)
-        await _ensure_bootstrap_key(gw)
-    except (RedisError, OSError) as exc:
-        log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
     await gw.admission.drain(grace=5.0)
     gw.admission.close()
@@ -129,17 +125,34 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await gw.redis.aclose()
 
 
-async def _ensure_bootstrap_key(gw: Gateway) -> None:
+async def prepare_store(settings: Settings, redis: Redis) -> None:
+    """Start-up, before the first request can arrive: Redis answers and has loaded its data
+    (a bounded wait), then the scripts are loaded and the bootstrap admin key is written.
+    Anything that fails raises ``StoreNotReady``: a proxy that skipped this would accept the
+    old admin key and refuse the new one, with nothing said."""
+    await wait_until_ready(redis, settings.redis.startup_wait_seconds)
+    try:
+        for script in health.SCRIPTS:
+            await script.load(redis)
+        await _ensure_bootstrap_key(settings, KeyStore(redis))
+    except (RedisError, OSError) as exc:
+        raise StoreNotReady(
+            f"cannot load the scripts and the bootstrap key into Redis at {describe(redis)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def _ensure_bootstrap_key(settings: Settings, keys: KeyStore) -> None:
     """The configured admin key exists as an ordinary cluster-admin key (digest only)."""
-    plaintext = os.environ.get(gw.settings.auth.bootstrap_key_env)
+    plaintext = os.environ.get(settings.auth.bootstrap_key_env)
     if not plaintext:
         return
-    if await gw.keys.identity(plaintext) is not None:
+    if await keys.identity(plaintext) is not None:
         return
-    existing = await gw.keys.get(BOOTSTRAP_ORG, BOOTSTRAP_KEY_ID)
+    existing = await keys.get(BOOTSTRAP_ORG, BOOTSTRAP_KEY_ID)
     if existing is not None and existing.status == "active":
-        await gw.keys.revoke(existing)
-    await gw.keys.create(
+        await keys.revoke(existing)
+    await keys.create(
         KeyCreate(name="bootstrap admin", role="cluster_admin"),
         BOOTSTRAP_ORG,
         plaintext=plaintext,

@@ -1,7 +1,12 @@
 """``llm-proxy demo``: the proxy in front of the bundled mock upstream, with a fresh key.
 
-Everything runs in one process (embedded Redis, mock, proxy) so a first-time user sees the
+Everything runs in one process (a private Redis, mock, proxy) so a first-time user sees the
 whole request path work before wiring a real provider.
+
+The demo never touches a configured Redis or data directory: its Redis is in memory, in a
+temporary directory, and ends with the demo (``serving.private_redis``). So its key — active,
+unlimited, printed on the terminal — cannot outlive it, even if the demo is killed, and a demo
+started beside ``serve`` leaves ``serve``'s data alone.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 from aiohttp import web
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.serving import redis_url_for, running_site, serve_worker, use_uvloop
+from proxy.serving import private_redis, running_site, serve_worker, use_uvloop
 from proxy.store.connection import connect
 from proxy.store.embedded_redis import free_port
 from proxy.store.keys import KeyCreate, KeyStore
@@ -41,6 +46,7 @@ def _instructions(host: str, port: int, key: str) -> str:
     base = f"http://{host}:{port}/v1"
     return f"""
 llm-proxy demo is running on http://{host}:{port} (upstream: the bundled mock).
+Its Redis is private and in memory: this key and everything else end with the demo.
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
@@ -73,5 +79,5 @@ async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None
 
 def run_demo(settings: Settings, host: str, port: int) -> None:
     use_uvloop(settings.server.uvloop)
-    with redis_url_for(settings) as redis_url:
+    with private_redis(settings) as redis_url:
         asyncio.run(_run(settings, redis_url, host, port))
