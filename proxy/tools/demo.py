@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.config import ModelConfig, Settings, UpstreamConfig
 from proxy.serving import private_redis, running_site, serve_worker, use_uvloop
 from proxy.store.connection import connect
-from proxy.store.embedded_redis import free_port
+from proxy.store.embedded_redis import RedisServerNotFound, find_redis_server, free_port
 from proxy.store.keys import KeyCreate, KeyStore
 from proxy.tools.mock_upstream import MockOptions, build_mock_app
 
@@ -79,5 +79,12 @@ async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None
 
 def run_demo(settings: Settings, host: str, port: int) -> None:
     use_uvloop(settings.server.uvloop)
+    try:
+        find_redis_server()
+    except RedisServerNotFound as exc:
+        raise RedisServerNotFound(
+            f"{exc} (The demo always runs its own private Redis, never the one in REDIS_URL, "
+            "so that its throwaway key cannot land in a shared Redis.)"
+        ) from None
     with private_redis(settings) as redis_url:
         asyncio.run(_run(settings, redis_url, host, port))
