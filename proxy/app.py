@@ -24,8 +24,9 @@ from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
-from proxy.store.connection import connect, hot_path
+from proxy.store.connection import Redis, connect, hot_path
 from proxy.store.keys import KeyCreate, KeyStore, digest
+from proxy.store.readiness import StoreNotReady, describe, wait_until_ready
 from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.store.secret_box import SecretBox, SecretKeyError
 from proxy.store.windows import Clock, system_clock
@@ -138,14 +139,8 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
+    await prepare_store(gw.settings, gw.redis)
     await gw.upstream.start()
-    try:
-        for script in health.SCRIPTS:
-            await script.load(gw.redis)
-        await _ensure_bootstrap_key(gw)
-        await _seal_webhook_secrets(gw)
-    except (RedisError, OSError) as exc:
-        log.warning("Redis not reachable at start-up (%s); requests get 503 until it is", exc)
     yield
     await gw.admission.drain(grace=5.0)
     gw.admission.close()
@@ -153,30 +148,50 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await gw.redis.aclose()
 
 
-async def _seal_webhook_secrets(gw: Gateway) -> None:
-    if gw.budgets.box is None:
+async def prepare_store(settings: Settings, redis: Redis) -> None:
+    """Start-up, before the first request can arrive: Redis answers and has loaded its data
+    (a bounded wait), then the scripts are loaded, the bootstrap admin key is written and
+    webhook secrets still stored in plain text are sealed. Anything that fails raises
+    ``StoreNotReady``: a proxy that skipped this would accept the old admin key and refuse the
+    new one, with nothing said."""
+    await wait_until_ready(redis, settings.redis.startup_wait_seconds)
+    try:
+        for script in health.SCRIPTS:
+            await script.load(redis)
+        keys = KeyStore(redis)
+        await _ensure_bootstrap_key(settings, keys)
+        await _seal_webhook_secrets(BudgetStore(redis, SecretBox.from_env()), keys)
+    except (RedisError, OSError) as exc:
+        raise StoreNotReady(
+            f"cannot load the scripts and the bootstrap key into Redis at {describe(redis)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def _seal_webhook_secrets(budgets: BudgetStore, keys: KeyStore) -> None:
+    if budgets.box is None:
         log.warning(
             "%s is not set: webhook secrets are stored in Redis in plain text (set it to 32 "
             "random bytes, base64-encoded, e.g. `openssl rand -base64 32`)",
             SECRET_KEY_ENV,
         )
         return
-    sealed = await gw.budgets.seal_stored_secrets(await gw.keys.orgs())
+    sealed = await budgets.seal_stored_secrets(await keys.orgs())
     if sealed:
         log.info("sealed %d webhook secrets stored in plain text before %s", sealed, SECRET_KEY_ENV)
 
 
-async def _ensure_bootstrap_key(gw: Gateway) -> None:
+async def _ensure_bootstrap_key(settings: Settings, keys: KeyStore) -> None:
     """The configured admin key exists as an ordinary cluster-admin key (digest only)."""
-    plaintext = os.environ.get(gw.settings.auth.bootstrap_key_env)
+    plaintext = os.environ.get(settings.auth.bootstrap_key_env)
     if not plaintext:
         return
-    if await gw.keys.identity(plaintext) is not None:
+    if await keys.identity(plaintext) is not None:
         return
-    existing = await gw.keys.get(BOOTSTRAP_ORG, BOOTSTRAP_KEY_ID)
+    existing = await keys.get(BOOTSTRAP_ORG, BOOTSTRAP_KEY_ID)
     if existing is not None and existing.status == "active":
-        await gw.keys.revoke(existing)
-    await gw.keys.create(
+        await keys.revoke(existing)
+    await keys.create(
         KeyCreate(name="bootstrap admin", role="cluster_admin"),
         BOOTSTRAP_ORG,
         plaintext=plaintext,

@@ -42,23 +42,42 @@ def _check_routes(settings: Settings) -> None:
         sys.exit(2)
 
 
+def _starting(start: Any) -> None:
+    """Start-up failures (Redis never ready, data directory held by another process, no
+    redis-server binary) end with one clear line, not a traceback."""
+    from proxy.store.data_dir import DataDirInUse
+    from proxy.store.embedded_redis import RedisServerNotFound, RedisStartError
+    from proxy.store.readiness import StoreNotReady
+
+    try:
+        start()
+    except (StoreNotReady, DataDirInUse, RedisStartError, RedisServerNotFound) as exc:
+        print(f"llm-proxy: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from proxy.serving import serve
 
     settings = _settings(args)
     _check_routes(settings)
-    serve(
-        settings,
-        args.host or settings.server.host,
-        args.port if args.port is not None else settings.server.port,
-        args.workers or settings.server.workers,
+    _starting(
+        lambda: serve(
+            settings,
+            args.host or settings.server.host,
+            args.port if args.port is not None else settings.server.port,
+            args.workers or settings.server.workers,
+        )
     )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from proxy.tools.demo import run_demo
 
-    run_demo(_settings(args), args.host, args.port)
+    settings = _settings(args)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    _starting(lambda: run_demo(settings, host, port))
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
@@ -180,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="proxy + mock upstream + a fresh key, ready to try")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--host", help="default: [server] host")
+    demo.add_argument("--port", type=int, help="default: [server] port")
     demo.set_defaults(func=cmd_demo)
 
     mock = sub.add_parser("mock-upstream", help="run the mock OpenAI-compatible upstream")

@@ -65,6 +65,10 @@ class RedisConfig(_Strict):
     heavy load a reply queues behind others; a dead Redis is still seen at once (reset)."""
     max_connections: int = Field(1024, gt=0)
     """Pool size for admin calls and key look-ups (admit/settle share one pipelined link)."""
+    startup_wait_seconds: float = Field(60.0, gt=0)
+    """At start-up, how long to wait for Redis to answer and load its data before giving up
+    (the proxy starts serving only once it has, and its bootstrap key is written)."""
+
     # --- high availability (redis+sentinel://, redis+cluster://; see proxy.store.topology) ---
     durability: Literal["async", "replicated"] = "async"
     """``replicated``: every admit and settle batch waits (``WAIT``) until a replica has it, so

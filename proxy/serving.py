@@ -3,6 +3,11 @@
 With several workers the parent owns the embedded Redis and the children share the port via
 ``SO_REUSEPORT``; the parent stops Redis only after every child has finished its shutdown,
 so in-flight requests can still settle.
+
+Start-up runs in a fixed order, so that the first request finds everything in place: lock the
+data directory (embedded Redis), start Redis and wait until it has loaded its data, load the
+scripts and write the bootstrap admin key, bind the port — and only then say "listening".
+Workers and the embedded Redis end with the process that started them, even if it is killed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -19,13 +25,17 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from proxy.app import create_app
+from proxy.app import create_app, prepare_store
 from proxy.config import Settings
 from proxy.gateway.request_log import configure_logging
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
+from proxy.process_lifetime import die_with_parent
+from proxy.store.connection import connect
+from proxy.store.data_dir import DataDirLock
 from proxy.store.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger(__name__)
@@ -42,17 +52,43 @@ def use_uvloop(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def redis_url_for(settings: Settings) -> Iterator[str]:
-    """Yields the Redis URL: the configured one, or that of an embedded server we own."""
+    """Yields the Redis URL: the configured one, or that of an embedded server we own, on a
+    data directory we hold locked (``DataDirInUse`` names the process that holds it)."""
     if settings.redis.url:
         yield settings.redis.url
         return
-    embedded = EmbeddedRedis(Path(settings.redis.data_dir).resolve())
-    embedded.start()
-    log.info("embedded redis-server on %s (data in %s)", embedded.url, settings.redis.data_dir)
+    data_dir = Path(settings.redis.data_dir).resolve()
+    lock = DataDirLock.acquire(data_dir)
     try:
-        yield embedded.url
+        # Redis inherits the lock: the directory stays locked until Redis, too, has exited.
+        embedded = EmbeddedRedis(data_dir, keep_fds=(lock.fd,))
+        embedded.start(timeout=settings.redis.startup_wait_seconds)
+        if embedded.pid is not None:
+            lock.note_child("redis", embedded.pid)
+        log.info("embedded redis-server on %s (data in %s)", embedded.url, data_dir)
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
     finally:
-        embedded.stop()
+        lock.release()
+
+
+@contextlib.contextmanager
+def private_redis(settings: Settings) -> Iterator[str]:
+    """An embedded Redis that keeps nothing: in memory, in a temporary directory removed at
+    the end. Whatever is written to it (the demo's key) cannot outlive the process, not even
+    a SIGKILL (Redis dies with its parent and never wrote to disk)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-demo-"))
+    try:
+        embedded = EmbeddedRedis(data_dir, persist=False)
+        embedded.start(timeout=settings.redis.startup_wait_seconds)
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def wait_for_stop_signal() -> None:
@@ -77,11 +113,15 @@ async def running_site(
     grace: float,
     limits: ConnectionLimits | None = None,
 ) -> AsyncIterator[web.AppRunner]:
-    """``limits``: serve through ``GuardedAppRunner`` (the proxy); None: a plain runner."""
+    """``limits``: serve through ``GuardedAppRunner`` (the proxy); None: a plain runner.
+    Handler cancellation: a client that goes away cancels its handler wherever it waits (a
+    silent upstream, its own full socket), so its upstream call and its slot end at once."""
     runner = (
-        GuardedAppRunner(app, limits, access_log=None, shutdown_timeout=grace)
+        GuardedAppRunner(
+            app, limits, access_log=None, shutdown_timeout=grace, handler_cancellation=True
+        )
         if limits is not None
-        else web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+        else web.AppRunner(app, access_log=None, shutdown_timeout=grace, handler_cancellation=True)
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=grace)
@@ -125,45 +165,103 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _worker_main(settings: Settings, redis_url: str, host: str, port: int, log_level: int) -> None:
+def _worker_main(
+    settings: Settings,
+    redis_url: str,
+    host: str,
+    port: int,
+    log_level: int,
+    parent: int,
+    ready: Any,
+) -> None:
     """Runs in a fresh (spawned) interpreter: the parent's logging setup must be redone."""
+    die_with_parent(parent)
     configure_logging(log_level)
     use_uvloop(settings.server.uvloop)
-    asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True))
+
+    async def bound(_runner: web.AppRunner) -> None:
+        ready.send(os.getpid())
+        ready.close()
+
+    asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True, on_ready=bound))
+
+
+def _listening(host: str, port: int, workers: int) -> None:
+    print(f"llm-proxy listening on http://{host}:{port} ({workers} worker(s))", flush=True)
+
+
+async def _prepare(settings: Settings, redis_url: str) -> None:
+    redis = connect(settings.redis, redis_url)
+    try:
+        await prepare_store(settings, redis)
+    finally:
+        await redis.aclose()
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     with redis_url_for(settings) as redis_url:
-        print(f"llm-proxy listening on http://{host}:{port} ({workers} worker(s))", flush=True)
         if workers == 1:
             use_uvloop(settings.server.uvloop)
-            asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=False))
-            return
-        # Workers write metrics to a shared directory so any worker's /metrics covers all.
-        metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-        context = multiprocessing.get_context("spawn")
-        children = [
-            context.Process(
-                target=_worker_main,
-                args=(settings, redis_url, host, port, logging.getLogger().level),
+
+            async def bound(_runner: web.AppRunner) -> None:
+                _listening(host, port, workers)
+
+            asyncio.run(
+                serve_worker(settings, redis_url, host, port, reuse_port=False, on_ready=bound)
             )
-            for _ in range(workers)
-        ]
-        for child in children:
-            child.start()
+            return
+        # Once here, not N times at once; a failure stops start-up before any worker runs.
+        asyncio.run(_prepare(settings, redis_url))
+        _serve_workers(settings, redis_url, host, port, workers)
 
-        def forward(signum: int, _frame: object) -> None:
-            for child in children:
-                if child.pid is not None and child.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signum)
 
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
+def _serve_workers(settings: Settings, redis_url: str, host: str, port: int, workers: int) -> None:
+    # Workers write metrics to a shared directory so any worker's /metrics covers all.
+    metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().level
+    children = []
+    waiting: list[Any] = []  # one pipe per worker: it says when it has bound the port
+    for _ in range(workers):
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(
+            target=_worker_main, args=(settings, redis_url, host, port, level, os.getpid(), send)
+        )
+        child.start()
+        send.close()
+        children.append(child)
+        waiting.append(receive)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
-            child.join()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        failed = [c.exitcode for c in children if c.exitcode not in (0, -signal.SIGTERM)]
-        if failed:
-            sys.exit(1)
+            if child.pid is not None and child.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    broken = False
+    while waiting and not stopping:
+        for said in multiprocessing.connection.wait(waiting, timeout=0.2):
+            waiting.remove(said)
+            assert isinstance(said, multiprocessing.connection.Connection)
+            try:
+                said.recv()
+            except EOFError:  # the worker ended before it could serve
+                broken = True
+            said.close()
+        if broken:
+            log.error("a worker exited before it could serve; stopping the others")
+            forward(signal.SIGTERM, None)
+    if not waiting and not stopping:
+        _listening(host, port, workers)
+    for child in children:
+        child.join()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    failed = [c.exitcode for c in children if c.exitcode not in (0, -signal.SIGTERM)]
+    if failed or broken:
+        sys.exit(1)

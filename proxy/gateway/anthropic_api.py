@@ -10,17 +10,16 @@ nothing reserved and is never charged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from proxy.config import Protocol
-from proxy.errors import ApiError, bad_request
-from proxy.gateway import pipeline
+from proxy.errors import bad_request
+from proxy.gateway import pipeline, relay
 from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import anthropic_key
 from proxy.gateway.claude_bound import prompt_bound
@@ -31,14 +30,8 @@ from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import reserve_cost_nano
 from proxy.gateway.state import Gateway
 from proxy.providers import anthropic, fallback
-from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
-    EVENT_ENDS,
-    client_headers,
-    complete_events,
     split_events,
-    upstream_broken,
-    upstream_timeout,
 )
 
 PREFIXES = ("/v1", "/api/v1/llm", "/api/v1/llm/v1")
@@ -107,45 +100,29 @@ class AnthropicDialect:
             return json.dumps({**body, "model": candidate.model}, separators=(",", ":")).encode()
 
         sent_at = time.perf_counter()
-        try:
-            served = await fallback.send(
-                gw.upstream,
-                gw.cooldowns,
-                exchange.route.upstreams,
-                exchange.endpoint,
-                body_for,
-                request.headers,
-            )
-        except ApiError as exc:
-            exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
-            raise
+        served = await relay.send(request, gw, exchange, body_for)
         upstream = served.response
-        exchange.upstream = served.candidate.upstream.name
-        if served.skipped:
-            exchange.extra["fallback_from"] = ",".join(served.skipped)
         try:
             exchange.status = upstream.status
-            headers = client_headers(upstream.headers)
-            headers.update(admitted_headers(decision))
-            headers.update(anthropic_ratelimit_headers(decision, gw.clock()))
-            headers["x-upstream"] = exchange.upstream
-            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            if upstream.status == 200 and is_sse:
-                return await _relay_stream(request, exchange, upstream, headers)
-            try:
-                data = await upstream.read()
-            except UpstreamTimeout as exc:
-                exchange.extra["upstream_error"] = "timeout"
-                raise upstream_timeout(served.candidate.upstream) from exc
-            except UpstreamError as exc:
-                exchange.extra["upstream_error"] = "broken_body"
-                raise upstream_broken(served.candidate.upstream) from exc
-            exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
-            if upstream.status == 200 and exchange.endpoint == "messages":
-                exchange.usage = _buffered_usage(exchange, data)
+            headers = relay.answer_headers(
+                served,
+                {**admitted_headers(decision), **anthropic_ratelimit_headers(decision, gw.clock())},
+            )
+            if relay.is_stream(served):
+                meter = _StreamMeter(exchange)
+                return await relay.relay_stream(
+                    request, exchange, upstream, headers, meter, _ENDS, sent_at
+                )
+            data = await relay.read_buffered(exchange, served, sent_at, self._usage_of(exchange))
             return web.Response(status=upstream.status, body=data, headers=headers)
         finally:
             upstream.release()
+
+    @staticmethod
+    def _usage_of(exchange: Exchange) -> Callable[[bytes], Usage]:
+        if exchange.endpoint != "messages":
+            return lambda _data: Usage(0, 0)  # count_tokens is relayed, never charged
+        return lambda data: _buffered_usage(exchange, data)
 
 
 ANTHROPIC = AnthropicDialect()
@@ -187,42 +164,27 @@ def _stream_usage(exchange: Exchange, tracker: anthropic.StreamUsage) -> Usage:
     return Usage(exchange.prompt_tokens, output, reported=False)
 
 
-async def _relay_stream(
-    request: web.Request, exchange: Exchange, upstream: Response, headers: Any
-) -> web.StreamResponse:
-    """Events are written as they arrive (an event split across reads waits for its end)."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
-    tracker = anthropic.StreamUsage()
-    sent_at = time.perf_counter()
-    try:
-        await response.prepare(request)
-        pending = b""
-        async for chunk in upstream.iter_chunks():
-            if pending:
-                chunk, pending = pending + chunk, b""
-            if not chunk.endswith(EVENT_ENDS):
-                chunk, pending = complete_events(chunk)
-            if chunk:
-                tracker.observe(split_events(chunk))
-                await response.write(chunk)
-        if pending.strip():
-            tracker.observe(split_events(pending))
-        await response.write_eof(pending)
-    except (ConnectionResetError, ConnectionError):
-        exchange.client_gone = True
-    except asyncio.CancelledError:
-        exchange.client_gone = True
-        raise
-    except UpstreamError:
-        exchange.extra["upstream_error"] = "broken_stream"
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(anthropic.BROKEN_STREAM_EVENT)
-            await response.write_eof()
-    finally:
-        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
-        exchange.usage = _stream_usage(exchange, tracker)
-    return response
+class _StreamMeter:
+    """A Messages stream passes byte for byte; its usage events are followed as they pass."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        self._tracker = anthropic.StreamUsage()
+
+    def relay(self, block: bytes) -> bytes:
+        self._tracker.observe(split_events(block))
+        return block
+
+    def usage(self) -> Usage:
+        return _stream_usage(self._exchange, self._tracker)
+
+
+_ENDS = relay.StreamEnds(
+    broken=anthropic.BROKEN_STREAM_EVENT,
+    timeout=b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The '
+    b'upstream did not finish in time; the answer is incomplete."}}\n\n',
+)
+"""Stream ends the ``anthropic`` SDKs raise on (an ``error`` event, never ``message_stop``)."""
 
 
 def _handler(endpoint: str) -> Any:

@@ -1,11 +1,10 @@
 """The OpenAI-compatible endpoints: the OpenAI dialect of the shared admission
-(``proxy.gateway.pipeline``): Bearer keys, tiktoken-counted reservations, OpenAI usage.
+(``proxy.gateway.pipeline``): Bearer keys, tiktoken-counted reservations, OpenAI usage;
+forwarding and relaying as every dialect does (``proxy.gateway.relay``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 from typing import Any
@@ -14,7 +13,7 @@ from aiohttp import web
 
 from proxy.config import Protocol
 from proxy.errors import ApiError, bad_request
-from proxy.gateway import pipeline
+from proxy.gateway import pipeline, relay
 from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import bearer_token
 from proxy.gateway.decisions import admitted_headers
@@ -25,20 +24,16 @@ from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.tokenizer import count_prompt, count_text
 from proxy.providers import fallback
-from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
-from proxy.providers.upstream import (
-    EVENT_ENDS,
-    client_headers,
-    complete_events,
-    upstream_broken,
-    upstream_timeout,
-)
 
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
-_BROKEN_STREAM_EVENT = (
-    b'data: {"error":{"message":"The upstream stream broke off before it ended; the answer is '
-    b'incomplete.","type":"server_error","code":"upstream_stream_broken","param":null}}\n\n'
+_ENDS = relay.StreamEnds(
+    broken=b'data: {"error":{"message":"The upstream stream broke off before it ended; the '
+    b'answer is incomplete.","type":"server_error","code":"upstream_stream_broken",'
+    b'"param":null}}\n\n',
+    timeout=b'data: {"error":{"message":"The upstream did not finish in time; the answer is '
+    b'incomplete.","type":"server_error","code":"upstream_timeout","param":null}}\n\n',
 )
+"""Stream ends the OpenAI SDKs raise APIError on (an error event, and no [DONE])."""
 
 
 def _upstream_body(
@@ -152,44 +147,22 @@ async def _forward(
 
     body_for(exchange.route.upstreams[0])  # an invalid body is a 400 before anything is sent
     sent_at = time.perf_counter()
-    try:
-        served = await fallback.send(
-            gw.upstream,
-            gw.cooldowns,
-            exchange.route.upstreams,
-            exchange.endpoint,
-            body_for,
-            request.headers,
-        )
-    except ApiError as exc:
-        exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
-        raise
+    served = await relay.send(request, gw, exchange, body_for)
     upstream = served.response
-    strip_usage = bodies[served.candidate.model][1]
-    exchange.upstream = served.candidate.upstream.name
-    if served.skipped:
-        exchange.extra["fallback_from"] = ",".join(served.skipped)
     try:
         exchange.status = upstream.status
-        headers = client_headers(upstream.headers)
-        headers.update(admitted_headers(decision))
-        headers["x-upstream"] = exchange.upstream
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        if upstream.status == 200 and is_sse:
-            return await _relay_stream(
-                request, gw, exchange, upstream, headers, strip_usage, sent_at
+        headers = relay.answer_headers(served, admitted_headers(decision))
+        if relay.is_stream(served):
+            strip_usage = bodies[served.candidate.model][1]
+            meter = StreamMeter(
+                exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage
             )
-        try:
-            data = await upstream.read()
-        except UpstreamTimeout as exc:
-            exchange.extra["upstream_error"] = "timeout"
-            raise upstream_timeout(served.candidate.upstream) from exc
-        except UpstreamError as exc:
-            exchange.extra["upstream_error"] = "broken_body"
-            raise upstream_broken(served.candidate.upstream) from exc
-        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
-        if upstream.status == 200:
-            exchange.usage = _buffered_usage(exchange, data)
+            return await relay.relay_stream(
+                request, exchange, upstream, headers, meter, _ENDS, sent_at
+            )
+        data = await relay.read_buffered(
+            exchange, served, sent_at, lambda data: _buffered_usage(exchange, data)
+        )
         return web.Response(status=upstream.status, body=data, headers=headers)
     finally:
         upstream.release()
@@ -206,60 +179,6 @@ def _buffered_usage(exchange: Exchange, data: bytes) -> Usage:
     text = _text_of_body(exchange.endpoint, parsed)
     output = count_text(exchange.route.encoding, text) if text else 0
     return Usage(exchange.prompt_tokens, output, reported=False)
-
-
-async def _relay_stream(
-    request: web.Request,
-    gw: Gateway,
-    exchange: Exchange,
-    upstream: Response,
-    headers: Any,
-    strip_usage: bool,
-    sent_at: float,
-) -> web.StreamResponse:
-    """``sent_at``: when the request went upstream; the wait for its first bytes is the
-    upstream's time, not the proxy's overhead."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
-    meter = StreamMeter(exchange.endpoint, exchange.route, exchange.prompt_tokens, strip_usage)
-    try:
-        await response.prepare(request)
-        last: bytes | None = None  # held back so the end of the stream costs one write, not two
-        pending = b""  # the start of an event whose end has not arrived yet
-        async for chunk in upstream.iter_chunks():
-            if pending:
-                chunk, pending = pending + chunk, b""
-            if not chunk.endswith(EVENT_ENDS):
-                chunk, pending = complete_events(chunk)
-            data = meter.relay(chunk) if chunk else b""
-            if last is not None:
-                await response.write(last)
-                last = None
-            if data:
-                if data.endswith((b"[DONE]\n\n", b"[DONE]\r\n\r\n")):
-                    last = data
-                else:
-                    await response.write(data)
-        if pending.strip():
-            data = meter.relay(pending)
-            last = last + data if last else data
-        await response.write_eof(last or b"")
-    except (ConnectionResetError, ConnectionError):
-        exchange.client_gone = True
-    except asyncio.CancelledError:
-        exchange.client_gone = True
-        raise
-    except UpstreamError:
-        # The client must not mistake a truncated answer for a complete one: end the stream
-        # with an error event (the OpenAI SDKs raise APIError on it) and no [DONE].
-        exchange.extra["upstream_error"] = "broken_stream"
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(_BROKEN_STREAM_EVENT)
-            await response.write_eof()
-    finally:
-        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
-        exchange.usage = meter.usage()
-    return response
 
 
 def llm_handler(endpoint: str) -> Any:

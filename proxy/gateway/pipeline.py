@@ -11,6 +11,7 @@ the client goes away mid-stream — in a ``finally`` that cancellation cannot sk
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -183,14 +184,23 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     request_id = new_request_id()
     outcome["request_id"] = request_id
-    decision = await _admit(
-        gw, identity, request_id, reservation, outcome, dialect, route, endpoint, end_user
-    )
-    outcome["decision"] = "admitted"
-    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
     exchange.upstream = route.upstream.name
     exchange.output_cap = reservation.output_tokens
+    try:
+        decision = await _admit(
+            gw, identity, request_id, reservation, outcome, dialect, route, endpoint, end_user
+        )
+    except asyncio.CancelledError:
+        # The client left while Redis decided; the admit was already sent and may have
+        # reserved. A settle queued behind it releases that reservation at once, charging
+        # nothing (nothing was forwarded), instead of leaving it to the lease's expiry; when
+        # nothing was reserved the settle finds no lease and does nothing.
+        exchange.client_gone = True
+        await settle(gw, exchange, outcome)
+        raise
+    outcome["decision"] = "admitted"
+    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
     lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await dialect.forward(request, gw, exchange, body, reservation, decision)

@@ -6,6 +6,7 @@ Never logged: keys, prompts, answers, upstream credentials. The end-user id from
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -39,6 +40,10 @@ def _not_access(record: logging.LogRecord) -> bool:
     return record.name != ACCESS_LOGGER
 
 
+CLIENT_CLOSED = 499
+"""Logged (as nginx does) for a request whose client left before its answer was complete."""
+
+
 def _request_id(request: web.Request) -> str:
     """A caller's ``x-request-id`` is echoed for correlation, never used for accounting."""
     given = request.headers.get("x-request-id", "")
@@ -63,6 +68,12 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        # The client went away before its answer was complete, or was cut off at the
+        # exchange's deadline (timeouts.total_seconds).
+        timed_out = (request.get(OUTCOME) or {}).get("upstream_error") == "timeout"
+        status = 504 if timed_out else CLIENT_CLOSED
+        raise
     finally:
         elapsed_ms = (time.perf_counter() - started) * 1000
         outcome: dict[str, Any] = request.get(OUTCOME) or {}

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
+import os
 import ssl
+import struct
+import termios
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -117,6 +121,23 @@ class Response:
         """Returns a finished connection to the pool; an unfinished one is closed."""
         self._connection.release()
 
+    def on_deadline(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` when the request's total time is up, even after the answer has
+        arrived: the consumer's own work (relaying to a slow client) counts against the same
+        deadline, on the request's one timer. Until ``release()``."""
+        self._connection.watch_deadline(callback)
+
+    def salvage(self) -> bytes:
+        """Everything received and not yet taken, including what the socket holds right now,
+        without waiting: for a consumer that abandons the answer but must count what arrived."""
+        connection = self._connection
+        connection.salvage()
+        return connection.take()
+
+    @property
+    def complete(self) -> bool:
+        return self._connection.complete
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
@@ -145,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
         self._last_data = 0.0
         self.headers_done = False
         self.complete = False
@@ -204,11 +226,17 @@ class _Connection(asyncio.Protocol):
     def _check(self) -> None:
         """The request's one timer: total deadline and read silence."""
         self._timer = None
-        if self.complete or self.error is not None:
-            return
         now = self._loop.time()
         if now >= self._deadline:
-            self._fail(UpstreamTimeout("the upstream did not finish in time"))
+            if not self.complete and self.error is None:
+                self.salvage()  # what arrived before the deadline is counted, not dropped
+                self._fail(UpstreamTimeout("the upstream did not finish in time"))
+            callback, self._on_deadline = self._on_deadline, None
+            if callback is not None:
+                callback()
+            return
+        if self.complete or self.error is not None:
+            self._rearm_for_deadline()
             return
         if self._paused:
             # Silence while paused is ours; _last_data + read may be long past, and a timer
@@ -216,10 +244,51 @@ class _Connection(asyncio.Protocol):
             again = now + self._timeouts.read
         elif now >= self._last_data + self._timeouts.read:
             self._fail(UpstreamTimeout("the upstream went silent"))
+            self._rearm_for_deadline()
             return
         else:
             again = self._last_data + self._timeouts.read
         self._timer = self._loop.call_at(min(self._deadline, again), self._check)
+
+    def _rearm_for_deadline(self) -> None:
+        """The answer is over but its consumer still works under the deadline."""
+        if self._on_deadline is not None and self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+
+    def watch_deadline(self, callback: Callable[[], None]) -> None:
+        self._on_deadline = callback
+        self._rearm_for_deadline()
+
+    def salvage(self) -> None:
+        """Feeds the parser every byte the socket holds now, without waiting.
+
+        The transport only reads when the loop polls, and not at all while paused
+        (back-pressure), so a consumer that gives up would otherwise lose what had already
+        arrived. On plain TCP the kernel's receive queue is read directly, exactly as much as
+        it held (``FIONREAD``), so a fast sender cannot keep this going. Behind TLS the bytes
+        in the socket are still encrypted: only what the TLS layer has decrypted counts.
+        """
+        transport = self.transport
+        if transport is None or self.complete or self.error is not None:
+            return
+        if transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            fd = sock.fileno()
+            ready = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            while ready > 0 and self.transport is not None and not self.complete:
+                data = os.read(fd, ready)
+                if not data:
+                    break
+                ready -= len(data)
+                self.data_received(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.keep_alive = False
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None and not self.complete:
@@ -230,12 +299,19 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _finish(self) -> None:
+        """The answer is over; its timer stays while the consumer is under the deadline."""
+        if self._timer is not None and self._on_deadline is None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _stop_timer(self) -> None:
+        self._on_deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def release(self) -> None:
-        self._finish()
+        self._stop_timer()
         self._response = None
         if self.complete and self.keep_alive and not self.closed:
             if self._paused:  # a whole answer released unread: the next one must be read
@@ -246,7 +322,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self._finish()
+        self._stop_timer()
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

@@ -213,16 +213,24 @@ def complete_events(buffer: bytes) -> tuple[bytes, bytes]:
 
 
 def split_events(block: bytes) -> list[bytes]:
-    """The SSE events of a block, each with its terminating blank line."""
+    """The SSE events of a block, each with its terminating blank line.
+
+    Linear in the block's size: a block may hold megabytes (what a departed client left
+    unread is metered in one piece), so each separator is searched for from where the last
+    search left off, never from the start of every event to the end of the block."""
     events: list[bytes] = []
     start = 0
+    lf = block.find(b"\n\n")
+    crlf = block.find(b"\r\n\r\n") if b"\r" in block else -1
     while True:
-        end = block.find(b"\n\n", start)
-        crlf = block.find(b"\r\n\r\n", start) if b"\r" in block else -1
-        if crlf != -1 and (end == -1 or crlf < end):
+        if 0 <= lf < start:
+            lf = block.find(b"\n\n", start)
+        if 0 <= crlf < start:
+            crlf = block.find(b"\r\n\r\n", start)
+        if crlf != -1 and (lf == -1 or crlf < lf):
             cut = crlf + 4
-        elif end != -1:
-            cut = end + 2
+        elif lf != -1:
+            cut = lf + 2
         else:
             break
         events.append(block[start:cut])

@@ -2,6 +2,11 @@
 
 Used by the proxy when no Redis URL is configured (so a bare ``pip install`` gives a working
 gateway) and by the test suite to get a real Redis without external services.
+
+``start()`` returns once Redis has loaded its data (a restarted Redis answers ``LOADING`` to
+everything until its AOF is read back), saying so when that takes a moment. On Linux the child
+gets SIGTERM when the process that started it dies, however it died (``PR_SET_PDEATHSIG``), so
+a killed proxy leaves no Redis behind on its data directory.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -18,7 +24,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -27,6 +33,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from proxy.process_lifetime import preexec_die_with_parent
+
 __all__ = [
     "EmbeddedRedis",
     "RedisServerNotFound",
@@ -34,6 +42,8 @@ __all__ = [
     "find_redis_server",
     "free_port",
 ]
+
+log = logging.getLogger(__name__)
 
 _HOST = "127.0.0.1"
 _LOG_NAME = "redis.log"
@@ -122,6 +132,16 @@ def _tail(path: Path, start: int = 0) -> str:
         return ""
 
 
+def _size(data_dir: Path) -> str:
+    """The persisted data's size, for the loading message."""
+    total = 0
+    for path in data_dir.rglob("*"):
+        if path.is_file() and (path.name.startswith("appendonly") or path.suffix == ".rdb"):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return f"{total / 1e6:.1f} MB"
+
+
 class EmbeddedRedis:
     """A redis-server child bound to 127.0.0.1, with its data and log in ``data_dir``.
 
@@ -138,6 +158,7 @@ class EmbeddedRedis:
         binary: str | None = None,
         extra_args: Sequence[str] = (),
         config_file: str | Path | None = None,
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
         """``extra_args`` and ``config_file`` (first on the command line, e.g. a sentinel's
         rewritable config) let the test harness start replicas, cluster nodes and sentinels."""
@@ -146,6 +167,8 @@ class EmbeddedRedis:
         self._binary = binary
         self._extra_args = tuple(extra_args)
         self._config_file = config_file
+        self._keep_fds = keep_fds
+        """Descriptors the child inherits (the data directory's lock, held while it runs)."""
         self._port = port
         # Only an auto-picked port that has never served may be swapped after a bind clash.
         self._port_pinned = port != 0
@@ -195,7 +218,8 @@ class EmbeddedRedis:
         return cmd + list(self._extra_args)
 
     def start(self, timeout: float = 10.0) -> None:
-        """Spawn redis-server and return once it answers; a no-op if already running."""
+        """Spawn redis-server and return once it answers, its data loaded; a no-op if already
+        running. ``timeout`` bounds the whole start, loading included."""
         with self._lock:
             if self.running:
                 return
@@ -230,9 +254,11 @@ class EmbeddedRedis:
                 stdout=self._stderr,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                pass_fds=self._keep_fds,
                 # Own session: a terminal's Ctrl-C must not stop Redis before the proxy has
                 # settled its in-flight requests (the proxy stops it last, or at exit).
                 start_new_session=True,
+                preexec_fn=preexec_die_with_parent(),
             )
         except OSError as exc:
             self._close_stderr()
@@ -265,6 +291,7 @@ class EmbeddedRedis:
                     raise failure(f"exited with status {code}")
                 pid = self._server_pid(client)
                 if pid == proc.pid:
+                    self._wait_loaded(client, proc, deadline, failure)
                     return
                 if pid is not None:
                     # A stranger owns the port; ours will fail to bind and exit.
@@ -276,6 +303,42 @@ class EmbeddedRedis:
                     proc.wait(timeout=0.02)
         finally:
             client.close()
+
+    def _wait_loaded(
+        self,
+        client: redis.Redis,
+        proc: subprocess.Popen[bytes],
+        deadline: float,
+        failure: Callable[[str], RedisStartError],
+    ) -> None:
+        """Until Redis has read its data back: it answers LOADING to every command till then."""
+        said = False
+        started = time.monotonic()
+        while True:
+            try:
+                client.ping()
+            except redis.BusyLoadingError:
+                pass
+            except redis.RedisError:  # between two polls of a loading server: try again
+                pass
+            else:
+                if said:
+                    log.warning("Redis loaded its data in %.1f s", time.monotonic() - started)
+                return
+            if not said:
+                said = True
+                log.warning(
+                    "waiting for Redis to load its data (%s in %s)…",
+                    _size(self.data_dir),
+                    self.data_dir,
+                )
+            code = proc.poll()
+            if code is not None:
+                raise failure(f"exited with status {code} while loading its data")
+            if time.monotonic() >= deadline:
+                raise failure("did not finish loading its data before the timeout")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.02)
 
     @staticmethod
     def _server_pid(client: redis.Redis) -> int | None:

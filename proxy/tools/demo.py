@@ -1,7 +1,12 @@
 """``llm-proxy demo``: the proxy in front of the bundled mock upstream, with a fresh key.
 
-Everything runs in one process (embedded Redis, mock, proxy) so a first-time user sees the
+Everything runs in one process (a private Redis, mock, proxy) so a first-time user sees the
 whole request path work before wiring a real provider.
+
+The demo never touches a configured Redis or data directory: its Redis is in memory, in a
+temporary directory, and ends with the demo (``serving.private_redis``). So its key — active,
+unlimited, printed on the terminal — cannot outlive it, even if the demo is killed, and a demo
+started beside ``serve`` leaves ``serve``'s data alone.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import os
 from aiohttp import web
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.serving import redis_url_for, running_site, serve_worker, use_uvloop
+from proxy.serving import private_redis, running_site, serve_worker, use_uvloop
 from proxy.store.connection import connect
-from proxy.store.embedded_redis import free_port
+from proxy.store.embedded_redis import RedisServerNotFound, find_redis_server, free_port
 from proxy.store.keys import KeyCreate, KeyStore
 from proxy.tools.mock_upstream import MockOptions, build_mock_app
 
@@ -24,14 +29,19 @@ _MOCK_KEY_ENV = "LLM_PROXY_DEMO_UPSTREAM_KEY"
 
 
 def demo_settings(base: Settings, mock_port: int) -> Settings:
+    # x-mock-* headers pass: a demo user can ask the mock for errors, delays, long answers.
     upstream = UpstreamConfig(
-        name="mock", base_url=f"http://127.0.0.1:{mock_port}/v1", api_key_env=None
+        name="mock",
+        base_url=f"http://127.0.0.1:{mock_port}/v1",
+        api_key_env=None,
+        forward_headers=["x-mock-*"],
     )
     claude = UpstreamConfig(
         name="mock-anthropic",
         base_url=f"http://127.0.0.1:{mock_port}",
         api_key_env=_MOCK_KEY_ENV,
         kind="anthropic",
+        forward_headers=["x-mock-*"],
     )
     models = [
         ModelConfig(name="claude-*", upstream="mock-anthropic", context_window=200_000),
@@ -51,6 +61,7 @@ def _instructions(host: str, port: int, key: str) -> str:
     base = f"http://{host}:{port}/v1"
     return f"""
 llm-proxy demo is running on http://{host}:{port} (upstream: the bundled mock).
+Its Redis is private and in memory: this key and everything else end with the demo.
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
@@ -90,5 +101,12 @@ async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None
 
 def run_demo(settings: Settings, host: str, port: int) -> None:
     use_uvloop(settings.server.uvloop)
-    with redis_url_for(settings) as redis_url:
+    try:
+        find_redis_server()
+    except RedisServerNotFound as exc:
+        raise RedisServerNotFound(
+            f"{exc} (The demo always runs its own private Redis, never the one in REDIS_URL, "
+            "so that its throwaway key cannot land in a shared Redis.)"
+        ) from None
+    with private_redis(settings) as redis_url:
         asyncio.run(_run(settings, redis_url, host, port))

@@ -33,7 +33,13 @@ Headers that change one request (invalid values are a 400):
 * ``x-mock-status: <400-599>`` sends that status with an OpenAI-shaped error body;
 * ``x-mock-fail-after-chunks: N`` sends N content chunks of a stream, then drops the
   connection without the terminating chunk;
+* ``x-mock-stall-after-chunks: N`` sends N content chunks of a stream, then goes silent
+  (keeps the connection open and sends nothing more until the client leaves);
 * ``x-mock-omit-usage: 1`` sends no usage at all (responses: ``"usage": null``).
+
+``app[EXCHANGES]`` records, per request, what the mock wrote and whether its client (the
+proxy) went away before the answer was complete (``MockExchange``): tests compare what the
+proxy charged with what the upstream actually sent.
 
 A Responses request whose cap cuts the output ends as OpenAI's does: ``status
 "incomplete"`` with ``incomplete_details``, and streamed as a ``response.incomplete`` event
@@ -72,7 +78,7 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,6 +168,35 @@ REPORTED: web.AppKey[collections.deque[ReportedUsage]] = web.AppKey(
     "mock_upstream_reported", collections.deque
 )
 _REPORTED_MAXLEN = 100_000
+
+
+@dataclass
+class MockExchange:
+    """What the mock did for one request, as it happens."""
+
+    path: str
+    transport: Any
+    """The request's connection, for tests that look at its kernel queues."""
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+    content_chunks: int = 0
+    """Streamed content chunks handed to the connection (one word, one token each)."""
+    body_bytes: int = 0
+    """Bytes of the streamed body handed to the connection, chunked framing included."""
+    content_ends: list[int] = field(default_factory=list)
+    """``body_bytes`` after each content chunk: how much must arrive for it to be whole."""
+    complete: bool = False
+    """The whole answer was handed to the connection."""
+    ended: float | None = None
+    """``time.monotonic()`` when the handler ended, however it ended."""
+    peer_gone: bool = False
+    """The client went away (or the handler was cancelled) before the answer was complete."""
+
+
+EXCHANGES: web.AppKey[collections.deque[MockExchange]] = web.AppKey(
+    "mock_upstream_exchanges", collections.deque
+)
+_EXCHANGE = web.RequestKey("mock_upstream_exchange", MockExchange)
 
 
 class _BadRequest(Exception):
@@ -328,6 +363,7 @@ class _Plan:
     chunk_delay_s: float
     status: int | None
     fail_after_chunks: int | None
+    stall_after_chunks: int | None
     omit_usage: bool
 
     @classmethod
@@ -340,6 +376,9 @@ class _Plan:
         fail_after = None
         if "x-mock-fail-after-chunks" in headers:
             fail_after = _int_header(headers, "x-mock-fail-after-chunks", 0)
+        stall_after = None
+        if "x-mock-stall-after-chunks" in headers:
+            stall_after = _int_header(headers, "x-mock-stall-after-chunks", 0)
         omit = headers.get("x-mock-omit-usage", "").strip().lower() in ("1", "true", "yes")
         return cls(
             output_tokens=_int_header(headers, "x-mock-output-tokens", options.output_tokens),
@@ -352,6 +391,7 @@ class _Plan:
             / 1000,
             status=status,
             fail_after_chunks=fail_after,
+            stall_after_chunks=stall_after,
             omit_usage=omit,
         )
 
@@ -957,41 +997,79 @@ async def _stream(
     """Write an SSE stream one chunk per write, as a real upstream trickles tokens out.
 
     With ``fail_after_chunks`` the connection is closed after that many content chunks, so the
-    client sees a chunked body that never terminates properly.
+    client sees a chunked body that never terminates properly; with ``stall_after_chunks`` the
+    stream goes silent after that many, until the client leaves.
     """
+    exchange = request.get(_EXCHANGE)
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", **(headers or {})})
     response.content_type = "text/event-stream"
     await response.prepare(request)
     failing = plan.fail_after_chunks is not None
+    stalling = plan.stall_after_chunks is not None
     if failing:
         content = content[: plan.fail_after_chunks]
         trailer = []
+    elif stalling:
+        content = content[: plan.stall_after_chunks]
+        trailer = []
     delay = plan.chunk_delay_s
     first = True
-    for chunk in itertools.chain(preamble, content, trailer):
+    for is_content, chunk in itertools.chain(
+        ((False, c) for c in preamble), ((True, c) for c in content), ((False, c) for c in trailer)
+    ):
         if delay > 0 and not first:
             await asyncio.sleep(delay)
         first = False
         await response.write(chunk)
+        if exchange is not None:
+            exchange.body_bytes += len(chunk) + len(f"{len(chunk):x}") + 4  # chunked framing
+            if is_content:
+                exchange.content_chunks += 1
+                exchange.content_ends.append(exchange.body_bytes)
     if failing:
         if request.transport is not None:
             # close() flushes what was written, then drops the connection mid-body; aiohttp
             # then ignores the ConnectionError from finishing the response.
             request.transport.close()
         return response
+    if stalling:
+        await asyncio.Event().wait()  # silent until the client leaves (the handler is cancelled)
     await response.write_eof()
+    if exchange is not None:
+        exchange.complete = True
+    return response
+
+
+@web.middleware
+async def _record_exchange(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    exchange = MockExchange(request.path, request.transport, time.monotonic())
+    request.app[EXCHANGES].append(exchange)
+    request[_EXCHANGE] = exchange
+    try:
+        response = await handler(request)
+    except (asyncio.CancelledError, ConnectionError):
+        exchange.peer_gone = True
+        raise
+    finally:
+        exchange.ended = time.monotonic()
+    if isinstance(response, web.Response):  # written whole by aiohttp after the handler
+        exchange.complete = True
     return response
 
 
 def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:
     """Build the mock's app; ``app[RECEIVED]`` logs the most recent requests it received,
-    ``app[REPORTED]`` the usage its answers carried."""
+    ``app[REPORTED]`` the usage its answers carried and ``app[EXCHANGES]`` what it did for
+    them."""
     received: collections.deque[ReceivedRequest] = collections.deque(maxlen=_RECEIVED_MAXLEN)
     reported: collections.deque[ReportedUsage] = collections.deque(maxlen=_REPORTED_MAXLEN)
     mock = _Mock(options, received, reported)
-    app = web.Application()
+    app = web.Application(middlewares=[_record_exchange])
     app[RECEIVED] = received
     app[REPORTED] = reported
+    app[EXCHANGES] = collections.deque(maxlen=_RECEIVED_MAXLEN)
     routes: list[tuple[str, str, Callable[[web.Request], Any]]] = [
         ("POST", "/v1/chat/completions", mock.chat_completions),
         ("POST", "/v1/completions", mock.completions),

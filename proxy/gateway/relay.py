@@ -1,0 +1,227 @@
+"""Forwarding an admitted request and relaying the answer, for every dialect.
+
+What the dialects differ in — the body each upstream gets, how a stream is metered, the
+events that end a broken stream — comes in as arguments; what they share is here, so every
+route keeps the same promises:
+
+- A client that goes away cancels its handler (the server runs with aiohttp's handler
+  cancellation) wherever it waits: for a silent upstream, or on its own full socket. The
+  upstream call ends at once, and what the upstream had delivered by then is charged —
+  relayed or not, buffered here or still in the socket (``Response.salvage``).
+- ``timeouts.total_seconds`` bounds the whole exchange, from sending upstream to the last
+  byte written to the client (``_Deadline``).
+- A stream the upstream breaks off, or that runs out of time, ends with the dialect's error
+  event, never with its normal end, so a client cannot mistake it for a complete answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import ApiError
+from proxy.gateway.metering import Usage
+from proxy.gateway.pipeline import Exchange
+from proxy.gateway.state import Gateway
+from proxy.providers import fallback
+from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.upstream import (
+    EVENT_ENDS,
+    client_headers,
+    complete_events,
+    upstream_broken,
+    upstream_timeout,
+)
+
+
+class StreamMeter(Protocol):
+    def relay(self, block: bytes) -> bytes:
+        """Notes a block of whole events; returns the part of it the client receives."""
+        ...
+
+    def usage(self) -> Usage:
+        """What the stream cost, from what ``relay`` saw (a bound when it was cut short)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnds:
+    """The dialect's events for a stream that cannot end normally."""
+
+    broken: bytes
+    timeout: bytes
+
+
+async def send(
+    request: web.Request,
+    gw: Gateway,
+    exchange: Exchange,
+    body_for: Callable[[fallback.Candidate], bytes],
+) -> fallback.Served:
+    """Sends through the model's upstreams (fallbacks included) and notes which one served."""
+    try:
+        served = await fallback.send(
+            gw.upstream,
+            gw.cooldowns,
+            exchange.route.upstreams,
+            exchange.endpoint,
+            body_for,
+            request.headers,
+        )
+    except ApiError as exc:
+        exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
+        raise
+    except asyncio.CancelledError:
+        # Gone before the upstream's first byte: the call is closed, nothing was received.
+        exchange.client_gone = True
+        raise
+    exchange.upstream = served.candidate.upstream.name
+    if served.skipped:
+        exchange.extra["fallback_from"] = ",".join(served.skipped)
+    return served
+
+
+def answer_headers(served: fallback.Served, extra: dict[str, str]) -> CIMultiDict[str]:
+    headers = client_headers(served.response.headers)
+    headers.update(extra)
+    headers["x-upstream"] = served.candidate.upstream.name
+    return headers
+
+
+def is_stream(served: fallback.Served) -> bool:
+    upstream = served.response
+    return upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(
+        "text/event-stream"
+    )
+
+
+async def read_buffered(
+    exchange: Exchange,
+    served: fallback.Served,
+    sent_at: float,
+    usage_of: Callable[[bytes], Usage],
+) -> bytes:
+    """The whole answer; its usage goes to ``exchange.usage`` (a 200's only)."""
+    upstream = served.response
+    parts: list[bytes] = []
+    try:
+        async for chunk in upstream.iter_chunks():
+            parts.append(chunk)
+    except UpstreamTimeout as exc:
+        exchange.extra["upstream_error"] = "timeout"
+        raise upstream_timeout(served.candidate.upstream) from exc
+    except UpstreamError as exc:
+        exchange.extra["upstream_error"] = "broken_body"
+        raise upstream_broken(served.candidate.upstream) from exc
+    except asyncio.CancelledError:
+        # A buffered answer's usage comes at its end: it counts if all of it had arrived.
+        exchange.client_gone = True
+        parts.append(upstream.salvage())
+        if upstream.complete and upstream.status == 200:
+            exchange.usage = usage_of(b"".join(parts))
+        raise
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+    if upstream.status == 200:
+        exchange.usage = usage_of(data)
+    return data
+
+
+class _Deadline:
+    """``total_seconds`` for the whole exchange, on the upstream request's one timer.
+
+    When it passes, the upstream connection has already been read out and closed (every byte
+    it delivered is counted). A client that has taken everything sent so far then gets the
+    dialect's timeout event; one that has not — its socket is full, it is not reading — is
+    cut off, since waiting for it is what the deadline forbids. The cut also ends a relay
+    blocked writing to it (its handler is cancelled, like a client that left).
+    """
+
+    __slots__ = ("_request", "passed")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.passed = False
+
+    def __call__(self) -> None:
+        self.passed = True
+        transport = self._request.transport
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+
+
+_DONE = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
+
+
+async def relay_stream(
+    request: web.Request,
+    exchange: Exchange,
+    upstream: Response,
+    headers: Any,
+    meter: StreamMeter,
+    ends: StreamEnds,
+    sent_at: float,
+) -> web.StreamResponse:
+    """Events are written as they arrive; an event split across reads waits for its end.
+    ``sent_at``: when the request went upstream (the wait for its first bytes is the
+    upstream's time, not the proxy's)."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "text/event-stream"
+    deadline = _Deadline(request)
+    upstream.on_deadline(deadline)
+    pending = b""  # the start of an event whose end has not arrived yet
+    try:
+        await response.prepare(request)
+        last: bytes | None = None  # a final [DONE] held back: the end costs one write, not two
+        async for chunk in upstream.iter_chunks():
+            if pending:
+                chunk, pending = pending + chunk, b""
+            if not chunk.endswith(EVENT_ENDS):
+                chunk, pending = complete_events(chunk)
+            data = meter.relay(chunk) if chunk else b""
+            if deadline.passed:
+                continue  # counted; past the deadline the client gets only the timeout event
+            if last is not None:
+                await response.write(last)
+                last = None
+            if data:
+                if data.endswith(_DONE):
+                    last = data
+                else:
+                    await response.write(data)
+        if pending.strip():
+            data = meter.relay(pending)
+            last = last + data if last else data
+        pending = b""
+        if deadline.passed:  # the answer was cut: never a normal end for it
+            raise UpstreamTimeout("the exchange did not finish in time")
+        await response.write_eof(last or b"")
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        # The client left, or was cut off at the deadline. Count everything the upstream had
+        # delivered, also what was never relayed (buffered here, or still in the socket);
+        # releasing the response then closes the upstream connection.
+        exchange.client_gone = not deadline.passed
+        rest = pending + upstream.salvage()
+        if rest:
+            meter.relay(rest)
+        if deadline.passed:
+            exchange.extra["upstream_error"] = "timeout"
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    except UpstreamError as exc:
+        timed_out = isinstance(exc, UpstreamTimeout)
+        exchange.extra["upstream_error"] = "timeout" if timed_out else "broken_stream"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(ends.timeout if timed_out else ends.broken)
+            await response.write_eof()
+    finally:
+        exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
+        exchange.usage = meter.usage()
+    return response
