@@ -235,3 +235,37 @@ async def test_tls_verifies_the_server(tls_front: int, monkeypatch: pytest.Monke
             await hot.execute("PING")
     finally:
         hot.close()
+
+
+async def test_a_caller_cancelled_while_connecting_does_not_cancel_the_others() -> None:
+    """Handlers are cancelled when their client leaves: one that was waiting for the shared
+    connection attempt must not take that attempt down with it for everyone else."""
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers AUTH (which the connection sends before anything else) only when told to.
+        await reader.read(4096)
+        asked.set()
+        await answer.wait()
+        writer.write(b"+OK\r\n")
+        await writer.drain()
+        while data := await reader.read(4096):
+            writer.write(b"+PONG\r\n" * data.count(b"PING"))
+            await writer.drain()
+
+    server = await asyncio.start_server(slow_redis, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = Link("127.0.0.1", port, timeout=5.0, connect_timeout=5.0, password="pw")
+    try:
+        leaving = asyncio.create_task(link.call("PING"))
+        staying = asyncio.create_task(link.call("PING"))
+        await asked.wait()  # both are waiting for the one connection attempt, mid-AUTH
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        answer.set()
+        assert await asyncio.wait_for(staying, 5) == "PONG"
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()

@@ -224,7 +224,9 @@ class Link:
             self._connecting = asyncio.ensure_future(self._connect())
         connecting = self._connecting
         try:
-            await connecting
+            # Shielded: a caller cancelled meanwhile (its client left) must not cancel the
+            # attempt the other callers are waiting for.
+            await asyncio.shield(connecting)
         finally:
             if self._connecting is connecting and connecting.done():
                 self._connecting = None
