@@ -229,10 +229,11 @@ def write_config(
     redis_url: str,
     tail: str = "",
     server: str = "",
+    redis: str = "",
     **extra: str,
 ) -> Path:
-    """A TOML config for proxies run as separate processes; ``server``: more [server] lines;
-    ``tail`` is appended as is (more ``[[upstreams]]`` and ``[[models]]``)."""
+    """A TOML config for proxies run as separate processes; ``server``, ``redis``: more lines
+    of those sections; ``tail`` is appended as is (more ``[[upstreams]]`` and ``[[models]]``)."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
@@ -241,6 +242,7 @@ def write_config(
         server,
         "[redis]",
         f'url = "{redis_url}"',
+        redis,
         "[auth]",
         'bootstrap_key_env = "TEST_PROXY_ADMIN_KEY"',
         "[[upstreams]]",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.config import RoleLimits
 from proxy.gateway import metrics
@@ -24,7 +25,7 @@ from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
 from proxy.store.connection import LuaScript, Redis, org_prefix
 from proxy.store.keys import Identity
-from proxy.store.pipelined import PipelinedConnection
+from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
 from proxy.store.windows import Clock, WindowCache, Windows, iso_millis
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,14 @@ the headers (the first call's reply, which had them, was lost)."""
 Decision = Admitted | RateLimited | BudgetRefused | Revoked
 
 
+def _may_have_run(exc: BaseException) -> bool:
+    """Whether a failed script call may still have run: it was sent and its reply never came
+    (a timeout, a connection lost after writing, a write no replica acknowledged)."""
+    if isinstance(exc, ConnectionLost):
+        return exc.written
+    return isinstance(exc, RedisTimeoutError | ReplicaTimeout | TimeoutError)
+
+
 def _field(value: str | int | None) -> str | int:
     return "" if value is None else value
 
@@ -148,28 +157,33 @@ class Admission:
         windows = self._windows.current(now)
         defaults = self._defaults.get(identity.role) or [""] * 6
         started = time.perf_counter()
-        result = await self._run(
-            ADMIT,
-            [org_prefix(identity.org_id)],
-            [
-                int(now * 1000),
-                request_id,
-                identity.key_id,
-                reserve_tokens,
-                reserve_cost_nano,
-                self._lease_ms,
-                windows.daily,
-                windows.weekly,
-                windows.monthly,
-                *defaults,
-                *windows.ttls(now),
-                iso_millis(now),
-                prompt_tokens,
-                model,
-                endpoint,
-                end_user or "",
-            ],
-        )
+        try:
+            result = await self._run(
+                ADMIT,
+                [org_prefix(identity.org_id)],
+                [
+                    int(now * 1000),
+                    request_id,
+                    identity.key_id,
+                    reserve_tokens,
+                    reserve_cost_nano,
+                    self._lease_ms,
+                    windows.daily,
+                    windows.weekly,
+                    windows.monthly,
+                    *defaults,
+                    *windows.ttls(now),
+                    iso_millis(now),
+                    prompt_tokens,
+                    model,
+                    endpoint,
+                    end_user or "",
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            if _may_have_run(exc):
+                await self.release(identity, request_id, model, endpoint)
+            raise
         _ADMIT_TIME.observe(time.perf_counter() - started)
         kind = result[0]
         if kind == "ok":
@@ -207,6 +221,25 @@ class Admission:
         if kind == "invalid":
             raise ValueError(f"admit refused argument {result[1]}")
         return Revoked()
+
+    async def release(self, identity: Identity, request_id: str, model: str, endpoint: str) -> None:
+        """Gives back a reservation that was (or may have been) made for a request that was
+        not forwarded: a settle of nothing, spooled like any settle if Redis is away. Without
+        it, an admit whose reply was lost would hold its reservation until the lease expired,
+        and then be charged all of it."""
+        record: dict[str, str | int | None] = {
+            "rid": request_id,
+            "kid": identity.key_id,
+            "model": model,
+            "endpoint": endpoint,
+            "in": 0,
+            "out": 0,
+            "cost_nano": 0,
+            "reported": 0,
+            "status": 0,
+            "released": 1,
+        }
+        await self.settle(self.settle_request(identity, request_id, 0, 0, record))
 
     async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         if self._hot is None:

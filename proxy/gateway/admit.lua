@@ -44,7 +44,9 @@ local function fmt_int(x)
   return I(x)
 end
 
-if redis.call('EXISTS', P .. 'lease:' .. rid) == 1 then
+-- Already admitted (a retried call), or already settled: an admit that reaches Redis after
+-- its request gave up on it (and released it) must not reserve again.
+if redis.call('EXISTS', P .. 'lease:' .. rid, P .. 'done:' .. rid) > 0 then
   return {'dup'}
 end
 

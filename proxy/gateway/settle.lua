@@ -14,6 +14,7 @@
 -- Returns  number of budget events recorded, or -1 when this request was already settled
 
 local P = KEYS[1]
+local DONE_TTL = 3600
 local now = exact_int(ARGV[1])
 local rid = ARGV[2]
 local kid = ARGV[3]
@@ -52,6 +53,9 @@ end
 local marker = P .. 'reclaimed:' .. rid
 local m = redis.call('HMGET', marker, 'k', 'x', 'c', 't', 'daily', 'weekly', 'monthly')
 if not m[1] then
+  -- Settled before (a replay), or never admitted: e.g. the release of an admit whose reply
+  -- was lost, which may yet reach Redis; the tombstone keeps it from reserving then.
+  redis.call('SET', P .. 'done:' .. rid, '1', 'EX', DONE_TTL)
   return -1
 end
 redis.call('DEL', marker)

@@ -391,6 +391,13 @@ _NOT_RUN = (ReadOnlyError, TryAgainError, ClusterDownError, BusyLoadingError)
 """Errors with which Redis refuses a call without running it."""
 
 
+class _Attempt:
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = False
+
+
 class PipelinedConnection:
     """The hot path's ``execute(*command)``: routed, redirected and retried as described in
     the module's docstring. ``scripts``: SHA → source, to load a script a node lacks."""
@@ -409,6 +416,20 @@ class PipelinedConnection:
         self._redirects = redirects
 
     async def execute(self, *command: Any) -> Any:
+        """The reply; or the error, as ``ConnectionLost(written=True)`` whenever an attempt
+        may have run (even if a later one failed before it left): a caller that gives up on
+        the call must know whether Redis may still have applied it."""
+        attempt = _Attempt()
+        try:
+            return await self._execute(command, attempt)
+        except RedisError as exc:
+            if attempt.written and not (isinstance(exc, ConnectionLost) and exc.written):
+                raise ConnectionLost(
+                    f"{exc} (after an attempt whose reply was lost)", written=True
+                ) from exc
+            raise
+
+    async def _execute(self, command: tuple[Any, ...], attempt: _Attempt) -> Any:
         link = await self._router.link_for(command)
         asking = False
         failures = redirects = 0
@@ -420,6 +441,7 @@ class PipelinedConnection:
                 return await link.call(*command)
             except ConnectionLost as exc:
                 if exc.written:
+                    attempt.written = True
                     if resent_written:
                         raise
                     resent_written = True
