@@ -45,6 +45,19 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
 }
 """Path parameters with more to say than "a non-empty string" (the default)."""
 
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "One server-sent event of the stream (before OpenAPI 3.2 and its "
+    "`itemSchema`, the schema of a `text/event-stream` answer describes each event).",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
     "admin": [{"bearerAuth": []}],
     "key": [{"bearerAuth": []}],
@@ -249,10 +262,12 @@ def _description(spec: Operation, handler: Any) -> str | None:
     return " ".join(doc.split())
 
 
-def _errors(spec: Operation, has_body: bool) -> dict[int, str]:
+def _errors(spec: Operation, path: str, has_body: bool) -> dict[int, str]:
     errors: dict[int, str] = {}
+    if any("pattern" in PATH_PARAMETERS.get(name, {}) for name in _PARAMETER.findall(path)):
+        errors[400] = "A path parameter breaks its pattern: the message names it (`param`)."
     if has_body:
-        errors[400] = "Invalid input: the message names the field (`param`)."
+        errors.setdefault(400, "Invalid input: the message names the field (`param`).")
         errors[408] = "The request body stopped arriving."
         errors[413] = "The request body is larger than `server.max_body_bytes`."
     if spec.query is not None:
@@ -327,7 +342,7 @@ def document(app: web.Application, server_url: str | None = None) -> dict[str, A
         error_ref = schemas.ref(error_model, "serialization")
         if spec.relayed:  # the proxy's shape, or whatever JSON the upstream answered
             error_ref = {"anyOf": [error_ref, {"type": "object"}]}
-        for status, text in _errors(spec, has_body).items():
+        for status, text in _errors(spec, path, has_body).items():
             if str(status) not in responses:
                 responses[str(status)] = {
                     "description": text,

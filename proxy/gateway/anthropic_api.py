@@ -30,7 +30,7 @@ from proxy.gateway.model_routes import ModelRoute
 from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import reserve_cost_nano
 from proxy.gateway.state import Gateway
-from proxy.openapi import Reply, operation
+from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import anthropic, fallback
 from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
@@ -251,7 +251,7 @@ def _handler(endpoint: str) -> Any:
                 200,
                 "With `stream: true`: the upstream's events, relayed as they arrive.",
                 media="text/event-stream",
-                schema={"type": "string"},
+                schema=SSE_EVENT,
             )
         )
 

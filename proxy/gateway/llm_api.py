@@ -25,7 +25,7 @@ from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.tokenizer import count_prompt, count_text
-from proxy.openapi import Reply, operation
+from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import fallback
 from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
@@ -307,7 +307,7 @@ def _llm_answers(endpoint: str) -> tuple[Reply, ...]:
                 200,
                 "With `stream: true`: the upstream's events, relayed as they arrive.",
                 media="text/event-stream",
-                schema={"type": "string"},
+                schema=SSE_EVENT,
             )
         )
     return tuple(answers)

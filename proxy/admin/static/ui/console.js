@@ -1,7 +1,7 @@
 // The operator console: plain DOM over the proxy's own admin API.
 //
 // Safety rules this file keeps: data only ever reaches the page as text (textContent, text
-// nodes, attribute values), never through innerHTML or a URL; the admin key lives in this
+// nodes, attribute values), never parsed as markup or put in a URL; the admin key lives in this
 // tab's sessionStorage and travels only as an Authorization header to this origin.
 "use strict";
 
