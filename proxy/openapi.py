@@ -5,7 +5,25 @@ it, the pydantic models of its query, body and answers, and the errors it can gi
 document is built by walking the application's router, so it lists exactly the routes that
 are served (a route without a declaration is an error, caught by ``undeclared``), and its
 schemas are the JSON schemas of the very models the handlers validate with and answer in:
-nothing is written twice. Adding an endpoint means decorating its handler and routing it.
+nothing is written twice. Adding an endpoint means decorating its handler and routing it::
+
+    class CostsQuery(BaseModel):
+        start_time: int
+        end_time: int
+        group_by: list[GroupBy] = []  # a list field takes repeated names: group_by=a&group_by=b
+
+    @operation(
+        "Get cost by model",
+        tag="usage",
+        auth="admin",
+        query=CostsQuery,
+        answers=Reply(200, "One aggregate over the range.", UsageCostsResponse),
+        errors={404: "No such org, or another org than the caller's."},
+        operation_id="getCostsUsage",
+    )
+    async def costs(request: web.Request) -> web.Response:
+        query = parse_query(CostsQuery, request.query)  # a 400 naming the parameter
+        ...
 
 Errors are OpenAI-shaped everywhere but on the Messages routes (Anthropic's shape), as
 ``proxy.errors`` renders them; each operation gets the statuses its auth, body and store use
@@ -212,8 +230,12 @@ class _Schemas:
         return dict(self.refs[(model, mode)])
 
 
-def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+def _query_parameters(model: type[BaseModel], components: dict[str, Any]) -> list[dict[str, Any]]:
+    """One parameter per field; what a field's schema refers to (an Enum, a model) joins the
+    components."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in schema.get("$defs", {}).items():
+        components.setdefault(name, definition)
     properties = schema.get("properties", {})
     required = set(schema.get("required", []))
     parameters = []
@@ -315,7 +337,7 @@ def document(app: web.Application, server_url: str | None = None) -> dict[str, A
         op["security"] = _SECURITY[spec.auth]
         parameters = _path_parameters(path)
         if spec.query is not None:
-            parameters += _query_parameters(spec.query)
+            parameters += _query_parameters(spec.query, schemas.components)
         if parameters:
             op["parameters"] = parameters
         has_body = spec.body is not None or spec.body_schema is not None

@@ -534,4 +534,29 @@ async def test_usage_says_when_the_usage_api_is_missing(proxy: Proxy, browser: B
     await expect(chart).to_have_attribute("data-state", "ready" if served else "unavailable")
     if not served:
         await expect(console.page.locator("#usage-status")).to_contain_text("not available")
+    await console.screenshot()
+    console.assert_clean()
+
+
+async def test_end_user_budgets_show_as_gauges(proxy: Proxy, browser: Browser) -> None:
+    """End-user budgets (issue #17) share the budgets view once the proxy serves them."""
+    path = "/api/v1/llm/budgets/external-user/user-42"
+    spec = {
+        "period": "daily",
+        "limit": 3,
+        "thresholds": [{"pct": 80, "action": "alert"}, {"pct": 100, "action": "block"}],
+    }
+    status, created = await proxy.admin("PUT", path, spec)
+    if status == 404:
+        pytest.skip(f"PUT {path} is not served yet (end-user budgets, issue #17)")
+    assert status == 200, created
+    console = await open_console(browser, proxy, "end-user-budgets")
+    await console.sign_in(proxy.admin_key)
+    gauge = console.gauge(created["id"])
+    await expect(gauge.locator(".gauge-scope")).to_have_text("end user user-42")
+    await expect(gauge.locator(".gauge-pct")).to_have_text("0.00 %")
+    await gauge.get_by_role("button", name="Delete").click()
+    await gauge.get_by_role("button", name="Confirm delete").click()
+    await expect(gauge).to_have_count(0)
+    await console.screenshot()
     console.assert_clean()

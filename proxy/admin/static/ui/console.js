@@ -119,7 +119,7 @@
 
   function money(amount, currency) {
     const number = Number(amount);
-    const digits = number !== 0 && Math.abs(number) < 0.01 ? 6 : 2;
+    const digits = number !== 0 && Math.abs(number) < 1 ? 6 : 2;
     const text = number.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits });
     return currency ? `${text} ${currency}` : text;
   }
@@ -143,6 +143,7 @@
     if (budget.scope === "org") return `org ${budget.scope_id}`;
     if (budget.scope === "apikey") return `key ${keyLabel(budget.scope_id)}`;
     if (budget.scope === "external_user") return `end user ${budget.scope_id}`;
+    if (budget.scope === "external_user_default") return "each end user (default)";
     return `${budget.scope} ${budget.scope_id || ""}`.trim();
   }
 
@@ -260,7 +261,7 @@
   async function refreshBudgets() {
     try {
       const listing = await api("GET", "/api/v1/llm/budgets");
-      state.budgets = listing.data || [];
+      state.budgets = sortBudgets(listing.data || []);
       renderGauges();
       $("budgets-error").textContent = "";
       $("budgets-updated").textContent = `updated ${new Date().toISOString().slice(11, 19)} UTC`;
@@ -269,24 +270,23 @@
     }
   }
 
+  const SCOPE_ORDER = ["org", "apikey", "external_user"];
+
+  function sortBudgets(budgets) {
+    const rank = (b) => (SCOPE_ORDER.includes(b.scope) ? SCOPE_ORDER.indexOf(b.scope) : SCOPE_ORDER.length);
+    return [...budgets].sort((a, b) =>
+      rank(a) - rank(b) ||
+      scopeLabel(a).localeCompare(scopeLabel(b)) ||
+      (a.owner === b.owner ? 0 : a.owner === "cluster" ? -1 : 1));
+  }
+
   function mayWrite(budget) {
     return state.me.role === "cluster_admin" || budget.owner !== "cluster";
   }
 
   function renderGauges() {
     const holder = $("gauges");
-    const seen = new Set();
-    for (const budget of state.budgets) {
-      seen.add(budget.id);
-      let card = holder.querySelector(`[data-budget-id="${CSS.escape(budget.id)}"]`);
-      const fresh = gaugeCard(budget);
-      if (card) card.replaceWith(fresh);
-      else holder.append(fresh);
-      card = fresh;
-    }
-    for (const card of [...holder.children]) {
-      if (!seen.has(card.dataset.budgetId)) card.remove();
-    }
+    holder.replaceChildren(...state.budgets.map(gaugeCard));
     show($("budgets-empty"), state.budgets.length === 0);
   }
 
@@ -299,20 +299,23 @@
     const used = kind === "tokens" ? tokens(spend.tokens_spent || 0) : money(spend.cost_spent || 0);
     const limit = kind === "tokens" ? tokens(budget.limit) : money(budget.limit);
     const status = spend.status || "ok";
+    const gauged = Boolean(budget.spend);
     const card = el("article", { class: `gauge card ${status}`, dataset: { budgetId: budget.id, scope: budget.scope, scopeId: budget.scope_id || "" } },
       el("header", { class: "gauge-head" },
         el("span", { class: "gauge-scope" }, scopeLabel(budget)),
         el("span", { class: `badge owner-${budget.owner}` }, budget.owner === "cluster" ? "cluster ceiling" : "org budget"),
-        el("span", { class: `badge status-${status} gauge-status` }, status),
+        gauged ? el("span", { class: `badge status-${status} gauge-status` }, status) : null,
       ),
-      el("div", { class: "gauge-figures" },
-        el("span", { class: "gauge-pct" }, Charts.formatPct(spend.pct)),
-        el("span", { class: "gauge-amount" }, `${used} of ${limit}`),
-      ),
-      Charts.gauge(Number(spend.pct || 0), thresholds, status),
+      gauged
+        ? el("div", { class: "gauge-figures" },
+          el("span", { class: "gauge-pct" }, Charts.formatPct(spend.pct)),
+          el("span", { class: "gauge-amount" }, `${used} of ${limit}`))
+        : el("div", { class: "gauge-figures" },
+          el("span", { class: "gauge-amount" }, `${limit} for each end user (no gauge of its own)`)),
+      gauged ? Charts.gauge(Number(spend.pct || 0), thresholds, status) : null,
       el("div", { class: "gauge-meta muted" },
-        el("span", {}, `${budget.period} · window ${spend.window || "?"}`),
-        el("span", {}, resetsIn(spend.window)),
+        el("span", {}, gauged ? `${budget.period} · window ${spend.window || "?"}` : budget.period),
+        gauged ? el("span", {}, resetsIn(spend.window)) : null,
         el("span", {}, blockLine === null ? "alerts only (no block line)" : `blocks at ${blockLine}%`),
         budget.alert_webhook_url ? el("span", { class: "webhook" }, `webhook ${budget.alert_webhook_url}`) : null,
       ),
@@ -349,14 +352,16 @@
     switchView("budgets");
   }
 
+  // org/{id}, apikey/{id}, external-user/{id}; a per-user default (external_user_default)
+  // has no id of its own: external-user-default.
   function budgetPath(scope, id) {
-    const segment = BUDGET_SEGMENTS[scope] || scope;
+    const segment = BUDGET_SEGMENTS[scope] || String(scope).replaceAll("_", "-");
+    if (String(scope).endsWith("_default")) return `/api/v1/llm/budgets/${segment}`;
     return `/api/v1/llm/budgets/${segment}/${encodeURIComponent(id)}`;
   }
 
   function endUserBudgets() {
-    return state.paths.has("/api/v1/llm/budgets/external-user/{id}") ||
-      state.paths.has("/api/v1/llm/budgets/external-user/{externalUserId}");
+    return [...state.paths].some((path) => path.startsWith("/api/v1/llm/budgets/external-user/"));
   }
 
   function thresholdRow(pct, action) {
