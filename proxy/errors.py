@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -72,6 +72,36 @@ class ApiError(Exception):
             headers=self.headers,
             dialect=dialect,
         )
+
+
+class _ErrorShape(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class OpenAIErrorDetail(_ErrorShape):
+    message: str
+    type: str = Field(description="`invalid_request_error`, `authentication_error`, "
+                      "`permission_error`, `rate_limit_error`, `server_error`, ...")  # fmt: skip
+    code: str | None
+    param: str | None = Field(description="The body field or query parameter at fault.")
+
+
+class OpenAIError(_ErrorShape):
+    """The body of every error outside the Messages routes (what ``error_body`` writes)."""
+
+    error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(_ErrorShape):
+    type: str
+    message: str
+
+
+class AnthropicError(_ErrorShape):
+    """The body of errors on the Messages routes, as Anthropic's API writes them."""
+
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
 
 
 def error_body(

@@ -404,6 +404,10 @@ INVALID: list[Any] = [
         "thresholds.0.notify",
         id="threshold-unknown-field",
     ),
+    # Below one nano-unit a limit has no line of its own (lines are whole nano-units or
+    # tokens), and its gauge's pct overflowed to Infinity, which is not JSON (schemathesis).
+    pytest.param(budget(limit=5e-324), "limit", id="limit-subnormal"),
+    pytest.param(budget(limit_kind="cost", limit=1e-10), "limit", id="limit-below-one-nano"),
     pytest.param(budget(currency="USD"), "currency", id="unknown-field"),
     pytest.param(budget(alert_webhook_url="https://x.example"), "alert_webhook_url", id="resp-f"),
     pytest.param(budget(webhook_url="/hooks/budget"), "webhook_url", id="webhook-relative"),

@@ -373,7 +373,11 @@ async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
             await eventually(set_aside, within=15, what="the poison settle quarantined")
             (entry,) = [json.loads(x) for x in (spool / QUARANTINE_NAME).read_text().splitlines()]
             assert entry["settle"]["request_id"] == rid and "WRONGTYPE" in entry["reason"]
-            assert quarantined() == quarantined_before + 1
+
+            async def counted() -> bool:  # counted after the file is written, not with it
+                return quarantined() == quarantined_before + 1
+
+            await eventually(counted, what="the quarantine counted")
             assert len(app[GATEWAY].admission.deferred) == 0
     finally:
         await store.aclose()

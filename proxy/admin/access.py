@@ -4,11 +4,28 @@ so one org cannot learn another's ids."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import AfterValidator, WithJsonSchema
+
 from proxy.errors import bad_request, forbidden, not_found
+from proxy.openapi import ORG_ID_PATTERN
 from proxy.store.connection import valid_id
 from proxy.store.keys import Identity, KeyRecord, KeyStore
 
 ORG_ID_RULE = "1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def _org_id(value: str) -> str:
+    if not valid_id(value):
+        raise ValueError(f"must be {ORG_ID_RULE}")
+    return value
+
+
+OrgId = Annotated[
+    str, AfterValidator(_org_id), WithJsonSchema({"type": "string", "pattern": ORG_ID_PATTERN})
+]
+"""An org id in a query model: the rule's own 400, and its pattern in the document."""
 
 
 def org_id_param(value: str, param: str) -> str:

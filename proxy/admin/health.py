@@ -7,17 +7,31 @@ from __future__ import annotations
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from proxy.admin.schemas import Health, Readiness
 from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
 from proxy.gateway.state import GATEWAY
+from proxy.openapi import Reply, operation
 from proxy.store.budgets import PUT_BUDGET
 
 SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 
 
+@operation(
+    "Liveness", tag="operations", auth="none", answers=Reply(200, "The process runs.", Health)
+)
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@operation(
+    "Readiness",
+    tag="operations",
+    auth="none",
+    answers=(
+        Reply(200, "Redis answers and the admission scripts are loaded.", Readiness),
+        Reply(503, "Redis cannot be reached: route around this process.", Readiness),
+    ),
+)
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     try:

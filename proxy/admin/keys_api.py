@@ -9,12 +9,24 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import find_key, org_id_param, require_admin, sees_org
+from proxy.admin.access import OrgId, find_key, org_id_param, require_admin, sees_org
+from proxy.admin.schemas import ApiKey, ApiKeyCreated, ApiKeyList, ApiKeyRevoked, Caller, OrgLimits
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.openapi import Reply, operation, parse_query
 from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
+
+_NOT_FOUND = {404: "No such key, or it belongs to another org."}
+_ORG_NOT_FOUND = {404: "No such org, or another org than the caller's."}
+
+
+class KeyListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    org_id: OrgId | None = Field(None, description="Only this org's keys (cluster admins).")
 
 
 def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
@@ -37,6 +49,14 @@ def _known_models(gw: Gateway, models: list[str]) -> list[str]:
     return list(dict.fromkeys(models))
 
 
+@operation(
+    "Create a key",
+    tag="keys",
+    auth="admin",
+    body=KeyCreate,
+    answers=Reply(201, "The key, with its plaintext (shown this once).", ApiKeyCreated),
+    errors={403: "Org admins create keys in their own org only, and never cluster_admin keys."},
+)
 async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
@@ -56,13 +76,19 @@ async def create_key(request: web.Request) -> web.Response:
     return web.json_response({**record.public(), "key": plaintext}, status=201)
 
 
+@operation(
+    "List keys",
+    tag="keys",
+    auth="admin",
+    query=KeyListQuery,
+    answers=Reply(200, "The keys of every org the caller sees.", ApiKeyList),
+    errors=_ORG_NOT_FOUND,
+)
 async def list_keys(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
     require_admin(caller)
-    wanted = request.query.get("org_id")
-    if wanted is not None:
-        org_id_param(wanted, "org_id")
+    wanted = parse_query(KeyListQuery, request.query).org_id
     if caller.role == "cluster_admin":
         orgs = [wanted] if wanted else await gw.keys.orgs()
     else:
@@ -75,6 +101,14 @@ async def list_keys(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+@operation(
+    "Get a key",
+    tag="keys",
+    auth="key",
+    answers=Reply(200, "The key.", ApiKey),
+    errors=_NOT_FOUND,
+    description="Admins read the keys of the orgs they manage; any key reads itself.",
+)
 async def get_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
@@ -92,6 +126,20 @@ async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyReco
     return gw, caller, record
 
 
+@operation(
+    "Change a key's name, role, models or limits",
+    tag="keys",
+    auth="admin",
+    body=KeyUpdate,
+    answers=Reply(200, "The key as changed.", ApiKey),
+    errors={
+        **_NOT_FOUND,
+        400: "Invalid input, or the key is revoked (`code: key_revoked`).",
+        403: "Org admins cannot grant cluster_admin or change cluster_admin keys.",
+    },
+    description="Fields left out stay as they are; `models: null` allows every model, and a "
+    "limit set to null is removed.",
+)
 async def update_key(request: web.Request) -> web.Response:
     gw, caller, record = await _managed_key(request)
     change = parse_body(KeyUpdate, await read_json(request))
@@ -108,6 +156,13 @@ async def update_key(request: web.Request) -> web.Response:
     return web.json_response(updated.public())
 
 
+@operation(
+    "Revoke a key",
+    tag="keys",
+    auth="admin",
+    answers=Reply(200, "The key is revoked: refused from the next request on.", ApiKeyRevoked),
+    errors={**_NOT_FOUND, 403: "Org admins cannot revoke cluster_admin keys."},
+)
 async def revoke_key(request: web.Request) -> web.Response:
     gw, _, record = await _managed_key(request)
     await gw.keys.revoke(record)
@@ -115,6 +170,13 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "object": "api_key", "revoked": True})
 
 
+@operation(
+    "Get an org's limits",
+    tag="keys",
+    auth="admin",
+    answers=Reply(200, "Every limit, null where none is set.", OrgLimits),
+    errors=_ORG_NOT_FOUND,
+)
 async def get_org_limits(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
@@ -126,6 +188,14 @@ async def get_org_limits(request: web.Request) -> web.Response:
     return web.json_response({"org_id": org_id, "limits": Limits(**limits).model_dump()})
 
 
+@operation(
+    "Replace an org's limits",
+    tag="keys",
+    auth="admin",
+    body=Limits,
+    answers=Reply(200, "The limits as stored; fields left out are removed.", OrgLimits),
+    errors={**_ORG_NOT_FOUND, 403: "Only cluster admins set org limits."},
+)
 async def put_org_limits(request: web.Request) -> web.Response:
     """Cluster admins only: an org's limits protect the cluster from the org."""
     gw = request.app[GATEWAY]
@@ -141,7 +211,21 @@ async def put_org_limits(request: web.Request) -> web.Response:
     return web.json_response({"org_id": org_id, "limits": limits.model_dump()})
 
 
+@operation(
+    "Who the key is",
+    tag="keys",
+    auth="key",
+    answers=Reply(200, "The caller's key id, org and role.", Caller),
+)
+async def whoami(request: web.Request) -> web.Response:
+    """The console scopes itself by it (an org admin's console shows that org only)."""
+    caller = await request.app[GATEWAY].auth.identify(request)
+    identity = {"key_id": caller.key_id, "org_id": caller.org_id, "role": caller.role}
+    return web.json_response({"object": "identity", **identity})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/me", whoami)
     app.router.add_post("/api/v1/keys", create_key)
     app.router.add_get("/api/v1/keys", list_keys)
     app.router.add_get("/api/v1/keys/{keyId}", get_key)

@@ -72,14 +72,17 @@ from typing import Any, TypeAlias
 
 import aiohttp
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from yarl import URL
 
-from proxy.admin.access import org_id_param, require_admin
+from proxy.admin.access import OrgId, require_admin
+from proxy.admin.schemas import DeliveryStatus, WebhookDeliveryList
 from proxy.config import WebhookConfig
-from proxy.errors import bad_request, not_found
+from proxy.errors import not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.openapi import Reply, operation, parse_query
 from proxy.store.budgets import Spend, public
 from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
 from proxy.store.secret_box import SecretUnavailable
@@ -92,7 +95,6 @@ USER_AGENT = "llm-budget-proxy-webhooks/0.1"
 RESPONSE_READ_CAP = 4096
 ERROR_MAX_CHARS = 300
 SHUTDOWN_GRACE_SECONDS = 2.0
-STATUSES = ("pending", "delivered", "failed")
 _LIST_DEFAULT, _LIST_MAX = 100, 1000
 _EVENT_FIELDS = (
     "id",
@@ -535,27 +537,30 @@ async def org_deliveries(redis: Redis, org_id: str, limit: int) -> list[dict[str
     return [v for v in views if v is not None]
 
 
-def _list_params(request: web.Request) -> tuple[str | None, int]:
-    status = request.query.get("status")
-    if status is not None and status not in STATUSES:
-        raise bad_request("'status' must be pending, delivered or failed.", param="status")
-    raw = request.query.get("limit")
-    if raw is None:
-        return status, _LIST_DEFAULT
-    if not raw.isdigit() or not 1 <= int(raw) <= _LIST_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {_LIST_MAX}.", param="limit")
-    return status, int(raw)
+class DeliveriesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: DeliveryStatus | None = None
+    limit: int = Field(_LIST_DEFAULT, ge=1, le=_LIST_MAX, description="Newest first.")
+    org_id: OrgId | None = Field(None, description="Only this org's (cluster admins).")
 
 
+@operation(
+    "List webhook deliveries",
+    tag="webhooks",
+    auth="admin",
+    query=DeliveriesQuery,
+    answers=Reply(200, "Deliveries with status, attempts and last error.", WebhookDeliveryList),
+    errors={404: "No such org, or another org than the caller's."},
+)
 async def list_deliveries(request: web.Request) -> web.Response:
     """Cluster admins: every org, or ``?org_id=``; org admins: their org; others: 403."""
     gw = request.app[GATEWAY]
     caller = await gw.auth.identify(request)
     require_admin(caller)
-    status, limit = _list_params(request)
-    wanted = request.query.get("org_id")
+    query = parse_query(DeliveriesQuery, request.query)
+    status, limit, wanted = query.status, query.limit, query.org_id
     if wanted is not None:
-        org_id_param(wanted, "org_id")
         if caller.role != "cluster_admin" and wanted != caller.org_id:
             raise not_found(f"No org '{wanted}'.")
     if caller.role == "cluster_admin":

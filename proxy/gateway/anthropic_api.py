@@ -29,6 +29,7 @@ from proxy.gateway.model_routes import ModelRoute
 from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import reserve_cost_nano
 from proxy.gateway.state import Gateway
+from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import anthropic, fallback
 from proxy.providers.upstream import (
     split_events,
@@ -187,7 +188,46 @@ _ENDS = relay.StreamEnds(
 """Stream ends the ``anthropic`` SDKs raise on (an ``error`` event, never ``message_stop``)."""
 
 
+_ANTHROPIC_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": {"type": "string"}, "max_tokens": {"type": "integer"}},
+    "additionalProperties": True,
+    "description": "Anthropic's request body, relayed as sent.",
+}
+_ANTHROPIC_ERRORS = {
+    400: "Invalid input, or a model this endpoint does not serve.",
+    403: "The key may not use this model.",
+    404: "No such model.",
+    429: "A rate limit or budget refused the request before it reached the upstream.",
+    502: "The upstream could not be reached, or broke off its answer.",
+    504: "The upstream did not answer in time.",
+}
+
+
 def _handler(endpoint: str) -> Any:
+    answers = [Reply(200, "The upstream's answer.", schema={"type": "object"})]
+    if endpoint == "messages":
+        answers.append(
+            Reply(
+                200,
+                "With `stream: true`: the upstream's events, relayed as they arrive.",
+                media="text/event-stream",
+                schema=SSE_EVENT,
+            )
+        )
+
+    @operation(
+        f"Anthropic {endpoint}",
+        tag="anthropic",
+        auth="anthropic",
+        body_schema=_ANTHROPIC_BODY,
+        answers=tuple(answers),
+        errors=_ANTHROPIC_ERRORS,
+        relayed=True,
+        description=f"Anthropic's `POST /v1/{endpoint}`, admitted and metered like every route"
+        + (" (never charged)." if endpoint != "messages" else "."),
+    )
     async def handler(request: web.Request) -> web.StreamResponse:
         return await pipeline.handle(request, endpoint, ANTHROPIC)
 

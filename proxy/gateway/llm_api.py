@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict
 
 from proxy.config import Protocol
 from proxy.errors import ApiError, bad_request
@@ -23,6 +24,7 @@ from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.tokenizer import count_prompt, count_text
+from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import fallback
 
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -181,7 +183,67 @@ def _buffered_usage(exchange: Exchange, data: bytes) -> Usage:
     return Usage(exchange.prompt_tokens, output, reported=False)
 
 
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+LLM_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+    "additionalProperties": True,
+    "description": "The provider's request body, relayed as sent (see the README for the "
+    "rules the proxy applies: UTF-8 JSON, no duplicate keys, nesting depth).",
+}
+_LLM_ERRORS = {
+    400: "Invalid input (`param` names it), or a model this endpoint does not serve.",
+    403: "The key may not use this model.",
+    404: "No such model (`model_not_found`).",
+    429: "A rate limit or budget refused the request before it reached the upstream "
+    "(`Retry-After`, `x-ratelimit-*`; budget refusals say so in `code`).",
+    502: "The upstream could not be reached, or broke off its answer.",
+    504: "The upstream did not answer in time.",
+}
+
+
+def _llm_answers(endpoint: str) -> tuple[Reply, ...]:
+    answers = [Reply(200, "The upstream's answer.", schema={"type": "object"})]
+    if endpoint != "embeddings":
+        answers.append(
+            Reply(
+                200,
+                "With `stream: true`: the upstream's events, relayed as they arrive.",
+                media="text/event-stream",
+                schema=SSE_EVENT,
+            )
+        )
+    return tuple(answers)
+
+
 def llm_handler(endpoint: str) -> Any:
+    @operation(
+        f"OpenAI {endpoint}",
+        tag="llm",
+        auth="key",
+        body_schema=LLM_BODY,
+        answers=_llm_answers(endpoint),
+        errors=_LLM_ERRORS,
+        relayed=True,
+        description=f"OpenAI's `POST /v1/{endpoint}`, admitted (auth, rate limits, budgets), "
+        "forwarded with the upstream's own credential, metered and settled.",
+    )
     async def handler(request: web.Request) -> web.StreamResponse:
         return await handle_llm(request, endpoint)
 
@@ -189,6 +251,12 @@ def llm_handler(endpoint: str) -> Any:
     return handler
 
 
+@operation(
+    "List models",
+    tag="llm",
+    auth="key",
+    answers=Reply(200, "The configured models and aliases this key may use.", ModelList),
+)
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
@@ -200,6 +268,13 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+@operation(
+    "Retrieve a model",
+    tag="llm",
+    auth="key",
+    answers=Reply(200, "The model.", ModelCard),
+    errors={404: "No such model, or one this key may not use (`model_not_found`)."},
+)
 async def retrieve_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): one model this key may use."""
     gw = request.app[GATEWAY]

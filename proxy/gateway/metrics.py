@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from proxy.config import MetricsConfig
 from proxy.errors import ApiError
+from proxy.openapi import Reply, operation
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -111,6 +112,21 @@ def add_routes(app: web.Application, config: MetricsConfig) -> None:
     the same host, or behind a sidecar) and 403 to everyone else."""
     token = os.environ.get(config.token_env) if config.token_env else None
 
+    @operation(
+        "Prometheus metrics",
+        tag="operations",
+        auth="metrics",
+        answers=Reply(
+            200,
+            "The metrics, in Prometheus' text format.",
+            media="text/plain",
+            schema={"type": "string"},
+        ),
+        errors={
+            401: "A metrics token is configured and this is not it.",
+            403: "No metrics token is configured and the caller is not on loopback.",
+        },
+    )
     async def metrics_handler(request: web.Request) -> web.Response:
         if token:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")

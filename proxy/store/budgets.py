@@ -43,6 +43,9 @@ SEALED = "webhook_secret_sealed"
 MAX_LINE = 2**53 - 1
 # Scripts write a threshold's pct into events with cjson (14 significant digits).
 MAX_PCT = 1_000_000_000
+# The smallest limit: one nano-unit (cost) or a billionth of a token. Lines are whole units, so
+# a smaller limit has no line of its own, and spend / limit would overflow the gauge's pct.
+MIN_LIMIT = Decimal("0.000000001")
 
 
 class Threshold(BaseModel):
@@ -57,10 +60,12 @@ class BudgetInput(BaseModel):
 
     period: Period
     limit_kind: Literal["cost", "tokens"]
-    limit: int | float
+    limit: int | float = Field(json_schema_extra={"minimum": float(MIN_LIMIT)})
     thresholds: list[Threshold] = Field(min_length=1)
     owner: Owner = "org"
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(
+        None, json_schema_extra={"format": "uri", "pattern": "^https?://"}
+    )
     webhook_secret: str | None = Field(None, min_length=1)
 
     @field_validator("limit", mode="before")
@@ -76,6 +81,8 @@ class BudgetInput(BaseModel):
         # isinstance first: math.isfinite(10**400) raises OverflowError.
         if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
             raise ValueError("must be a finite number greater than 0")
+        if Decimal(str(value)) < MIN_LIMIT:
+            raise ValueError(f"must be at least {MIN_LIMIT} (one nano-unit)")
         kind = info.data.get("limit_kind")
         if kind is not None and _unit_amount(value, kind) > MAX_LINE:
             most = _most(kind)

@@ -58,9 +58,10 @@ def new_plaintext() -> str:
 
 class Limits(BaseModel):
     """Per-key or per-org limits; absent means unlimited. Bounded so that the admit script
-    only ever reads integers a Lua number holds exactly (see ``proxy.config.MAX_RATE_LIMIT``)."""
+    only ever reads integers a Lua number holds exactly (see ``proxy.config.MAX_RATE_LIMIT``).
+    Answers show every field (null where unset), as the serialization schema says."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
     rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)

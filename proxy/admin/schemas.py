@@ -1,0 +1,168 @@
+"""What the admin API answers, as pydantic models: the OpenAPI document's response schemas.
+
+Each model states exactly the JSON a handler sends today, field for field and in order (the
+handlers build plain dicts; the contract tests and the schemathesis run check every answer
+against these schemas, which forbid unknown fields). The budget shapes are the MKA1 budget
+contract (``docs/spec/budgets-api.md``). Request models live beside the code that validates
+with them (``proxy.store.keys``, ``proxy.store.budgets``, the API modules' query models).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proxy.config import Role
+from proxy.store.budgets import Owner, Scope, Threshold
+from proxy.store.keys import Limits
+from proxy.store.windows import Period
+
+DIGITS = r"^[0-9]+$"
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class Strict(BaseModel):
+    """Every field is always present (defaults are only for building), and nothing else is."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+class ApiKey(Strict):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    org_id: str
+    name: str
+    role: Role
+    status: Literal["active", "revoked"]
+    models: list[str] | None = Field(description="The models this key may use; null: all.")
+    limits: Limits = Field(description="Every limit, null where none is set.")
+    created_at: int = Field(description="Unix seconds.")
+    key_prefix: str = Field(description="The first characters of the key, to recognise it.")
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="The plaintext key: shown in this answer only, never again.")
+
+
+class ApiKeyList(Strict):
+    object: Literal["list"] = "list"
+    data: list[ApiKey]
+
+
+class ApiKeyRevoked(Strict):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    revoked: Literal[True] = True
+
+
+class OrgLimits(Strict):
+    org_id: str
+    limits: Limits
+
+
+class Caller(Strict):
+    """Who the bearer key is: what the console shows and scopes itself by."""
+
+    object: Literal["identity"] = "identity"
+    key_id: str
+    org_id: str
+    role: Role
+
+
+# --- budgets (docs/spec/budgets-api.md) ----------------------------------------------------
+
+
+class BudgetSpend(Strict):
+    window: str = Field(description="Daily `2026-11-24`, weekly `2026-W48`, monthly `2026-11`.")
+    cost_spent_nano: str = Field(
+        pattern=DIGITS, description="Integer nano-units (1e9 per major unit, NOT cents)."
+    )
+    cost_spent: float = Field(description="The same amount in major currency units.")
+    tokens_spent: str = Field(pattern=DIGITS)
+    pct: float = Field(description="Settled spend / limit x 100, in the budget's limit_kind.")
+    status: Literal["ok", "blocked"]
+
+
+class Budget(Strict):
+    id: str = Field(description="Stable for one (scope, scope_id, owner) across edits.")
+    scope: Scope
+    scope_id: str
+    owner: Owner
+    period: Period
+    limit_kind: Literal["cost", "tokens"]
+    limit: int | float
+    thresholds: list[Threshold]
+    alert_webhook_url: str | None
+    spend: BudgetSpend
+
+
+class BudgetList(Strict):
+    object: Literal["list"] = "list"
+    data: list[Budget]
+
+
+class BudgetDeleted(Strict):
+    scope: Scope
+    scope_id: str
+    owner: Owner
+    deleted: Literal[True] = True
+
+
+class BudgetEvent(Strict):
+    id: str
+    budget_id: str
+    type: Literal["threshold_alert", "blocked"]
+    pct: int | float | None
+    period_key: str
+    spend_snapshot: str = Field(description="Spend at that moment, in the budget's unit.")
+    limit_snapshot: str
+    created_at: str = Field(description="ISO 8601 UTC.")
+
+
+class BudgetEventList(Strict):
+    """Newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[BudgetEvent]
+
+
+# --- webhooks ------------------------------------------------------------------------------
+
+
+class WebhookDelivery(Strict):
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event_id: str
+    org_id: str
+    budget_id: str | None
+    type: str = Field(description="`budget.threshold_alert` or `budget.blocked`.")
+    url: str | None
+    status: DeliveryStatus
+    attempts: int
+    last_error: str | None
+    created_at: str | None
+    last_attempt_at: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None
+
+
+class WebhookDeliveryList(Strict):
+    """Newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[WebhookDelivery]
+
+
+# --- operations -----------------------------------------------------------------
+
+
+class Health(Strict):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(Strict):
+    status: Literal["ready", "unavailable"]
+    redis: str
