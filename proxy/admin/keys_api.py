@@ -1,7 +1,10 @@
-"""Key management and org limits over HTTP (``/api/v1/keys``, ``/api/v1/orgs/{id}/limits``).
+"""Key management and org limits over HTTP (``/api/v1/keys``, ``/api/v1/orgs/{id}/limits``,
+``/api/v1/orgs/{id}/end-user-policy``).
 
 Cluster admins manage every org; org admins only their own (and never mint cluster admins);
 members may read their own key. The plaintext of a key appears once, in the create answer.
+An org's limits protect the cluster from the org, so only cluster admins set them; its
+end-user policy is the org's own rules for its end users, so its admins set it too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from proxy.admin.access import find_key, require_admin, sees_org
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.end_users import EndUserPolicies, EndUserPolicy
 from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 
@@ -119,6 +123,34 @@ async def put_org_limits(request: web.Request) -> web.Response:
     return web.json_response({"org_id": org_id, "limits": limits.model_dump()})
 
 
+def _policy_json(org_id: str, policy: EndUserPolicy) -> dict[str, Any]:
+    return {"org_id": org_id, **policy.model_dump()}
+
+
+async def _policy_org(request: web.Request) -> tuple[Gateway, str]:
+    gw = request.app[GATEWAY]
+    caller = await gw.auth.identify(request)
+    org_id = request.match_info["orgId"]
+    require_admin(caller)
+    if not sees_org(caller, org_id):
+        raise not_found(f"No org '{org_id}'.")
+    return gw, org_id
+
+
+async def get_end_user_policy(request: web.Request) -> web.Response:
+    gw, org_id = await _policy_org(request)
+    policy = await EndUserPolicies(gw.redis).get(org_id)
+    return web.json_response(_policy_json(org_id, policy))
+
+
+async def put_end_user_policy(request: web.Request) -> web.Response:
+    """Replaces the whole policy; takes effect with the org's next request."""
+    gw, org_id = await _policy_org(request)
+    policy = parse_body(EndUserPolicy, await read_json(request))
+    await EndUserPolicies(gw.redis).put(org_id, policy)
+    return web.json_response(_policy_json(org_id, policy))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/keys", create_key)
     app.router.add_get("/api/v1/keys", list_keys)
@@ -127,3 +159,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/keys/{keyId}", revoke_key)
     app.router.add_get("/api/v1/orgs/{orgId}/limits", get_org_limits)
     app.router.add_put("/api/v1/orgs/{orgId}/limits", put_org_limits)
+    app.router.add_get("/api/v1/orgs/{orgId}/end-user-policy", get_end_user_policy)
+    app.router.add_put("/api/v1/orgs/{orgId}/end-user-policy", put_end_user_policy)

@@ -251,11 +251,12 @@ class KeyStore:
         return {name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)}
 
     async def set_org_limits(self, org_id: str, limits: Limits) -> dict[str, int]:
-        """Replaces the org's limits: fields left out are removed."""
+        """Replaces the org's limits: fields left out are removed. The same hash holds the
+        org's end-user policy (``proxy.store.end_users``), which stays."""
         key = org_prefix(org_id) + "limits"
         values = limits.model_dump(exclude_none=True)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(key)
+        pipe.hdel(key, *LIMIT_FIELDS)
         if values:
             pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
         pipe.sadd(ORGS_KEY, org_id)
