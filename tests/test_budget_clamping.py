@@ -7,6 +7,8 @@ reserves the lowered worst case, and spend never passes the line.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,7 +19,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import FakeClock, Proxy
+from conftest import FakeClock, Proxy, eventually
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -112,6 +114,7 @@ async def test_a_budget_fitting_ten_short_answers_admits_zero_without_clamping_t
         cap = int(headers["x-budget-clamped-max-tokens"])
         sent = p.received()[-1].body
         assert sent["max_completion_tokens"] == cap and "max_tokens" not in sent
+        assert "x-budget-clamp" not in p.received()[-1].headers  # the proxy's own header
         assert body.usage.completion_tokens == ANSWER
         caps.append(cap)
     assert len(caps) == 10
@@ -299,3 +302,23 @@ async def test_the_clamp_arithmetic_is_exact_near_the_largest_exact_double(
     assert cost(m) <= line < cost(m + 1)
     assert (decision.reserved_tokens, decision.reserved_cost_nano) == (prompt + m, cost(m))
     assert await store.zcard("bp:{o:acme}:leases") == 0  # a dry run reserves nothing
+
+
+async def test_the_access_log_says_a_request_was_clamped(
+    p: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.access")
+    kid, key = await p.create_key("acme")
+    await put(p, f"/apikey/{kid}", budget(limit=300, clamp=True))
+    status, _, headers = await chat(p, key, {"x-request-id": "clamped-1"})
+    assert status == 200
+
+    async def logged() -> dict[str, Any] | None:
+        for record in caplog.records:
+            line = json.loads(record.getMessage()) if record.name == "llm_proxy.access" else {}
+            if line.get("request_id") == "clamped-1":
+                return line
+        return None
+
+    line = await eventually(logged, what="the access-log line")
+    assert line["clamped_max_tokens"] == int(headers["x-budget-clamped-max-tokens"])

@@ -383,6 +383,33 @@ async def test_orgs_without_end_user_rules_keep_nothing_per_end_user(
     assert (await refused(p, key, "dave"))["budget"]["reason"] == "exceeds"
 
 
+async def test_an_unreadable_lease_of_an_end_user_does_not_hold_their_slot(
+    noon: Proxy, store: aioredis.Redis
+) -> None:
+    p = noon
+    kid, key = await p.create_key("acme")
+    status, _ = await p.admin("PUT", POLICY.format(org="acme"), {"limits": {"concurrency": 1}})
+    assert status == 200
+    # Another end user's live request keeps the org's lease count above zero, so a leftover
+    # counter is not healed merely for exceeding the live leases.
+    slow = asyncio.create_task(send(p, key, "walt", 20, **{"x-mock-latency-ms": "1500"}))
+
+    async def leased() -> bool:
+        return int(await store.zcard(prefix("acme") + "leases")) == 1
+
+    await eventually(leased, what="walt's lease")
+    victim = end_user_tag("victor")
+    await store.hset(
+        prefix("acme") + "lease:req_bad", mapping={"k": kid, "c": "abc", "t": "5", "x": victim}
+    )
+    await store.zadd(prefix("acme") + "leases", {"req_bad": 0})
+    await store.hset(prefix("acme") + f"infl:{victim}", mapping={"n": 1, "c": 5, "t": 5})
+    # Set aside, its end user's counters are rebuilt with the org's and the key's.
+    await used(p, key, "victor")
+    assert await store.zrange(prefix("acme") + "leases:stuck", 0, -1) == ["req_bad"]
+    assert (await slow)[0] == 200
+
+
 # --- the org's end-user policy ------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ _DROP_REQUEST = frozenset(
         "openai-organization",
         "openai-project",
         "x-on-behalf-of",
+        "x-budget-clamp",  # the proxy's own: clamp the output cap rather than refuse
         "x-request-id",
         "accept-encoding",
         "content-type",
