@@ -344,7 +344,7 @@ def test_budget_refusal_is_insufficient_quota_and_never_retried() -> None:
         "remaining": "0",
         "reset_at": reset,
     }
-    assert "reserves 3 tokens; 0 tokens of 10 tokens are left" in body["message"]
+    assert "reserves 3 tokens; 0 of 10 tokens are left" in body["message"]
     assert f"resets at {reset}" in body["message"]
 
 
@@ -367,7 +367,7 @@ def test_cost_budget_refusal_explains_in_currency_units() -> None:
     assert (budget["reserved"], budget["remaining"]) == ("0.6", "0.5")
     assert error.headers["x-budget-kind"] == "cost"
     assert error.headers["x-budget-remaining"] == "0.5"
-    assert "reserves 0.6 currency units; 0.5 currency units of 2" in error.message
+    assert "reserves 0.6 currency units; 0.5 of 2 currency units are left" in error.message
 
 
 def test_end_user_budget_refusals_name_the_end_user() -> None:

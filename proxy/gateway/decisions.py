@@ -198,7 +198,7 @@ def budget_error(
         reason = "would be exceeded by this request's worst case (prompt + max output tokens)"
     message = (
         f"Budget exceeded: {which} ({owner}, window {decision.window}) {reason}. This request "
-        f"reserves {_words(decision.reserved, unit)}; {_words(decision.left, unit)} of "
+        f"reserves {_words(decision.reserved, unit)}; {_amount(decision.left, unit)} of "
         f"{_words(decision.line, unit)} are left (used or in flight: "
         f"{_words(decision.spent, unit)}). The window resets at {reset_at}."
     )
