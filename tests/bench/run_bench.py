@@ -3,6 +3,7 @@
     python tests/bench/run_bench.py [--duration 10] [--connections 64] [--json out.json]
                                     [--scenario short|long|both] [--memory-minutes N]
                                     [--rounds N] [--paced-fraction 0.5] [--profile DIR] [--pin]
+                                    [--end-users N]
 
 It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
 aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
@@ -26,7 +27,9 @@ also Redis commands per request from ``INFO commandstats``. ``--memory-minutes N
 samples the proxy's RSS under steady load and reports growth after warm-up. ``--profile DIR``
 adds an unmeasured run of (b) and (c) under py-spy and prints where their CPU goes
 (``cpu_profile.py``); ``--pin`` puts the server under test alone on one core, for A/B
-comparisons of two versions (the headline figures are unpinned).
+comparisons of two versions (the headline figures are unpinned). ``--end-users N`` sends every
+request on behalf of one of N end users (``X-On-Behalf-Of``, round robin) and gives the org a
+default budget and rate limits for each end user, so the end-user checks run too (wrk only).
 
 Everything runs on this machine, so the generator, the mock, Redis and the system under test
 share its cores: compare targets within one run, not across machines.
@@ -228,8 +231,9 @@ async def admin(session: aiohttp.ClientSession, method: str, url: str, body: Any
         return payload
 
 
-async def provision(proxy_url: str) -> str:
-    """A key whose every check runs and passes: key and org limits, key and org budgets."""
+async def provision(proxy_url: str, end_users: int = 0) -> str:
+    """A key whose every check runs and passes: key and org limits, key and org budgets (and,
+    with ``end_users``, a default budget and limits for each end user of the org)."""
     limits = {"rpm": HUGE, "tpm": HUGE, "concurrency": 100_000}
     budget = {
         "period": "monthly",
@@ -252,6 +256,19 @@ async def provision(proxy_url: str) -> str:
             f"{proxy_url}/api/v1/llm/budgets/org/{ORG}",
             {**budget, "limit_kind": "tokens", "limit": HUGE},
         )
+        if end_users:
+            await admin(
+                session,
+                "PUT",
+                f"{proxy_url}/api/v1/llm/budgets/external-user-default?org_id={ORG}",
+                budget,
+            )
+            await admin(
+                session,
+                "PUT",
+                f"{proxy_url}/api/v1/orgs/{ORG}/end-user-policy",
+                {"limits": limits},
+            )
     secret: str = key["key"]
     return secret
 
@@ -306,6 +323,8 @@ local bodies = {{ [====[{buffered}]====], [====[{streamed}]====] }}
 local ratio = {ratio}
 -- unique: every prompt starts with its request number, so no cache anywhere sees a repeat
 local unique = {unique}
+-- end users: requests go on behalf of one of this many, round robin (0: none)
+local end_users = {end_users}
 local marker = '"content":"'
 local headers = {{ ["Content-Type"] = "application/json", ["Authorization"] = "Bearer {key}" }}
 local reqs, heads, tails = {{}}, {{}}, {{}}
@@ -323,6 +342,12 @@ function request()
   local streamed = math.floor((n + 1) * ratio) > math.floor(n * ratio)
   n = n + 1
   local i = streamed and 2 or 1
+  if end_users > 0 then
+    headers["X-On-Behalf-Of"] = "user-" .. (n % end_users)
+    if not unique then
+      return wrk.format("POST", "{path}", headers, bodies[i])
+    end
+  end
   if unique then
     return wrk.format("POST", "{path}", headers, heads[i] .. n .. " " .. tails[i])
   end
@@ -353,7 +378,12 @@ end
 
 
 def write_wrk_script(
-    path: Path, scenario: Scenario, key: str, stream_ratio: float, pace_ms: float = 0.0
+    path: Path,
+    scenario: Scenario,
+    key: str,
+    stream_ratio: float,
+    pace_ms: float = 0.0,
+    end_users: int = 0,
 ) -> Path:
     """``pace_ms`` > 0: each connection's mean gap between requests (see ``WRK_PACING``)."""
     buffered, streamed = scenario.body(False).decode(), scenario.body(True).decode()
@@ -364,6 +394,7 @@ def write_wrk_script(
         WRK_SCRIPT.format(
             buffered=buffered, streamed=streamed, ratio=stream_ratio, key=key, path=CHAT_PATH,
             unique=unique, delay=WRK_PACING.format(mean_ms=round(pace_ms, 3)) if pace_ms else "",
+            end_users=end_users,
         )
     )  # fmt: skip
     return path
@@ -529,6 +560,7 @@ class Bench:
                 self.key,
                 self.args.stream_ratio,
                 pace_ms,
+                self.args.end_users,
             )
             return await wrk_load(
                 target.url,
@@ -667,6 +699,7 @@ def render(result: dict[str, Any]) -> str:
             f"\nscenario {name}: prompt {scenario['prompt_tokens']} tokens, max_tokens "
             f"{MAX_TOKENS}, {result['stream_ratio']:.0%} streamed, {result['connections']} "
             f"connections, {result['duration_s']} s, generator {result['generator']}"
+            + (f", {result['end_users']} end users" if result.get("end_users") else "")
         )
         lines.append(
             f"  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
@@ -805,6 +838,8 @@ def choose_generator(wanted: str) -> str:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     generator = choose_generator(args.generator)
+    if args.end_users and generator != "wrk":
+        raise SystemExit("--end-users needs wrk (scripts/install-wrk.sh)")
     chosen = scenarios(args.scenario, args.long_prompt_tokens)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
@@ -858,7 +893,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for target in targets.values():
             await wait_ready(target.url + target.probe_path, target.process, target.log)
         await wait_ready(targets["proxy"].url + "/readyz", proxy, targets["proxy"].log)
-        key = await provision(targets["proxy"].url)
+        key = await provision(targets["proxy"].url, args.end_users)
         bench = Bench(args, work, redis_server, redis_client, mock, key, generator)
         result: dict[str, Any] = {
             "generator": generator,
@@ -870,6 +905,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_tokens": MAX_TOKENS,
             "cpus": os.cpu_count(),
             "pinned": args.pin,
+            "end_users": args.end_users,
             "scenarios": {},
         }
         if args.memory_minutes:
@@ -951,6 +987,13 @@ def main() -> None:
         "--profile", metavar="DIR", help="also sample (b) and (c) with py-spy; raw stacks here"
     )
     parser.add_argument(
+        "--end-users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="requests on behalf of N end users, with end-user budgets and limits (wrk only)",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="server under test on CPU 1, everything else on CPU 0 (steadier A/B figures)",
@@ -964,6 +1007,8 @@ def main() -> None:
         parser.error("--stream-ratio must be 0..1, --duration and --connections positive")
     if args.rounds < 1:
         parser.error("--rounds must be positive")
+    if args.end_users < 0 or (args.end_users and args.generator == "python"):
+        parser.error("--end-users takes N >= 0 and needs wrk")
     if not 0 <= args.paced_fraction < 1:
         parser.error("--paced-fraction must be in [0, 1)")
     result = asyncio.run(run(args))
