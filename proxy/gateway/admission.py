@@ -53,7 +53,7 @@ def budget_scope(field: str) -> str:
     return "org"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
 class ClampTerms:
     """How far a request's output cap may be lowered, and what its reservation costs then:
     ``cost(output) = ceil((input_cost + output * output_rate) / 1e6)`` in nano-units, the same

@@ -162,7 +162,7 @@ def clamp_asked(headers: Mapping[str, str]) -> bool:
     return value.lower() == "true"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
 class Prepared:
     """Everything admission needs to know about a request before it is admitted."""
 
