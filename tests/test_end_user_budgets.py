@@ -381,6 +381,13 @@ async def test_orgs_without_end_user_rules_keep_nothing_per_end_user(
     spent = await used(p, key, "dave")
     await put(p, "/external-user-default?org_id=acme", budget(limit=spent + 1))
     assert (await refused(p, key, "dave"))["budget"]["reason"] == "exceeds"
+    # Rules gone, nothing is kept for end users again.
+    status, _ = await p.admin("DELETE", f"{BASE}/external-user-default?org_id=acme")
+    assert status == 200
+    status, _ = await p.admin("PUT", POLICY.format(org="acme"), {})
+    assert status == 200
+    await used(p, key, "eve")
+    assert [k async for k in store.scan_iter(prefix("acme") + f"*{end_user_tag('eve')}*")] == []
 
 
 async def test_an_unreadable_lease_of_an_end_user_does_not_hold_their_slot(

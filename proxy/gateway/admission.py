@@ -67,13 +67,12 @@ class ClampTerms:
     input_cost: int
     output_rate: int
 
-    def args(self) -> tuple[int, ...]:
+    def arg(self) -> str:
+        """One script argument, parsed only when a budget is squeezed: the script's numbers
+        are doubles, so the products are split where each part stays exact."""
         a_q, a_r = divmod(self.input_cost, 1_000_000)
         r_q, r_r = divmod(self.output_rate, 1_000_000)
-        return (self.choices, self.cap, self.lowest, a_q, a_r, r_q, r_r)
-
-
-_NO_CLAMP = (0, 0, 0, 0, 0, 0, 0)
+        return f"{self.choices} {self.cap} {self.lowest} {a_q} {a_r} {r_q} {r_r}"
 
 
 # Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
@@ -230,9 +229,8 @@ class Admission:
                 endpoint,
                 end_user or "",
                 end_user_tag,
-                "1" if dry_run else "",
-                "1" if clamp_asked else "",
-                *(clamp.args() if clamp is not None else _NO_CLAMP),
+                ("d" if dry_run else "") + ("c" if clamp_asked else ""),
+                clamp.arg() if clamp is not None else "",
             ],
         )
         _ADMIT_TIME.observe(time.perf_counter() - started)
@@ -251,8 +249,8 @@ class Admission:
                 budget_window=result[10],
                 budget_field=result[11],
                 clamped_cap=int(result[12]) if result[12] != "" else None,
-                reserved_tokens=int(result[13]),
-                reserved_cost_nano=int(result[14]),
+                reserved_tokens=int(result[13]) if result[13] != "" else reserve_tokens,
+                reserved_cost_nano=int(result[14]) if result[14] != "" else reserve_cost_nano,
             )
         if kind == "dup":
             return ALREADY_ADMITTED

@@ -10,15 +10,16 @@
 --          window daily, weekly, monthly,
 --          role defaults rps, rpm, rph, rpd, tpm, concurrency ("" = none),
 --          ttl daily, weekly, monthly (s), now_iso, prompt_tokens, model, endpoint, end user,
---          end-user tag ("u:<hex>", "" = none), dry run ("1": decide, write nothing),
---          clamp asked ("1": the request accepts a lower output cap on any budget),
---          clamp terms: choices (0 = the output cap cannot be lowered), cap per choice,
---          lowest cap per choice, and the cost function's parts A div 1e6, A mod 1e6,
---          R div 1e6, R mod 1e6, where cost(output) = ceil((A + output * R) / 1e6)
+--          end-user tag ("u:<hex>", "" = none),
+--          flags ("d": dry run, decide and write nothing; "c": the request accepts a lower
+--          output cap on any budget),
+--          clamp terms ("" = the output cap cannot be lowered; else "choices cap lowest A_q A_r
+--          R_q R_r": the cap per choice reserved, the lowest it may go, and the cost function
+--          cost(output) = ceil((A + output * R) / 1e6) as A and R divided by 1e6 with remainder)
 --
 -- Returns  {"ok", req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
 --           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field,
---           clamped cap per choice ("" = not clamped), reserved tokens, reserved cost}
+--           clamped cap per choice, reserved tokens, reserved cost ("" each when not clamped)}
 --       or {"dup"} (already admitted)
 --       or {"revoked"}
 --       or {"need_user"} (the org requires X-On-Behalf-Of)
@@ -38,15 +39,10 @@ local win = W.win
 local now_iso = ARGV[19]
 local prompt_tokens = exact_int(ARGV[20])
 local user = ARGV[24] or ''
-local dry = ARGV[25] == '1'
-local clamp_asked = ARGV[26] == '1'
-local choices = exact_int(ARGV[27] or 0)
-local cap_max, cap_min = exact_int(ARGV[28] or 0), exact_int(ARGV[29] or 0)
-local a_q, a_r = exact_int(ARGV[30] or 0), exact_int(ARGV[31] or 0)
-local r_q, r_r = exact_int(ARGV[32] or 0), exact_int(ARGV[33] or 0)
+local flags = ARGV[25] or ''
+local clamp_terms = ARGV[26] or ''
 for name, value in pairs({now_ms = now, reserve_tokens = rt, reserve_cost_nano = rc,
-    lease_ms = lease_ms, prompt_tokens = prompt_tokens, choices = choices, cap_max = cap_max,
-    cap_min = cap_min, a_q = a_q, a_r = a_r, r_q = r_q, r_r = r_r}) do
+    lease_ms = lease_ms, prompt_tokens = prompt_tokens}) do
   if not value or value < 0 then
     return {'invalid', name}
   end
@@ -54,9 +50,12 @@ end
 if user ~= '' and not string.match(user, '^u:%x+$') then
   return {'invalid', 'end_user'}
 end
--- Clamping lowers the cap per choice within [cap_min, cap_max); the caller guarantees that
--- the reservation is prompt + cap_max * choices tokens costing cost(cap_max * choices).
-local clampable = choices > 0 and cap_min >= 1 and cap_min < cap_max
+local dry = flags ~= '' and string.find(flags, 'd', 1, true) ~= nil
+local clamp_asked = flags ~= '' and string.find(flags, 'c', 1, true) ~= nil
+-- Clamping lowers the cap per choice within [lowest, cap); the caller guarantees that the
+-- reservation is prompt + cap * choices tokens costing cost(cap * choices). Read only when a
+-- budget is squeezed.
+local clampable = clamp_terms ~= ''
 
 local function fmt_int(x)
   if x == '' then
@@ -85,35 +84,46 @@ local key_limits = {}
 for i = 1, 6 do
   key_limits[i] = exact_int(kf[i + 1]) or exact_int(ARGV[9 + i])
 end
--- The org's policy hash: its own limits, then its end-user settings (see proxy/store/keys.py).
+-- The org's policy hash: its own limits, then its end-user policy (proxy/store/end_users.py):
+-- whether requests must name an end user, and whether the org has ever had an end-user
+-- budget or policy (u_on). Only then does a named end user cost anything more to check.
 local of = redis.call('HMGET', P .. 'limits', 'rps', 'rpm', 'rph', 'rpd', 'tpm', 'concurrency',
-  'u_required', 'u_track', 'u_rps', 'u_rpm', 'u_rph', 'u_rpd', 'u_tpm', 'u_concurrency')
+  'u_required', 'u_on')
 if user == '' and of[7] == '1' then
   return {'need_user'}
 end
-local org_limits, user_limits = {}, {}
-local user_limited = false
+if of[8] ~= '1' then
+  user = '' -- the org has no rule for its end users: nothing to check or keep for them
+end
+local org_limits = {}
 for i = 1, 6 do
   org_limits[i] = exact_int(of[i])
-  user_limits[i] = exact_int(of[8 + i])
-  user_limited = user_limited or user_limits[i] ~= nil
 end
 
 -- Budgets that may apply: the key's, the org's and, for a named end user, theirs and the
 -- org's default for each end user (see budget_fields in lease.lua).
-local bud_tags = {'k:' .. kid, 'o'}
-if user ~= '' then
-  bud_tags[3] = user
+local fields, tags
+if user == '' then
+  fields = {'k:' .. kid .. ':cluster', 'k:' .. kid .. ':org', 'o:cluster', 'o:org'}
+  tags = {'k:' .. kid, 'k:' .. kid, 'o', 'o'}
+else
+  fields, tags = budget_fields({'k:' .. kid, 'o', user})
 end
-local fields, tags = budget_fields(bud_tags)
 local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
 
 -- An end user counts as a scope of its own (in-flight, spend windows, rate limits) only where
 -- the org asks for it: a budget or limit that applies to them, or u_track. Everyone else's
 -- requests cost nothing more than without the header.
 local tracked = false
+local user_limits = {}
 if user ~= '' then
-  tracked = of[8] == '1' or user_limited
+  local uf = redis.call('HMGET', P .. 'limits', 'u_track', 'u_rps', 'u_rpm', 'u_rph', 'u_rpd',
+    'u_tpm', 'u_concurrency')
+  tracked = uf[1] == '1'
+  for i = 1, 6 do
+    user_limits[i] = exact_int(uf[1 + i])
+    tracked = tracked or user_limits[i] ~= nil
+  end
   for i = 5, #fields do
     tracked = tracked or rules[i] ~= false
   end
@@ -173,7 +183,7 @@ for _, scope in ipairs(scopes) do
         end
         write[#write + 1] = LIMIT_NAMES[i]
         write[#write + 1] = string.format('%.17g', after)
-        if i == 5 then
+        if i == 5 and clampable then
           tpm_slots[#tpm_slots + 1] = {write = write, at = #write, level = level, limit = limit}
         end
         ttl = math.max(ttl, window)
@@ -202,13 +212,22 @@ end
 -- is refused when its worst case would carry spend past the line, unless it may be clamped:
 -- then its output cap is lowered to the most that fits every such budget (never below
 -- cap_min), the reservation with it.
-if #fields > 4 then
+if tracked then
   drop_replaced_defaults(fields, tags, rules)
 end
 local function refuse(b, why, r)
   return {'budget', fields[b.i], why, b.w, b.used, b.floor, I(r), b.unit}
 end
-local applicable = {}
+local bud_remaining, bud_line, bud_unit, bud_window, bud_field = '', '', '', '', ''
+local tightest = nil
+local function tighter(i, unit, floor, w, remaining)
+  local share = remaining / math.max(floor, 1)
+  if tightest == nil or share < tightest then
+    tightest = share
+    bud_remaining, bud_line, bud_unit, bud_window, bud_field = remaining, floor, unit, w, fields[i]
+  end
+end
+local applicable = {} -- kept only where the cap may be lowered: the tightest is then redone
 local squeezed = {} -- budgets the worst case does not fit, but a lower cap might
 for i = 1, #fields do
   local rule = rules[i]
@@ -223,24 +242,42 @@ for i = 1, #fields do
       if unit == 'c' then
         r = rc
       end
-      local b = {i = i, unit = unit, floor = floor, w = w, used = spent + held}
       if spent >= ceil then
-        b.used = spent
-        return refuse(b, 'blocked', r)
+        return refuse({i = i, unit = unit, floor = floor, w = w, used = spent}, 'blocked', r)
       end
-      if spent + held + r > floor then
+      local used = spent + held
+      if used + r > floor then
+        local b = {i = i, unit = unit, floor = floor, w = w, used = used}
         if not (clampable and (clamp_asked or string.find(rule, ' clamp$'))) then
           return refuse(b, 'exceeds', r)
         end
         squeezed[#squeezed + 1] = b
+        applicable[#applicable + 1] = b
+      else
+        tighter(i, unit, floor, w, floor - used - r)
+        if clampable then
+          applicable[#applicable + 1] = {i = i, unit = unit, floor = floor, w = w, used = used}
+        end
       end
-      applicable[#applicable + 1] = b
     end
   end
 end
 
-local clamped = ''
+local clamped, reserved_t, reserved_c = '', '', ''
 if #squeezed > 0 then
+  local terms = {}
+  for part in string.gmatch(clamp_terms, '%S+') do
+    terms[#terms + 1] = exact_int(part)
+  end
+  local choices, cap_max, cap_min, a_q, a_r, r_q, r_r = unpack(terms)
+  for j = 1, 7 do
+    if not terms[j] or terms[j] < 0 then
+      return {'invalid', 'clamp_terms'}
+    end
+  end
+  if choices < 1 or cap_min < 1 or cap_min >= cap_max then
+    return {'invalid', 'clamp_terms'}
+  end
   local function cost_of(cap)
     -- ceil((A + o * R) / 1e6) in parts that each stay exact in a double
     local o = cap * choices
@@ -283,8 +320,8 @@ if #squeezed > 0 then
       lo = mid
     end
   end
-  clamped = lo
   rt, rc = prompt_tokens + lo * choices, cost_of(lo)
+  clamped, reserved_t, reserved_c = lo, I(rt), I(rc)
   for _, slot in ipairs(tpm_slots) do
     slot.write[slot.at] = string.format('%.17g', slot.level + rt)
   end
@@ -299,27 +336,19 @@ if #squeezed > 0 then
       end
     end
   end
-end
-
-local bud_remaining, bud_line, bud_unit, bud_window, bud_field = '', '', '', '', ''
-local tightest = nil
-for _, b in ipairs(applicable) do
-  local r = rt
-  if b.unit == 'c' then
-    r = rc
-  end
-  local remaining = b.floor - b.used - r
-  local share = remaining / math.max(b.floor, 1)
-  if tightest == nil or share < tightest then
-    tightest = share
-    bud_remaining, bud_line, bud_unit = remaining, b.floor, b.unit
-    bud_window, bud_field = b.w, fields[b.i]
+  tightest = nil
+  for _, a in ipairs(applicable) do
+    local r = rt
+    if a.unit == 'c' then
+      r = rc
+    end
+    tighter(a.i, a.unit, a.floor, a.w, a.floor - a.used - r)
   end
 end
 
 local reply = {'ok', req_limit, req_remaining, req_reset, tok_limit, tok_remaining, tok_reset,
-  fmt_int(bud_remaining), fmt_int(bud_line), bud_unit, bud_window, bud_field, clamped, I(rt),
-  I(rc)}
+  fmt_int(bud_remaining), fmt_int(bud_line), bud_unit, bud_window, bud_field, clamped,
+  reserved_t, reserved_c}
 if dry then
   return reply
 end

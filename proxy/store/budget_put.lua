@@ -24,6 +24,11 @@ local s, e = string.find(json, PLACEHOLDER, 1, true)
 local raw = string.sub(json, 1, s - 1) .. '"id":"' .. id .. '"' .. string.sub(json, e + 1)
 redis.call('HSET', P .. 'budgets', field, raw)
 redis.call('HSET', P .. 'budget_rules', field, rule)
+if string.sub(field, 1, 1) == 'u' then
+  -- The org now budgets its end users: admissions look their budgets up from here on (the
+  -- flag stays when they are deleted; the look-up then finds nothing).
+  redis.call('HSET', P .. 'limits', 'u_on', '1')
+end
 
 if tag ~= '' then
   local target = nil

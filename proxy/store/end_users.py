@@ -5,7 +5,8 @@ An end user has no key and no record; they exist in the ledger as the scope tag
 levels — all expiring), so no id, whatever characters it holds, can break a key name, a field or
 the org's hash tag. The org's end-user policy (require the header, limits for each end user,
 track spend ahead of any budget) lives in the org's policy hash beside its own limits, so the
-admit script reads it in the same command.
+admit script reads it in the same command. ``u_on`` there says the org has had an end-user
+budget or policy: before that, a named end user costs an admission nothing extra.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ class EndUserPolicies:
             f"u_{name}": str(value)
             for name, value in policy.limits.model_dump(exclude_none=True).items()
         }
-        if policy.require_on_behalf_of:
-            values["u_required"] = "1"
         if policy.track_spend:
             values["u_track"] = "1"
+        if values:
+            values["u_on"] = "1"  # the admit script looks end users up from now on (it stays)
+        if policy.require_on_behalf_of:
+            values["u_required"] = "1"
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(key, *_FLAG_FIELDS, *USER_LIMIT_FIELDS)
         if values:
