@@ -28,8 +28,16 @@ from conftest import (
     start_proxy_process,
     write_config,
 )
-from test_budget_enforcement import calibrate, create_key, month_now, n_fit_limit, post_chat
+from test_budget_enforcement import (
+    calibrate,
+    create_key,
+    mini_price,
+    month_now,
+    n_fit_limit,
+    post_chat,
+)
 
+from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
 from proxy.store.embedded_redis import free_port
@@ -624,12 +632,19 @@ async def test_exactly_n_per_end_user_with_1000_in_flight_on_two_processes(
             t = int(await store.hget(f"{p}spend:{end_user_tag(user)}:{month}", "t") or 0)
             assert t == usage_by_user[user], user
             overshoot += max(0, t - (vip_line if user == vip else line))
-        org_tokens = int(await store.hget(f"{p}spend:o:{month}", "t"))
-        assert org_tokens == sum(usage_by_user.values())
+        org_cost, org_tokens = await store.hmget(f"{p}spend:o:{month}", "c", "t")
+        assert int(org_tokens) == sum(usage_by_user.values())
+        price = mini_price()
+        assert int(org_cost) == sum(
+            cost_nano(price, a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"])
+            for _, status, a in results
+            if status == 200
+        )
         print(
             f"\n{USERS} end users x {IN_FLIGHT} in flight on two processes: admitted "
             f"{sum(admitted.values())} ({N} each, vip {VIP_N}), overshoot {overshoot}, "
-            f"org spend {org_tokens} tokens == mock usage {sum(usage_by_user.values())}"
+            f"org spend {org_tokens} tokens, {org_cost} nano == mock usage "
+            f"{sum(usage_by_user.values())} tokens priced"
         )
         assert overshoot == 0
         assert await store.zcard(p + "leases") == 0
