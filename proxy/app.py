@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy.admin import budgets_api, console, health, keys_api, webhooks
+from proxy.admin import budget_quote, budgets_api, console, health, keys_api, webhooks
 from proxy.config import ConfigError, Settings
 from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
 from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
@@ -133,6 +133,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     anthropic_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
+    budget_quote.add_routes(app)
     webhooks.add_routes(app)
     console.add_routes(app)
     return app

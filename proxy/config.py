@@ -147,6 +147,12 @@ class MeteringConfig(_Strict):
         return self
 
 
+class BudgetsConfig(_Strict):
+    clamp_min_output_tokens: int = Field(256, gt=0)
+    """The lowest output cap (per choice) a clamped request is admitted with: a request whose
+    prompt plus this much output does not fit is refused, not clamped."""
+
+
 class PriceConfig(_Strict):
     """Major currency units per 1M tokens."""
 
@@ -309,6 +315,7 @@ class Settings(_Strict):
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitsConfig = LimitsConfig()
     metering: MeteringConfig = MeteringConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
     webhooks: WebhookConfig = WebhookConfig()
     metrics: MetricsConfig = MetricsConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -53,6 +53,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -61,6 +62,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.details = dict(details or {})
+        """Extra members of the error object, for programs (e.g. the budget that refused)."""
 
     def response(self, dialect: Dialect = "openai") -> web.Response:
         return error_response(
@@ -71,6 +74,13 @@ class ApiError(Exception):
             param=self.param,
             headers=self.headers,
             dialect=dialect,
+            details=self.details,
+        )
+
+    def body(self, dialect: Dialect = "openai") -> Any:
+        type_ = anthropic_error_type(self.status) if dialect == "anthropic" else self.type
+        return json.loads(
+            error_body(self.message, type_, self.code, self.param, dialect, self.details)
         )
 
 
@@ -105,13 +115,19 @@ class AnthropicError(_ErrorShape):
 
 
 def error_body(
-    message: str, type: str, code: str | None, param: str | None, dialect: Dialect = "openai"
+    message: str,
+    type: str,
+    code: str | None,
+    param: str | None,
+    dialect: Dialect = "openai",
+    details: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Anthropic's shape has no code or param: its ``error.type`` follows the status."""
     if dialect == "anthropic":
-        error = {"type": type, "message": message}
+        error = {"type": type, "message": message, **(details or {})}
         return json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode()
     openai_error = {"message": message, "type": type, "code": code, "param": param}
+    openai_error.update(details or {})
     return json.dumps({"error": openai_error}, separators=(",", ":")).encode()
 
 
@@ -124,12 +140,13 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
     dialect: Dialect = "openai",
+    details: Mapping[str, Any] | None = None,
 ) -> web.Response:
     if dialect == "anthropic":
         type = anthropic_error_type(status)
     return web.Response(
         status=status,
-        body=error_body(message, type, code, param, dialect),
+        body=error_body(message, type, code, param, dialect, details),
         content_type="application/json",
         headers=headers,
     )

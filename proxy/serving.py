@@ -91,13 +91,17 @@ def private_redis(settings: Settings) -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def wait_for_stop_signal() -> None:
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """SIGINT and SIGTERM set the event (a graceful stop) for as long as this lasts. Installed
+    before a process says it listens: a signal right after that must not find the default
+    action (an abrupt exit) still in place."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -147,9 +151,10 @@ async def serve_worker(
         app, host, port, reuse_port=reuse_port, grace=grace, limits=limits
     ) as runner:
         freeze_startup_objects()
-        if on_ready is not None:
-            await on_ready(runner)
-        await wait_for_stop_signal()
+        with stop_signals() as stop:
+            if on_ready is not None:
+                await on_ready(runner)
+            await stop.wait()
         log.info("stopping: no new connections; waiting up to %ss for requests", grace)
 
 

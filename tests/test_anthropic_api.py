@@ -369,7 +369,11 @@ async def test_a_budget_refusal_raises_in_the_sdk_without_retrying(claude: Proxy
     assert error.status_code == 429 and error.type == "rate_limit_error"
     assert error.response.headers["x-should-retry"] == "false"
     assert "Budget exceeded" in str(error.api_message)
-    assert_anthropic_error(error.body, "rate_limit_error")
+    body: Any = error.body
+    budget = body["error"].pop("budget")  # the refusal explains itself, as on OpenAI routes
+    assert (budget["scope"], budget["scope_id"], budget["reason"]) == ("apikey", kid, "exceeds")
+    assert budget["reserved"] == error.response.headers["x-budget-reserved"]
+    assert_anthropic_error(body, "rate_limit_error")
     assert len(claude.received()) == calls
 
 

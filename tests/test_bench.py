@@ -59,3 +59,12 @@ def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: P
         paced["proxy"]["p50_ms"] - paced["passthrough"]["p50_ms"], 3
     )
     assert "added latency at the same load" in done.stdout
+
+
+def test_script_cost_measures_admit_and_settle_with_end_users() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH.with_name("script_cost.py")), "tracked", "--calls", "200"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("tracked: admit ") and "200 calls" in done.stdout

@@ -40,6 +40,20 @@ BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000
 MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
 ERROR_FIELDS = {"message", "type", "code", "param"}
+BUDGET_DETAIL_FIELDS = {
+    "scope",
+    "scope_id",
+    "owner",
+    "period",
+    "window",
+    "limit_kind",
+    "reason",
+    "line",
+    "used",
+    "reserved",
+    "remaining",
+    "reset_at",
+}
 
 
 def at(text: str) -> float:
@@ -116,8 +130,9 @@ async def refused(proxy: Proxy, key: str, max_tokens: int = 1) -> openai.RateLim
     assert error.code == "budget_exceeded"
     assert error.type == "insufficient_quota"
     body = error.response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_FIELDS
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_FIELDS | {"budget"}
     assert body["error"]["param"] is None
+    assert set(body["error"]["budget"]) >= BUDGET_DETAIL_FIELDS
     assert error.response.headers["x-should-retry"] == "false"
     return error
 

@@ -35,9 +35,18 @@ BUDGET_FIELDS = {
     "limit",
     "thresholds",
     "alert_webhook_url",
+    "clamp",
     "spend",
 }
-SPEND_FIELDS = {"window", "cost_spent_nano", "cost_spent", "tokens_spent", "pct", "status"}
+SPEND_FIELDS = {
+    "window",
+    "cost_spent_nano",
+    "cost_spent",
+    "tokens_spent",
+    "pct",
+    "status",
+    "reset_at",
+}
 EVENT_FIELDS = {
     "id",
     "budget_id",
@@ -113,6 +122,9 @@ def assert_budget_shape(b: dict[str, Any]) -> None:
     for number in ("cost_spent", "pct"):
         assert isinstance(spend[number], int | float) and not isinstance(spend[number], bool)
     assert spend["status"] in ("ok", "blocked")
+    reset = datetime.fromisoformat(spend["reset_at"])
+    assert reset.utcoffset() is not None and reset.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert spend["reset_at"].endswith("Z") and isinstance(b["clamp"], bool)
 
 
 def assert_event_shape(e: dict[str, Any]) -> None:
@@ -193,6 +205,7 @@ async def test_seed_example_is_accepted_and_returned_field_by_field(world: World
         "tokens_spent": "0",
         "pct": 0,
         "status": "ok",
+        "reset_at": "2026-11-30T00:00:00Z",  # Monday 00:00 UTC: ISO week 49 begins
     }
     # GET returns the same budget in a BudgetList.
     status, listing = await call(p, "GET", f"/apikey/{kid}")
@@ -689,6 +702,7 @@ async def test_budget_created_mid_window_shows_the_windows_real_spend(
         "tokens_spent": str(tokens),
         "pct": round(tokens / 1000 * 100, 2),
         "status": "ok",
+        "reset_at": "2026-11-25T00:00:00Z",
     }
     # A cost budget on the org over the same spend: pct in currency.
     limit = 0.01

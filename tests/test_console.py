@@ -543,6 +543,7 @@ async def test_end_user_budgets_show_as_gauges(proxy: Proxy, browser: Browser) -
     path = "/api/v1/llm/budgets/external-user/user-42"
     spec = {
         "period": "daily",
+        "limit_kind": "cost",
         "limit": 3,
         "thresholds": [{"pct": 80, "action": "alert"}, {"pct": 100, "action": "block"}],
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -362,7 +363,7 @@ def test_budget_refusal_is_insufficient_quota_and_never_retried() -> None:
     now = windows_at(0).daily_end + 12 * 3600  # midday, far from any window's end
     windows = windows_at(now)
     refused = BudgetRefused(
-        field="k:key_1:cluster", why="blocked", window=windows.daily, spent=10, line=10
+        field="k:key_1:cluster", why="blocked", window=windows.daily, spent=10, line=10, reserved=3
     )
     error = budget_error(refused, windows, now)
     body = body_of(error)["error"]
@@ -370,7 +371,84 @@ def test_budget_refusal_is_insufficient_quota_and_never_retried() -> None:
     assert body["type"] == "insufficient_quota"
     assert body["code"] == "budget_exceeded"
     assert "daily budget of this API key" in body["message"]
-    assert error.headers == {"x-should-retry": "false"}
+    assert error.headers["x-should-retry"] == "false"
+    assert "Retry-After" not in error.headers
+    reset = datetime.fromtimestamp(windows.daily_end, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert {k: v for k, v in error.headers.items() if k.startswith("x-budget-")} == {
+        "x-budget-scope": "apikey",
+        "x-budget-owner": "cluster",
+        "x-budget-kind": "tokens",
+        "x-budget-window": windows.daily,
+        "x-budget-reset": reset,
+        "x-budget-remaining": "0",
+        "x-budget-reserved": "3",
+    }
+    assert body["budget"] == {
+        "scope": "apikey",
+        "scope_id": "key_1",
+        "owner": "cluster",
+        "period": "daily",
+        "window": windows.daily,
+        "limit_kind": "tokens",
+        "reason": "blocked",
+        "line": "10",
+        "used": "10",
+        "reserved": "3",
+        "remaining": "0",
+        "reset_at": reset,
+    }
+    assert "reserves 3 tokens; 0 of 10 tokens are left" in body["message"]
+    assert f"resets at {reset}" in body["message"]
+
+
+def test_cost_budget_refusal_explains_in_currency_units() -> None:
+    now = windows_at(0).daily_end + 12 * 3600
+    windows = windows_at(now)
+    refused = BudgetRefused(
+        field="o:org",
+        why="exceeds",
+        window=windows.monthly,
+        spent=1_500_000_000,
+        line=2_000_000_000,
+        reserved=600_000_000,
+        unit="c",
+    )
+    error = budget_error(refused, windows, now, org_id="acme")
+    budget = body_of(error)["error"]["budget"]
+    assert (budget["scope"], budget["scope_id"], budget["period"]) == ("org", "acme", "monthly")
+    assert (budget["limit_kind"], budget["used"], budget["line"]) == ("cost", "1.5", "2")
+    assert (budget["reserved"], budget["remaining"]) == ("0.6", "0.5")
+    assert error.headers["x-budget-kind"] == "cost"
+    assert error.headers["x-budget-remaining"] == "0.5"
+    assert "reserves 0.6 currency units; 0.5 of 2 currency units are left" in error.message
+
+
+def test_end_user_budget_refusals_name_the_end_user() -> None:
+    now = windows_at(0).daily_end + 12 * 3600
+    windows = windows_at(now)
+    explicit = BudgetRefused(
+        field="u:616c696365:org", why="exceeds", window=windows.daily, spent=5, line=10, reserved=6
+    )
+    error = budget_error(explicit, windows, now, org_id="acme", end_user="alice")
+    budget = body_of(error)["error"]["budget"]
+    assert (budget["scope"], budget["scope_id"], budget["target_id"]) == (
+        "external_user",
+        "alice",
+        "alice",
+    )
+    assert "budget of end user 'alice'" in error.message
+    default = BudgetRefused(
+        field="ud:cluster", why="blocked", window=windows.weekly, spent=10, line=10
+    )
+    error = budget_error(default, windows, now, org_id="acme", end_user="bob")
+    budget = body_of(error)["error"]["budget"]
+    assert (budget["scope"], budget["scope_id"], budget["target_id"]) == (
+        "external_user_default",
+        "acme",
+        "bob",
+    )
+    assert error.headers["x-budget-scope"] == "external_user_default"
+    assert "weekly default budget for each end user, here 'bob'" in error.message
 
 
 def test_budget_refusal_near_the_window_end_says_when_it_reopens() -> None:
@@ -378,6 +456,7 @@ def test_budget_refusal_near_the_window_end_says_when_it_reopens() -> None:
     now = windows.daily_end - 42.5
     refused = BudgetRefused(field="o:org", why="exceeds", window=windows.daily, spent=9, line=10)
     error = budget_error(refused, windows, now)
-    assert error.headers == {"x-should-retry": "false", "Retry-After": "43"}
+    assert error.headers["x-should-retry"] == "false"
+    assert error.headers["Retry-After"] == "43"
     assert "organization" in error.message
     assert "worst case" in error.message

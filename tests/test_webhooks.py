@@ -780,3 +780,33 @@ def test_the_secret_key_must_be_32_bytes_of_base64() -> None:
         SecretBox.from_env({"PROXY_SECRET_KEY": OTHER_KEY}).open(sealed)  # type: ignore[union-attr]
     with pytest.raises(SecretUnavailable):
         old.open(sealed[:-4] + "AAAA")  # altered
+
+
+async def test_a_default_end_user_budget_delivers_per_end_user_with_their_spend(
+    start_proxy: Callable[..., Awaitable[Proxy]], receivers: list[Receiver]
+) -> None:
+    proxy = await start_proxy(webhooks=FAST)
+    target = await receiver(receivers)
+    _, key = await proxy.create_key(org="acme")
+    path = "/api/v1/llm/budgets/external-user-default?org_id=acme"
+    status, default = await proxy.admin("PUT", path, budget_body(target.url, SECRET))
+    assert status == 200, default
+    used = {}
+    for user in ("alice", "bob"):
+        answer = await proxy.openai(key).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=16,
+            extra_headers={"X-On-Behalf-Of": user},
+        )
+        assert answer.usage is not None
+        used[user] = answer.usage.total_tokens
+    await chat(proxy.openai(key))  # naming nobody: the default does not apply
+    await wait_for(lambda: len(target.hits) >= 2, "two deliveries")
+    payloads = [json.loads(hit.body) for hit in target.hits]
+    assert sorted(p["event"]["target_id"] for p in payloads) == ["alice", "bob"]
+    for p in payloads:
+        assert p["event"]["budget_id"] == default["id"]
+        assert p["budget"]["scope"] == "external_user_default"
+        assert p["budget"]["scope_org_id"] == "acme"
+        assert p["budget"]["spend"]["tokens_spent"] == str(used[p["event"]["target_id"]])

@@ -1,8 +1,11 @@
-"""The MKA1 budget API (``/api/v1/llm/budgets``), field for field as the contract writes it.
+"""The MKA1 budget API (``/api/v1/llm/budgets``), field for field as the contract writes it,
+with the end-user scopes of the gateway's later versions (``external-user/{id}`` and
+``external-user-default``).
 
-Permissions: cluster admins everything; org admins their org and its keys, owner ``org``
-only (``cluster`` budgets are read-only ceilings for them); other keys read their own key's
-budgets. Ids of other orgs, like unknown ids, are 404.
+Permissions: cluster admins everything; org admins their org, its keys and its end users,
+owner ``org`` only (``cluster`` budgets are read-only ceilings for them); other keys read their
+own key's budgets. Ids of other orgs, like unknown ids, are 404. End-user budgets belong to the
+caller's own org; ``?org_id=`` names another (cluster admins only).
 """
 
 from __future__ import annotations
@@ -14,14 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import find_key, org_id_param, sees_org
 from proxy.admin.schemas import Budget, BudgetDeleted, BudgetEventList, BudgetList
-from proxy.errors import forbidden, not_found, parse_body
+from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import BudgetInput, Owner, Scope
+from proxy.store.budgets import END_USER_SCOPES, BudgetInput, Owner, Scope
+from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
 from proxy.store.keys import Identity
 
 _EVENTS_DEFAULT, _EVENTS_MAX = 100, 1000
+
+
+class OrgQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    org_id: str | None = Field(
+        None, description="Another org than the caller's (cluster admins only)."
+    )
 
 
 class OwnerQuery(BaseModel):
@@ -36,15 +48,47 @@ class EventsQuery(BaseModel):
     limit: int = Field(_EVENTS_DEFAULT, ge=1, le=_EVENTS_MAX, description="Newest first.")
 
 
+class EndUserOwnerQuery(OwnerQuery, OrgQuery):
+    pass
+
+
+class EndUserEventsQuery(EventsQuery, OrgQuery):
+    pass
+
+
 _TAG = "budgets"
 _NOT_FOUND = {404: "No such org or key, or one of another org than the caller's."}
 _WRITE_FORBIDDEN = {
     403: "Members cannot change budgets; org admins cannot change owner `cluster` budgets."
 }
+# What the scopes' handlers are called in the document: (what, operation id part).
+_NAMES: dict[Scope, tuple[str, str]] = {
+    "org": ("an org", "Org"),
+    "apikey": ("an API key", "Apikey"),
+    "external_user": ("an end user", "ExternalUser"),
+    "external_user_default": ("the org's default for each end user", "ExternalUserDefault"),
+}
 
 
-async def _target(gw: Gateway, caller: Identity, scope: Scope, scope_id: str, write: bool) -> str:
+async def _end_user_org(gw: Gateway, caller: Identity, request: web.Request) -> str:
+    """The caller's own org, or the one ``?org_id=`` names (cluster admins only; any other org
+    is 404 like an unknown one). Members see no end-user budgets."""
+    org_id = parse_query(OrgQuery, request.query).org_id or caller.org_id
+    if org_id != caller.org_id:
+        org_id_param(org_id, "org_id")
+        if not sees_org(caller, org_id) or org_id not in await gw.keys.orgs():
+            raise not_found(f"No org '{org_id}'.")
+    if caller.role == "member":
+        raise forbidden("Only org or cluster admins can read or change end-user budgets.")
+    return org_id
+
+
+async def _target(
+    gw: Gateway, caller: Identity, scope: Scope, scope_id: str, write: bool, request: web.Request
+) -> str:
     """The org holding the scope, after the permission rules; 404 when out of reach."""
+    if scope in END_USER_SCOPES:
+        return await _end_user_org(gw, caller, request)
     if scope == "apikey":
         if caller.role == "member" and scope_id == caller.key_id and write:
             raise forbidden("Only org or cluster admins can change budgets.")
@@ -65,23 +109,44 @@ def _may_write_owner(caller: Identity, owner: str) -> None:
         raise forbidden("Budgets with owner 'cluster' are set by cluster admins only.")
 
 
-def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
-    what = "an org" if scope == "org" else "an API key"
-    ids = "Org" if scope == "org" else "Apikey"
+def _scope_id(request: web.Request, scope: Scope, id_name: str | None) -> str:
+    """The path's id; an end-user id as ``X-On-Behalf-Of`` allows it. The default for each end
+    user is named by its org."""
+    if id_name is None:
+        return ""
+    scope_id = request.match_info[id_name]
+    if scope == "external_user" and not valid_end_user(scope_id):
+        raise bad_request(
+            f"An end-user id is 1-{MAX_END_USER_ID} printable characters.", param=id_name
+        )
+    return scope_id
+
+
+def _scope_handlers(scope: Scope, id_name: str | None) -> dict[str, Any]:
+    what, ids = _NAMES[scope]
+    end_user = scope in END_USER_SCOPES
+    org_query = OrgQuery if end_user else None
+    owner_query = EndUserOwnerQuery if end_user else OwnerQuery
+    events_query = EndUserEventsQuery if end_user else EventsQuery
+
+    async def target(request: web.Request, write: bool) -> tuple[Gateway, Identity, str, str]:
+        gw = request.app[GATEWAY]
+        caller = await gw.auth.identify(request)
+        scope_id = _scope_id(request, scope, id_name)
+        org_id = await _target(gw, caller, scope, scope_id, write, request)
+        return gw, caller, org_id, scope_id or org_id
 
     @operation(
         f"List the budgets of {what}",
         tag=_TAG,
         auth="key",
+        query=org_query,
         answers=Reply(200, "Its budgets (both owners), each with live spend.", BudgetList),
         errors={**_NOT_FOUND, 403: "Members read their own key's budgets only."},
         operation_id=f"get{ids}Budgets",
     )
     async def get(request: web.Request) -> web.Response:
-        gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        scope_id = request.match_info[id_name]
-        org_id = await _target(gw, caller, scope, scope_id, write=False)
+        gw, _, org_id, scope_id = await target(request, write=False)
         windows = gw.admission.windows(gw.clock())
         data = await gw.budgets.list_budgets(org_id, windows, scope, scope_id)
         return web.json_response({"object": "list", "data": data})
@@ -90,6 +155,7 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
         f"Create or replace a budget of {what}",
         tag=_TAG,
         auth="key",
+        query=org_query,
         body=BudgetInput,
         answers=Reply(200, "The budget, judged against live spend.", Budget),
         errors={**_NOT_FOUND, **_WRITE_FORBIDDEN},
@@ -98,10 +164,7 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
         "id. Editing re-evaluates against the window's live spend at once.",
     )
     async def put(request: web.Request) -> web.Response:
-        gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        scope_id = request.match_info[id_name]
-        org_id = await _target(gw, caller, scope, scope_id, write=True)
+        gw, caller, org_id, scope_id = await target(request, write=True)
         spec = parse_body(BudgetInput, await read_json(request))
         _may_write_owner(caller, spec.owner)
         now = gw.clock()
@@ -112,17 +175,14 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
         f"Delete a budget of {what}",
         tag=_TAG,
         auth="key",
-        query=OwnerQuery,
+        query=owner_query,
         answers=Reply(200, "Deleted: enforcement and alerts stop.", BudgetDeleted),
         errors={404: "No such budget, org or key (or one of another org).", **_WRITE_FORBIDDEN},
         operation_id=f"delete{ids}Budget",
     )
     async def delete(request: web.Request) -> web.Response:
-        gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        scope_id = request.match_info[id_name]
-        org_id = await _target(gw, caller, scope, scope_id, write=True)
-        owner = parse_query(OwnerQuery, request.query).owner
+        gw, caller, org_id, scope_id = await target(request, write=True)
+        owner = parse_query(owner_query, request.query).owner
         _may_write_owner(caller, owner)
         if not await gw.budgets.delete(org_id, scope, scope_id, owner):
             raise not_found(f"No {owner} budget for {scope} '{scope_id}'.")
@@ -134,17 +194,14 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
         f"Threshold events of {what}'s budgets",
         tag=_TAG,
         auth="key",
-        query=EventsQuery,
+        query=events_query,
         answers=Reply(200, "Alert and block events, newest first.", BudgetEventList),
         errors={**_NOT_FOUND, 403: "Members read their own key's events only."},
         operation_id=f"get{ids}BudgetEvents",
     )
     async def events(request: web.Request) -> web.Response:
-        gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        scope_id = request.match_info[id_name]
-        org_id = await _target(gw, caller, scope, scope_id, write=False)
-        limit = parse_query(EventsQuery, request.query).limit
+        gw, _, org_id, scope_id = await target(request, write=False)
+        limit = parse_query(events_query, request.query).limit
         data = await gw.budgets.events(org_id, scope, scope_id, limit)
         return web.json_response({"object": "list", "data": data})
 
@@ -158,7 +215,7 @@ def _scope_handlers(scope: Scope, id_name: str) -> dict[str, Any]:
     answers=Reply(200, "Every budget the caller may read, each with live spend.", BudgetList),
     operation_id="listBudgets",
     description="Cluster admins see every budget; org admins their org's budgets and those of "
-    "its keys; other keys their own key's budgets.",
+    "its keys and end users; other keys their own key's budgets.",
 )
 async def list_all(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
@@ -179,9 +236,17 @@ async def list_all(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     base = "/api/v1/llm/budgets"
     app.router.add_get(base, list_all)
-    for scope, segment, id_name in (("org", "org", "orgId"), ("apikey", "apikey", "apiKeyId")):
-        handlers = _scope_handlers(scope, id_name)  # type: ignore[arg-type]
-        path = f"{base}/{segment}/{{{id_name}}}"
+    scopes: tuple[tuple[Scope, str], ...] = (
+        ("org", "org/{orgId}"),
+        ("apikey", "apikey/{apiKeyId}"),
+        # Any printable id, braces included; a "/" in it travels as %2F.
+        ("external_user", "external-user/{externalUserId:[^/]+}"),
+        ("external_user_default", "external-user-default"),
+    )
+    for scope, segment in scopes:
+        id_name = segment.partition("{")[2].partition(":")[0].rstrip("}") or None
+        handlers = _scope_handlers(scope, id_name)
+        path = f"{base}/{segment}"
         app.router.add_get(path, handlers["get"])
         app.router.add_put(path, handlers["put"])
         app.router.add_delete(path, handlers["delete"])

@@ -1,7 +1,10 @@
-"""Key management and org limits over HTTP (``/api/v1/keys``, ``/api/v1/orgs/{id}/limits``).
+"""Key management and org limits over HTTP (``/api/v1/keys``, ``/api/v1/orgs/{id}/limits``,
+``/api/v1/orgs/{id}/end-user-policy``).
 
 Cluster admins manage every org; org admins only their own (and never mint cluster admins);
 members may read their own key. The plaintext of a key appears once, in the create answer.
+An org's limits protect the cluster from the org, so only cluster admins set them; its
+end-user policy is the org's own rules for its end users, so its admins set it too.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import OrgId, find_key, org_id_param, require_admin, sees_org
-from proxy.admin.schemas import ApiKey, ApiKeyCreated, ApiKeyList, ApiKeyRevoked, Caller, OrgLimits
+from proxy.admin.schemas import (
+    ApiKey,
+    ApiKeyCreated,
+    ApiKeyList,
+    ApiKeyRevoked,
+    Caller,
+    OrgEndUserPolicy,
+    OrgLimits,
+)
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation, parse_query
+from proxy.store.end_users import EndUserPolicies, EndUserPolicy
 from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 _NOT_FOUND = {404: "No such key, or it belongs to another org."}
@@ -224,6 +236,52 @@ async def whoami(request: web.Request) -> web.Response:
     return web.json_response({"object": "identity", **identity})
 
 
+def _policy_json(org_id: str, policy: EndUserPolicy) -> dict[str, Any]:
+    return {"org_id": org_id, **policy.model_dump()}
+
+
+async def _policy_org(request: web.Request) -> tuple[Gateway, str]:
+    gw = request.app[GATEWAY]
+    caller = await gw.auth.identify(request)
+    org_id = org_id_param(request.match_info["orgId"], "orgId")
+    require_admin(caller)
+    if not sees_org(caller, org_id):
+        raise not_found(f"No org '{org_id}'.")
+    return gw, org_id
+
+
+@operation(
+    "Get an org's end-user policy",
+    tag="keys",
+    auth="admin",
+    answers=Reply(200, "What the org asks of its end users' requests.", OrgEndUserPolicy),
+    errors=_ORG_NOT_FOUND,
+)
+async def get_end_user_policy(request: web.Request) -> web.Response:
+    gw, org_id = await _policy_org(request)
+    policy = await EndUserPolicies(gw.redis).get(org_id)
+    return web.json_response(_policy_json(org_id, policy))
+
+
+@operation(
+    "Replace an org's end-user policy",
+    tag="keys",
+    auth="admin",
+    body=EndUserPolicy,
+    answers=Reply(200, "The policy as stored.", OrgEndUserPolicy),
+    errors=_ORG_NOT_FOUND,
+    description="Whether every LLM request must name its end user (X-On-Behalf-Of), whether "
+    "every end user's spend is kept, and the rate limits of each end user. Org admins set "
+    "their own org's; it takes effect with the org's next request.",
+)
+async def put_end_user_policy(request: web.Request) -> web.Response:
+    """Replaces the whole policy; takes effect with the org's next request."""
+    gw, org_id = await _policy_org(request)
+    policy = parse_body(EndUserPolicy, await read_json(request))
+    await EndUserPolicies(gw.redis).put(org_id, policy)
+    return web.json_response(_policy_json(org_id, policy))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/me", whoami)
     app.router.add_post("/api/v1/keys", create_key)
@@ -233,3 +291,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/keys/{keyId}", revoke_key)
     app.router.add_get("/api/v1/orgs/{orgId}/limits", get_org_limits)
     app.router.add_put("/api/v1/orgs/{orgId}/limits", put_org_limits)
+    app.router.add_get("/api/v1/orgs/{orgId}/end-user-policy", get_end_user_policy)
+    app.router.add_put("/api/v1/orgs/{orgId}/end-user-policy", put_end_user_policy)

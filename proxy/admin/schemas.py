@@ -64,6 +64,13 @@ class OrgLimits(Strict):
     limits: Limits
 
 
+class OrgEndUserPolicy(Strict):
+    org_id: str
+    require_on_behalf_of: bool
+    track_spend: bool
+    limits: Limits = Field(description="For each end user separately: rpm, tpm, concurrency.")
+
+
 class Caller(Strict):
     """Who the bearer key is: what the console shows and scopes itself by."""
 
@@ -85,19 +92,36 @@ class BudgetSpend(Strict):
     tokens_spent: str = Field(pattern=DIGITS)
     pct: float = Field(description="Settled spend / limit x 100, in the budget's limit_kind.")
     status: Literal["ok", "blocked"]
+    reset_at: str = Field(description="When the window ends and its spend starts over (RFC 3339).")
 
 
-class Budget(Strict):
+class Budget(BaseModel):
+    """Some fields are present on some scopes only (not ``Strict``): end-user budgets name
+    their org, and the default for each end user has no spend of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str = Field(description="Stable for one (scope, scope_id, owner) across edits.")
     scope: Scope
-    scope_id: str
+    scope_id: str = Field(
+        description="The org, the key, or the end user; the org for the default for each end user."
+    )
     owner: Owner
     period: Period
     limit_kind: Literal["cost", "tokens"]
     limit: int | float
     thresholds: list[Threshold]
     alert_webhook_url: str | None
-    spend: BudgetSpend
+    clamp: bool = Field(
+        description="Requests whose worst case does not fit are admitted with a lower output "
+        "cap when a minimum output still fits."
+    )
+    scope_org_id: str | None = Field(
+        None, description="End-user scopes only: the org whose end user this is."
+    )
+    spend: BudgetSpend | None = Field(
+        None, description="Live spend; absent on the default for each end user."
+    )
 
 
 class BudgetList(Strict):
@@ -112,7 +136,11 @@ class BudgetDeleted(Strict):
     deleted: Literal[True] = True
 
 
-class BudgetEvent(Strict):
+class BudgetEvent(BaseModel):
+    """``target_id`` is present on end-user budgets' events only (not ``Strict``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     budget_id: str
     type: Literal["threshold_alert", "blocked"]
@@ -121,6 +149,9 @@ class BudgetEvent(Strict):
     spend_snapshot: str = Field(description="Spend at that moment, in the budget's unit.")
     limit_snapshot: str
     created_at: str = Field(description="ISO 8601 UTC.")
+    target_id: str | None = Field(
+        None, description="End-user budgets only: the end user it fired for."
+    )
 
 
 class BudgetEventList(Strict):

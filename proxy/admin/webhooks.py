@@ -83,10 +83,10 @@ from proxy.errors import not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import Spend, public
+from proxy.store.budgets import Spend, gauge, public
 from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
 from proxy.store.secret_box import SecretUnavailable
-from proxy.store.windows import iso_millis
+from proxy.store.windows import iso_millis, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +130,23 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def payload(event: dict[str, Any], budget: dict[str, Any], window: str, spend: Spend) -> bytes:
-    """The body: the event and the budget as the API shows it (never the secret)."""
-    body = {
-        "type": f"budget.{event['type']}",
-        "event": {name: event.get(name) for name in _EVENT_FIELDS},
-        "budget": public(budget, window, spend),
-    }
+def payload(
+    event: dict[str, Any],
+    budget: dict[str, Any],
+    org_id: str,
+    window: str,
+    spend: Spend,
+    reset_at: str,
+) -> bytes:
+    """The body: the event and the budget as the API shows it (never the secret). An end-user
+    budget's event names its end user (``target_id``); the spend shown is theirs, also for the
+    default for each end user."""
+    shown = public(budget, org_id)
+    shown["spend"] = gauge(budget, window, spend, reset_at)
+    event_view = {name: event.get(name) for name in _EVENT_FIELDS}
+    if "target_id" in event:
+        event_view["target_id"] = event["target_id"]
+    body = {"type": f"budget.{event['type']}", "event": event_view, "budget": shown}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -410,11 +420,14 @@ class Deliverer:
         assert self._session is not None
         address = await resolve_target(url, self._allowed)
         now = self._gw.clock()
-        window = self._gw.admission.windows(now).of(budget["period"])
-        spend = await self._gw.budgets.spend(
-            claim.org_id, budget["scope"], budget["scope_id"], window
-        )
-        body = payload(event, budget, window, spend)
+        windows = self._gw.admission.windows(now)
+        window = windows.of(budget["period"])
+        scope, scope_id = budget["scope"], budget["scope_id"]
+        if scope == "external_user_default":
+            scope, scope_id = "external_user", event.get("target_id") or ""
+        spend = await self._gw.budgets.spend(claim.org_id, scope, scope_id, window)
+        reset_at = rfc3339(windows.end(budget["period"]))
+        body = payload(event, budget, claim.org_id, window, spend, reset_at)
         timestamp = int(now)
         headers = {
             "Host": _host_header(url),

@@ -42,6 +42,41 @@ _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 
 
 # Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
+def budget_scope(field: str) -> str:
+    """The API's scope name of a budget field (``k:<kid>:<owner>``, ``o:<owner>``,
+    ``u:<hex>:<owner>``, ``ud:<owner>``)."""
+    if field.startswith("k:"):
+        return "apikey"
+    if field.startswith("u:"):
+        return "external_user"
+    if field.startswith("ud:"):
+        return "external_user_default"
+    return "org"
+
+
+@dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
+class ClampTerms:
+    """How far a request's output cap may be lowered, and what its reservation costs then:
+    ``cost(output) = ceil((input_cost + output * output_rate) / 1e6)`` in nano-units, the same
+    formula that priced the reservation (rates are nano-units per 1M tokens)."""
+
+    choices: int
+    cap: int
+    """The cap per choice the reservation was made with."""
+    lowest: int
+    """The lowest cap per choice a clamped request may get (below ``cap``)."""
+    input_cost: int
+    output_rate: int
+
+    def arg(self) -> str:
+        """One script argument, parsed only when a budget is squeezed: the script's numbers
+        are doubles, so the products are split where each part stays exact."""
+        a_q, a_r = divmod(self.input_cost, 1_000_000)
+        r_q, r_r = divmod(self.output_rate, 1_000_000)
+        return f"{self.choices} {self.cap} {self.lowest} {a_q} {a_r} {r_q} {r_r}"
+
+
+# Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
 @dataclass(slots=True)
 class Admitted:
     request_limit: int | None
@@ -55,11 +90,15 @@ class Admitted:
     budget_unit: str
     budget_window: str
     budget_field: str
+    clamped_cap: int | None = None
+    """The output cap per choice the request was lowered to (None: not clamped)."""
+    reserved_tokens: int = 0
+    reserved_cost_nano: int = 0
 
 
 @dataclass(frozen=True)
 class RateLimited:
-    scope: str  # "key" | "org"
+    scope: str  # "key" | "org" | "end_user"
     limit_name: str  # rps, rpm, rph, rpd, tpm, concurrency
     limit: int
     retry_after_ms: int  # -1: unknown, or never for this request
@@ -68,19 +107,27 @@ class RateLimited:
 
 @dataclass(frozen=True)
 class BudgetRefused:
-    field: str  # "k:<kid>:<owner>" | "o:<owner>"
+    field: str  # "k:<kid>:<owner>" | "o:<owner>" | "u:<hex>:<owner>" | "ud:<owner>"
     why: str  # "blocked" | "exceeds"
     window: str
     spent: int
+    """Settled spend, plus what is in flight when the worst case does not fit."""
     line: int
+    reserved: int = 0
+    """What this request would reserve, in the budget's unit."""
+    unit: str = "t"  # "c" (nano-units) | "t" (tokens)
 
     @property
     def scope(self) -> str:
-        return "apikey" if self.field.startswith("k:") else "org"
+        return budget_scope(self.field)
 
     @property
     def owner(self) -> str:
         return self.field.rsplit(":", 1)[1]
+
+    @property
+    def left(self) -> int:
+        return max(self.line - self.spent, 0)
 
 
 @dataclass(frozen=True)
@@ -88,12 +135,17 @@ class Revoked:
     pass
 
 
+@dataclass(frozen=True)
+class EndUserRequired:
+    """The org requires every request to name its end user (``X-On-Behalf-Of``)."""
+
+
 ALREADY_ADMITTED = Admitted(None, 0, 0, None, 0, 0, None, None, "", "", "")
 """A retried admit of a request that already holds its lease: admitted, with no figures for
 the headers (the first call's reply, which had them, was lost)."""
 
 
-Decision = Admitted | RateLimited | BudgetRefused | Revoked
+Decision = Admitted | RateLimited | BudgetRefused | Revoked | EndUserRequired
 
 
 def _may_have_run(exc: BaseException) -> bool:
@@ -147,9 +199,17 @@ class Admission:
         model: str = "",
         endpoint: str = "",
         end_user: str | None = None,
+        end_user_tag: str = "",
+        clamp: ClampTerms | None = None,
+        clamp_asked: bool = False,
+        dry_run: bool = False,
     ) -> Decision:
         """The lease records the request's model, endpoint and end user so that a lease
-        reclaimed from a dead proxy is charged and reported like any other request."""
+        reclaimed from a dead proxy is charged and reported like any other request.
+
+        ``clamp`` says how the output cap may be lowered where a budget allows it (or the
+        request asks, ``clamp_asked``). ``dry_run`` decides exactly as a real admission on the
+        same state would, and reserves nothing (expired leases are reclaimed all the same)."""
         for value in (reserve_tokens, reserve_cost_nano, prompt_tokens):
             if not 0 <= value <= MAX_EXACT:
                 raise ValueError(f"reservation out of the exact range: {value}")
@@ -178,6 +238,9 @@ class Admission:
                     model,
                     endpoint,
                     end_user or "",
+                    end_user_tag,
+                    ("d" if dry_run else "") + ("c" if clamp_asked else ""),
+                    clamp.arg() if clamp is not None else "",
                 ],
             )
         except (RedisError, OSError) as exc:
@@ -199,6 +262,9 @@ class Admission:
                 budget_unit=result[9],
                 budget_window=result[10],
                 budget_field=result[11],
+                clamped_cap=int(result[12]) if result[12] != "" else None,
+                reserved_tokens=int(result[13]) if result[13] != "" else reserve_tokens,
+                reserved_cost_nano=int(result[14]) if result[14] != "" else reserve_cost_nano,
             )
         if kind == "dup":
             return ALREADY_ADMITTED
@@ -217,7 +283,11 @@ class Admission:
                 window=result[3],
                 spent=int(result[4]),
                 line=int(result[5]),
+                reserved=int(result[6]),
+                unit=result[7],
             )
+        if kind == "need_user":
+            return EndUserRequired()
         if kind == "invalid":
             raise ValueError(f"admit refused argument {result[1]}")
         return Revoked()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -68,7 +68,7 @@ class AnthropicDialect:
         return anthropic_key(request)
 
     async def reserve(
-        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
         if endpoint == "messages/count_tokens":
             return Reservation(0, 0, 0)
@@ -76,10 +76,18 @@ class AnthropicDialect:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
-        long_context = "context-1m" in request.headers.get("anthropic-beta", "")
+        long_context = "context-1m" in headers.get("anthropic-beta", "")
         bound = prompt_bound(body, route.context_window, long_context)
         cost = reserve_cost_nano(route.price, bound, max_tokens)
-        return Reservation(bound, max_tokens, cost, stream, "max_tokens")
+        return Reservation(
+            bound,
+            max_tokens,
+            cost,
+            stream,
+            "max_tokens",
+            input_cost=bound * route.price.dearest_input_nano_per_m,
+            output_rate=route.price.output_nano_per_m,
+        )
 
     def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
         return anthropic_ratelimit_headers(decision, now)
@@ -94,9 +102,11 @@ class AnthropicDialect:
         decision: Admitted,
     ) -> web.StreamResponse:
         raw = await request.read()
+        if exchange.clamped_cap is not None:
+            body = {**body, "max_tokens": exchange.clamped_cap}
 
         def body_for(candidate: fallback.Candidate) -> bytes:
-            if body.get("model") == candidate.model:
+            if body.get("model") == candidate.model and exchange.clamped_cap is None:
                 return raw
             return json.dumps({**body, "model": candidate.model}, separators=(",", ":")).encode()
 

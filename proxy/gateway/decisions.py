@@ -2,7 +2,9 @@
 
 Rate-limit headers follow OpenAI (``x-ratelimit-*``, resets written like ``1s``, ``6m0s``,
 ``12ms``) and the IETF draft (``RateLimit-Policy`` / ``RateLimit``), for the tightest limit.
-Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying.
+Budget refusals say ``x-should-retry: false`` so the official SDKs stop retrying, and explain
+themselves: the binding budget, what the request would reserve, what is left and when the
+window resets, in the message, in ``x-budget-*`` headers and as ``error.budget``.
 
 One meaning on admitted and refused answers alike: ``x-ratelimit-reset-*`` and the ``t`` of
 ``RateLimit`` are the time until the limit's bucket has drained completely (the whole limit
@@ -16,9 +18,9 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
-from proxy.errors import ApiError
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
-from proxy.store.windows import Period, Windows
+from proxy.errors import ApiError, bad_request
+from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
+from proxy.store.windows import Period, Windows, rfc3339
 
 _WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400, "tpm": 60}
 _REQUEST_WINDOWS_MS = (1000, 60_000, 3_600_000, 86_400_000)
@@ -104,7 +106,9 @@ def admitted_headers(decision: Admitted) -> dict[str, str]:
         headers["x-budget-remaining"] = nano_to_major(remaining) if cost else str(remaining)
         headers["x-budget-kind"] = "cost" if cost else "tokens"
         headers["x-budget-window"] = decision.budget_window
-        headers["x-budget-scope"] = "apikey" if decision.budget_field.startswith("k:") else "org"
+        headers["x-budget-scope"] = budget_scope(decision.budget_field)
+    if decision.clamped_cap is not None:
+        headers["x-budget-clamped-max-tokens"] = str(decision.clamped_cap)
     return headers
 
 
@@ -146,7 +150,7 @@ def rate_limited_error(decision: RateLimited, cost: int = 1) -> ApiError:
     reserved tokens for ``tpm``), to tell when the bucket is whole again."""
     words = _LIMIT_WORDS.get(decision.limit_name, decision.limit_name)
     kind = "tokens" if decision.limit_name == "tpm" else "requests"
-    who = "API key" if decision.scope == "key" else "organization"
+    who = {"key": "API key", "end_user": "end user"}.get(decision.scope, "organization")
     headers: dict[str, str] = {}
     if decision.limit_name == "tpm" and decision.retry_after_ms < 0:
         message = (
@@ -189,28 +193,100 @@ def _drained_ms(decision: RateLimited, cost: int, window_ms: int) -> int:
     return math.ceil(max(decision.current, 0) * window_ms / limit)
 
 
-def _period_of(window: str) -> Period:
+def period_of(window: str) -> Period:
     if "W" in window:
         return "weekly"
     return "daily" if window.count("-") == 2 else "monthly"
 
 
-def budget_error(decision: BudgetRefused, windows: Windows, now: float) -> ApiError:
-    period = _period_of(decision.window)
-    scope = "API key" if decision.scope == "apikey" else "organization"
+def _amount(value: int, unit: str) -> str:
+    """An amount in the budget's unit as a decimal string: tokens, or major currency units."""
+    return nano_to_major(value) if unit == "c" else str(value)
+
+
+def _words(value: int, unit: str) -> str:
+    return f"{_amount(value, unit)} currency units" if unit == "c" else f"{value} tokens"
+
+
+def budget_error(
+    decision: BudgetRefused,
+    windows: Windows,
+    now: float,
+    *,
+    org_id: str = "",
+    end_user: str | None = None,
+) -> ApiError:
+    """Names the budget that refused, what this request would reserve, what is left of the
+    line and when the window resets — in the message, the ``x-budget-*`` headers and
+    ``error.budget`` (amounts as decimal strings in the budget's unit, like event snapshots)."""
+    period = period_of(decision.window)
+    scope = decision.scope
     owner = "operator ceiling (owner cluster)" if decision.owner == "cluster" else "self-budget"
+    scope_id = {
+        "apikey": decision.field[2:].rpartition(":")[0],
+        "external_user": end_user or "",
+    }.get(scope, org_id)
+    which = {
+        "apikey": f"the {period} budget of this API key",
+        "org": f"the {period} budget of this organization",
+        "external_user": f"the {period} budget of end user '{end_user}'",
+        "external_user_default": f"the {period} default budget for each end user, here "
+        f"'{end_user}',",
+    }[scope]
+    unit = decision.unit
+    reset_at = rfc3339(windows.end(period))
     if decision.why == "blocked":
         reason = "has reached its block line"
     else:
         reason = "would be exceeded by this request's worst case (prompt + max output tokens)"
     message = (
-        f"Budget exceeded: the {period} budget of this {scope} ({owner}, window "
-        f"{decision.window}) {reason}."
+        f"Budget exceeded: {which} ({owner}, window {decision.window}) {reason}. This request "
+        f"reserves {_words(decision.reserved, unit)}; {_amount(decision.left, unit)} of "
+        f"{_words(decision.line, unit)} are left (used or in flight: "
+        f"{_words(decision.spent, unit)}). The window resets at {reset_at}."
     )
-    headers = {"x-should-retry": "false"}
+    headers = {
+        "x-should-retry": "false",
+        "x-budget-scope": scope,
+        "x-budget-owner": decision.owner,
+        "x-budget-kind": "cost" if unit == "c" else "tokens",
+        "x-budget-window": decision.window,
+        "x-budget-reset": reset_at,
+        "x-budget-remaining": _amount(decision.left, unit),
+        "x-budget-reserved": _amount(decision.reserved, unit),
+    }
     left = windows.seconds_left(period, now)
     if 0 < left <= 60:
         headers["Retry-After"] = str(math.ceil(left))
+    details: dict[str, str | None] = {
+        "scope": scope,
+        "scope_id": scope_id,
+        "owner": decision.owner,
+        "period": period,
+        "window": decision.window,
+        "limit_kind": "cost" if unit == "c" else "tokens",
+        "reason": decision.why,
+        "line": _amount(decision.line, unit),
+        "used": _amount(decision.spent, unit),
+        "reserved": _amount(decision.reserved, unit),
+        "remaining": _amount(decision.left, unit),
+        "reset_at": reset_at,
+    }
+    if scope in ("external_user", "external_user_default"):
+        details["target_id"] = end_user
     return ApiError(
-        429, message, type="insufficient_quota", code="budget_exceeded", headers=headers
+        429,
+        message,
+        type="insufficient_quota",
+        code="budget_exceeded",
+        headers=headers,
+        details={"budget": details},
+    )
+
+
+def end_user_required() -> ApiError:
+    return bad_request(
+        "This organization requires every request to name its end user in X-On-Behalf-Of.",
+        param="X-On-Behalf-Of",
+        code="on_behalf_of_required",
     )

@@ -58,6 +58,69 @@ local function lease_tags(kid, extra)
   return tags
 end
 
+-- End users. An end user named by X-On-Behalf-Of counts as the tag "u:<hex of the id's UTF-8
+-- bytes>" (nothing in it can break a key name, a field or the org's hash tag); their budgets
+-- are the fields "u:<hex>:<owner>" (explicit) and "ud:<owner>" (the org's default for each end
+-- user). Only a lease whose org budgets or limits its end users carries the tag (see admit.lua).
+local function end_user_tag_in(extra)
+  return string.match(extra or '', '(u:%x+)')
+end
+
+local function end_user_id(tag)
+  return (string.gsub(string.sub(tag, 3), '%x%x', function(h)
+    return string.char(tonumber(h, 16))
+  end))
+end
+
+-- The budget fields over these scope tags, each with the tag whose spend it judges: both owners
+-- of every tag, and for an end user also the org's default for each end user.
+local function budget_fields(tags)
+  local fields, field_tags = {}, {}
+  for _, tag in ipairs(tags) do
+    for _, owner in ipairs({'cluster', 'org'}) do
+      fields[#fields + 1] = tag .. ':' .. owner
+      field_tags[#field_tags + 1] = tag
+    end
+    if string.sub(tag, 1, 2) == 'u:' then
+      for _, owner in ipairs({'cluster', 'org'}) do
+        fields[#fields + 1] = 'ud:' .. owner
+        field_tags[#field_tags + 1] = tag
+      end
+    end
+  end
+  return fields, field_tags
+end
+
+-- An explicit end-user budget replaces the default of the same owner and period for that end
+-- user (a default of another period still applies): such defaults' rules become false.
+local function drop_replaced_defaults(fields, field_tags, rules)
+  local at = {}
+  for i = 1, #fields do
+    at[fields[i]] = i
+  end
+  for i = 1, #fields do
+    local owner = string.match(fields[i], '^ud:(%a+)$')
+    if owner and rules[i] then
+      local e = at[field_tags[i] .. ':' .. owner]
+      if e and rules[e] and string.match(rules[e], '^%S+') == string.match(rules[i], '^%S+') then
+        rules[i] = false
+      end
+    end
+  end
+end
+
+-- Where an end-user budget's events go: an explicit budget's to the end user's own list, the
+-- default's to the default's list, remembered per end user; both name the end user.
+local function event_target(field, tag)
+  if string.sub(field, 1, 3) == 'ud:' then
+    return {id = end_user_id(tag), list = 'ud', each = true}
+  end
+  if string.sub(tag, 1, 2) == 'u:' then
+    return {id = end_user_id(tag), list = tag}
+  end
+  return nil
+end
+
 -- An in-flight hash rebuilt from the org's live leases: for a counter that holds something no
 -- script wrote (it would otherwise fail every admission of the org).
 local function heal_inflight(P, tag)
@@ -125,10 +188,13 @@ local function set_aside(P, rid, now, why)
   redis.call('ZREM', P .. 'leases', rid)
   redis.call('ZADD', P .. 'leases:stuck', I(now), rid)
   redis.call('HSET', P .. 'leases:stuck:why', rid, why)
-  local kid = redis.call('HGET', P .. 'lease:' .. rid, 'k')
+  local kx = redis.call('HMGET', P .. 'lease:' .. rid, 'k', 'x')
   heal_inflight(P, 'o')
-  if kid then
-    heal_inflight(P, 'k:' .. kid)
+  if kx[1] then
+    heal_inflight(P, 'k:' .. kx[1])
+  end
+  for tag in string.gmatch(kx[2] or '', '%S+') do
+    heal_inflight(P, tag)
   end
 end
 
@@ -142,6 +208,8 @@ local function refund_tpm(P, l, tokens)
     local h = P .. 'rl:o'
     if scope == 'k' then
       h = P .. 'rl:k:' .. l.k
+    elseif scope == 'u' then
+      h = P .. 'rl:' .. (end_user_tag_in(l.x) or 'u:')
     end
     if redis.call('HEXISTS', h, 'tpm') == 1 then
       redis.pcall('HINCRBYFLOAT', h, 'tpm', string.format('%.17g', -refund))
@@ -176,20 +244,16 @@ end
 -- Threshold crossings of every budget on these scopes whose lowest line the spend has reached.
 -- A budget record that cannot be read is skipped (and logged), never fatal to the settle.
 local function check_budgets(P, tags, W, now, now_iso, seed)
-  local fields = {}
-  local field_tags = {}
-  for _, tag in ipairs(tags) do
-    for _, owner in ipairs({'cluster', 'org'}) do
-      fields[#fields + 1] = tag .. ':' .. owner
-      field_tags[#field_tags + 1] = tag
-    end
-  end
+  local fields, field_tags = budget_fields(tags)
   local rules = redis.call('HMGET', P .. 'budget_rules', unpack(fields))
+  if #fields > 4 then
+    drop_replaced_defaults(fields, field_tags, rules)
+  end
   local events = 0
   for i = 1, #fields do
     local rule = rules[i]
     if rule then
-      local period, unit, lowest = string.match(rule, '^(%S+) (%S+) %S+ %S+ (%S+)$')
+      local period, unit, lowest = string.match(rule, '^(%S+) (%S+) %S+ %S+ (%S+)')
       local w = period and W.win[period]
       lowest = exact_int(lowest)
       local spent = w and exact_int(redis.call('HGET', P .. 'spend:' .. field_tags[i] .. ':' .. w,
@@ -198,7 +262,7 @@ local function check_budgets(P, tags, W, now, now_iso, seed)
         local raw = redis.call('HGET', P .. 'budgets', fields[i])
         local ok, n = pcall(function()
           return record_crossings(P, cjson.decode(raw), raw, field_tags[i], w, W.ttl[period], now,
-            now_iso, seed)
+            now_iso, seed, event_target(fields[i], field_tags[i]))
         end)
         if ok then
           events = events + n

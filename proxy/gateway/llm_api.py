@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from aiohttp import web
@@ -18,7 +19,14 @@ from proxy.gateway import pipeline, relay
 from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import bearer_token
 from proxy.gateway.decisions import admitted_headers
-from proxy.gateway.metering import ENDPOINTS, StreamMeter, Usage, output_cap, usage_from_body
+from proxy.gateway.metering import (
+    ENDPOINTS,
+    StreamMeter,
+    Usage,
+    clamped_body,
+    output_cap,
+    usage_from_body,
+)
 from proxy.gateway.model_routes import ModelRoute, UnpricedModel
 from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
@@ -39,12 +47,23 @@ _ENDS = relay.StreamEnds(
 
 
 def _upstream_body(
-    raw: bytes, body: dict[str, Any], endpoint: str, upstream_model: str, stream: bool
+    raw: bytes,
+    body: dict[str, Any],
+    endpoint: str,
+    upstream_model: str,
+    stream: bool,
+    clamped_cap: int | None = None,
 ) -> tuple[bytes, bool]:
-    """The body sent upstream, and whether the usage chunk must be kept from the client."""
+    """The body sent upstream, and whether the usage chunk must be kept from the client. The
+    client's bytes go as they came unless something must change: the model's name, the usage
+    option of a stream, or an output cap lowered by clamping."""
     strip_usage = False
     same_model = body.get("model") == upstream_model
     changed = not same_model
+    if clamped_cap is not None:
+        body = clamped_body(endpoint, body, clamped_cap)
+        same_model = False  # re-encoded below: no splicing into the client's bytes
+        changed = True
     if stream and endpoint in ("chat/completions", "completions"):
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -94,7 +113,7 @@ class OpenAIDialect:
         return bearer_token(request)
 
     async def reserve(
-        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -103,7 +122,14 @@ class OpenAIDialect:
         prompt_tokens = await count_prompt(route.encoding, endpoint, body)
         cost = cost_nano(route.price, prompt_tokens, cap.tokens)
         return Reservation(
-            prompt_tokens, cap.tokens, cost, stream and endpoint != "embeddings", cap.param
+            prompt_tokens,
+            cap.tokens,
+            cost,
+            stream and endpoint != "embeddings",
+            cap.param,
+            choices=cap.choices,
+            input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
+            output_rate=route.price.output_nano_per_m,
         )
 
     def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
@@ -143,7 +169,7 @@ async def _forward(
         # Upstreams of one model may name it differently (an Azure deployment): one body each.
         if candidate.model not in bodies:
             bodies[candidate.model] = _upstream_body(
-                raw, body, exchange.endpoint, candidate.model, stream
+                raw, body, exchange.endpoint, candidate.model, stream, exchange.clamped_cap
             )
         return bodies[candidate.model][0]
 

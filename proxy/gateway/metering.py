@@ -80,6 +80,7 @@ class OutputCap:
     """Worst-case output tokens, all choices included."""
     param: str | None
     """The request parameter that set it (None: the model's configured maximum)."""
+    choices: int = 1
 
 
 def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> OutputCap:
@@ -103,7 +104,16 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Output
         if param is None and choices > 1:
             param = "best_of" if (best_of or 1) > n else "n"
     limit = route.max_output_tokens if cap is None else cap
-    return OutputCap(limit * choices, param)
+    return OutputCap(limit * choices, param, choices)
+
+
+def clamped_body(endpoint: str, body: dict[str, Any], cap: int) -> dict[str, Any]:
+    """The request with its output cap per choice lowered to ``cap``: every cap parameter it
+    set, or the endpoint's own one when it set none (chat: ``max_completion_tokens``, which
+    OpenAI's reasoning models require)."""
+    names = _CAP_FIELDS[endpoint]
+    given = [name for name in names if body.get(name) is not None]
+    return {**body, **{name: cap for name in given or names[:1]}}
 
 
 def check_reservation(tokens: int, cost_nano: int, param: str | None) -> None:

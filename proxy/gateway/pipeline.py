@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,16 +22,24 @@ from redis.exceptions import RedisError
 
 from proxy.config import Protocol as ApiProtocol
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, Revoked
+from proxy.gateway.admission import (
+    Admitted,
+    BudgetRefused,
+    ClampTerms,
+    Decision,
+    EndUserRequired,
+    RateLimited,
+    Revoked,
+)
 from proxy.gateway.body import read_json
-from proxy.gateway.decisions import budget_error, rate_limited_error
+from proxy.gateway.decisions import budget_error, end_user_required, rate_limited_error
 from proxy.gateway.metering import Usage, check_reservation
 from proxy.gateway.model_routes import ModelRoute, UnpricedModel
 from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
 from proxy.store.keys import Identity
 
-_MAX_ON_BEHALF_OF = 256
 # A model serves the endpoints of its kind only (an embedding model on chat answered 200).
 _KIND_ENDPOINTS = {
     "chat": frozenset(
@@ -38,6 +47,7 @@ _KIND_ENDPOINTS = {
     ),
     "embedding": frozenset({"embeddings"}),
 }
+CLAMP_HEADER = "x-budget-clamp"
 _OTHER_ROUTE = {
     "anthropic": "it is served over Anthropic's Messages API: use POST /v1/messages",
     "openai": "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses",
@@ -56,10 +66,31 @@ class Reservation:
     stream: bool = False
     cap_param: str | None = None
     """The request parameter that set the output cap, named when the worst case is refused."""
+    choices: int = 1
+    """Answers the output cap applies to each (OpenAI's ``n``)."""
+    input_cost: int | None = None
+    """The prompt's part of the cost in nano-units x 1M (tokens x rate per 1M), when the
+    output cap may be lowered (clamped): then ``cost_nano`` = ceil((input_cost + output x
+    output_rate) / 1M)."""
+    output_rate: int = 0
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
+
+    def clamp_terms(self, lowest: int) -> ClampTerms | None:
+        """None when the cap cannot be lowered: no output, already at or below ``lowest``, or
+        a cost that does not follow the clamp formula exactly."""
+        if self.input_cost is None or self.choices < 1 or self.output_tokens % self.choices:
+            return None
+        cap = self.output_tokens // self.choices
+        if cap <= lowest:
+            return None
+        if -(-(self.input_cost + self.output_tokens * self.output_rate) // 1_000_000) != (
+            self.cost_nano
+        ):
+            return None
+        return ClampTerms(self.choices, cap, lowest, self.input_cost, self.output_rate)
 
 
 @dataclass
@@ -80,6 +111,8 @@ class Exchange:
     upstream: str = ""
     """The upstream that served (the first of the model's list unless a fallback did)."""
     output_cap: int = 0
+    clamped_cap: int | None = None
+    """The lowered output cap per choice the upstream gets, when the request was clamped."""
 
 
 class Dialect(Protocol):
@@ -92,9 +125,10 @@ class Dialect(Protocol):
         ...
 
     async def reserve(
-        self, request: web.Request, endpoint: str, body: dict[str, Any], route: ModelRoute
+        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
-        """Validates what the reservation depends on (400 naming the param) and bounds it."""
+        """Validates what the reservation depends on (400 naming the param) and bounds it
+        (``headers``: the request's, case-insensitive)."""
         ...
 
     def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
@@ -119,12 +153,101 @@ def on_behalf_of(request: web.Request) -> str | None:
     value = request.headers.get("X-On-Behalf-Of")
     if value is None:
         return None
-    if not value or len(value) > _MAX_ON_BEHALF_OF or not value.isprintable():
+    if not valid_end_user(value):
         raise bad_request(
-            f"X-On-Behalf-Of must be 1-{_MAX_ON_BEHALF_OF} printable characters.",
+            f"X-On-Behalf-Of must be 1-{MAX_END_USER_ID} printable characters.",
             param="X-On-Behalf-Of",
         )
     return value
+
+
+def clamp_asked(headers: Mapping[str, str]) -> bool:
+    value = headers.get(CLAMP_HEADER)
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false"):
+        raise bad_request(f"{CLAMP_HEADER} must be 'true' or 'false'.", param=CLAMP_HEADER)
+    return value.lower() == "true"
+
+
+@dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
+class Prepared:
+    """Everything admission needs to know about a request before it is admitted."""
+
+    route: ModelRoute
+    reservation: Reservation
+    clamp: ClampTerms | None
+    clamp_asked: bool
+
+
+async def prepare(
+    gw: Gateway,
+    dialect: Dialect,
+    identity: Identity,
+    endpoint: str,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+) -> Prepared:
+    """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
+    endpoint, so a quote is priced exactly as the request itself would be."""
+    route = model_route(gw, body, identity, dialect.protocol, endpoint)
+    reservation = await dialect.reserve(headers, endpoint, body, route)
+    check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
+    lowest = gw.settings.budgets.clamp_min_output_tokens
+    return Prepared(route, reservation, reservation.clamp_terms(lowest), clamp_asked(headers))
+
+
+async def decide(
+    gw: Gateway,
+    identity: Identity,
+    request_id: str,
+    endpoint: str,
+    prepared: Prepared,
+    end_user: str | None,
+    dry_run: bool = False,
+) -> Decision:
+    reservation = prepared.reservation
+    return await gw.admission.admit(
+        identity,
+        request_id,
+        reservation.tokens,
+        reservation.cost_nano,
+        prompt_tokens=reservation.prompt_tokens,
+        model=prepared.route.name,
+        endpoint=endpoint,
+        end_user=end_user,
+        end_user_tag=end_user_tag(end_user) if end_user is not None else "",
+        clamp=prepared.clamp,
+        clamp_asked=prepared.clamp_asked,
+        dry_run=dry_run,
+    )
+
+
+def refusal(
+    gw: Gateway,
+    decision: Decision,
+    dialect: Dialect,
+    identity: Identity,
+    end_user: str | None,
+    reservation: Reservation,
+) -> ApiError | None:
+    """The error a refused request gets (None when admitted)."""
+    if isinstance(decision, RateLimited):
+        error = rate_limited_error(
+            decision, reservation.tokens if decision.limit_name == "tpm" else 1
+        )
+        error.headers.update(dialect.refusal_headers(decision, gw.clock()))
+        return error
+    if isinstance(decision, BudgetRefused):
+        now = gw.clock()
+        return budget_error(
+            decision, gw.admission.windows(now), now, org_id=identity.org_id, end_user=end_user
+        )
+    if isinstance(decision, EndUserRequired):
+        return end_user_required()
+    if isinstance(decision, Revoked):
+        return unauthorized("Incorrect API key provided (unknown or revoked).")
+    return None
 
 
 def model_route(
@@ -178,10 +301,9 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
     body = await read_json(request)
-    route = model_route(gw, body, identity, dialect.protocol, endpoint)
+    prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
+    route, reservation = prepared.route, prepared.reservation
     outcome["model"] = route.name
-    reservation = await dialect.reserve(request, endpoint, body, route)
-    check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     request_id = new_request_id()
     outcome["request_id"] = request_id
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
@@ -189,7 +311,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     exchange.output_cap = reservation.output_tokens
     try:
         decision = await _admit(
-            gw, identity, request_id, reservation, outcome, dialect, route, endpoint, end_user
+            gw, identity, request_id, prepared, outcome, dialect, endpoint, end_user
         )
     except asyncio.CancelledError:
         # The client left while Redis decided; the admit was already sent and may have
@@ -201,6 +323,10 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
         raise
     outcome["decision"] = "admitted"
     outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
+    if decision.clamped_cap is not None:
+        exchange.clamped_cap = decision.clamped_cap
+        exchange.output_cap = decision.clamped_cap * reservation.choices
+        outcome["clamped_max_tokens"] = decision.clamped_cap
     lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await dialect.forward(request, gw, exchange, body, reservation, decision)
@@ -215,44 +341,29 @@ async def _admit(
     gw: Gateway,
     identity: Identity,
     request_id: str,
-    reservation: Reservation,
+    prepared: Prepared,
     outcome: dict[str, Any],
     dialect: Dialect,
-    route: ModelRoute,
     endpoint: str,
     end_user: str | None,
 ) -> Admitted:
     try:
-        decision = await gw.admission.admit(
-            identity,
-            request_id,
-            reservation.tokens,
-            reservation.cost_nano,
-            prompt_tokens=reservation.prompt_tokens,
-            model=route.name,
-            endpoint=endpoint,
-            end_user=end_user,
-        )
+        decision = await decide(gw, identity, request_id, endpoint, prepared, end_user)
     except (RedisError, OSError):
         outcome["decision"] = "store_unavailable"
         raise store_unavailable() from None
+    if isinstance(decision, Admitted):
+        return decision
     if isinstance(decision, RateLimited):
         outcome["decision"] = f"rate_limit_{decision.limit_name}"
-        error = rate_limited_error(
-            decision, reservation.tokens if decision.limit_name == "tpm" else 1
-        )
-        error.headers.update(dialect.refusal_headers(decision, gw.clock()))
-        raise error
-    if isinstance(decision, BudgetRefused):
+    elif isinstance(decision, BudgetRefused):
         outcome["decision"] = "budget"
-        now = gw.clock()
-        raise budget_error(decision, gw.admission.windows(now), now)
-    if isinstance(decision, Revoked):
+    elif isinstance(decision, Revoked):
         outcome["decision"] = "auth"
         gw.auth.forget()
-        raise unauthorized("Incorrect API key provided (unknown or revoked).")
-    assert isinstance(decision, Admitted)
-    return decision
+    error = refusal(gw, decision, dialect, identity, end_user, prepared.reservation)
+    assert error is not None
+    raise error
 
 
 async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:

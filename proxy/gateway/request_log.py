@@ -127,6 +127,7 @@ def _log_line(
         "input_tokens": outcome.get("input_tokens"),
         "output_tokens": outcome.get("output_tokens"),
         "cost_nano": outcome.get("cost_nano"),
+        "clamped_max_tokens": outcome.get("clamped_max_tokens"),
         "overhead_ms": round(max(elapsed_ms - upstream_ms, 0.0), 3),
         "upstream_ms": round(upstream_ms, 3) if outcome else None,
         "client_gone": outcome.get("client_gone") or None,

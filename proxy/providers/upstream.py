@@ -44,6 +44,7 @@ NEVER_FORWARDED = frozenset(
         "openai-organization",
         "openai-project",
         "x-on-behalf-of",
+        "x-budget-clamp",  # the proxy's own: clamp the output cap rather than refuse
         "x-request-id",
         "connection",
         "keep-alive",

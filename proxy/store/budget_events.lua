@@ -17,11 +17,18 @@ local function decimal_string(n, unit)
   return string.format('%.0f', whole) .. '.' .. digits
 end
 
+local END_USER_EVENTS_TTL = 40 * 86400 -- an end user's events outlive the longest window
+
 -- b: decoded budget; raw: its JSON; tag: spend scope tag; w: window id of b.period;
 -- fired_ttl: seconds the fired-set lives; seed: unique per call, for event ids.
-local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, seed)
+-- target (end-user budgets only): {id = the end user, list = events list tag, each = true
+-- for the per-end-user default, whose crossings are remembered per end user}.
+local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, seed, target)
   local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tag .. ':' .. w, b.unit)) or 0
   local fired_key = P .. 'fired:' .. b.id .. ':' .. w
+  if target and target.each then
+    fired_key = P .. 'fired:' .. b.id .. ':' .. tag .. ':' .. w
+  end
   local n = 0
   for j, th in ipairs(b.lines) do
     if spent >= th.at and redis.call('SADD', fired_key, th.pct .. ':' .. th.action) == 1 then
@@ -41,10 +48,17 @@ local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, s
         limit_snapshot = b.limit_str,
         created_at = now_iso,
       }
-      local encoded = cjson.encode(event)
       local events_key = P .. 'events:' .. tag
+      if target then
+        event.target_id = target.id
+        events_key = P .. 'events:' .. target.list
+      end
+      local encoded = cjson.encode(event)
       redis.call('LPUSH', events_key, encoded)
       redis.call('LTRIM', events_key, 0, EVENTS_KEPT - 1)
+      if target and not target.each then
+        redis.call('EXPIRE', events_key, END_USER_EVENTS_TTL) -- no list left per idle end user
+      end
       if b.alert_webhook_url and b.alert_webhook_url ~= cjson.null then
         redis.call('HSET', P .. 'wh:' .. event.id, 'event', encoded, 'budget', raw,
           'status', 'pending', 'attempts', 0, 'created_ms', now_ms)

@@ -3,9 +3,11 @@
 -- (and only once per window, like every crossing).
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
--- ARGV     field ("k:<kid>:<owner>" | "o:<owner>"), budget JSON with the id placeholder,
---          candidate id, spend tag ("k:<kid>" | "o"), window id, window ttl (s), now_ms,
---          now_iso, seed, rule (see budgets.rule)
+-- ARGV     field ("k:<kid>:<owner>" | "o:<owner>" | "u:<hex>:<owner>" | "ud:<owner>"), budget
+--          JSON with the id placeholder, candidate id, spend tag ("k:<kid>" | "o" | "u:<hex>";
+--          "" for the default of each end user, which has no spend of its own and is judged
+--          at each end user's next settle), window id, window ttl (s), now_ms, now_iso, seed,
+--          rule (see budgets.rule), end user id (explicit end-user budgets: named in events)
 -- Returns  the budget's id
 
 local P = KEYS[1]
@@ -22,6 +24,17 @@ local s, e = string.find(json, PLACEHOLDER, 1, true)
 local raw = string.sub(json, 1, s - 1) .. '"id":"' .. id .. '"' .. string.sub(json, e + 1)
 redis.call('HSET', P .. 'budgets', field, raw)
 redis.call('HSET', P .. 'budget_rules', field, rule)
+if string.sub(field, 1, 1) == 'u' then
+  -- The org now budgets its end users: admissions look their budgets up from here on (the
+  -- flag stays when they are deleted; the look-up then finds nothing).
+  redis.call('HSET', P .. 'limits', 'u_on', '1')
+end
 
-record_crossings(P, cjson.decode(raw), raw, tag, w, ttl, now_ms, now_iso, seed)
+if tag ~= '' then
+  local target = nil
+  if (ARGV[11] or '') ~= '' then
+    target = {id = ARGV[11], list = tag}
+  end
+  record_crossings(P, cjson.decode(raw), raw, tag, w, ttl, now_ms, now_iso, seed, target)
+end
 return id

@@ -1,9 +1,12 @@
-"""Budgets: policies over the spend that every request adds to its key's and org's windows.
+"""Budgets: policies over the spend that every request adds to its key's and org's windows
+(and its end user's, where the org budgets or limits its end users).
 
 A budget is stored as one JSON value in its org's ``budgets`` hash, under the field
-``k:<key id>:<owner>`` or ``o:<owner>``. Besides the contract's fields it carries what the Lua
-scripts compare against, precomputed here in exact decimal arithmetic: each threshold's line
-and the block line, as integers in the budget's unit (nano-units for cost, tokens for tokens).
+``k:<key id>:<owner>``, ``o:<owner>``, ``u:<end-user hex>:<owner>`` or ``ud:<owner>`` (the
+org's default for each end user, which has no spend of its own: it judges each end user's).
+Besides the contract's fields it carries what the Lua scripts compare against, precomputed here
+in exact decimal arithmetic: each threshold's line and the block line, as integers in the
+budget's unit (nano-units for cost, tokens for tokens).
 
 Its webhook secret is sealed (``webhook_secret_sealed``, see ``proxy.store.secret_box``) when
 ``PROXY_SECRET_KEY`` is set, else kept in ``webhook_secret`` as before. The scripts copy the
@@ -21,16 +24,26 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from proxy.store.connection import LuaScript, Redis, org_prefix
+from proxy.store.end_users import end_user_tag
 from proxy.store.secret_box import SecretBox, open_sealed
-from proxy.store.windows import Period, Windows, iso_millis
+from proxy.store.windows import Period, Windows, iso_millis, rfc3339
 
 log = logging.getLogger(__name__)
 
 NANO = 1_000_000_000
-Scope = Literal["apikey", "org"]
+Scope = Literal["apikey", "org", "external_user", "external_user_default"]
+END_USER_SCOPES = ("external_user", "external_user_default")
 Owner = Literal["cluster", "org"]
 OWNERS: tuple[Owner, ...] = ("cluster", "org")
 PUT_BUDGET = LuaScript("store/budget_events.lua", "store/budget_put.lua")
@@ -67,6 +80,9 @@ class BudgetInput(BaseModel):
         None, json_schema_extra={"format": "uri", "pattern": "^https?://"}
     )
     webhook_secret: str | None = Field(None, min_length=1)
+    clamp: StrictBool = False
+    """A request whose worst case does not fit this budget is admitted with a lower output cap
+    when its prompt plus ``[budgets] clamp_min_output_tokens`` does (instead of refused)."""
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -116,11 +132,25 @@ class BudgetInput(BaseModel):
 
 
 def field_name(scope: Scope, scope_id: str, owner: str) -> str:
-    return f"k:{scope_id}:{owner}" if scope == "apikey" else f"o:{owner}"
+    if scope == "external_user_default":
+        return f"ud:{owner}"
+    tag = spend_tag(scope, scope_id)
+    return f"{tag}:{owner}"
 
 
 def spend_tag(scope: Scope, scope_id: str) -> str:
-    return f"k:{scope_id}" if scope == "apikey" else "o"
+    """The scope whose spend a budget judges; the default for each end user has none ("")."""
+    if scope == "apikey":
+        return f"k:{scope_id}"
+    if scope == "external_user":
+        return end_user_tag(scope_id)
+    if scope == "external_user_default":
+        return ""
+    return "o"
+
+
+def events_tag(scope: Scope, scope_id: str) -> str:
+    return "ud" if scope == "external_user_default" else spend_tag(scope, scope_id)
 
 
 def _unit_amount(limit: float | int, kind: str) -> Decimal:
@@ -157,6 +187,7 @@ def stored_budget(
         "unit": "c" if spec.limit_kind == "cost" else "t",
         "lines": lines,
         "limit_str": format(Decimal(str(spec.limit)), "f"),
+        "clamp": spec.clamp,
         "updated_at": now_iso,
     }
     if box is not None and spec.webhook_secret is not None:
@@ -192,11 +223,12 @@ def seal_stored(raw: str, box: SecretBox) -> str | None:
 
 def rule(stored: dict[str, Any]) -> str:
     """What the request-path scripts need of a budget, without decoding its JSON:
-    ``"<period> <unit> <block floor|-> <block ceil|-> <lowest line>"``."""
+    ``"<period> <unit> <block floor|-> <block ceil|-> <lowest line>[ clamp]"``."""
     lowest = min(line["at"] for line in stored["lines"])
     floor = stored.get("block_floor", "-")
     ceil = stored.get("block_ceil", "-")
-    return f"{stored['period']} {stored['unit']} {floor} {ceil} {lowest}"
+    clamp = " clamp" if stored.get("clamp") else ""
+    return f"{stored['period']} {stored['unit']} {floor} {ceil} {lowest}{clamp}"
 
 
 @dataclass(frozen=True)
@@ -205,8 +237,9 @@ class Spend:
     tokens: int
 
 
-def gauge(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
-    """The contract's ``spend`` object: settled spend of the budget's window."""
+def gauge(budget: dict[str, Any], window: str, spend: Spend, reset_at: str) -> dict[str, Any]:
+    """The contract's ``spend`` object: settled spend of the budget's window, and when that
+    window ends (``reset_at``, RFC 3339 UTC)."""
     limit = Decimal(str(budget["limit"]))
     if budget["limit_kind"] == "cost":
         used = Decimal(spend.cost_nano) / NANO
@@ -223,11 +256,14 @@ def gauge(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
         "tokens_spent": str(spend.tokens),
         "pct": round(float(used / limit * 100), 2),
         "status": "blocked" if blocked else "ok",
+        "reset_at": reset_at,
     }
 
 
-def public(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
-    return {
+def public(budget: dict[str, Any], org_id: str) -> dict[str, Any]:
+    """The contract's ``Budget``. End-user budgets also carry ``scope_org_id`` (an end-user id
+    does not name its org); the default for each end user has no ``spend`` of its own."""
+    shown: dict[str, Any] = {
         "id": budget["id"],
         "scope": budget["scope"],
         "scope_id": budget["scope_id"],
@@ -237,8 +273,11 @@ def public(budget: dict[str, Any], window: str, spend: Spend) -> dict[str, Any]:
         "limit": budget["limit"],
         "thresholds": budget["thresholds"],
         "alert_webhook_url": budget["alert_webhook_url"],
-        "spend": gauge(budget, window, spend),
+        "clamp": bool(budget.get("clamp", False)),
     }
+    if budget["scope"] in END_USER_SCOPES:
+        shown["scope_org_id"] = org_id
+    return shown
 
 
 class BudgetStore:
@@ -306,6 +345,7 @@ class BudgetStore:
                 iso_millis(now),
                 "put" + secrets.token_hex(6),
                 rule(stored),
+                scope_id if scope == "external_user" else "",
             ],
         )
         found = await self.get(org_id, scope, scope_id, spec.owner, windows)
@@ -325,14 +365,16 @@ class BudgetStore:
     async def list_budgets(
         self, org_id: str, windows: Windows, scope: Scope | None = None, scope_id: str = ""
     ) -> list[dict[str, Any]]:
-        """Budgets of an org: all of them, or those of one scope (the org, or one key)."""
+        """Budgets of an org: all of them, or those of one scope (the org, one key, one end
+        user, or the default for each end user)."""
         raw = await self._redis.hgetall(org_prefix(org_id) + "budgets")  # type: ignore[misc]
         budgets = [json.loads(value) for _, value in sorted(raw.items())]
         if scope is not None:
             budgets = [
                 b
                 for b in budgets
-                if b["scope"] == scope and (scope == "org" or b["scope_id"] == scope_id)
+                if b["scope"] == scope
+                and (scope in ("org", "external_user_default") or b["scope_id"] == scope_id)
             ]
         return await self._with_spend(org_id, budgets, windows)
 
@@ -341,14 +383,22 @@ class BudgetStore:
     ) -> list[dict[str, Any]]:
         prefix = org_prefix(org_id)
         pipe = self._redis.pipeline(transaction=False)
-        for b in budgets:
+        gauged = [b for b in budgets if spend_tag(b["scope"], b["scope_id"])]
+        for b in gauged:
             tag = spend_tag(b["scope"], b["scope_id"])
             pipe.hmget(f"{prefix}spend:{tag}:{windows.of(b['period'])}", "c", "t")
-        spends = await pipe.execute()
-        return [
-            public(b, windows.of(b["period"]), Spend(int(c or 0), int(t or 0)))
-            for b, (c, t) in zip(budgets, spends, strict=True)
-        ]
+        spends = dict(zip((id(b) for b in gauged), await pipe.execute(), strict=True))
+        shown = []
+        for b in budgets:
+            budget = public(b, org_id)
+            if id(b) in spends:
+                c, t = spends[id(b)]
+                period = b["period"]
+                reset_at = rfc3339(windows.end(period))
+                spend = Spend(int(c or 0), int(t or 0))
+                budget["spend"] = gauge(b, windows.of(period), spend, reset_at)
+            shown.append(budget)
+        return shown
 
     async def delete(self, org_id: str, scope: Scope, scope_id: str, owner: str) -> bool:
         """Enforcement and alerts stop; a budget created later gets a new id."""
@@ -364,7 +414,7 @@ class BudgetStore:
     async def events(
         self, org_id: str, scope: Scope, scope_id: str, limit: int
     ) -> list[dict[str, Any]]:
-        key = f"{org_prefix(org_id)}events:{spend_tag(scope, scope_id)}"
+        key = f"{org_prefix(org_id)}events:{events_tag(scope, scope_id)}"
         return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]  # type: ignore[misc]
 
     async def spend(self, org_id: str, scope: Scope, scope_id: str, window: str) -> Spend:

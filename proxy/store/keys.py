@@ -315,14 +315,15 @@ class KeyStore:
         return {name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)}
 
     async def set_org_limits(self, org_id: str, limits: Limits) -> dict[str, int]:
-        """Replaces the org's limits: fields left out are removed."""
+        """Replaces the org's limits: fields left out are removed. The same hash holds the
+        org's end-user policy (``proxy.store.end_users``), which stays."""
         key = org_prefix(org_id) + "limits"
         values = limits.model_dump(exclude_none=True)
         # The org set has a slot of its own: on a cluster one MULTI cannot span both. Listing
         # the org first is harmless if the replacement then fails.
         await self._redis.sadd(ORGS_KEY, org_id)  # type: ignore[misc]
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(key)
+        pipe.hdel(key, *LIMIT_FIELDS)
         if values:
             pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
         await pipe.execute()

@@ -6,6 +6,7 @@ by replacing the clock instead of sleeping until midnight.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class WindowCache:
             self._windows = windows_at(now)
             self._valid_from = self._windows.daily_end - 86400
         return self._windows
+
+
+def rfc3339(at: float) -> str:
+    """An instant as RFC 3339 UTC, whole seconds rounded up (``2026-11-25T00:00:00Z``): a
+    window's end, when a client may come back."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
 
 
 _SECOND: list[Any] = [None, ""]

@@ -4,6 +4,7 @@
                                     [--scenario short|long|both] [--memory-minutes N]
                                     [--rounds N] [--paced-fraction 0.5] [--profile DIR] [--pin]
                                     [--cluster-orgs 24]
+                                    [--end-users N]
 
 It starts Redis (embedded), the mock upstream (own process, uvloop, 0 ms latency), a bare
 aiohttp pass-through (``passthrough.py``) and the real proxy (``python -m proxy serve --workers
@@ -34,7 +35,9 @@ also Redis commands per request from ``INFO commandstats``. ``--memory-minutes N
 samples the proxy's RSS under steady load and reports growth after warm-up. ``--profile DIR``
 adds an unmeasured run of (b) and (c) under py-spy and prints where their CPU goes
 (``cpu_profile.py``); ``--pin`` puts the server under test alone on one core, for A/B
-comparisons of two versions (the headline figures are unpinned).
+comparisons of two versions (the headline figures are unpinned). ``--end-users N`` sends every
+request on behalf of one of N end users (``X-On-Behalf-Of``, round robin) and gives the org a
+default budget and rate limits for each end user, so the end-user checks run too (wrk only).
 
 Everything runs on this machine, so the generator, the mock, Redis and the system under test
 share its cores: compare targets within one run, not across machines.
@@ -249,9 +252,10 @@ async def admin(session: aiohttp.ClientSession, method: str, url: str, body: Any
         return payload
 
 
-async def provision(proxy_url: str, orgs: list[str]) -> list[str]:
+async def provision(proxy_url: str, orgs: list[str], end_users: int = 0) -> list[str]:
     """Per org a key whose every check runs and passes: key and org limits, key and org
-    budgets. Returns the keys' secrets, one per org."""
+    budgets (and, with ``end_users``, a default budget and limits for each end user of the
+    org). Returns the keys' secrets, one per org."""
     limits = {"rpm": HUGE, "tpm": HUGE, "concurrency": 100_000}
     budget = {
         "period": "monthly",
@@ -278,6 +282,19 @@ async def provision(proxy_url: str, orgs: list[str]) -> list[str]:
                 f"{proxy_url}/api/v1/llm/budgets/org/{org}",
                 {**budget, "limit_kind": "tokens", "limit": HUGE},
             )
+            if end_users:
+                await admin(
+                    session,
+                    "PUT",
+                    f"{proxy_url}/api/v1/llm/budgets/external-user-default?org_id={org}",
+                    budget,
+                )
+                await admin(
+                    session,
+                    "PUT",
+                    f"{proxy_url}/api/v1/orgs/{org}/end-user-policy",
+                    {"limits": limits},
+                )
             secrets.append(key["key"])
     return secrets
 
@@ -335,6 +352,8 @@ local bodies = {{ [====[{buffered}]====], [====[{streamed}]====] }}
 local ratio = {ratio}
 -- unique: every prompt starts with its request number, so no cache anywhere sees a repeat
 local unique = {unique}
+-- end users: requests go on behalf of one of this many, round robin (0: none)
+local end_users = {end_users}
 local marker = '"content":"'
 -- requests go round-robin over the keys (one per org: spread over a cluster's shards)
 local keys = {{ {keys} }}
@@ -359,6 +378,13 @@ function request()
   n = n + 1
   local i = streamed and 2 or 1
   local k = n % #keys + 1
+  if end_users > 0 then
+    headers["X-On-Behalf-Of"] = "user-" .. (n % end_users)
+    if not unique then
+      headers["Authorization"] = "Bearer " .. keys[k]
+      return wrk.format("POST", "{path}", headers, bodies[i])
+    end
+  end
   if unique then
     headers["Authorization"] = "Bearer " .. keys[k]
     return wrk.format("POST", "{path}", headers, heads[i] .. n .. " " .. tails[i])
@@ -390,7 +416,12 @@ end
 
 
 def write_wrk_script(
-    path: Path, scenario: Scenario, keys: list[str], stream_ratio: float, pace_ms: float = 0.0
+    path: Path,
+    scenario: Scenario,
+    keys: list[str],
+    stream_ratio: float,
+    pace_ms: float = 0.0,
+    end_users: int = 0,
 ) -> Path:
     """``pace_ms`` > 0: each connection's mean gap between requests (see ``WRK_PACING``)."""
     buffered, streamed = scenario.body(False).decode(), scenario.body(True).decode()
@@ -402,6 +433,7 @@ def write_wrk_script(
             buffered=buffered, streamed=streamed, ratio=stream_ratio, path=CHAT_PATH,
             keys=", ".join(f'"{key}"' for key in keys or ["none"]),
             unique=unique, delay=WRK_PACING.format(mean_ms=round(pace_ms, 3)) if pace_ms else "",
+            end_users=end_users,
         )
     )  # fmt: skip
     return path
@@ -567,6 +599,7 @@ class Bench:
                 target.keys,
                 self.args.stream_ratio,
                 pace_ms,
+                self.args.end_users,
             )
             return await wrk_load(
                 target.url,
@@ -753,6 +786,7 @@ def render(result: dict[str, Any]) -> str:
             f"\nscenario {name}: prompt {scenario['prompt_tokens']} tokens, max_tokens "
             f"{MAX_TOKENS}, {result['stream_ratio']:.0%} streamed, {result['connections']} "
             f"connections, {result['duration_s']} s, generator {result['generator']}"
+            + (f", {result['end_users']} end users" if result.get("end_users") else "")
         )
         lines.append(
             f"  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
@@ -912,6 +946,8 @@ def choose_generator(wanted: str) -> str:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     generator = choose_generator(args.generator)
+    if args.end_users and generator != "wrk":
+        raise SystemExit("--end-users needs wrk (scripts/install-wrk.sh)")
     chosen = scenarios(args.scenario, args.long_prompt_tokens)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
@@ -971,10 +1007,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await wait_ready(target.url + target.probe_path, target.process, target.log)
             if target.is_proxy:
                 await wait_ready(target.url + "/readyz", target.process, target.log)
-        targets["proxy"].keys = await provision(targets["proxy"].url, [ORG])
+        targets["proxy"].keys = await provision(targets["proxy"].url, [ORG], args.end_users)
         if "cluster" in targets:
             orgs = [f"{ORG}-{n}" for n in range(args.cluster_orgs)]
-            keys = await provision(targets["cluster"].url, orgs)
+            keys = await provision(targets["cluster"].url, orgs, args.end_users)
             for name in CLUSTER_TARGETS:
                 targets[name].keys = keys
         bench = Bench(args, work, redis_server, redis_client, mock, generator)
@@ -988,6 +1024,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_tokens": MAX_TOKENS,
             "cpus": os.cpu_count(),
             "pinned": args.pin,
+            "end_users": args.end_users,
             "scenarios": {},
         }
         if args.memory_minutes:
@@ -1111,6 +1148,13 @@ def main() -> None:
         "--profile", metavar="DIR", help="also sample (b) and (c) with py-spy; raw stacks here"
     )
     parser.add_argument(
+        "--end-users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="requests on behalf of N end users, with end-user budgets and limits (wrk only)",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="server under test on CPU 1, everything else on CPU 0 (steadier A/B figures)",
@@ -1124,6 +1168,8 @@ def main() -> None:
         parser.error("--stream-ratio must be 0..1, --duration and --connections positive")
     if args.rounds < 1:
         parser.error("--rounds must be positive")
+    if args.end_users < 0 or (args.end_users and args.generator == "python"):
+        parser.error("--end-users takes N >= 0 and needs wrk")
     if not 0 <= args.paced_fraction < 1:
         parser.error("--paced-fraction must be in [0, 1)")
     result = asyncio.run(run(args))

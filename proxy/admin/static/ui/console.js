@@ -414,7 +414,6 @@
     show($("bf-org-label"), scope === "org");
     show($("bf-key-label"), scope === "apikey");
     show($("bf-user-label"), scope === "external_user");
-    show($("bf-kind").closest("label"), scope !== "external_user");
   }
 
   // Values go to the API as typed, so its own validation answers (and names the field).
@@ -438,8 +437,8 @@
       })),
       owner: $("bf-owner").value,
       webhook_url: $("bf-webhook").value.trim() || null,
+      limit_kind: $("bf-kind").value,
     };
-    if (scope !== "external_user") body.limit_kind = $("bf-kind").value;
     const secret = $("bf-secret").value;
     if (secret) body.webhook_secret = secret;
     if (!scopeId) {
