@@ -9,7 +9,8 @@
 -- ARGV     now_ms, rid, kid, reserve_tokens, reserve_cost_nano, lease_ms,
 --          window daily, weekly, monthly,
 --          role defaults rps, rpm, rph, rpd, tpm, concurrency ("" = none),
---          ttl daily, weekly, monthly (s), now_iso, prompt_tokens, model, endpoint, end user
+--          ttl daily, weekly, monthly (s), now_iso, prompt_tokens, model, endpoint, end user,
+--          usage counters' policy (see add_usage: a reclaimed lease is charged and reported)
 --
 -- Returns  {"ok", req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
 --           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field}
@@ -28,6 +29,7 @@ local rc = exact_int(ARGV[5])
 local lease_ms = exact_int(ARGV[6])
 local W = windows_from({ARGV[7], ARGV[8], ARGV[9], ARGV[16], ARGV[17], ARGV[18]}, 1)
 local win = W.win
+W.usage = ARGV[24]
 local now_iso = ARGV[19]
 local prompt_tokens = exact_int(ARGV[20])
 for name, value in pairs({now_ms = now, reserve_tokens = rt, reserve_cost_nano = rc,
