@@ -10,7 +10,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy.admin import budgets_api, health, keys_api, webhooks
+from proxy.admin import (
+    budgets_api,
+    health,
+    keys_api,
+    pricing_api,
+    requests_api,
+    usage_api,
+    webhooks,
+)
 from proxy.config import Settings
 from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
 from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
@@ -97,6 +105,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             clock,
             SettleSpool(settings.spool_directory()),
             hot_path=_hot_path(settings, redis_url),
+            usage=settings.usage,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
@@ -112,6 +121,9 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     anthropic_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
+    usage_api.add_routes(app)
+    requests_api.add_routes(app)
+    pricing_api.add_routes(app)
     webhooks.add_routes(app)
     return app
 
