@@ -711,3 +711,76 @@ async def test_concurrent_settles_from_many_requests_add_up(proxy: Proxy) -> Non
     body = await costs(proxy, *day_range(proxy.clock()), group_by="external_user_id")
     assert body["total_cost_nano"] == str(sum(spent))
     assert len(body["data"]) == 7
+
+
+# --- recent requests -------------------------------------------------------------------------
+
+
+async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy) -> None:
+    charges, keys, _ = await mixed_load(proxy)
+    acme = [c for c in charges if c.org == "acme"]
+    member = next(iter(keys))
+    seen: list[dict[str, Any]] = []
+    page = None
+    while True:
+        status, body = await get(
+            proxy, "/api/v1/llm/usage/requests", org_id="acme", limit=7, page=page
+        )
+        assert status == 200, body
+        assert len(body["data"]) <= 7 and body["has_more"] == (body["next_page"] is not None)
+        seen.extend(body["data"])
+        if not body["has_more"]:
+            break
+        page = body["next_page"]
+    ids = [tuple(int(n) for n in r["id"].split("-")) for r in seen]
+    assert ids == sorted(set(ids), reverse=True)
+    assert Counter(
+        (
+            r["api_key_id"],
+            r["model"],
+            r["endpoint"],
+            r["external_user_id"],
+            r["input_tokens"],
+            r["input_cached_tokens"],
+            r["output_tokens"],
+            int(r["cost_nano"]),
+        )
+        for r in seen
+    ) == Counter(
+        (c.key_id, c.model, c.endpoint, c.user, c.input_tokens, c.cached, c.output, c.cost)
+        for c in acme
+    )
+    first = seen[0]
+    assert first["object"] == "usage.request" and first["request_id"].startswith("req_")
+    assert first["status"] == 200 and first["reclaimed"] is False
+    assert abs(first["created_at"] - time.time()) < 60
+
+    async def listed(**params: Any) -> list[dict[str, Any]]:
+        status, body = await get(
+            proxy, "/api/v1/llm/usage/requests", org_id="acme", limit=1000, **params
+        )
+        assert status == 200, body
+        return body["data"]
+
+    assert len(await listed(api_key_id=member)) == sum(c.key_id == member for c in acme)
+    assert len(await listed(external_user_id="alice")) == sum(c.user == "alice" for c in acme)
+    assert len(await listed(on_behalf_of="alice")) == sum(c.user == "alice" for c in acme)
+    assert await listed(on_behalf_of="alice", external_user_id="bob@example.com") == []
+    assert len(await listed(model="gpt-4o")) == sum(c.model == "gpt-4o" for c in acme)
+    now = int(time.time())
+    assert len(await listed(start_time=now - 600, end_time=now + 600)) == len(acme)
+    assert await listed(start_time=now + 600) == []
+    # A selective filter looks at no more than ten times the limit, and says there is more.
+    status, body = await get(
+        proxy, "/api/v1/llm/usage/requests", org_id="acme", limit=1, model="no-such-model"
+    )
+    assert status == 200 and body["data"] == [] and body["has_more"] is True
+    # Bad input: 400 naming the param.
+    for params, param in (
+        ({"org_id": "acme", "page": "not-an-id"}, "page"),
+        ({"org_id": "acme", "limit": 0}, "limit"),
+        ({"org_id": "acme", "limit": 1001}, "limit"),
+        ({}, "org_id"),
+    ):
+        status, body = await get(proxy, "/api/v1/llm/usage/requests", **params)
+        assert status == 400 and body["error"]["param"] == param, params
