@@ -784,3 +784,49 @@ async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy)
     ):
         status, body = await get(proxy, "/api/v1/llm/usage/requests", **params)
         assert status == 400 and body["error"]["param"] == param, params
+
+
+async def test_anthropic_messages_count_as_completions_and_their_prices_are_listed(
+    start_proxy: Any, mock_upstream: Any
+) -> None:
+    from test_anthropic_api import CACHE_HEADERS, MODEL, async_client, claude_sections, root
+    from test_anthropic_api import MESSAGES as CLAUDE_MESSAGES
+    from test_anthropic_api import expected_cost as claude_cost
+
+    proxy: Proxy = await start_proxy(**claude_sections(root(mock_upstream)))
+    _, key = await proxy.create_key("acme")
+    client = async_client(proxy, key)
+    buffered = await client.messages.create(
+        model=MODEL, max_tokens=20, messages=CLAUDE_MESSAGES, extra_headers=CACHE_HEADERS
+    )
+    async with client.messages.stream(
+        model="claude-haiku-4-5", max_tokens=20, messages=CLAUDE_MESSAGES
+    ) as stream:
+        streamed = await stream.get_final_message()
+    counted = await client.messages.count_tokens(model=MODEL, messages=CLAUDE_MESSAGES)
+    assert counted.input_tokens > 0
+    haiku = proxy.app[GATEWAY].routes.get("claude-haiku-4-5")
+    assert haiku is not None
+    u = streamed.usage
+    haiku_cost = cost_nano(haiku.price, u.input_tokens, u.output_tokens)
+    start, end = day_range(proxy.clock())
+    body = await costs(proxy, start, end)
+    assert {r["model"]: int(r["cost_nano"]) for r in body["data"]} == {
+        MODEL: claude_cost(buffered.usage),
+        "claude-haiku-4-5": haiku_cost,
+    }
+    assert {r["model"]: r["num_model_requests"] for r in body["data"]} == {
+        MODEL: 2,  # the message and the (free) token count
+        "claude-haiku-4-5": 1,
+    }
+    found = await all_buckets(proxy, "completions", start_time=start, group_by="model")
+    rows = {r["model"]: r for b in found for r in b["results"]}
+    assert rows[MODEL]["num_model_requests"] == 1  # count_tokens is no completion
+    assert rows[MODEL]["input_cached_tokens"] == 4
+    assert rows["claude-haiku-4-5"]["output_tokens"] == u.output_tokens
+    # The pattern's name is priced (and listed) from its first use.
+    status, prices = await get(proxy, "/api/v1/llm/models/pricing")
+    assert status == 200
+    listed = {row["model"]: row for row in prices["data"]}
+    assert listed["claude-haiku-4-5"]["set_by"] == "genai-prices"
+    assert listed[MODEL]["rates"]["cache_write_tokens"] == 3.75e-06
