@@ -336,6 +336,8 @@ async def test_filters_restrict_what_is_counted(proxy: Proxy) -> None:
     assert await requests(org_ids="globex") == sum(c.org == "globex" for c in chat)
     assert await requests(org_ids=["acme", "globex"], all_orgs="true") == len(chat)
     assert await requests(user_ids="someone") == 0
+    some_key = chat[0].key_id
+    assert await requests(api_key_ids=some_key) == sum(c.key_id == some_key for c in chat)
     assert await requests(on_behalf_of="alice") == sum(c.user == "alice" for c in chat)
     responses = await all_buckets(
         proxy, "responses", start_time=start, end_time=end, background="true"

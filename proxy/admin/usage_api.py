@@ -279,10 +279,12 @@ def _width(request: web.Request) -> Width:
 def _selection(request: web.Request, report: Report) -> Selection:
     models = values(request, "models")
     background = boolean(request, "background") if report.background else None
+    key_ids = values(request, "api_key_ids")  # OpenAI's filter; not in the MKA1 client
     return Selection(
         endpoints=REPORT_ENDPOINTS[report.name],
         models=frozenset(models) if models else None,
         end_users=end_users(request, values(request, "external_user_ids")),
+        key_ids=frozenset(key_ids) if key_ids else None,
         # No platform users exist in the proxy, and nothing it relays runs in the background.
         nothing=bool(values(request, "user_ids")) or background is True,
     )

@@ -248,42 +248,29 @@ local function usage_policy(s)
   return p
 end
 
-local function unpack_usage(v)
-  local r, i, c, o, k = string.match(v, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)$')
-  if not r then
-    return nil
-  end
-  local d = {exact_int(r), exact_int(i), exact_int(c), exact_int(o), exact_int(k)}
-  if not (d[1] and d[2] and d[3] and d[4] and d[5]) then
-    return nil
-  end
-  return d
-end
+local USAGE_FORMAT = '%d %d %d %d %d' -- %d: exact for integers, never "-0" nor "1e+17"
+local USAGE_VALUE = '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)$'
 
-local function pack_usage(d)
-  return I(d[1]) .. ' ' .. I(d[2]) .. ' ' .. I(d[3]) .. ' ' .. I(d[4]) .. ' ' .. I(d[5])
+local function exact_all(a, b, c, d, e)
+  return a <= MAX_EXACT and a >= -MAX_EXACT and b <= MAX_EXACT and b >= -MAX_EXACT
+    and c <= MAX_EXACT and c >= -MAX_EXACT and d <= MAX_EXACT and d >= -MAX_EXACT
+    and e <= MAX_EXACT and e >= -MAX_EXACT
 end
 
 -- Adds d to field f of h, whose current value is v (nil: absent), or to the first spill field
--- that takes it exactly.
+-- that takes it exactly (a value past 2^53 - 1, or one no script wrote, is left as it is).
 local function bump_usage(h, f, v, d)
   local field = f
   for spill = 1, USAGE_SPILLS do
     if not v then
-      redis.call('HSET', h, field, pack_usage(d))
+      redis.call('HSET', h, field, string.format(USAGE_FORMAT, d[1], d[2], d[3], d[4], d[5]))
       return
     end
-    local cur = unpack_usage(v)
-    if cur then
-      local sum, exact = {}, true
-      for j = 1, 5 do
-        sum[j] = cur[j] + d[j]
-        if sum[j] > MAX_EXACT or sum[j] < -MAX_EXACT then
-          exact = false
-        end
-      end
-      if exact then
-        redis.call('HSET', h, field, pack_usage(sum))
+    local r, i, c, o, k = string.match(v, USAGE_VALUE)
+    if r then
+      r, i, c, o, k = r + d[1], i + d[2], c + d[3], o + d[4], k + d[5]
+      if exact_all(r, i, c, o, k) then
+        redis.call('HSET', h, field, string.format(USAGE_FORMAT, r, i, c, o, k))
         return
       end
     end
@@ -316,15 +303,19 @@ local function add_usage(P, at_ms, ttl_now_ms, policy_arg, kid, model, endpoint,
     model = string.gsub(model, USAGE_SEP, '?')
   end
   local at, now = math.floor(at_ms / 1000), math.floor(ttl_now_ms / 1000)
+  local combo = kid .. USAGE_SEP .. model .. USAGE_SEP .. endpoint .. USAGE_SEP
   local used, policy = {}, nil
+  local f = combo .. user
   for i, w in ipairs(USAGE_WIDTHS) do
     local start = at - at % w[2]
     local h = P .. 'u:' .. w[1] .. ':' .. I(start)
     local u = user
     if labels then
       u = labels[i] or ''
+      f = combo .. u
+    elseif i > 1 and used[i - 1] ~= user then
+      f = combo .. user -- the previous width had recorded this end user as "(other)"
     end
-    local f = kid .. USAGE_SEP .. model .. USAGE_SEP .. endpoint .. USAGE_SEP .. u
     local v = redis.call('HGET', h, f)
     if v or labels then
       if v then
@@ -336,7 +327,7 @@ local function add_usage(P, at_ms, ttl_now_ms, policy_arg, kid, model, endpoint,
       if ttl > 0 then
         if u ~= '' and u ~= USAGE_OTHER and not end_user_fits(h, u, policy[4]) then
           u = USAGE_OTHER
-          f = kid .. USAGE_SEP .. model .. USAGE_SEP .. endpoint .. USAGE_SEP .. u
+          f = combo .. u
           v = redis.call('HGET', h, f)
         end
         bump_usage(h, f, v, d)
