@@ -11,6 +11,7 @@ import itertools
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from proxy.gateway.pricing import cost_nano
 from proxy.gateway.settle_spool import SettleRequest
 from proxy.gateway.state import GATEWAY
 from proxy.store.keys import Identity
+from proxy.store.windows import windows_at
 
 MESSAGES = [{"role": "user", "content": "tell me about rate limits"}]
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
@@ -46,6 +48,11 @@ class Charge:
     cached: int
     output: int
     cost: int
+
+
+def month_start(now: float) -> int:
+    moment = datetime.fromtimestamp(now, UTC)
+    return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp())
 
 
 def day_range(now: float) -> tuple[int, int]:
@@ -281,6 +288,29 @@ async def test_reports_equal_the_priced_usage_and_the_budget_gauge_in_every_grou
     gauge = budget["spend"]
     assert gauge["window"] == time.strftime("%Y-%m-%d", time.gmtime(start))
     assert gauge["cost_spent_nano"] == str(acme_total)
+    # ...and over the ISO week and the month, for the key with the most spend.
+    kid = max(
+        {c.key_id for c in charges}, key=lambda k: sum(c.cost for c in charges if c.key_id == k)
+    )
+    windows = windows_at(proxy.clock())
+    for period, first, stop in (
+        ("weekly", windows.weekly_end - 7 * 86400, windows.weekly_end),
+        ("monthly", month_start(proxy.clock()), windows.monthly_end),
+    ):
+        status, budget = await proxy.admin(
+            "PUT",
+            f"/api/v1/llm/budgets/apikey/{kid}",
+            {
+                "period": period,
+                "limit_kind": "cost",
+                "limit": 5,
+                "thresholds": [{"pct": 90, "action": "alert"}],
+            },
+        )
+        assert status == 200, budget
+        body = await costs(proxy, int(first), int(stop), group_by="api_key_id")
+        mine = {r["api_key_id"]: r["cost_nano"] for r in body["data"]}[kid]
+        assert budget["spend"]["cost_spent_nano"] == mine, period
 
     # Bucketed reports: every width, the sums of each report's endpoints, tokens included.
     for width, seconds in WIDTHS.items():
