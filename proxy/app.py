@@ -10,7 +10,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy.admin import budget_quote, budgets_api, console, health, keys_api, webhooks
+from proxy.admin import (
+    budget_quote,
+    budgets_api,
+    console,
+    health,
+    keys_api,
+    pricing_api,
+    requests_api,
+    usage_api,
+    webhooks,
+)
 from proxy.config import ConfigError, Settings
 from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
 from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
@@ -118,6 +128,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             clock,
             SettleSpool(settings.spool_directory()),
             hot_path=hot_path(settings.redis, redis_url),
+            usage=settings.usage,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
@@ -134,6 +145,9 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
     budget_quote.add_routes(app)
+    usage_api.add_routes(app)
+    requests_api.add_routes(app)
+    pricing_api.add_routes(app)
     webhooks.add_routes(app)
     console.add_routes(app)
     return app

@@ -156,6 +156,28 @@ def cmd_keys(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(call))
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    from proxy.tools.usage_report import main as usage_main
+
+    _admin_command(usage_main, args)
+
+
+def cmd_budgets(args: argparse.Namespace) -> None:
+    from proxy.tools.budgets_cli import main as budgets_main
+
+    _admin_command(budgets_main, args)
+
+
+def _admin_command(run: Any, args: argparse.Namespace) -> None:
+    from proxy.tools.admin_http import AdminError
+
+    try:
+        sys.exit(run(args))
+    except AdminError as exc:
+        print(f"llm-proxy: {exc}", file=sys.stderr)
+        sys.exit(exc.status)
+
+
 def cmd_org_limits(args: argparse.Namespace) -> None:
     path = f"/api/v1/orgs/{args.org}/limits"
     if args.set:
@@ -243,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_flags(org_limits)
     org_limits.set_defaults(func=cmd_org_limits)
 
+    from proxy.tools.budgets_cli import add_arguments as add_budgets_arguments
     from proxy.tools.loadtest import add_arguments as add_loadtest_arguments
+    from proxy.tools.usage_report import add_arguments as add_usage_arguments
+
+    usage = sub.add_parser("usage", help="who spent what: cost by model, key, end user, org")
+    add_usage_arguments(usage)
+    usage.set_defaults(func=cmd_usage)
+
+    budgets = sub.add_parser("budgets", help="list, get, set, delete budgets and their events")
+    add_budgets_arguments(budgets)
+    budgets.set_defaults(func=cmd_budgets)
 
     loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
     add_loadtest_arguments(loadtest)

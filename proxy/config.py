@@ -139,6 +139,8 @@ class MeteringConfig(_Strict):
     unknown_price: Literal["refuse", "default"] = "refuse"
     default_price: PriceConfig | None = None
     default_max_output_tokens: int = Field(4096, gt=0)
+    currency: str | None = Field("USD", pattern=r"^[A-Z]{3}$")
+    """The ISO-4217 code prices are written in (reports name it; nothing is converted)."""
 
     @model_validator(mode="after")
     def _default_needs_price(self) -> MeteringConfig:
@@ -263,6 +265,30 @@ class ModelConfig(_Strict):
         return self
 
 
+class UsageConfig(_Strict):
+    """The usage counters behind the usage and cost reports: how long each bucket width is
+    kept, and how many distinct end users one org's bucket records before the rest are counted
+    as ``(other)`` (client-chosen ids must not grow memory without bound)."""
+
+    retention_1m_hours: int = Field(48, ge=1, le=24 * 400)
+    retention_1h_days: int = Field(35, ge=1, le=800)
+    retention_1d_days: int = Field(400, ge=1, le=3660)
+    end_user_cap: int = Field(1000, ge=1, le=1_000_000)
+
+    def keep_seconds(self, width: str) -> int:
+        """How long past its end a bucket of this width (``1m``, ``1h``, ``1d``) is kept."""
+        return {
+            "1m": self.retention_1m_hours * 3600,
+            "1h": self.retention_1h_days * 86400,
+            "1d": self.retention_1d_days * 86400,
+        }[width]
+
+    def lua_policy(self) -> str:
+        """What the ledger scripts take (``add_usage`` in ``lease.lua``)."""
+        keeps = " ".join(str(self.keep_seconds(w)) for w in ("1m", "1h", "1d"))
+        return f"{keeps} {self.end_user_cap}"
+
+
 class WebhookConfig(_Strict):
     allow_private_targets: list[str] = Field(default_factory=list)
     """CIDRs that are allowed although private/loopback (e.g. ``127.0.0.0/8`` for tests)."""
@@ -316,6 +342,7 @@ class Settings(_Strict):
     limits: LimitsConfig = LimitsConfig()
     metering: MeteringConfig = MeteringConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    usage: UsageConfig = UsageConfig()
     webhooks: WebhookConfig = WebhookConfig()
     metrics: MetricsConfig = MetricsConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)

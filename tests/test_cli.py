@@ -58,7 +58,7 @@ async def chat_status(url: str, key: str) -> int:
 async def test_help_lists_the_commands() -> None:
     code, out, _ = await run_cli("--help")
     assert code == 0
-    for command in ("serve", "demo", "mock-upstream", "keys", "org-limits"):
+    for command in ("serve", "demo", "mock-upstream", "keys", "org-limits", "usage", "budgets"):
         assert command in out
     code, out, _ = await run_cli("keys", "create", "--help")
     assert code == 0
@@ -267,3 +267,110 @@ async def test_demo_prints_a_working_key_and_snippets(
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0, printed
+
+
+# --- usage and budgets ------------------------------------------------------------------------
+
+
+async def spend_some(proxy: Proxy) -> tuple[dict[str, str], int]:
+    """A few priced requests from two keys and end users; returns keys by id and their cost."""
+    from proxy.gateway.pricing import cost_nano
+    from proxy.gateway.state import GATEWAY
+
+    keys = dict([await proxy.create_key("acme"), await proxy.create_key("acme")])
+    total = 0
+    for n, key in enumerate([*keys.values(), *keys.values()]):
+        client = proxy.openai(key)
+        model = "gpt-4o" if n % 2 else "gpt-4o-mini"
+        done = await client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"X-On-Behalf-Of": f"user-{n % 3}"},
+        )
+        assert done.usage is not None
+        route = proxy.app[GATEWAY].routes.get(model)
+        assert route is not None
+        total += cost_nano(route.price, done.usage.prompt_tokens, done.usage.completion_tokens)
+    return keys, total
+
+
+async def test_usage_prints_a_table_with_totals_and_json_and_csv_for_scripts(
+    proxy: Proxy,
+) -> None:
+    import csv
+    import io
+    from decimal import Decimal
+
+    keys, total = await spend_some(proxy)
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    code, out, err = await run_cli(
+        "usage", "--group-by", "model,api_key_id", "--since", "7d", *admin
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("usage ") and "by model, api_key_id" in lines[0]
+    assert lines[1].split()[:3] == ["model", "api_key_id", "requests"]
+    assert lines[-1].split()[0] == "TOTAL"
+    assert Decimal(lines[-1].split()[-1]) == Decimal(total) / 10**9
+    assert {kid for kid in keys if kid in out} == set(keys)
+
+    code, out, err = await run_cli("usage", "--group-by", "external_user_id", "--json", *admin)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["total"]["cost_nano"] == str(total) and report["total"]["num_model_requests"] == 4
+    assert sorted(r["external_user_id"] for r in report["data"]) == ["user-0", "user-1", "user-2"]
+
+    code, out, err = await run_cli(
+        "usage", "--group-by", "model", "--bucket", "1h", "--since", "3h", "--org", "acme", "--csv",
+        *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert set(rows[0]) >= {"bucket", "model", "num_model_requests", "cost_nano", "cost"}
+    assert sum(int(r["cost_nano"]) for r in rows) == total
+    assert sum(int(r["num_model_requests"]) for r in rows) == 4
+
+    for argv, message in (
+        (["--group-by", "colour"], "--group-by"),
+        (["--since", "yesterday"], "--since"),
+        (["--from", "2026-13-45"], "--from"),
+        (["--bucket", "1m", "--since", "2w"], "at most 1000"),
+    ):
+        code, _, err = await run_cli("usage", *argv, *admin)
+        assert code == 2 and message in err, (argv, err)
+    _, member = await proxy.create_key("acme")
+    code, _, err = await run_cli("usage", "--url", proxy.url, "--admin-key", member)
+    assert code == 1 and "HTTP 403" in err
+
+
+async def test_budgets_commands_print_tables(proxy: Proxy) -> None:
+    keys, _ = await spend_some(proxy)
+    kid = next(iter(keys))
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    code, out, err = await run_cli(
+        "budgets", "set", "apikey", kid, "--period", "monthly", "--limit", "0.01",
+        "--alert", "1", "--block", "10000", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    header, rule, row = out.splitlines()
+    assert header.split()[:3] == ["id", "scope", "scope"] and set(rule) <= {"-", " "}
+    assert row.split()[1:3] == ["apikey", kid] and "alert@1%" in row
+    # A request crosses the alert line: an event.
+    await proxy.openai(keys[kid]).chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    code, out, err = await run_cli("budgets", "events", "apikey", kid, *admin)
+    assert code == 0, err
+    assert "threshold_alert" in out and out.splitlines()[0].split()[:2] == ["created", "at"]
+    code, out, _ = await run_cli("budgets", "get", "apikey", kid, "--json", *admin)
+    assert json.loads(out)["data"][0]["scope_id"] == kid
+    code, out, _ = await run_cli("budgets", "list", *admin)
+    assert code == 0 and kid in out
+    code, out, _ = await run_cli("budgets", "get", "org", "acme", *admin)
+    assert code == 0 and out.strip() == "(no budgets)"
+    code, out, err = await run_cli("budgets", "delete", "apikey", kid, *admin)
+    assert code == 0 and out.strip() == f"deleted the org budget of apikey {kid}", err
+    code, _, err = await run_cli("budgets", "delete", "apikey", kid, *admin)
+    assert code == 1 and "HTTP 404" in err
+    code, _, err = await run_cli(
+        "budgets", "set", "org", "acme", "--period", "daily", "--limit", "5", *admin
+    )
+    assert code == 2 and "--alert" in err

@@ -514,7 +514,9 @@ async def test_usage_draws_cost_per_day_and_totals_equal_the_usage_api(
     assert int(total["total_cost_nano"]) > 0
     await expect(page.locator("#usage-total-nano")).to_have_text(total["total_cost_nano"])
     for row in total["data"]:
-        line = page.locator("#usage-table tbody tr", has_text=row["model"])
+        # The row whose first cell is exactly this model ("gpt-4o" is in "gpt-4o-mini" too).
+        name = page.get_by_role("cell", name=row["model"], exact=True)
+        line = page.locator("#usage-table tbody tr", has=name)
         await expect(line).to_contain_text(row["cost_nano"])
     await console.screenshot()
     console.assert_clean()

@@ -316,3 +316,16 @@ async def test_cli_rejects_bad_rates_before_sending() -> None:
         assert code == 2, err
         assert message in err
         assert out == ""
+
+
+async def test_cli_shows_progress_while_it_runs(proxy: Proxy) -> None:
+    _, key = await proxy.create_key()
+    code, out, err = await run_cli(
+        "--url", proxy.url, "--key", key, "--duration", "2.2", "--concurrency", "4",
+        "--progress", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("loadtest: ")]
+    assert len(lines) >= 3, err
+    assert "/2.2 s" in lines[0] and "answered" in lines[0] and "req/s" in lines[0]
+    assert "loadtest: " not in out  # the report alone on stdout

@@ -9,7 +9,7 @@ with them (``proxy.store.keys``, ``proxy.store.budgets``, the API modules' query
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -197,3 +197,79 @@ class Health(Strict):
 class Readiness(Strict):
     status: Literal["ready", "unavailable"]
     redis: str
+
+
+# --- usage and cost reports (docs/spec/usage-api.md) ---------------------------------------
+
+
+class CostGroupRow(Strict):
+    model: str | None
+    api_key_id: str | None
+    team_id: str | None = Field(description="Always null: the proxy has no teams.")
+    external_user_id: str | None = Field(description="The X-On-Behalf-Of of the requests.")
+    org_id: str | None
+    cost: float = Field(description="Major currency units.")
+    cost_nano: str = Field(pattern=DIGITS, description="Integer nano-units (1e9 per major unit).")
+    num_model_requests: int = Field(description="An extension: requests counted in the row.")
+    input_tokens: int
+    input_cached_tokens: int
+    output_tokens: int
+
+
+class UsageCosts(Strict):
+    object: Literal["usage.costs"] = "usage.costs"
+    currency: str | None
+    start_time: int
+    end_time: int
+    group_by: list[str]
+    data: list[CostGroupRow]
+    total_cost: float
+    total_cost_nano: str = Field(pattern=DIGITS)
+
+
+class UsageBucket(Strict):
+    object: Literal["bucket"] = "bucket"
+    start_time: int = Field(description="Unix seconds, inclusive.")
+    end_time: int = Field(description="Unix seconds, exclusive.")
+    results: list[dict[str, Any]] = Field(
+        description="One item per combination of the grouped dimensions, in OpenAI's usage "
+        "result shape (`organization.usage.completions.result` or `...embeddings.result`)."
+    )
+
+
+class UsagePage(Strict):
+    object: Literal["page"] = "page"
+    data: list[UsageBucket]
+    has_more: bool
+    next_page: str | None = Field(description="The cursor of the next page; null on the last.")
+
+
+class RecentRequests(Strict):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]] = Field(
+        description="The org's most recent requests, newest first (request id, key, end user, "
+        "model, endpoint, tokens, cost, status, time)."
+    )
+    has_more: bool
+    next_page: str | None
+
+
+class PriceRow(Strict):
+    model: str
+    org_id: str | None
+    rates: dict[str, float] = Field(description="Major currency units per token.")
+    effective_from: str = Field(description="When this process resolved the price (ISO 8601).")
+    effective_to: str | None
+    set_by: str = Field(description="Where the price comes from: config, genai-prices, default.")
+    price_nano_per_1m: dict[str, str] = Field(
+        description="An extension: the exact integer rates the proxy charges, nano-units per 1M."
+    )
+
+
+class PriceList(Strict):
+    object: Literal["list"] = "list"
+    data: list[PriceRow]
+
+
+class Currency(Strict):
+    currency: str | None

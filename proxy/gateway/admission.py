@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.config import RoleLimits
+from proxy.config import RoleLimits, UsageConfig
 from proxy.gateway import metrics
 from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
@@ -173,8 +173,10 @@ class Admission:
         clock: Clock,
         spool: SettleSpool,
         hot_path: PipelinedConnection | None = None,
+        usage: UsageConfig | None = None,
     ) -> None:
         self.redis = redis
+        self._usage_policy = (usage or UsageConfig()).lua_policy()
         self._hot = hot_path
         self._defaults = {
             role: [
@@ -241,6 +243,7 @@ class Admission:
                     end_user_tag,
                     ("d" if dry_run else "") + ("c" if clamp_asked else ""),
                     clamp.arg() if clamp is not None else "",
+                    self._usage_policy,
                 ],
             )
         except (RedisError, OSError) as exc:
@@ -362,10 +365,11 @@ class Admission:
             return 0
 
     async def _settle_now(self, req: SettleRequest) -> int:
-        """Spend goes to the windows of the moment the request ended, also when replayed
-        later; only the windows' expiry is reckoned from now."""
+        """Spend goes to the windows (and usage buckets) of the moment the request ended, also
+        when replayed later; only their expiry is reckoned from now."""
         now = self.clock()
         windows = self._windows.current(req.at)
+        usage = _usage_args(req)
         started = time.perf_counter()
         result = await self._run(
             SETTLE,
@@ -381,6 +385,9 @@ class Admission:
                 windows.monthly,
                 *windows.ttls(now),
                 iso_millis(req.at),
+                *usage,
+                self._usage_policy,
+                int(now * 1000),
                 *req.usage_record,
             ],
         )
@@ -403,6 +410,7 @@ class Admission:
                 *windows.ttls(now),
                 iso_millis(now),
                 limit,
+                self._usage_policy,
             ],
         )
         return int(result[0]), int(result[1]), int(result[2])
@@ -410,6 +418,32 @@ class Admission:
     async def drain(self, grace: float) -> None:
         """At shutdown: give deferred settles a last chance (the spool keeps the rest)."""
         await self.deferred.drain(grace)
+
+
+def _usage_args(req: SettleRequest) -> tuple[int, int, int, str | int, str | int, str | int]:
+    """What the usage counters need, taken from the usage record (which spooled settles
+    written by earlier versions carry too): input, cached input and output tokens, model,
+    endpoint, end user. Input + output is the settle's token count, also for a record that
+    does not split it."""
+    record = dict(zip(req.usage_record[::2], req.usage_record[1::2], strict=False))
+    out = _count(record.get("out"))
+    cached = _count(record.get("cached"))
+    given = record.get("in")
+    tokens_in = _count(given) if given is not None else max(req.tokens - out, 0)
+    return (
+        tokens_in,
+        cached,
+        out,
+        record.get("model", ""),
+        record.get("endpoint", ""),
+        record.get("user", ""),
+    )
+
+
+def _count(value: str | int | None) -> int:
+    if isinstance(value, int):
+        return value
+    return int(value) if value and value.isdigit() else 0
 
 
 class LeaseKeeper:

@@ -15,7 +15,8 @@
 --          output cap on any budget),
 --          clamp terms ("" = the output cap cannot be lowered; else "choices cap lowest A_q A_r
 --          R_q R_r": the cap per choice reserved, the lowest it may go, and the cost function
---          cost(output) = ceil((A + output * R) / 1e6) as A and R divided by 1e6 with remainder)
+--          cost(output) = ceil((A + output * R) / 1e6) as A and R divided by 1e6 with remainder),
+--          usage counters' policy (see add_usage: a reclaimed lease is charged and reported)
 --
 -- Returns  {"ok", req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining,
 --           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field,
@@ -36,6 +37,7 @@ local rc = exact_int(ARGV[5])
 local lease_ms = exact_int(ARGV[6])
 local W = windows_from({ARGV[7], ARGV[8], ARGV[9], ARGV[16], ARGV[17], ARGV[18]}, 1)
 local win = W.win
+W.usage = ARGV[27]
 local now_iso = ARGV[19]
 local prompt_tokens = exact_int(ARGV[20])
 local user = ARGV[24] or ''

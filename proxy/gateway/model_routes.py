@@ -11,6 +11,7 @@ and a name without a price is refused, never served free.
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class ModelRoute:
     entry: str = ""
     """The configured name (a pattern for matched names), which key model lists may name."""
     context_window: int = 1_000_000
+    priced_at: float = 0.0
+    """When this process resolved the price (start-up, or a pattern's first use of the name)."""
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -106,6 +109,11 @@ class ModelTable(Mapping[str, ModelRoute]):
     def __len__(self) -> int:
         return len(self._exact)
 
+    def priced(self) -> list[tuple[str, ModelRoute]]:
+        """Every name this process charges for: exact names and aliases, then the names
+        patterns have matched so far."""
+        return [*self._exact.items(), *self._matched.items()]
+
 
 def build_routes(settings: Settings) -> ModelTable:
     return ModelTable(settings)
@@ -148,6 +156,7 @@ def _assemble(
         protocol=protocol,
         entry=model.name,
         context_window=model.context_window,
+        priced_at=time.time(),
     )
 
 

@@ -10,7 +10,9 @@
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
 -- ARGV     now_ms, rid, kid, tokens, cost_nano,
 --          window daily, weekly, monthly, ttl daily, weekly, monthly (seconds),
---          now_iso, then the usage record's field/value pairs (appended to the usage stream)
+--          now_iso, usage counters: input, cached input, output tokens, model, endpoint,
+--          end user, policy (see add_usage), clock_ms (now, for the counters' expiry),
+--          then the usage record's field/value pairs (appended to the usage stream)
 -- Returns  number of budget events recorded, or -1 when this request was already settled
 
 local P = KEYS[1]
@@ -26,7 +28,12 @@ if not (now and tokens and cost and W.ttl.daily and W.ttl.weekly and W.ttl.month
     or tokens < 0 or cost < 0 then
   return redis.error_reply('settle: numbers must be exact non-negative integers')
 end
-local record = {unpack(ARGV, 13)}
+W.usage = ARGV[19]
+local u_in, u_cached, u_out = exact_int(ARGV[13]) or 0, exact_int(ARGV[14]) or 0,
+  exact_int(ARGV[15]) or 0
+local u_model, u_endpoint, u_user = ARGV[16], ARGV[17], ARGV[18]
+local clock_ms = exact_int(ARGV[20]) or now
+local record = {unpack(ARGV, 21)}
 
 local lease, why = read_lease(P, rid)
 if lease then
@@ -34,6 +41,8 @@ if lease then
   refund_tpm(P, lease, tokens)
   local tags = lease_tags(lease.k, lease.x)
   add_spend(P, tags, tokens, cost, W, false)
+  add_usage(P, now, clock_ms, W.usage, lease.k, u_model, u_endpoint, u_user,
+    {1, u_in, u_cached, u_out, cost})
   local events = check_budgets(P, tags, W, now, now_iso, rid)
   append_usage(P, record)
   return events
@@ -45,6 +54,8 @@ if why == 'malformed' then
   set_aside(P, rid, now, 'malformed at settle')
   local tags = lease_tags(kid, '')
   add_spend(P, tags, tokens, cost, W, false)
+  add_usage(P, now, clock_ms, W.usage, kid, u_model, u_endpoint, u_user,
+    {1, u_in, u_cached, u_out, cost})
   local events = check_budgets(P, tags, W, now, now_iso, rid)
   append_usage(P, record)
   return events
@@ -58,11 +69,18 @@ if not m[1] then
   redis.call('SET', P .. 'done:' .. rid, '1', 'EX', DONE_TTL)
   return -1
 end
+local um = redis.call('HMGET', marker, 'ua', 'pi', 'm', 'e', 'u1', 'u2', 'u3')
 redis.call('DEL', marker)
 local charged_c, charged_t = exact_int(m[3]) or 0, exact_int(m[4]) or 0
 local then_W = {win = {daily = m[5], weekly = m[6], monthly = m[7]}, ttl = W.ttl}
 local tags = lease_tags(m[1], m[2])
 add_spend(P, tags, tokens - charged_t, cost - charged_c, then_W, true)
+local charged_at, charged_pi = exact_int(um[1]), exact_int(um[2])
+if charged_at and charged_pi then
+  add_usage(P, charged_at, clock_ms, W.usage, m[1], um[3] or '', um[4] or '', '',
+    {0, u_in - charged_pi, u_cached, u_out - (charged_t - charged_pi), cost - charged_c},
+    {um[5] or '', um[6] or '', um[7] or ''})
+end
 local events = 0
 if cost > charged_c or tokens > charged_t then
   events = check_budgets(P, tags, then_W, now, now_iso, rid)

@@ -78,6 +78,9 @@ Its Redis is private and in memory: this key and everything else end with the de
   print(claude.messages.create(model="claude-sonnet-4-5", max_tokens=100,
       messages=[{{"role": "user", "content": "Hello"}}]))
 
+  # Who spent what (with PROXY_ADMIN_KEY set when the demo started):
+  llm-proxy usage --url http://{host}:{port} --since 1h --group-by model,external_user_id
+
 Press Ctrl-C to stop.
 """.rstrip()
 

@@ -281,9 +281,10 @@ def _count(value: Any) -> int:
 class Runner:
     """The load itself: ``concurrency`` coroutines taking request numbers until the plan ends."""
 
-    def __init__(self, plan: Plan, price: Price | None) -> None:
+    def __init__(self, plan: Plan, price: Price | None, progress_every: float = 0.0) -> None:
         self.plan = plan
         self.price = price
+        self._progress_every = progress_every
         self.tally = Tally(per_key=[KeyUsage() for _ in plan.keys])
         self._url = plan.url.rstrip("/") + plan.path
         self._bodies = (plan.body(False), plan.body(True))
@@ -326,12 +327,45 @@ class Runner:
         started = self._started = time.perf_counter()
         self._limit_s = plan.duration or MAX_DURATION_S
         self._deadline = started + self._limit_s
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
-        ) as session:
-            await asyncio.gather(*(self._client(session) for _ in range(plan.concurrency)))
+        progress = (
+            asyncio.create_task(self._progress(self._progress_every))
+            if self._progress_every > 0
+            else None
+        )
+        try:
+            async with aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False
+            ) as session:
+                await asyncio.gather(*(self._client(session) for _ in range(plan.concurrency)))
+        finally:
+            if progress is not None:
+                progress.cancel()
         self.tally.elapsed = time.perf_counter() - started
         return self.tally
+
+    async def _progress(self, every: float) -> None:
+        """A line on stderr every ``every`` seconds while the load runs (stdout keeps the
+        report alone): elapsed, answers so far and the rate of the last interval."""
+        tally = self.tally
+        last_done, last_at = 0, self._started
+        while True:
+            await asyncio.sleep(every)
+            now = time.perf_counter()
+            done = sum(tally.statuses.values()) + sum(tally.transport_errors.values())
+            refused = tally.statuses.get(429, 0)
+            failed = done - tally.statuses.get(200, 0) - refused
+            rate = (done - last_done) / max(now - last_at, 1e-9)
+            if self.plan.requests is not None:
+                where = f"{now - self._started:5.1f} s  {done:,}/{self.plan.requests:,} answered"
+            else:
+                where = f"{now - self._started:5.1f}/{self._limit_s:g} s  {done:,} answered"
+            print(
+                f"loadtest: {where} ({rate:,.0f} req/s)  ok {tally.statuses.get(200, 0):,}"
+                f"  refused {refused:,}  failed {failed:,}",
+                file=sys.stderr,
+                flush=True,
+            )
+            last_done, last_at = done, now
 
     async def _client(self, session: aiohttp.ClientSession) -> None:
         rate = self.plan.rate
@@ -810,6 +844,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the report here")
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a progress line on stderr every S seconds while it runs (0: none; default 5)",
+    )
 
 
 def _read_keys(args: argparse.Namespace) -> list[LoadKey]:
@@ -900,7 +941,7 @@ async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
                 key_ids = await admin.resolve_ids(plan.keys, args.org)
                 reconciler = Reconciler(admin)
                 await reconciler.prepare([k for k in key_ids if k is not None])
-            runner = Runner(plan, price)
+            runner = Runner(plan, price, max(getattr(args, "progress", 0.0) or 0.0, 0.0))
             with _graceful_interrupt(runner):
                 tally = await runner.run()
             if reconciler is None:
