@@ -107,6 +107,12 @@ def stop_signals() -> Iterator[asyncio.Event]:
             loop.remove_signal_handler(sig)
 
 
+LISTEN_BACKLOG = 1024
+"""Handshakes the kernel completes while the loop is busy, before it accepts them (the kernel
+caps it at net.core.somaxconn). aiohttp's 128 made a burst of connections beyond it wait for
+SYN retries (1 s, 3 s, ...): slow to connect under load, and unfair to whoever came last."""
+
+
 @contextlib.asynccontextmanager
 async def running_site(
     app: web.Application,
@@ -128,7 +134,14 @@ async def running_site(
         else web.AppRunner(app, access_log=None, shutdown_timeout=grace, handler_cancellation=True)
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=grace)
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        reuse_port=reuse_port,
+        shutdown_timeout=grace,
+        backlog=LISTEN_BACKLOG,
+    )
     await site.start()
     try:
         yield runner
