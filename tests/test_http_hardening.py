@@ -266,7 +266,7 @@ async def test_three_hundred_slow_clients_are_all_shed_and_healthz_answers_throu
             os.kill(pid, signal.SIGSTOP)
             try:
                 slow = await asyncio.wait_for(
-                    asyncio.gather(*(_open(running.url) for _ in range(300))), timeout=0.9
+                    asyncio.gather(*(_open(running.url) for _ in range(300))), timeout=5
                 )
             except TimeoutError:
                 raise AssertionError("the kernel did not queue 300 connections") from None
