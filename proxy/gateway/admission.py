@@ -156,10 +156,6 @@ def _may_have_run(exc: BaseException) -> bool:
     return isinstance(exc, RedisTimeoutError | ReplicaTimeout | TimeoutError)
 
 
-def _field(value: str | int | None) -> str | int:
-    return "" if value is None else value
-
-
 def _optional(value: int) -> int | None:
     return None if value < 0 else value
 
@@ -352,7 +348,11 @@ class Admission:
             tokens=tokens,
             cost_nano=cost_nano,
             at=self.clock(),
-            usage_record=[item for name, value in record.items() for item in (name, _field(value))],
+            usage_record=[
+                item
+                for name, value in record.items()
+                for item in (name, "" if value is None else value)
+            ],
         )
 
     async def settle(self, req: SettleRequest) -> int:

@@ -60,11 +60,15 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+"""One decoder for every body: ``json.loads`` with a hook builds a new one per call."""
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The body as a dict, or an ApiError (400) saying what is wrong with it."""
     try:
         text = raw.decode("utf-8")
-        body = json.loads(text, object_pairs_hook=_unique)
+        body = _DECODER.decode(text)
     except _Duplicate as exc:
         shown = exc.key[:_SHOWN_KEY_CHARS]
         raise ApiError(
@@ -82,7 +86,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise bad_request("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    if _too_deep(body, MAX_DEPTH):
+    # Each level of nesting opens a bracket: a body with few brackets cannot be too deep, and
+    # counting them (in C) costs a fraction of the walk.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(body, MAX_DEPTH):
         raise _too_deep_error()
     return body
 

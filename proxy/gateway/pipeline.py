@@ -267,7 +267,9 @@ def model_route(
             code="model_not_found",
             param="model",
         )
-    if not any(identity.may_use(name) for name in (model, route.name, route.entry)):
+    if identity.models is not None and not any(
+        identity.may_use(name) for name in (model, route.name, route.entry)
+    ):
         raise ApiError(
             403,
             f"This API key is not allowed to use the model '{model}'.",

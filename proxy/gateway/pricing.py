@@ -189,6 +189,13 @@ def cost_nano(
     """Integer-only and rounded up once; floats are rejected (``operator.index``) rather than
     silently truncated. ``cached_input_tokens`` (cache reads) and the cache writes are subsets
     of ``input_tokens``; the rest of the input is billed at the input rate."""
+    if not (cached_input_tokens or cache_write_tokens or cache_write_1h_tokens):
+        # Most requests (every one settled per request): input and output alone.
+        total = (
+            max(0, operator.index(input_tokens)) * price.input_nano_per_m
+            + max(0, operator.index(output_tokens)) * price.output_nano_per_m
+        )
+        return -(-total // _PER)
     input_tokens = max(0, operator.index(input_tokens))
     output_tokens = max(0, operator.index(output_tokens))
     cached = min(max(0, operator.index(cached_input_tokens)), input_tokens)

@@ -52,8 +52,14 @@ class Windows:
         return max(int(self.end(period) - now) + 1 + WINDOW_GRACE_SECONDS, 1)
 
     def ttls(self, now: float) -> tuple[int, int, int]:
-        """Daily, weekly and monthly TTLs, in the order the scripts take them."""
-        return self.ttl("daily", now), self.ttl("weekly", now), self.ttl("monthly", now)
+        """Daily, weekly and monthly TTLs, in the order the scripts take them (every admit and
+        settle asks, so without ``ttl``'s lookups)."""
+        grace = 1 + WINDOW_GRACE_SECONDS
+        return (
+            max(int(self.daily_end - now) + grace, 1),
+            max(int(self.weekly_end - now) + grace, 1),
+            max(int(self.monthly_end - now) + grace, 1),
+        )
 
 
 def _next_month(day: date) -> date:
