@@ -43,10 +43,12 @@ local prompt_tokens = exact_int(ARGV[20])
 local user = ARGV[24] or ''
 local flags = ARGV[25] or ''
 local clamp_terms = ARGV[26] or ''
-for name, value in pairs({now_ms = now, reserve_tokens = rt, reserve_cost_nano = rc,
-    lease_ms = lease_ms, prompt_tokens = prompt_tokens}) do
+local NUMBERS = {'now_ms', now, 'reserve_tokens', rt, 'reserve_cost_nano', rc, 'lease_ms',
+  lease_ms, 'prompt_tokens', prompt_tokens}
+for i = 2, 10, 2 do
+  local value = NUMBERS[i]
   if not value or value < 0 then
-    return {'invalid', name}
+    return {'invalid', NUMBERS[i - 1]}
   end
 end
 if user ~= '' and not string.match(user, '^u:%x+$') then
@@ -373,7 +375,7 @@ local extra = ''
 if tracked then
   extra = user
 end
-hold(P, lease_tags(kid, extra), rc, rt)
+hold(P, lease_tags(kid, extra), rc, rt, inflight)
 redis.call('HSET', P .. 'lease:' .. rid, 'k', kid, 'c', I(rc), 't', I(rt), 'r', tpm_scopes,
   'pi', I(prompt_tokens), 'm', ARGV[21] or '', 'e', ARGV[22] or '', 'u', ARGV[23] or '',
   'x', extra)

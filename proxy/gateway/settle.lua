@@ -33,7 +33,7 @@ local u_in, u_cached, u_out = exact_int(ARGV[13]) or 0, exact_int(ARGV[14]) or 0
   exact_int(ARGV[15]) or 0
 local u_model, u_endpoint, u_user = ARGV[16], ARGV[17], ARGV[18]
 local clock_ms = exact_int(ARGV[20]) or now
-local record = {unpack(ARGV, 21)}
+local RECORD_AT = 21 -- the usage record's pairs: ARGV[21] onwards
 
 local lease, why = read_lease(P, rid)
 if lease then
@@ -44,7 +44,7 @@ if lease then
   add_usage(P, now, clock_ms, W.usage, lease.k, u_model, u_endpoint, u_user,
     {1, u_in, u_cached, u_out, cost})
   local events = check_budgets(P, tags, W, now, now_iso, rid)
-  append_usage(P, record)
+  append_usage_args(P, RECORD_AT)
   return events
 end
 
@@ -57,7 +57,7 @@ if why == 'malformed' then
   add_usage(P, now, clock_ms, W.usage, kid, u_model, u_endpoint, u_user,
     {1, u_in, u_cached, u_out, cost})
   local events = check_budgets(P, tags, W, now, now_iso, rid)
-  append_usage(P, record)
+  append_usage_args(P, RECORD_AT)
   return events
 end
 
@@ -85,6 +85,7 @@ local events = 0
 if cost > charged_c or tokens > charged_t then
   events = check_budgets(P, tags, then_W, now, now_iso, rid)
 end
+local record = {unpack(ARGV, RECORD_AT)}
 record[#record + 1] = 'late'
 record[#record + 1] = '1'
 append_usage(P, record)

@@ -336,7 +336,8 @@ def children_cpu() -> float:
 
 def command_calls(client: redis.Redis) -> dict[str, int]:
     """Calls per command, commands run inside scripts included; ``_reads``: socket reads,
-    i.e. client round trips (a pipelined batch arriving at once is one read)."""
+    i.e. client round trips (a pipelined batch arriving at once is one read); ``_script_us``:
+    microseconds spent inside scripts (EVALSHA)."""
     stats = client.info("commandstats")
     calls = {
         name.removeprefix("cmdstat_"): int(values["calls"])
@@ -344,6 +345,7 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
         if isinstance(values, dict)
     }
     calls["_reads"] = int(client.info("stats")["total_reads_processed"])
+    calls["_script_us"] = int(stats.get("cmdstat_evalsha", {}).get("usec", 0))
     return calls
 
 
@@ -698,10 +700,12 @@ class Bench:
                     total[name] = total.get(name, 0) + d
             per_command = {name: round(d / served, 3) for name, d in sorted(total.items()) if d > 0}
             reads = per_command.pop("_reads", 0.0)
+            script_us = per_command.pop("_script_us", 0.0)
             row["redis_per_request"] = {
                 "requests_served": served,
                 "evalsha": per_command.get("evalsha", 0.0),
                 "socket_reads": reads,
+                "script_us": round(script_us, 1),
                 "commands_incl_inside_scripts": round(sum(per_command.values()), 3),
                 "by_command": per_command,
             }
@@ -766,6 +770,7 @@ def compare(
         "added_p99_ms": round(c["p99_ms"] - b["p99_ms"], 3),
         "redis_evalsha_per_request": c["redis_per_request"]["evalsha"],
         "redis_socket_reads_per_request": c["redis_per_request"]["socket_reads"],
+        "redis_script_us_per_request": c["redis_per_request"]["script_us"],
         **({"topologies": topologies} if topologies else {}),
     }
 
@@ -826,7 +831,8 @@ def render(result: dict[str, Any]) -> str:
             f"  (c)/(b) throughput {cmp['throughput_ratio_c_over_b']}; added latency at "
             f"saturation p50 {cmp['added_p50_ms']:+.2f} ms, p99 {cmp['added_p99_ms']:+.2f} ms; "
             f"Redis per request: {cmp['redis_evalsha_per_request']} EVALSHA, "
-            f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads)"
+            f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads), "
+            f"{cmp['redis_script_us_per_request']} µs inside the scripts"
         )
         for name, topo in cmp.get("topologies", {}).items():
             line = (
