@@ -6,6 +6,7 @@ Fixtures start everything on free loopback ports; nothing outside this machine i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -322,6 +323,28 @@ async def start_proxy_process(
                 raise RuntimeError(f"proxy did not start: {log.read_text()}")
             await asyncio.sleep(0.05)
     return ProxyProcess(process, url, log, errors)
+
+
+@contextlib.asynccontextmanager
+async def proxy_processes(config: Path, count: int = 2) -> AsyncIterator[list[str]]:
+    """``count`` ``llm-proxy serve`` processes on one config (distinct ports), their URLs; each
+    logs to ``proxy<i>.log`` beside the config."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    procs = await asyncio.gather(
+        *(
+            start_proxy_process(config, config.parent / f"proxy{i}.log", port=port)
+            for i, port in enumerate(ports)
+        )
+    )
+    try:
+        yield [proc.url for proc in procs]
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 _NUMERIC = (

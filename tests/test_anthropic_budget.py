@@ -17,12 +17,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import ADMIN_KEY, start_proxy_process, write_config
+from conftest import ADMIN_KEY, proxy_processes, write_config
 
 from proxy.config import PriceConfig
 from proxy.gateway.claude_bound import prompt_bound
 from proxy.gateway.pricing import price_from_config, reserve_cost_nano, with_cache_writes
-from proxy.store.embedded_redis import free_port
 
 N = 10
 CONCURRENT = 200
@@ -100,22 +99,8 @@ output = {RATES["output"]}
     config = write_config(
         tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url, tail=tail
     )
-    ports: list[int] = []
-    while len(ports) < 2:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    procs = await asyncio.gather(
-        *(
-            start_proxy_process(config, tmp_path / f"proxy{i}.log", port=port)
-            for i, port in enumerate(ports)
-        )
-    )
-    try:
-        yield [proc.url for proc in procs]
-    finally:
-        for proc in procs:
-            proc.stop()
+    async with proxy_processes(config) as urls:
+        yield urls
 
 
 async def admin(

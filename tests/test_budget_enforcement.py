@@ -26,7 +26,7 @@ from conftest import (
     FakeClock,
     Proxy,
     eventually,
-    start_proxy_process,
+    proxy_processes,
     write_config,
 )
 
@@ -34,7 +34,6 @@ from proxy.config import MeteringConfig, ModelConfig
 from proxy.gateway.pricing import cost_nano, resolve_price
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt, get_encoding
-from proxy.store.embedded_redis import free_port
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000
@@ -631,22 +630,8 @@ async def two_processes(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer
 ) -> AsyncIterator[list[str]]:
     config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
-    ports = [free_port()]
-    while len(ports) < 2:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    procs = await asyncio.gather(
-        *(
-            start_proxy_process(config, tmp_path / f"proxy{i}.log", port=port)
-            for i, port in enumerate(ports)
-        )
-    )
-    try:
-        yield [proc.url for proc in procs]
-    finally:
-        for proc in procs:
-            proc.stop()
+    async with proxy_processes(config) as urls:
+        yield urls
 
 
 N = 10

@@ -25,7 +25,7 @@ from conftest import (
     FakeClock,
     Proxy,
     eventually,
-    start_proxy_process,
+    proxy_processes,
     write_config,
 )
 from test_budget_enforcement import (
@@ -40,7 +40,6 @@ from test_budget_enforcement import (
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
-from proxy.store.embedded_redis import free_port
 from proxy.store.end_users import end_user_tag
 
 BASE = "/api/v1/llm/budgets"
@@ -543,22 +542,8 @@ async def two_processes(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer
 ) -> AsyncIterator[list[str]]:
     config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
-    ports: list[int] = []
-    while len(ports) < 2:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    procs = await asyncio.gather(
-        *(
-            start_proxy_process(config, tmp_path / f"proxy{i}.log", port=port)
-            for i, port in enumerate(ports)
-        )
-    )
-    try:
-        yield [proc.url for proc in procs]
-    finally:
-        for proc in procs:
-            proc.stop()
+    async with proxy_processes(config) as urls:
+        yield urls
 
 
 USERS = 50
