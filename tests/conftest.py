@@ -325,6 +325,18 @@ async def start_proxy_process(
     return ProxyProcess(process, url, log, errors)
 
 
+def budget(**overrides: Any) -> dict[str, Any]:
+    """A budget body for PUT: 1000 tokens a day, blocking at 100 %, with ``overrides``."""
+    body: dict[str, Any] = {
+        "period": "daily",
+        "limit_kind": "tokens",
+        "limit": 1000,
+        "thresholds": [{"pct": 100, "action": "block"}],
+    }
+    body.update(overrides)
+    return body
+
+
 @contextlib.asynccontextmanager
 async def proxy_processes(config: Path, count: int = 2) -> AsyncIterator[list[str]]:
     """``count`` ``llm-proxy serve`` processes on one config (distinct ports), their URLs; each

@@ -19,7 +19,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import FakeClock, Proxy, eventually
+from conftest import FakeClock, Proxy, budget, eventually
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -39,17 +39,6 @@ MODEL_MAX = 1000  # gpt-4o's configured max_output_tokens in the test settings
 LOWEST = 16
 ANSWER = 20  # the mock's answer, when the cap allows it
 CLAMP = {"x-budget-clamp": "true"}
-
-
-def budget(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "period": "daily",
-        "limit_kind": "tokens",
-        "limit": 1000,
-        "thresholds": [{"pct": 100, "action": "block"}],
-    }
-    body.update(overrides)
-    return body
 
 
 @pytest.fixture

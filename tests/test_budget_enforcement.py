@@ -25,6 +25,7 @@ from conftest import (
     ADMIN_KEY,
     FakeClock,
     Proxy,
+    budget,
     eventually,
     proxy_processes,
     write_config,
@@ -60,17 +61,6 @@ def at(text: str) -> float:
 
 
 NOON = at("2026-11-24T12:00:00")  # a Tuesday
-
-
-def budget(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "period": "daily",
-        "limit_kind": "tokens",
-        "limit": 1000,
-        "thresholds": [{"pct": 100, "action": "block"}],
-    }
-    body.update(overrides)
-    return body
 
 
 def chat_body(max_tokens: int, stream: bool = False) -> dict[str, Any]:

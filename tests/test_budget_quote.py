@@ -14,7 +14,7 @@ import anthropic
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import FakeClock, Proxy
+from conftest import FakeClock, Proxy, budget
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -25,17 +25,6 @@ QUOTE = "/api/v1/llm/budgets/quote"
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
-
-
-def budget(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "period": "daily",
-        "limit_kind": "tokens",
-        "limit": 1000,
-        "thresholds": [{"pct": 100, "action": "block"}],
-    }
-    body.update(overrides)
-    return body
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from conftest import (
     ADMIN_KEY,
     FakeClock,
     Proxy,
+    budget,
     eventually,
     proxy_processes,
     write_config,
@@ -47,17 +48,6 @@ NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 DAY, WEEK = "2026-11-24", "2026-W48"
 MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
 POLICY = "/api/v1/orgs/{org}/end-user-policy"
-
-
-def budget(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "period": "daily",
-        "limit_kind": "tokens",
-        "limit": 1000,
-        "thresholds": [{"pct": 100, "action": "block"}],
-    }
-    body.update(overrides)
-    return body
 
 
 @pytest.fixture
