@@ -56,14 +56,17 @@ def test_the_readme_is_a_front_door() -> None:
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
 
 
-def test_ci_runs_the_readmes_test_command() -> None:
-    """.ci/run's last command is the README's test command, character for character."""
+def test_ci_and_make_test_run_the_readmes_test_command() -> None:
+    """.ci/run's last command is the README's test command, character for character, and
+    ``make test`` runs the same line."""
     commands = [
         line
         for line in (REPO / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))
     ]
     assert commands[-1] in README.read_text()
+    make_test = (REPO / "Makefile").read_text().split("\ntest:\n", 1)[1].splitlines()[0]
+    assert make_test.strip() == commands[-1]
 
 
 def test_every_relative_link_of_the_readme_resolves() -> None:
