@@ -70,6 +70,8 @@ def test_ci_and_make_test_run_the_readmes_test_command() -> None:
 
 
 def test_every_relative_link_of_the_readme_resolves() -> None:
+    """Into the repository (issue 11 item 7: it once linked ``../shared/spec/...``), to a file
+    that exists, and to a heading that exists when it names one."""
     targets = [t for t in LINK.findall(README.read_text()) if not t.startswith(("http", "mailto:"))]
     assert targets, "the README links nothing"
     for target in targets:
