@@ -267,10 +267,10 @@ def test_a_pattern_match_without_a_price_follows_the_unknown_price_rule(tmp_path
     assert routes["in-house-7b"].price.source == "default"
 
 
-def test_the_readmes_config_for_the_bundled_mock_loads() -> None:
-    """The README shows how to run ``serve`` against ``llm-proxy mock-upstream``."""
-    readme = (DEFAULT_CONFIG_PATH.parent.parent / "README.md").read_text()
-    snippet = readme.split("cat > mock.toml <<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
+def test_the_docs_config_for_the_bundled_mock_loads() -> None:
+    """The configuration page shows how to run ``serve`` against ``llm-proxy mock-upstream``."""
+    page = (DEFAULT_CONFIG_PATH.parent.parent / "docs" / "configuration.md").read_text()
+    snippet = page.split("cat > mock.toml <<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
     settings = Settings.model_validate(tomllib.loads(snippet))
     routes = build_routes(settings)
     assert routes["gpt-4o-mini"].upstream.base_url == "http://127.0.0.1:9090/v1"

@@ -1,4 +1,4 @@
-"""Every provider configuration the README shows, loaded from the README itself and driven
+"""Every provider configuration the docs show, loaded from the docs page itself and driven
 through the proxy against the mock (its base URL swapped for the mock's): the path the proxy
 calls, the credential it sends, the model name, and where the price came from."""
 
@@ -19,14 +19,13 @@ from proxy.config import ModelConfig, Settings, UpstreamConfig
 from proxy.gateway.model_routes import build_routes
 from proxy.gateway.state import GATEWAY
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]
 
 
 def provider_blocks() -> dict[str, dict[str, Any]]:
-    """The README's provider configurations, by upstream name."""
-    text = README.read_text()
-    section = text.split("\n## Providers\n", 1)[1].split("\n### Fallbacks\n", 1)[0]
+    """The providers page's configurations, by upstream name."""
+    section = PAGE.read_text().split("\n## Fallbacks\n", 1)[0]
     blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", section, re.S)]
     return {block["upstreams"][0]["name"]: block for block in blocks}
 
@@ -53,12 +52,12 @@ EXPECTED = {
 }
 
 
-def test_the_readme_shows_a_block_for_every_provider() -> None:
+def test_the_docs_show_a_block_for_every_provider() -> None:
     assert set(BLOCKS) == set(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-async def test_each_readme_provider_config_works_against_the_mock(
+async def test_each_documented_provider_config_works_against_the_mock(
     name: str,
     start_proxy: Callable[..., Any],
     mock_upstream: TestServer,
@@ -102,8 +101,8 @@ async def test_each_readme_provider_config_works_against_the_mock(
     assert route.price.input_nano_per_m > 0 and route.price.output_nano_per_m > 0
 
 
-def test_the_readme_fallback_example_is_a_valid_model_over_the_openai_and_azure_blocks() -> None:
-    section = README.read_text().split("\n### Fallbacks\n", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_fallback_example_is_valid_over_the_openai_and_azure_blocks() -> None:
+    section = PAGE.read_text().split("\n## Fallbacks\n", 1)[1].split("\n## ", 1)[0]
     [block] = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", section, re.S)]
     upstreams = BLOCKS["openai"]["upstreams"] + BLOCKS["azure"]["upstreams"]
     settings = Settings.model_validate({"upstreams": upstreams, "models": block["models"]})
