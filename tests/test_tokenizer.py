@@ -16,6 +16,7 @@ import tiktoken.load
 import tiktoken.registry
 from tiktoken_ext import openai_public
 
+from proxy.catalog import tokenizer
 from proxy.catalog.tokenizer import (
     IMAGE_TOKENS,
     EncodingUnavailable,
@@ -28,7 +29,6 @@ from proxy.catalog.tokenizer import (
     get_encoding,
     preload,
 )
-from proxy.gateway import tokenizer
 
 # The example of OpenAI's cookbook "How to count tokens with tiktoken", section 6.
 COOKBOOK_MESSAGES: list[dict[str, Any]] = [
