@@ -136,6 +136,7 @@ def rfc3339_after(now: float, ms: int) -> str:
 class AnthropicDialect:
     name: DialectName = "anthropic"
     endpoints = ENDPOINTS
+    endpoint_kinds: Mapping[str, str] = dict.fromkeys(ENDPOINTS, "chat")
     prefixes = PREFIXES
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over Anthropic's Messages API: use POST /v1/messages"

@@ -135,6 +135,11 @@ class Dialect(Protocol):
         ...
 
     @property
+    def endpoint_kinds(self) -> Mapping[str, str]:
+        """The model kind (``chat``, ``embedding``) each endpoint serves."""
+        ...
+
+    @property
     def prefixes(self) -> tuple[str, ...]:
         """Path prefixes the endpoints are served under (``/v1``, ``/api/v1/llm``, ...)."""
         ...

@@ -181,6 +181,9 @@ _DOCS = RouteDocs(
 class OpenAIDialect:
     name: DialectName = "openai"
     endpoints = ENDPOINTS
+    endpoint_kinds: Mapping[str, str] = {
+        endpoint: "embedding" if endpoint == "embeddings" else "chat" for endpoint in ENDPOINTS
+    }
     prefixes = PREFIXES
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"

@@ -23,7 +23,6 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from proxy.catalog.routes import ModelRoute, UnpricedModel
-from proxy.config import DialectName
 from proxy.dialects import Dialect, by_name
 from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
@@ -47,50 +46,9 @@ from proxy.gateway.exchange import Exchange
 from proxy.gateway.forward import forward
 from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
 from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
 from proxy.store.keys import Identity
-
-# A model serves the endpoints of its kind only (an embedding model on chat answered 200).
-_KIND_ENDPOINTS = {
-    "chat": frozenset(
-        {"chat/completions", "completions", "responses", "messages", "messages/count_tokens"}
-    ),
-    "embedding": frozenset({"embeddings"}),
-}
-CLAMP_HEADER = "x-budget-clamp"
-MAX_EXACT = 2**53 - 1
-"""Reservations are checked in Lua, whose numbers are doubles: exact only up to here."""
-
-
-def check_reservation(tokens: int, cost_nano: int, param: str | None) -> None:
-    """A worst case no ledger could record exactly is refused up front (400), before anything
-    is reserved: it could never be paid for anyway."""
-    if tokens > MAX_EXACT or cost_nano > MAX_EXACT:
-        raise bad_request(
-            f"This request's worst case ({tokens} tokens, {cost_nano} nano-units) is too large "
-            "to account for; lower the output cap or the number of choices.",
-            param=param or "max_tokens",
-            code="reservation_too_large",
-        )
-
-
-def clamp_terms(reservation: Reservation, lowest: int) -> ClampTerms | None:
-    """What the admit script needs to lower the output cap instead of refusing; None when it
-    cannot be lowered: no output, already at or below ``lowest``, or a cost that does not
-    follow the clamp formula exactly."""
-    if reservation.input_cost is None or reservation.choices < 1:
-        return None
-    if reservation.output_tokens % reservation.choices:
-        return None
-    cap = reservation.output_tokens // reservation.choices
-    if cap <= lowest:
-        return None
-    exact = reservation.input_cost + reservation.output_tokens * reservation.output_rate
-    if -(-exact // 1_000_000) != reservation.cost_nano:
-        return None
-    return ClampTerms(
-        reservation.choices, cap, lowest, reservation.input_cost, reservation.output_rate
-    )
 
 
 def on_behalf_of(request: web.Request) -> str | None:
@@ -103,15 +61,6 @@ def on_behalf_of(request: web.Request) -> str | None:
             param="X-On-Behalf-Of",
         )
     return value
-
-
-def clamp_asked(headers: Mapping[str, str]) -> bool:
-    value = headers.get(CLAMP_HEADER)
-    if value is None:
-        return False
-    if value.lower() not in ("true", "false"):
-        raise bad_request(f"{CLAMP_HEADER} must be 'true' or 'false'.", param=CLAMP_HEADER)
-    return value.lower() == "true"
 
 
 @dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
@@ -134,7 +83,7 @@ async def prepare(
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
     endpoint, so a quote is priced exactly as the request itself would be."""
-    route = model_route(gw, body, identity, dialect.name, endpoint)
+    route = model_route(gw, body, identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     lowest = gw.settings.budgets.clamp_min_output_tokens
@@ -195,7 +144,7 @@ def refusal(
 
 
 def model_route(
-    gw: Gateway, body: dict[str, Any], identity: Identity, dialect: DialectName, endpoint: str
+    gw: Gateway, body: dict[str, Any], identity: Identity, dialect: Dialect, endpoint: str
 ) -> ModelRoute:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -221,14 +170,15 @@ def model_route(
             code="model_not_allowed",
             param="model",
         )
-    if endpoint not in _KIND_ENDPOINTS.get(route.kind, frozenset()):
+    # A model serves the endpoints of its kind only (an embedding model on chat answered 200).
+    if dialect.endpoint_kinds.get(endpoint) != route.kind:
         raise ApiError(
             400,
             f"The model '{model}' is a {route.kind} model and is not served on {endpoint}.",
             code="model_not_supported",
             param="model",
         )
-    if route.dialect != dialect:
+    if route.dialect != dialect.name:
         raise bad_request(
             f"The model '{model}' is not available on this endpoint: "
             f"{by_name(route.dialect).served_at}.",
