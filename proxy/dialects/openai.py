@@ -217,16 +217,7 @@ class OpenAIDialect:
             output_rate=route.price.output_nano_per_m,
         )
 
-    def upstream_body(
-        self,
-        raw: bytes,
-        body: dict[str, Any],
-        endpoint: str,
-        model: str,
-        stream: bool,
-        clamped_cap: int | None,
-    ) -> tuple[bytes, bool]:
-        return upstream_body(raw, body, endpoint, model, stream, clamped_cap)
+    upstream_body = staticmethod(upstream_body)
 
     def buffered_usage(
         self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
