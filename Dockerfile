@@ -14,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN pip install . \
- && python -c "from proxy.gateway.tokenizer import get_encoding; get_encoding('o200k_base'); get_encoding('cl100k_base')" \
+ && python -c "from proxy.catalog.tokenizer import get_encoding; get_encoding('o200k_base'); get_encoding('cl100k_base')" \
  && llm-proxy serve --help >/dev/null
 
 # --- final: the venv, the default config, a non-root user -----------------------------------------

@@ -21,12 +21,13 @@ from proxy.admin import (
     usage_api,
     webhooks,
 )
+from proxy.catalog.routes import build_routes
 from proxy.config import ConfigError, Settings
-from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
-from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
+from proxy.dialects import for_path
+from proxy.errors import ApiError, error_response, store_unavailable
+from proxy.gateway import lease_sweeper, llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
-from proxy.gateway.model_routes import build_routes
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
 from proxy.gateway.settle_spool import SettleSpool
@@ -49,7 +50,7 @@ BOOTSTRAP_ORG = "cluster"
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    dialect = dialect_of(request.path)
+    dialect = for_path(request.path)
     try:
         return await handler(request)
     except ApiError as exc:
@@ -141,7 +142,6 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
-    anthropic_api.add_routes(app)
     keys_api.add_routes(app)
     budgets_api.add_routes(app)
     budget_quote.add_routes(app)

@@ -31,7 +31,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _check_routes(settings: Settings) -> None:
     """Prices and encodings (and the secret key) are resolved in each worker too; failing
     here gives a clean exit before any Redis or worker is started."""
-    from proxy.gateway.model_routes import build_routes
+    from proxy.catalog.routes import build_routes
     from proxy.store.secret_box import SecretBox, SecretKeyError
 
     try:

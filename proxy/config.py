@@ -21,8 +21,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy
 ProviderKind = Literal["openai", "anthropic", "azure"]
 """How the proxy speaks to an upstream: OpenAI's API (also Gemini's compatible endpoint, Groq,
 Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, or Azure OpenAI's paths."""
-Protocol = Literal["openai", "anthropic"]
-"""The API a client speaks to the proxy; ``openai`` and ``azure`` upstreams both serve the first."""
+DialectName = Literal["openai", "anthropic"]
+"""The wire dialect a client speaks to the proxy (``proxy.dialects``); ``openai`` and ``azure``
+upstreams both serve the first."""
 _PRICE_PROVIDERS: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "azure": "azure"}
 Role = Literal["cluster_admin", "org_admin", "member"]
 
@@ -209,7 +210,7 @@ class UpstreamConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @property
-    def protocol(self) -> Protocol:
+    def dialect(self) -> DialectName:
         return "anthropic" if self.kind == "anthropic" else "openai"
 
     @property
@@ -360,7 +361,7 @@ class Settings(_Strict):
             for choice in choices:
                 if choice.name not in names:
                     raise ValueError(f"models.{index}.upstream: unknown upstream {choice.name!r}")
-            if len({kinds[c.name].protocol for c in choices}) > 1:
+            if len({kinds[c.name].dialect for c in choices}) > 1:
                 raise ValueError(
                     f"models.{index}.upstream: a client speaks one API, so one model's "
                     "upstreams are either all Anthropic or all OpenAI/Azure"

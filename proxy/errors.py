@@ -1,44 +1,38 @@
-"""Errors in the shape of the route's own API: OpenAI's everywhere, Anthropic's on the Messages
-routes (so each official SDK maps them to its own exception classes).
+"""Errors in the shape of the route's own API: OpenAI's everywhere (the proxy's own API speaks
+it too), another dialect's on that dialect's routes (so each official SDK maps them to its own
+exception classes).
 
 One exception type, ``ApiError``, is raised everywhere; the error middleware renders it in the
-dialect of the request's path, which also covers errors raised before any handler runs (auth,
-413, unknown paths under ``/v1/messages``).
+shape of the dialect that owns the request's path (``proxy.dialects.for_path``), which also
+covers errors raised before any handler runs (auth, 413, unknown paths under
+``/v1/messages``). This module is below the dialects: it knows a dialect only as an
+``ErrorShape``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
-Dialect = Literal["openai", "anthropic"]
-_ANTHROPIC_PREFIXES = ("/v1/messages", "/api/v1/llm/messages", "/api/v1/llm/v1/messages")
-# Anthropic's documented error types by status; any other 4xx is an invalid_request_error and
-# any other 5xx an api_error.
-_ANTHROPIC_TYPES = {
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
 
+class ErrorShape(Protocol):
+    """What rendering an error needs of a dialect (``proxy.dialects.base.Dialect``)."""
 
-def dialect_of(path: str) -> Dialect:
-    """Anthropic's Messages routes (and anything under them) answer in Anthropic's shape."""
-    return "anthropic" if path.startswith(_ANTHROPIC_PREFIXES) else "openai"
-
-
-def anthropic_error_type(status: int) -> str:
-    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    def error_body(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None,
+        param: str | None,
+        details: Mapping[str, Any] | None,
+    ) -> bytes: ...
 
 
 class ApiError(Exception):
@@ -65,7 +59,7 @@ class ApiError(Exception):
         self.details = dict(details or {})
         """Extra members of the error object, for programs (e.g. the budget that refused)."""
 
-    def response(self, dialect: Dialect = "openai") -> web.Response:
+    def response(self, dialect: ErrorShape | None = None) -> web.Response:
         return error_response(
             self.status,
             self.message,
@@ -77,10 +71,15 @@ class ApiError(Exception):
             details=self.details,
         )
 
-    def body(self, dialect: Dialect = "openai") -> Any:
-        type_ = anthropic_error_type(self.status) if dialect == "anthropic" else self.type
+    def body(self, dialect: ErrorShape | None = None) -> Any:
+        if dialect is None:
+            return json.loads(
+                error_body(self.message, self.type, self.code, self.param, self.details)
+            )
         return json.loads(
-            error_body(self.message, type_, self.code, self.param, dialect, self.details)
+            dialect.error_body(
+                self.status, self.message, self.type, self.code, self.param, self.details
+            )
         )
 
 
@@ -97,21 +96,9 @@ class OpenAIErrorDetail(_ErrorShape):
 
 
 class OpenAIError(_ErrorShape):
-    """The body of every error outside the Messages routes (what ``error_body`` writes)."""
+    """The body of every error outside another dialect's routes (what ``error_body`` writes)."""
 
     error: OpenAIErrorDetail
-
-
-class AnthropicErrorDetail(_ErrorShape):
-    type: str
-    message: str
-
-
-class AnthropicError(_ErrorShape):
-    """The body of errors on the Messages routes, as Anthropic's API writes them."""
-
-    type: Literal["error"] = "error"
-    error: AnthropicErrorDetail
 
 
 def error_body(
@@ -119,13 +106,9 @@ def error_body(
     type: str,
     code: str | None,
     param: str | None,
-    dialect: Dialect = "openai",
     details: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """Anthropic's shape has no code or param: its ``error.type`` follows the status."""
-    if dialect == "anthropic":
-        error = {"type": type, "message": message, **(details or {})}
-        return json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode()
+    """OpenAI's shape: the proxy's own, and the default of every path no dialect claims."""
     openai_error = {"message": message, "type": type, "code": code, "param": param}
     openai_error.update(details or {})
     return json.dumps({"error": openai_error}, separators=(",", ":")).encode()
@@ -139,17 +122,14 @@ def error_response(
     code: str | None = None,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
-    dialect: Dialect = "openai",
+    dialect: ErrorShape | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> web.Response:
-    if dialect == "anthropic":
-        type = anthropic_error_type(status)
-    return web.Response(
-        status=status,
-        body=error_body(message, type, code, param, dialect, details),
-        content_type="application/json",
-        headers=headers,
-    )
+    if dialect is None:
+        body = error_body(message, type, code, param, details)
+    else:
+        body = dialect.error_body(status, message, type, code, param, details)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

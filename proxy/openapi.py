@@ -43,7 +43,8 @@ from multidict import MultiMapping
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from proxy.errors import AnthropicError, OpenAIError, bad_request, dialect_of
+from proxy.dialects import DIALECTS, for_path
+from proxy.errors import OpenAIError, bad_request
 
 H = TypeVar("H", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
@@ -319,7 +320,8 @@ def document(app: web.Application, server_url: str | None = None) -> dict[str, A
             if answer.model is not None:
                 schemas.want(answer.model, "serialization")
     schemas.want(OpenAIError, "serialization")
-    schemas.want(AnthropicError, "serialization")
+    for dialect in DIALECTS:
+        schemas.want(dialect.error_model, "serialization")
     schemas.build()
 
     paths: dict[str, dict[str, Any]] = {}
@@ -360,7 +362,7 @@ def document(app: web.Application, server_url: str | None = None) -> dict[str, A
                 str(answer.status), {"description": answer.description, "content": {}}
             )
             entry["content"][answer.media] = {"schema": dict(schema)}
-        error_model = AnthropicError if dialect_of(path) == "anthropic" else OpenAIError
+        error_model = for_path(path).error_model
         error_ref = schemas.ref(error_model, "serialization")
         if spec.relayed:  # the proxy's shape, or whatever JSON the upstream answered
             error_ref = {"anyOf": [error_ref, {"type": "object"}]}

@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import Proxy, eventually, usage_record
 
+from proxy.catalog.pricing import reserve_cost_nano
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
-from proxy.gateway.claude_bound import prompt_bound
-from proxy.gateway.pricing import reserve_cost_nano
+from proxy.dialects.claude_bound import prompt_bound
 from proxy.gateway.state import GATEWAY
 
 ORG = "acme"

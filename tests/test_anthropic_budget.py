@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, proxy_processes, write_config
 
+from proxy.catalog.pricing import price_from_config, reserve_cost_nano, with_cache_writes
 from proxy.config import PriceConfig
-from proxy.gateway.claude_bound import prompt_bound
-from proxy.gateway.pricing import price_from_config, reserve_cost_nano, with_cache_writes
+from proxy.dialects.claude_bound import prompt_bound
 
 N = 10
 CONCURRENT = 200

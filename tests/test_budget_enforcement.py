@@ -31,10 +31,10 @@ from conftest import (
     write_config,
 )
 
+from proxy.catalog.pricing import cost_nano, resolve_price
+from proxy.catalog.tokenizer import count_prompt, get_encoding
 from proxy.config import MeteringConfig, ModelConfig
-from proxy.gateway.pricing import cost_nano, resolve_price
 from proxy.gateway.state import GATEWAY
-from proxy.gateway.tokenizer import count_prompt, get_encoding
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000

@@ -18,8 +18,8 @@ from conftest import FakeClock, Proxy, budget
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
+from proxy.catalog.tokenizer import count_prompt
 from proxy.gateway.state import GATEWAY
-from proxy.gateway.tokenizer import count_prompt
 
 QUOTE = "/api/v1/llm/budgets/quote"
 BASE = "/api/v1/llm/budgets"

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from proxy.catalog.tokenizer import get_encoding
+from proxy.dialects import claude_bound
+from proxy.dialects.claude_bound import IMAGE_MAX, image_size, image_tokens, prompt_bound
 from proxy.errors import ApiError
-from proxy.gateway import claude_bound
-from proxy.gateway.claude_bound import IMAGE_MAX, image_size, image_tokens, prompt_bound
-from proxy.gateway.tokenizer import get_encoding
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "anthropic_token_counts.json"
 EXAMPLES: list[dict[str, Any]] = json.loads(FIXTURE.read_text())["examples"]

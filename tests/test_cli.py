@@ -274,7 +274,7 @@ async def test_demo_prints_a_working_key_and_snippets(
 
 async def spend_some(proxy: Proxy) -> tuple[dict[str, str], int]:
     """A few priced requests from two keys and end users; returns keys by id and their cost."""
-    from proxy.gateway.pricing import cost_nano
+    from proxy.catalog.pricing import cost_nano
     from proxy.gateway.state import GATEWAY
 
     keys = dict([await proxy.create_key("acme"), await proxy.create_key("acme")])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.catalog.pricing import resolve_price
+from proxy.catalog.routes import UnpricedModel, build_routes
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
-from proxy.gateway.model_routes import UnpricedModel, build_routes
-from proxy.gateway.pricing import resolve_price
 
 MINIMAL = """
 [[upstreams]]
@@ -241,7 +241,7 @@ def test_patterns_route_many_names_and_keep_their_own_names(tmp_path: Path) -> N
     routes = build_routes(load_settings(write(tmp_path, text), environ={}))
     assert list(routes) == []  # patterns are not listed
     route = routes["claude-sonnet-4-5"]
-    assert (route.name, route.upstream_model, route.entry, route.protocol) == (
+    assert (route.name, route.upstream_model, route.entry, route.dialect) == (
         "claude-sonnet-4-5",
         "claude-sonnet-4-5",
         "claude-*",

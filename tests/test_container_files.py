@@ -122,7 +122,7 @@ def test_builder_proves_the_vendored_encodings_load_offline(stages: list[Stage])
     assert "get_encoding('o200k_base')" in runs
     # And that check holds for the package as built here (vendored, no download).
     subprocess.run(
-        [sys.executable, "-c", "from proxy.gateway.tokenizer import get_encoding; "
+        [sys.executable, "-c", "from proxy.catalog.tokenizer import get_encoding; "
          "get_encoding('o200k_base'); get_encoding('cl100k_base')"],
         check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
     )  # fmt: skip

@@ -38,9 +38,9 @@ from test_budget_enforcement import (
     post_chat,
 )
 
-from proxy.gateway.pricing import cost_nano
+from proxy.catalog.pricing import cost_nano
+from proxy.catalog.tokenizer import count_prompt
 from proxy.gateway.state import GATEWAY
-from proxy.gateway.tokenizer import count_prompt
 from proxy.store.end_users import end_user_tag
 
 BASE = "/api/v1/llm/budgets"

@@ -37,12 +37,12 @@ from conftest import (
 from prometheus_client import REGISTRY
 
 from proxy.app import create_app
+from proxy.catalog.pricing import cost_nano, resolve_price
+from proxy.catalog.tokenizer import count_prompt, get_encoding
 from proxy.config import MeteringConfig, ModelConfig
 from proxy.gateway.lease_sweeper import sweep_once
-from proxy.gateway.pricing import cost_nano, resolve_price
 from proxy.gateway.settle_spool import QUARANTINE_NAME
 from proxy.gateway.state import GATEWAY
-from proxy.gateway.tokenizer import count_prompt, get_encoding
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
 from proxy.store.keys import Identity
 from proxy.store.windows import windows_at

@@ -44,9 +44,9 @@ from hostile import Generator, Keys, Probe
 from raw_http import exchange
 from yarl import URL
 
+from proxy.catalog.pricing import cost_nano
+from proxy.catalog.routes import build_routes
 from proxy.config import load_settings
-from proxy.gateway.model_routes import build_routes
-from proxy.gateway.pricing import cost_nano
 from proxy.tools.mock_upstream import RECEIVED, REPORTED
 
 SEED = int(os.environ.get("HOSTILE_SEED", "20261201"))

@@ -19,10 +19,10 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, Proxy, eventually, make_settings, usage_record
 
 from proxy.app import create_app
+from proxy.catalog.pricing import Price, cost_nano
+from proxy.catalog.tokenizer import count_prompt
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
-from proxy.gateway.pricing import Price, cost_nano
 from proxy.gateway.state import GATEWAY
-from proxy.gateway.tokenizer import count_prompt
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.embedded_redis import free_port
 from proxy.store.windows import windows_at

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.catalog.tokenizer import count_chat_prompt, get_encoding
 from proxy.cli import build_parser
 from proxy.config import ModelConfig, UpstreamConfig
-from proxy.gateway.tokenizer import count_chat_prompt, get_encoding
 from proxy.tools.loadtest import (
     WAKE_EARLY_S,
     LoadKey,

@@ -27,7 +27,7 @@ from proxy.tools.mock_upstream import (
     build_mock_app,
 )
 
-ENCODINGS_DIR = Path(__file__).resolve().parent.parent / "proxy" / "gateway" / "encodings"
+ENCODINGS_DIR = Path(__file__).resolve().parent.parent / "proxy" / "catalog" / "encodings"
 ENCODING_NAMES = ("cl100k_base", "o200k_base")
 
 Client = TestClient[Any, Any]

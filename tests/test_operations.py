@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.gateway.pricing import Price, cost_nano
+from proxy.catalog.pricing import Price, cost_nano
 from proxy.serving import freeze_startup_objects
 from proxy.tools.mock_upstream import WORDS
 

@@ -1,4 +1,4 @@
-"""Integer prices and costs (proxy.gateway.pricing)."""
+"""Integer prices and costs (proxy.catalog.pricing)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from genai_prices import data_snapshot
 from genai_prices import types as gp
 
-from proxy.config import MeteringConfig, ModelConfig, PriceConfig
-from proxy.gateway.pricing import (
+from proxy.catalog.pricing import (
     Price,
     cost_nano,
     lookup_price,
@@ -21,6 +20,7 @@ from proxy.gateway.pricing import (
     resolve_price,
     with_cache_writes,
 )
+from proxy.config import MeteringConfig, ModelConfig, PriceConfig
 
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
 

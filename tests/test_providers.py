@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import Proxy
 
+from proxy.catalog.routes import build_routes
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.gateway.model_routes import build_routes
 from proxy.gateway.state import GATEWAY
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "providers.md"

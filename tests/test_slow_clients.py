@@ -42,7 +42,7 @@ from conftest import (
     write_config,
 )
 
-from proxy.gateway.pricing import Price, cost_nano
+from proxy.catalog.pricing import Price, cost_nano
 from proxy.providers import http_client
 from proxy.providers.http_client import Client, Target, Timeouts
 from proxy.store.windows import windows_at

@@ -1,4 +1,4 @@
-"""Offline encodings and prompt counting (proxy.gateway.tokenizer)."""
+"""Offline encodings and prompt counting (proxy.catalog.tokenizer)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import tiktoken.load
 import tiktoken.registry
 from tiktoken_ext import openai_public
 
-from proxy.gateway import tokenizer
-from proxy.gateway.tokenizer import (
+from proxy.catalog import tokenizer
+from proxy.catalog.tokenizer import (
     IMAGE_TOKENS,
     EncodingUnavailable,
     count_chat_prompt,

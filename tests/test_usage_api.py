@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import FakeClock, Proxy
 
+from proxy.catalog.pricing import cost_nano
 from proxy.gateway.admission import Admitted
 from proxy.gateway.lease_sweeper import sweep_once
-from proxy.gateway.pricing import cost_nano
 from proxy.gateway.settle_spool import SettleRequest
 from proxy.gateway.state import GATEWAY
 from proxy.store.keys import Identity

@@ -17,13 +17,12 @@ from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.access import find_key, require_admin
-from proxy.errors import ApiError, Dialect, parse_body
+from proxy.dialects import ANTHROPIC, OPENAI, Dialect
+from proxy.errors import ApiError, parse_body
 from proxy.gateway import pipeline
 from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
-from proxy.gateway.anthropic_api import ANTHROPIC
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import admitted_headers, nano_to_major, period_of
-from proxy.gateway.llm_api import OPENAI
 from proxy.gateway.request_context import new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation
@@ -146,13 +145,13 @@ def _binding(
     }
 
 
-def _refused(answer: dict[str, Any], error: ApiError, dialect_name: Dialect) -> web.Response:
+def _refused(answer: dict[str, Any], error: ApiError, dialect: Dialect) -> web.Response:
     answer["decision"] = "refuse"
     answer["reserved"] = None
     answer["response"] = {
         "status": error.status,
         "headers": error.headers,
-        "body": error.body(dialect_name),
+        "body": error.body(dialect),
     }
     return web.json_response(answer)
 
@@ -175,8 +174,7 @@ async def quote(request: web.Request) -> web.Response:
     spec = parse_body(QuoteInput, await read_json(request))
     record = await find_key(gw.keys, caller, spec.api_key_id)
     identity = _identity(record)
-    dialect: pipeline.Dialect = ANTHROPIC if spec.endpoint == "messages" else OPENAI
-    dialect_name: Dialect = "anthropic" if spec.endpoint == "messages" else "openai"
+    dialect: Dialect = ANTHROPIC if spec.endpoint == "messages" else OPENAI
     end_user = spec.external_user_id
     answer: dict[str, Any] = {
         "object": "budget.quote",
@@ -194,7 +192,7 @@ async def quote(request: web.Request) -> web.Response:
             gw, dialect, identity, spec.endpoint, spec.request, CIMultiDict(spec.headers)
         )
     except ApiError as exc:  # the request itself is invalid: the answer it would get
-        return _refused(answer, exc, dialect_name)
+        return _refused(answer, exc, dialect)
     reservation = prepared.reservation
     answer["model"] = prepared.route.name
     answer["worst_case"] = {
@@ -219,7 +217,7 @@ async def quote(request: web.Request) -> web.Response:
         assert error is not None
         if isinstance(decision, BudgetRefused):
             answer["binding"] = {"kind": "budget", **error.details["budget"]}
-        return _refused(answer, error, dialect_name)
+        return _refused(answer, error, dialect)
     answer["decision"] = "clamp" if decision.clamped_cap is not None else "admit"
     answer["clamp"]["max_tokens"] = decision.clamped_cap
     answer["reserved"] = {

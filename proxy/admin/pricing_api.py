@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import require_admin
 from proxy.admin.schemas import Currency, PriceList
+from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.errors import ApiError, OpenAIError, not_found
-from proxy.gateway.model_routes import ModelRoute, UnpricedModel
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import Reply, operation
 

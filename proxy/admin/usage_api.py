@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import require_admin
 from proxy.admin.schemas import UsageCosts, UsagePage
+from proxy.catalog.pricing import NANO
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.pipeline import on_behalf_of
-from proxy.gateway.pricing import NANO
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation
 from proxy.store.connection import valid_id

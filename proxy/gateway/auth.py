@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 from aiohttp import web
 
+from proxy.dialects.base import bearer
 from proxy.errors import unauthorized
 from proxy.store.keys import Identity, KeyStore, digest
 
@@ -26,24 +27,12 @@ _CACHE_MAX = 100_000
 
 
 def bearer_token(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    """The key of the proxy's own API (admin routes): a Bearer token. The LLM routes read
+    theirs where their dialect says (``Dialect.api_key``)."""
+    token = bearer(request.headers)
+    if token is None:
         raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
-    return token.strip()
-
-
-def anthropic_key(request: web.Request) -> str:
-    key = request.headers.get("x-api-key", "").strip()
-    if key:
-        return key
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise unauthorized(
-            "Missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'."
-        )
-    return token.strip()
+    return token
 
 
 class Authenticator:

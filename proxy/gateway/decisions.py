@@ -16,8 +16,9 @@ limit's window as ``w`` (seconds).
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from typing import Literal
 
+from proxy.dialects.base import Dialect
 from proxy.errors import ApiError, bad_request
 from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
 from proxy.store.windows import Period, Windows, rfc3339
@@ -112,36 +113,39 @@ def admitted_headers(decision: Admitted) -> dict[str, str]:
     return headers
 
 
-def rfc3339_after(now: float, ms: int) -> str:
-    """Anthropic writes resets as instants; rounded up to the second so a client that waits
-    until then never arrives early."""
-    at = math.ceil(now + max(ms, 0) / 1000)
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def with_dialect_limits(
+    dialect: Dialect, decision: Admitted, now: float, headers: dict[str, str]
+) -> dict[str, str]:
+    """An admitted answer's limits again, in the dialect's own header names (if it has any)."""
+    if decision.request_limit is not None:
+        dialect.limit_headers(
+            headers,
+            "requests",
+            decision.request_limit,
+            decision.request_remaining,
+            decision.request_reset_ms,
+            now,
+        )
+    if decision.token_limit is not None:
+        dialect.limit_headers(
+            headers,
+            "tokens",
+            decision.token_limit,
+            decision.token_remaining,
+            decision.token_reset_ms,
+            now,
+        )
+    return headers
 
 
-def anthropic_ratelimit_headers(decision: Admitted | RateLimited, now: float) -> dict[str, str]:
-    """The tightest limits again, in Anthropic's names (``anthropic-ratelimit-requests-*`` and
-    ``-tokens-*``, resets as RFC 3339 instants), for the Messages routes."""
+def dialect_refusal_headers(dialect: Dialect, decision: RateLimited, now: float) -> dict[str, str]:
+    """The refusing limit in the dialect's own header names (if it has any)."""
     headers: dict[str, str] = {}
-    if isinstance(decision, RateLimited):
-        if decision.limit_name not in _WINDOW_SECONDS:
-            return headers
-        kind = "tokens" if decision.limit_name == "tpm" else "requests"
-        headers[f"anthropic-ratelimit-{kind}-limit"] = str(decision.limit)
-        headers[f"anthropic-ratelimit-{kind}-remaining"] = "0"
-        if decision.retry_after_ms >= 0:
-            headers[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_after(
-                now, decision.retry_after_ms
-            )
-        return headers
-    for kind, limit, remaining, reset_ms in (
-        ("requests", decision.request_limit, decision.request_remaining, decision.request_reset_ms),
-        ("tokens", decision.token_limit, decision.token_remaining, decision.token_reset_ms),
-    ):
-        if limit is not None:
-            headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
-            headers[f"anthropic-ratelimit-{kind}-remaining"] = str(max(remaining, 0))
-            headers[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_after(now, reset_ms)
+    if decision.limit_name in _WINDOW_SECONDS:
+        tpm = decision.limit_name == "tpm"
+        kind: Literal["requests", "tokens"] = "tokens" if tpm else "requests"
+        retry_ms = decision.retry_after_ms if decision.retry_after_ms >= 0 else None
+        dialect.limit_headers(headers, kind, decision.limit, 0, retry_ms, now)
     return headers
 
 

@@ -1,9 +1,11 @@
-"""The admission every billable route shares: auth → model → reserve → admit → forward → settle.
+"""The request path every billable route shares: auth → model → reserve → admit → forward →
+settle, top to bottom in ``handle``.
 
-A route's API (OpenAI's or Anthropic's) is a ``Dialect``: how its clients pass their key, how a
-request's worst case is reserved, and how it is forwarded and metered. Everything else — key
-checks, model permissions, the one admit call, the lease kept alive, the settle that runs
-exactly once — is here, so no route can forward a request without it.
+A route's API (OpenAI's, Anthropic's, ...) is a ``proxy.dialects.Dialect``: how its clients
+pass their key, how a request's worst case is reserved, the body its upstream gets and how the
+answer is metered. Everything else — key checks, model permissions, the one admit call, the
+lease kept alive, forwarding (``proxy.gateway.forward``), the settle that runs exactly once —
+is here, so no route can forward a request without it.
 
 Every admitted request is settled exactly once — on success, upstream error, timeout, and when
 the client goes away mid-stream — in a ``finally`` that cancellation cannot skip.
@@ -14,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.config import Protocol as ApiProtocol
+from proxy.catalog.routes import ModelRoute, UnpricedModel
+from proxy.dialects import Dialect, by_name
+from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
 from proxy.gateway.admission import (
     Admitted,
@@ -32,121 +36,19 @@ from proxy.gateway.admission import (
     Revoked,
 )
 from proxy.gateway.body import read_json
-from proxy.gateway.decisions import budget_error, end_user_required, rate_limited_error
-from proxy.gateway.metering import Usage, check_reservation
-from proxy.gateway.model_routes import ModelRoute, UnpricedModel
+from proxy.gateway.decisions import (
+    budget_error,
+    dialect_refusal_headers,
+    end_user_required,
+    rate_limited_error,
+)
+from proxy.gateway.exchange import Exchange
+from proxy.gateway.forward import forward
 from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
 from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
 from proxy.store.keys import Identity
-
-# A model serves the endpoints of its kind only (an embedding model on chat answered 200).
-_KIND_ENDPOINTS = {
-    "chat": frozenset(
-        {"chat/completions", "completions", "responses", "messages", "messages/count_tokens"}
-    ),
-    "embedding": frozenset({"embeddings"}),
-}
-CLAMP_HEADER = "x-budget-clamp"
-_OTHER_ROUTE = {
-    "anthropic": "it is served over Anthropic's Messages API: use POST /v1/messages",
-    "openai": "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What a request may cost at most, fixed before it is admitted."""
-
-    prompt_tokens: int
-    """Prompt tokens as counted (OpenAI: tiktoken) or bounded (Anthropic) by the proxy."""
-    output_tokens: int
-    """The output cap reserved."""
-    cost_nano: int
-    stream: bool = False
-    cap_param: str | None = None
-    """The request parameter that set the output cap, named when the worst case is refused."""
-    choices: int = 1
-    """Answers the output cap applies to each (OpenAI's ``n``)."""
-    input_cost: int | None = None
-    """The prompt's part of the cost in nano-units x 1M (tokens x rate per 1M), when the
-    output cap may be lowered (clamped): then ``cost_nano`` = ceil((input_cost + output x
-    output_rate) / 1M)."""
-    output_rate: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens
-
-    def clamp_terms(self, lowest: int) -> ClampTerms | None:
-        """None when the cap cannot be lowered: no output, already at or below ``lowest``, or
-        a cost that does not follow the clamp formula exactly."""
-        if self.input_cost is None or self.choices < 1 or self.output_tokens % self.choices:
-            return None
-        cap = self.output_tokens // self.choices
-        if cap <= lowest:
-            return None
-        if -(-(self.input_cost + self.output_tokens * self.output_rate) // 1_000_000) != (
-            self.cost_nano
-        ):
-            return None
-        return ClampTerms(self.choices, cap, lowest, self.input_cost, self.output_rate)
-
-
-@dataclass
-class Exchange:
-    """One admitted request, from reservation to settlement."""
-
-    identity: Identity
-    request_id: str
-    endpoint: str
-    route: ModelRoute
-    prompt_tokens: int
-    on_behalf_of: str | None
-    usage: Usage | None = None
-    status: int = 0
-    client_gone: bool = False
-    upstream_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-    upstream: str = ""
-    """The upstream that served (the first of the model's list unless a fallback did)."""
-    output_cap: int = 0
-    clamped_cap: int | None = None
-    """The lowered output cap per choice the upstream gets, when the request was clamped."""
-
-
-class Dialect(Protocol):
-    """What differs between the APIs clients speak."""
-
-    protocol: ApiProtocol
-
-    def api_key(self, request: web.Request) -> str:
-        """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
-        ...
-
-    async def reserve(
-        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
-    ) -> Reservation:
-        """Validates what the reservation depends on (400 naming the param) and bounds it
-        (``headers``: the request's, case-insensitive)."""
-        ...
-
-    def refusal_headers(self, decision: RateLimited, now: float) -> dict[str, str]:
-        """Extra headers on a rate-limit refusal."""
-        ...
-
-    async def forward(
-        self,
-        request: web.Request,
-        gw: Gateway,
-        exchange: Exchange,
-        body: dict[str, Any],
-        reservation: Reservation,
-        decision: Admitted,
-    ) -> web.StreamResponse:
-        """Sends the admitted request upstream and relays the answer, leaving the usage in
-        ``exchange.usage`` (also when the client or the upstream breaks off)."""
-        ...
 
 
 def on_behalf_of(request: web.Request) -> str | None:
@@ -159,15 +61,6 @@ def on_behalf_of(request: web.Request) -> str | None:
             param="X-On-Behalf-Of",
         )
     return value
-
-
-def clamp_asked(headers: Mapping[str, str]) -> bool:
-    value = headers.get(CLAMP_HEADER)
-    if value is None:
-        return False
-    if value.lower() not in ("true", "false"):
-        raise bad_request(f"{CLAMP_HEADER} must be 'true' or 'false'.", param=CLAMP_HEADER)
-    return value.lower() == "true"
 
 
 @dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
@@ -190,11 +83,11 @@ async def prepare(
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
     endpoint, so a quote is priced exactly as the request itself would be."""
-    route = model_route(gw, body, identity, dialect.protocol, endpoint)
+    route = model_route(gw, body, identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     lowest = gw.settings.budgets.clamp_min_output_tokens
-    return Prepared(route, reservation, reservation.clamp_terms(lowest), clamp_asked(headers))
+    return Prepared(route, reservation, clamp_terms(reservation, lowest), clamp_asked(headers))
 
 
 async def decide(
@@ -236,7 +129,7 @@ def refusal(
         error = rate_limited_error(
             decision, reservation.tokens if decision.limit_name == "tpm" else 1
         )
-        error.headers.update(dialect.refusal_headers(decision, gw.clock()))
+        error.headers.update(dialect_refusal_headers(dialect, decision, gw.clock()))
         return error
     if isinstance(decision, BudgetRefused):
         now = gw.clock()
@@ -251,7 +144,7 @@ def refusal(
 
 
 def model_route(
-    gw: Gateway, body: dict[str, Any], identity: Identity, protocol: ApiProtocol, endpoint: str
+    gw: Gateway, body: dict[str, Any], identity: Identity, dialect: Dialect, endpoint: str
 ) -> ModelRoute:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -277,17 +170,18 @@ def model_route(
             code="model_not_allowed",
             param="model",
         )
-    if endpoint not in _KIND_ENDPOINTS.get(route.kind, frozenset()):
+    # A model serves the endpoints of its kind only (an embedding model on chat answered 200).
+    if dialect.endpoint_kinds.get(endpoint) != route.kind:
         raise ApiError(
             400,
             f"The model '{model}' is a {route.kind} model and is not served on {endpoint}.",
             code="model_not_supported",
             param="model",
         )
-    if route.protocol != protocol:
+    if route.dialect != dialect.name:
         raise bad_request(
             f"The model '{model}' is not available on this endpoint: "
-            f"{_OTHER_ROUTE[route.protocol]}.",
+            f"{by_name(route.dialect).served_at}.",
             param="model",
             code="wrong_endpoint",
         )
@@ -299,7 +193,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     started = time.perf_counter()
     outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
     request[OUTCOME] = outcome
-    identity = await gw.auth.identify_key(dialect.api_key(request))
+    identity = await gw.auth.identify_key(dialect.api_key(request.headers))
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
     body = await read_json(request)
@@ -331,7 +225,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
         outcome["clamped_max_tokens"] = decision.clamped_cap
     lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
-        return await dialect.forward(request, gw, exchange, body, reservation, decision)
+        return await forward(request, gw, dialect, exchange, body, reservation, decision)
     finally:
         lease.cancel()
         # Not shielded: the settle command is queued on the Redis connection before this

@@ -1,8 +1,8 @@
-"""Forwarding an admitted request and relaying the answer, for every dialect.
+"""Sending an admitted request and relaying the answer, for every dialect.
 
-What the dialects differ in — the body each upstream gets, how a stream is metered, the
-events that end a broken stream — comes in as arguments; what they share is here, so every
-route keeps the same promises:
+What the dialects differ in — the body each upstream gets, how an answer is metered, the
+events that end a broken stream — comes from the dialect (``proxy.gateway.forward`` puts
+them together); what they share is here, so every route keeps the same promises:
 
 - A client that goes away cancels its handler (the server runs with aiohttp's handler
   cancellation) wherever it waits: for a silent upstream, or on its own full socket. The
@@ -20,15 +20,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.dialects.base import Dialect, StreamEnds, StreamMeter, Usage
 from proxy.errors import ApiError
-from proxy.gateway.metering import Usage
-from proxy.gateway.pipeline import Exchange
+from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
 from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
@@ -39,24 +38,6 @@ from proxy.providers.upstream import (
     upstream_broken,
     upstream_timeout,
 )
-
-
-class StreamMeter(Protocol):
-    def relay(self, block: bytes) -> bytes:
-        """Notes a block of whole events; returns the part of it the client receives."""
-        ...
-
-    def usage(self) -> Usage:
-        """What the stream cost, from what ``relay`` saw (a bound when it was cut short)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnds:
-    """The dialect's events for a stream that cannot end normally."""
-
-    broken: bytes
-    timeout: bytes
 
 
 async def send(
@@ -106,7 +87,7 @@ async def read_buffered(
     exchange: Exchange,
     served: fallback.Served,
     sent_at: float,
-    usage_of: Callable[[bytes], Usage],
+    dialect: Dialect,
 ) -> bytes:
     """The whole answer; its usage goes to ``exchange.usage`` (a 200's only)."""
     upstream = served.response
@@ -125,13 +106,19 @@ async def read_buffered(
         exchange.client_gone = True
         parts.append(upstream.salvage())
         if upstream.complete and upstream.status == 200:
-            exchange.usage = usage_of(b"".join(parts))
+            exchange.usage = _usage_of(dialect, exchange, b"".join(parts))
         raise
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
     if upstream.status == 200:
-        exchange.usage = usage_of(data)
+        exchange.usage = _usage_of(dialect, exchange, data)
     return data
+
+
+def _usage_of(dialect: Dialect, exchange: Exchange, data: bytes) -> Usage:
+    return dialect.buffered_usage(
+        exchange.endpoint, exchange.route, exchange.prompt_tokens, exchange.output_cap, data
+    )
 
 
 class _Deadline:

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.catalog.routes import ModelTable
 from proxy.config import Settings
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
-from proxy.gateway.model_routes import ModelTable
 from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore

@@ -41,14 +41,14 @@ from typing import Any, Literal
 
 import aiohttp
 
-from proxy.config import PriceConfig
-from proxy.gateway.pricing import (
+from proxy.catalog.pricing import (
     Price,
     cost_nano,
     lookup_price,
     price_from_config,
     with_cache_writes,
 )
+from proxy.config import PriceConfig
 from proxy.tools.mock_upstream import WORDS
 
 MAX_DURATION_S = 3600.0

@@ -72,7 +72,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import cpu_profile as bench_profile  # noqa: E402  (beside this file)
 from redis_topologies import RedisClusterTopology, running  # noqa: E402  (the test harness)
 
-from proxy.gateway.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
+from proxy.catalog.tokenizer import count_chat_prompt, get_encoding  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from proxy.tools.loadtest import percentiles  # noqa: E402
 

@@ -5,8 +5,9 @@ settles the bill afterwards. Exact for plain text; chat/responses framing follow
 cookbook rule, and images, tool definitions and non-text parts are documented estimates.
 
 Encodings load without network access: ``cl100k_base`` and ``o200k_base`` are vendored (gzip,
-sha256-checked) in ``proxy/encodings``. Any other name goes through ``tiktoken.get_encoding``,
-which reads ``TIKTOKEN_CACHE_DIR`` first, so a deployment can supply e.g. ``r50k_base`` there.
+sha256-checked) in ``proxy/catalog/encodings``. Any other name goes through
+``tiktoken.get_encoding``, which reads ``TIKTOKEN_CACHE_DIR`` first, so a deployment can supply
+e.g. ``r50k_base`` there.
 """
 
 from __future__ import annotations

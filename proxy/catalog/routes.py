@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from proxy.config import ConfigError, ModelConfig, Protocol, Settings, UpstreamConfig
-from proxy.gateway.pricing import Price, resolve_price, with_cache_writes
-from proxy.gateway.tokenizer import get_encoding
+from proxy.catalog.pricing import Price, resolve_price, with_cache_writes
+from proxy.catalog.tokenizer import get_encoding
+from proxy.config import ConfigError, DialectName, ModelConfig, Settings, UpstreamConfig
 from proxy.providers.fallback import Candidate
 
 _MATCHED_MAX = 4096
@@ -37,7 +37,8 @@ class ModelRoute:
     max_output_tokens: int
     encoding: tiktoken.Encoding
     kind: str
-    protocol: Protocol = "openai"
+    dialect: DialectName = "openai"
+    """The dialect its clients speak (its upstreams' kind decides)."""
     entry: str = ""
     """The configured name (a pattern for matched names), which key model lists may name."""
     context_window: int = 1_000_000
@@ -142,8 +143,8 @@ def _assemble(
     settings: Settings, model: ModelConfig, name: str, upstream_model: str, price: Price
 ) -> ModelRoute:
     candidates = _candidates(settings, model, upstream_model)
-    protocol = candidates[0].upstream.protocol
-    if protocol == "anthropic":
+    dialect = candidates[0].upstream.dialect
+    if dialect == "anthropic":
         price = with_cache_writes(price)
     return ModelRoute(
         name=name,
@@ -153,7 +154,7 @@ def _assemble(
         max_output_tokens=model.max_output_tokens or settings.metering.default_max_output_tokens,
         encoding=get_encoding(model.encoding),
         kind=model.kind,
-        protocol=protocol,
+        dialect=dialect,
         entry=model.name,
         context_window=model.context_window,
         priced_at=time.time(),

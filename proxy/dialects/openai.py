@@ -1,0 +1,260 @@
+"""OpenAI's API (and every OpenAI-compatible one): ``/v1/chat/completions``, ``completions``,
+``embeddings`` and ``responses``.
+
+Keys come as ``Authorization: Bearer``; a request reserves its prompt counted with tiktoken
+plus its output cap (``max_completion_tokens``, ``max_tokens``, ``max_output_tokens``, else the
+model's configured maximum) times its choices. Streams are asked for their usage
+(``stream_options.include_usage``), and that extra chunk is kept from a client that did not
+ask for it. Errors take OpenAI's shape, the proxy's own (``proxy.errors``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proxy.catalog.pricing import cost_nano
+from proxy.catalog.routes import ModelRoute
+from proxy.catalog.tokenizer import count_prompt
+from proxy.config import DialectName
+from proxy.dialects import openai_usage
+from proxy.dialects.base import (
+    MAX_OUTPUT_CAP,
+    Reservation,
+    RouteDocs,
+    StreamEnds,
+    StreamMeter,
+    Usage,
+    bearer,
+)
+from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+PREFIXES = ("/v1", "/api/v1/llm")
+_CAP_FIELDS = {
+    "chat/completions": ("max_completion_tokens", "max_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+    "embeddings": (),
+}
+MAX_CHOICES = 128
+"""OpenAI's own maximum for ``n``."""
+_USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
+_ENDS = StreamEnds(
+    broken=b'data: {"error":{"message":"The upstream stream broke off before it ended; the '
+    b'answer is incomplete.","type":"server_error","code":"upstream_stream_broken",'
+    b'"param":null}}\n\n',
+    timeout=b'data: {"error":{"message":"The upstream did not finish in time; the answer is '
+    b'incomplete.","type":"server_error","code":"upstream_timeout","param":null}}\n\n',
+)
+"""Stream ends the OpenAI SDKs raise APIError on (an error event, and no [DONE])."""
+
+
+def _positive_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise bad_request(
+            f"'{name}' must be a positive integer no greater than {maximum}.", param=name
+        )
+    return value
+
+
+@dataclass(slots=True)
+class OutputCap:
+    tokens: int
+    """Worst-case output tokens, all choices included."""
+    param: str | None
+    """The request parameter that set it (None: the model's configured maximum)."""
+    choices: int = 1
+
+
+def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> OutputCap:
+    """Worst-case output tokens: the request's own cap, else the model's configured maximum.
+
+    A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
+    our configuration, decides what it generates, and a reservation must never be smaller."""
+    if endpoint == "embeddings":
+        return OutputCap(0, None)
+    cap = None
+    param = None
+    for name in _CAP_FIELDS[endpoint]:
+        value = _positive_int(body, name, MAX_OUTPUT_CAP)
+        if value is not None and cap is None:
+            cap, param = value, name
+    choices = 1
+    if endpoint in ("chat/completions", "completions"):
+        n = _positive_int(body, "n", MAX_CHOICES) or 1
+        best_of = _positive_int(body, "best_of", MAX_CHOICES) if endpoint == "completions" else 1
+        choices = max(n, best_of or 1)
+        if param is None and choices > 1:
+            param = "best_of" if (best_of or 1) > n else "n"
+    limit = route.max_output_tokens if cap is None else cap
+    return OutputCap(limit * choices, param, choices)
+
+
+def clamped_body(endpoint: str, body: dict[str, Any], cap: int) -> dict[str, Any]:
+    """The request with its output cap per choice lowered to ``cap``: every cap parameter it
+    set, or the endpoint's own one when it set none (chat: ``max_completion_tokens``, which
+    OpenAI's reasoning models require)."""
+    names = _CAP_FIELDS[endpoint]
+    given = [name for name in names if body.get(name) is not None]
+    return {**body, **{name: cap for name in given or names[:1]}}
+
+
+def upstream_body(
+    raw: bytes,
+    body: dict[str, Any],
+    endpoint: str,
+    upstream_model: str,
+    stream: bool,
+    clamped_cap: int | None = None,
+) -> tuple[bytes, bool]:
+    """The body sent upstream, and whether the usage chunk must be kept from the client. The
+    client's bytes go as they came unless something must change: the model's name, the usage
+    option of a stream, or an output cap lowered by clamping."""
+    strip_usage = False
+    same_model = body.get("model") == upstream_model
+    changed = not same_model
+    if clamped_cap is not None:
+        body = clamped_body(endpoint, body, clamped_cap)
+        same_model = False  # re-encoded below: no splicing into the client's bytes
+        changed = True
+    if stream and endpoint in ("chat/completions", "completions"):
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", param="stream_options")
+        if not (options or {}).get("include_usage"):
+            strip_usage = True
+            opening = raw.lstrip()
+            if "stream_options" not in body and same_model and opening.startswith(b"{"):
+                # Splice instead of re-encoding: a long prompt's body is not serialised twice.
+                # Only when the key is absent: next to a "stream_options": null the spliced
+                # one would be a duplicate, and an upstream keeping the last sends no usage.
+                return _USAGE_OPTION + opening[1:], strip_usage
+            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+            changed = True
+    if not changed:
+        return raw, strip_usage
+    body = {**body, "model": upstream_model}
+    return json.dumps(body, separators=(",", ":")).encode(), strip_usage
+
+
+_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+    "additionalProperties": True,
+    "description": "The provider's request body, relayed as sent (see the README for the "
+    "rules the proxy applies: UTF-8 JSON, no duplicate keys, nesting depth).",
+}
+_ERRORS = {
+    400: "Invalid input (`param` names it), or a model this endpoint does not serve.",
+    403: "The key may not use this model.",
+    404: "No such model (`model_not_found`).",
+    429: "A rate limit or budget refused the request before it reached the upstream "
+    "(`Retry-After`, `x-ratelimit-*`; budget refusals say so in `code`).",
+    502: "The upstream could not be reached, or broke off its answer.",
+    504: "The upstream did not answer in time.",
+}
+
+
+_DOCS = RouteDocs(
+    title="OpenAI",
+    tag="llm",
+    auth="key",
+    handler_prefix="llm_",
+    body_schema=_BODY,
+    errors=_ERRORS,
+    descriptions={
+        endpoint: f"OpenAI's `POST /v1/{endpoint}`, admitted (auth, rate limits, budgets), "
+        "forwarded with the upstream's own credential, metered and settled."
+        for endpoint in ENDPOINTS
+    },
+    streamed=frozenset(ENDPOINTS) - {"embeddings"},
+)
+
+
+class OpenAIDialect:
+    name: DialectName = "openai"
+    endpoints = ENDPOINTS
+    endpoint_kinds: Mapping[str, str] = {
+        endpoint: "embedding" if endpoint == "embeddings" else "chat" for endpoint in ENDPOINTS
+    }
+    prefixes = PREFIXES
+    error_prefixes: tuple[str, ...] = ()
+    served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
+    stream_ends = _ENDS
+    error_model = OpenAIError
+    docs = _DOCS
+
+    def api_key(self, headers: Mapping[str, str]) -> str:
+        key = bearer(headers)
+        if key is None:
+            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+        return key
+
+    async def reserve(
+        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
+    ) -> Reservation:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        cap = output_cap(endpoint, body, route)
+        prompt_tokens = await count_prompt(route.encoding, endpoint, body)
+        cost = cost_nano(route.price, prompt_tokens, cap.tokens)
+        return Reservation(
+            prompt_tokens,
+            cap.tokens,
+            cost,
+            stream and endpoint != "embeddings",
+            cap.param,
+            choices=cap.choices,
+            input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
+            output_rate=route.price.output_nano_per_m,
+        )
+
+    upstream_body = staticmethod(upstream_body)
+
+    def buffered_usage(
+        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+    ) -> Usage:
+        return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
+
+    def stream_meter(
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        strip_usage: bool,
+    ) -> StreamMeter:
+        return openai_usage.StreamMeter(endpoint, route, prompt_tokens, strip_usage)
+
+    def limit_headers(
+        self,
+        headers: dict[str, str],
+        kind: Literal["requests", "tokens"],
+        limit: int,
+        remaining: int,
+        reset_ms: int | None,
+        now: float,
+    ) -> None:
+        """OpenAI's names (``x-ratelimit-*``) are on every answer already."""
+
+    def error_body(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None,
+        param: str | None,
+        details: Mapping[str, Any] | None,
+    ) -> bytes:
+        return error_body(message, type, code, param, details)
+
+
+OPENAI = OpenAIDialect()

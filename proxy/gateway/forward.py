@@ -1,0 +1,67 @@
+"""Forwarding an admitted request, once for every dialect: the dialect's body for each upstream
+tried, the answer relayed (``proxy.gateway.relay``) and metered with the dialect's parsing,
+and its headers carrying the admission's limits in the dialect's names too."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.dialects.base import Dialect, Reservation
+from proxy.gateway import relay
+from proxy.gateway.admission import Admitted
+from proxy.gateway.decisions import admitted_headers, with_dialect_limits
+from proxy.gateway.exchange import Exchange
+from proxy.gateway.state import Gateway
+from proxy.providers import fallback
+
+
+async def forward(
+    request: web.Request,
+    gw: Gateway,
+    dialect: Dialect,
+    exchange: Exchange,
+    body: dict[str, Any],
+    reservation: Reservation,
+    decision: Admitted,
+) -> web.StreamResponse:
+    """Sends the admitted request upstream and relays the answer, leaving the usage in
+    ``exchange.usage`` (also when the client or the upstream breaks off)."""
+    raw = await request.read()
+    endpoint, stream, clamped_cap = exchange.endpoint, reservation.stream, exchange.clamped_cap
+    bodies: dict[str, tuple[bytes, bool]] = {}
+
+    def body_for(candidate: fallback.Candidate) -> bytes:
+        # Upstreams of one model may name it differently (an Azure deployment): one body each.
+        sent = bodies.get(candidate.model)
+        if sent is None:
+            sent = bodies[candidate.model] = dialect.upstream_body(
+                raw, body, endpoint, candidate.model, stream, clamped_cap
+            )
+        return sent[0]
+
+    body_for(exchange.route.upstreams[0])  # an invalid body is a 400 before anything is sent
+    sent_at = time.perf_counter()
+    served = await relay.send(request, gw, exchange, body_for)
+    upstream = served.response
+    try:
+        exchange.status = upstream.status
+        limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
+        headers = relay.answer_headers(served, limits)
+        if relay.is_stream(served):
+            meter = dialect.stream_meter(
+                endpoint,
+                exchange.route,
+                exchange.prompt_tokens,
+                exchange.output_cap,
+                bodies[served.candidate.model][1],
+            )
+            return await relay.relay_stream(
+                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at
+            )
+        data = await relay.read_buffered(exchange, served, sent_at, dialect)
+        return web.Response(status=upstream.status, body=data, headers=headers)
+    finally:
+        upstream.release()
