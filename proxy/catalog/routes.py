@@ -134,6 +134,8 @@ def _candidates(settings: Settings, model: ModelConfig, upstream_model: str) -> 
         if upstream.kind == "azure":
             deployment = model.deployment or upstream_model
             candidates.append(Candidate(upstream, deployment, deployment, choice.weight))
+        elif upstream.kind in ("gemini", "vertex"):  # the model is in the path
+            candidates.append(Candidate(upstream, upstream_model, upstream_model, choice.weight))
         else:
             candidates.append(Candidate(upstream, upstream_model, "", choice.weight))
     return candidates

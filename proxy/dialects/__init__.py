@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from proxy.dialects.anthropic import ANTHROPIC
 from proxy.dialects.base import Dialect
+from proxy.dialects.gemini import GEMINI
 from proxy.dialects.openai import OPENAI
 
-DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC)
+DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, GEMINI)
 DEFAULT: Dialect = OPENAI
 """The shape of every error no dialect claims by path: OpenAI's, the proxy's own."""
 
@@ -27,13 +28,23 @@ def by_name(name: str) -> Dialect:
 
 
 def for_path(path: str) -> Dialect:
-    """The dialect whose shape a path's errors take: the one claiming its prefix, else the
-    default (one ``startswith`` for the default's paths)."""
+    """The dialect whose shape a path's errors take: the one claiming its prefix (and the
+    path, where dialects share a prefix), else the default (one ``startswith`` for the
+    default's paths)."""
     if path.startswith(_ERROR_PREFIXES):
         for prefix, dialect in _BY_PREFIX:
-            if path.startswith(prefix):
+            if path.startswith(prefix) and dialect.claims(path):
                 return dialect
     return DEFAULT
 
 
-__all__ = ["ANTHROPIC", "DEFAULT", "DIALECTS", "OPENAI", "Dialect", "by_name", "for_path"]
+__all__ = [
+    "ANTHROPIC",
+    "DEFAULT",
+    "DIALECTS",
+    "GEMINI",
+    "OPENAI",
+    "Dialect",
+    "by_name",
+    "for_path",
+]

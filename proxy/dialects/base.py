@@ -21,7 +21,7 @@ from proxy.config import DialectName
 MAX_OUTPUT_CAP = 1_000_000_000
 """No model generates a billion tokens in one answer; a larger cap only overflows the books."""
 
-KeyAuth = Literal["key", "anthropic"]
+KeyAuth = Literal["key", "anthropic", "gemini"]
 """How the OpenAPI document describes where a dialect's clients put their key."""
 
 
@@ -76,6 +76,17 @@ class Reservation:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
+
+
+class Inbound(Protocol):
+    """What a dialect may read of a client's request (an aiohttp ``web.Request`` is one):
+    passed whole, so a dialect that reads only headers costs nothing for the rest."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def query(self) -> Mapping[str, str]: ...
 
 
 class StreamMeter(Protocol):
@@ -167,8 +178,30 @@ class Dialect(Protocol):
     @property
     def docs(self) -> RouteDocs: ...
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        """``(path, endpoint)`` of every POST route (aiohttp path patterns: a dialect whose
+        API names the model in the path, like Gemini's ``models/{model}:generateContent``,
+        matches it as ``{model}``)."""
+        ...
+
+    def claims(self, path: str) -> bool:
+        """Whether an error on a path under one of ``error_prefixes`` takes this dialect's
+        shape (prefixes two dialects share, like Vertex's ``/v1/projects/``, are told apart
+        here); called only when a prefix matched."""
+        ...
+
+    def api_key(self, request: Inbound) -> str:
         """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
+        ...
+
+    def model_name(self, body: Mapping[str, Any], path: Mapping[str, str]) -> object:
+        """The model a request names: in its body, or in its path (``path``: the route's
+        matched parts, empty for a quote)."""
+        ...
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        """What the upstream is asked for (``proxy.providers.kinds.url``): the endpoint, or
+        a form of it the request's query chooses (Gemini's ``?alt=sse``)."""
         ...
 
     async def reserve(
@@ -233,6 +266,11 @@ class Dialect(Protocol):
     ) -> bytes:
         """An error in the dialect's shape, so each SDK raises its own exception classes."""
         ...
+
+
+def body_model(body: Mapping[str, Any], path: Mapping[str, str]) -> object:
+    """``Dialect.model_name`` of a dialect whose requests name the model in the body."""
+    return body.get("model")
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:

@@ -22,12 +22,14 @@ from proxy.config import DialectName
 from proxy.dialects import openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
+    Inbound,
     Reservation,
     RouteDocs,
     StreamEnds,
     StreamMeter,
     Usage,
     bearer,
+    body_model,
 )
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
@@ -191,8 +193,14 @@ class OpenAIDialect:
     error_model = OpenAIError
     docs = _DOCS
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
-        key = bearer(headers)
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple((f"{prefix}/{e}", e) for prefix in PREFIXES for e in ENDPOINTS)
+
+    def claims(self, path: str) -> bool:
+        return True
+
+    def api_key(self, request: Inbound) -> str:
+        key = bearer(request.headers)
         if key is None:
             raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
         return key
@@ -216,6 +224,11 @@ class OpenAIDialect:
             input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
             output_rate=route.price.output_nano_per_m,
         )
+
+    model_name = staticmethod(body_model)
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        return endpoint
 
     upstream_body = staticmethod(upstream_body)
 

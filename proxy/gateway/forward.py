@@ -31,6 +31,7 @@ async def forward(
     ``exchange.usage`` (also when the client or the upstream breaks off)."""
     raw = await request.read()
     endpoint, stream, clamped_cap = exchange.endpoint, reservation.stream, exchange.clamped_cap
+    exchange.upstream_endpoint = dialect.upstream_endpoint(endpoint, request)
     bodies: dict[str, tuple[bytes, bool]] = {}
 
     def body_for(candidate: fallback.Candidate) -> bytes:

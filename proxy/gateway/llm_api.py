@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from proxy.catalog.routes import UnpricedModel
 from proxy.dialects import DIALECTS, OPENAI, Dialect
 from proxy.errors import ApiError
-from proxy.gateway import pipeline
+from proxy.gateway import gemini_models, pipeline
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import SSE_EVENT, Reply, operation
 
@@ -112,9 +112,10 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
-        for prefix in dialect.prefixes:
-            for endpoint in dialect.endpoints:
-                app.router.add_post(f"{prefix}/{endpoint}", llm_handler(dialect, endpoint))
-            if dialect is OPENAI:  # the catalogue is served in OpenAI's shape, beside its routes
-                app.router.add_get(f"{prefix}/models", list_models)
-                app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+        handlers = {endpoint: llm_handler(dialect, endpoint) for endpoint in dialect.endpoints}
+        for path, endpoint in dialect.routes():
+            app.router.add_post(path, handlers[endpoint])
+    for prefix in OPENAI.prefixes:  # the catalogue in OpenAI's shape, beside its routes
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+    gemini_models.add_routes(app)

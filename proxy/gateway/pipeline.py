@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -80,10 +81,12 @@ async def prepare(
     endpoint: str,
     body: dict[str, Any],
     headers: Mapping[str, str],
+    path: Mapping[str, str] = MappingProxyType({}),
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
-    endpoint, so a quote is priced exactly as the request itself would be."""
-    route = model_route(gw, body, identity, dialect, endpoint)
+    endpoint, so a quote is priced exactly as the request itself would be (``path``: the
+    route's matched parts, where a dialect's API names the model)."""
+    route = model_route(gw, dialect.model_name(body, path), identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     lowest = gw.settings.budgets.clamp_min_output_tokens
@@ -144,9 +147,8 @@ def refusal(
 
 
 def model_route(
-    gw: Gateway, body: dict[str, Any], identity: Identity, dialect: Dialect, endpoint: str
+    gw: Gateway, model: object, identity: Identity, dialect: Dialect, endpoint: str
 ) -> ModelRoute:
-    model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", param="model")
     try:
@@ -193,11 +195,13 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     started = time.perf_counter()
     outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
     request[OUTCOME] = outcome
-    identity = await gw.auth.identify_key(dialect.api_key(request.headers))
+    identity = await gw.auth.identify_key(dialect.api_key(request))
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
     body = await read_json(request)
-    prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
+    prepared = await prepare(
+        gw, dialect, identity, endpoint, body, request.headers, request.match_info
+    )
     route, reservation = prepared.route, prepared.reservation
     outcome["model"] = route.name
     request_id = new_request_id()

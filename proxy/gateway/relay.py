@@ -52,7 +52,7 @@ async def send(
             gw.upstream,
             gw.cooldowns,
             exchange.route.upstreams,
-            exchange.endpoint,
+            exchange.upstream_endpoint or exchange.endpoint,
             body_for,
             request.headers,
         )

@@ -28,3 +28,4 @@ def credential_headers(
     if credential:
         headers.append(("x-api-key", credential))
     return headers
+

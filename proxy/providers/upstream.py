@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
-from proxy.providers import kinds
+from proxy.providers import google, kinds
 from proxy.providers.http_client import (
     Client,
     Response,
@@ -20,6 +20,7 @@ from proxy.providers.http_client import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.providers.vertex_auth import TOKENS
 
 # Request headers go upstream by an allow-list: only what the upstream's API reads. A deny-list
 # let a client's proxy key through in whatever header its SDK uses for another provider
@@ -28,6 +29,8 @@ FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset({"accept", "user-agent", "openai-beta"}),
     "azure": frozenset({"accept", "user-agent", "openai-beta"}),
     "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}),
+    "gemini": frozenset({"accept", "user-agent"}),
+    "vertex": frozenset({"accept", "user-agent", "anthropic-beta"}),
 }
 # Never forwarded, whatever an operator's ``forward_headers`` pattern matches: credentials,
 # the client's own provider account, hop-by-hop and framing headers the proxy sets itself.
@@ -161,14 +164,20 @@ class UpstreamClient:
         headers: Mapping[str, str],
         deployment: str = "",
     ) -> Response:
-        """``deployment`` names the Azure deployment (part of the path of dated API versions)."""
+        """``deployment`` names the Azure deployment (part of the path of dated API versions),
+        or the model of a Google upstream (part of its path)."""
         assert self._client is not None, "UpstreamClient.start() not called"
-        address = kinds.url(upstream, endpoint, deployment)
+        sent = upstream_headers(headers, upstream)
+        if upstream.kind == "vertex":
+            address, body = google.vertex_target(upstream, endpoint, deployment, body)
+            sent.append(("Authorization", f"Bearer {await TOKENS.ensure(upstream)}"))
+        else:
+            address = kinds.url(upstream, endpoint, deployment)
         target = self._targets.get(address)
         if target is None:
             target = self._targets[address] = Target.parse(address)
         try:
-            return await self._client.post(target, upstream_headers(headers, upstream), body)
+            return await self._client.post(target, sent, body)
         except UpstreamTimeout as exc:
             raise upstream_timeout(upstream) from exc
         except UpstreamError as exc:

@@ -1,0 +1,353 @@
+"""Google's Gemini API: ``POST /v1beta/models/{model}:generateContent`` and its siblings.
+
+Served under ``/v1beta`` and ``/v1`` (what ``google-genai`` calls in Gemini API mode), under
+Vertex AI's paths for Gemini (``/v1[beta1]/projects/{p}/locations/{l}/publishers/google/
+models/{model}:…``, what it calls in Vertex mode), and again under ``/api/v1/llm``. The model
+is in the path; the key comes as ``x-goog-api-key`` (what ``google-genai`` sends), ``?key=``
+(never logged: logs carry the path only) or ``Authorization: Bearer`` (Vertex mode).
+
+A request reserves ``prompt_bound`` (``gemini_bound``) plus ``maxOutputTokens`` x
+``candidateCount`` (the model's output limit when absent). Thinking is billed as output and
+counted inside ``maxOutputTokens`` (Gemini 2.5 and 3 stop at that ceiling with thinking and
+answer together, googleapis/python-genai#2062), so ``thinkingBudget`` — a hint the model may
+exceed — adds nothing. ``countTokens`` passes admission with nothing reserved and is never
+charged; the embedding methods reserve their input. ``:streamGenerateContent?alt=sse`` is
+relayed as events; without ``alt=sse`` Google answers one JSON array, relayed whole.
+Errors take Google's shape (``error.status`` follows the HTTP status), so ``google-genai``
+raises its ``ClientError`` / ``ServerError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from proxy.catalog.pricing import reserve_cost_nano
+from proxy.catalog.routes import ModelRoute
+from proxy.config import DialectName
+from proxy.dialects import gemini_usage
+from proxy.dialects.base import (
+    MAX_OUTPUT_CAP,
+    Inbound,
+    Reservation,
+    RouteDocs,
+    StreamEnds,
+    StreamMeter,
+    Usage,
+    bearer,
+)
+from proxy.dialects.gemini_bound import prompt_bound
+from proxy.errors import bad_request, unauthorized
+
+ENDPOINTS = (
+    "generateContent",
+    "streamGenerateContent",
+    "countTokens",
+    "embedContent",
+    "batchEmbedContents",
+)
+"""The methods (``models/{model}:<method>``), also the endpoint names records carry."""
+_EMBEDDINGS = frozenset({"embedContent", "batchEmbedContents"})
+MAX_CANDIDATES = 8
+"""Gemini's own maximum for ``candidateCount``."""
+_BASES = ("", "/api/v1/llm")
+_MODEL_PATHS = (
+    "/v1beta/models/",
+    "/v1/models/",
+    "/v1/projects/{project}/locations/{location}/publishers/google/models/",
+    "/v1beta1/projects/{project}/locations/{location}/publishers/google/models/",
+    "/v1/publishers/google/models/",
+    "/v1beta1/publishers/google/models/",
+)
+"""Gemini API paths, then Vertex AI's (with a project, and Vertex's express mode without)."""
+PREFIXES = tuple(f"{base}{path.split('/models/')[0]}" for base in _BASES for path in _MODEL_PATHS)
+ERROR_PREFIXES = tuple(
+    f"{base}{prefix}"
+    for base in _BASES
+    for prefix in ("/v1beta/", "/v1beta1/", "/v1/models/", "/v1/projects/", "/v1/publishers/")
+)
+"""Google's paths answer in Google's shape (``claims`` leaves ``/v1/models/{id}`` to the
+OpenAI catalogue and Vertex's Claude paths to Anthropic's dialect)."""
+
+# google.rpc.Code names by HTTP status, as Google's APIs map them.
+_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def status_name(status: int) -> str:
+    return _STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
+
+
+class _ErrorShape(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class GoogleErrorDetail(_ErrorShape):
+    code: int
+    message: str
+    status: str
+    details: list[dict[str, Any]]
+
+
+class GoogleError(_ErrorShape):
+    """The body of errors on the Gemini routes, as Google's APIs write them."""
+
+    error: GoogleErrorDetail
+
+
+def _stream_error(code: int, message: str) -> bytes:
+    error = {"code": code, "message": message, "status": status_name(code)}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\r\n\r\n"
+
+
+_ENDS = StreamEnds(
+    broken=_stream_error(
+        502, "The upstream stream broke off before it ended; the answer is incomplete."
+    ),
+    timeout=_stream_error(504, "The upstream did not finish in time; the answer is incomplete."),
+)
+"""A chunk ``google-genai`` raises on (an ``error`` object), never a normal end."""
+
+_DOCS = RouteDocs(
+    title="Gemini",
+    tag="gemini",
+    auth="gemini",
+    handler_prefix="gemini_",
+    body_schema={
+        "type": "object",
+        "properties": {
+            "contents": {"type": "array", "items": {"type": "object"}},
+            "generationConfig": {"type": "object"},
+        },
+        "additionalProperties": True,
+        "description": "Google's request body, relayed as sent (the model is in the path).",
+    },
+    errors={
+        400: "Invalid input, or a model this method does not serve.",
+        403: "The key may not use this model.",
+        404: "No such model.",
+        429: "A rate limit or budget refused the request before it reached the upstream.",
+        502: "The upstream could not be reached, or broke off its answer.",
+        504: "The upstream did not answer in time.",
+    },
+    descriptions={
+        endpoint: f"Gemini's `models/{{model}}:{endpoint}`, admitted and metered like every "
+        "route" + (" (never charged)." if endpoint == "countTokens" else ".")
+        for endpoint in ENDPOINTS
+    },
+    streamed=frozenset({"streamGenerateContent"}),
+)
+
+
+def _cap(config: dict[str, Any], name: str, maximum: int) -> int | None:
+    value = config.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise bad_request(
+            f"'generationConfig.{name}' must be a positive integer no greater than {maximum}.",
+            param=f"generationConfig.{name}",
+        )
+    return value
+
+
+def _model_ref(value: object, model: str) -> object:
+    """A body's ``models/…`` reference (batch embeddings, countTokens' inner request) renamed
+    for the upstream."""
+    return f"models/{model}" if isinstance(value, str) else value
+
+
+class GeminiDialect:
+    name: DialectName = "gemini"
+    endpoints = ENDPOINTS
+    endpoint_kinds: Mapping[str, str] = {
+        endpoint: "embedding" if endpoint in _EMBEDDINGS else "chat" for endpoint in ENDPOINTS
+    }
+    prefixes = PREFIXES
+    error_prefixes = ERROR_PREFIXES
+    served_at = (
+        "it is served over Google's Gemini API: use POST /v1beta/models/{model}:generateContent"
+    )
+    stream_ends = _ENDS
+    error_model = GoogleError
+    docs = _DOCS
+
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            (f"{base}{path}{{model}}:{method}", method)
+            for base in _BASES
+            for path in _MODEL_PATHS
+            for method in ENDPOINTS
+        )
+
+    def claims(self, path: str) -> bool:
+        if "/publishers/anthropic/" in path:
+            return False
+        if "/v1/models/" in path:  # OpenAI's GET /v1/models/{id} shares the prefix
+            return path.rpartition(":")[2] in ENDPOINTS
+        return True
+
+    def api_key(self, request: Inbound) -> str:
+        headers = request.headers
+        key = headers.get("x-goog-api-key", "").strip() or bearer(headers)
+        if not key:
+            key = request.query.get("key", "").strip()
+        if not key:
+            raise unauthorized(
+                "Missing API key: send it as 'x-goog-api-key: <key>', '?key=<key>' or "
+                "'Authorization: Bearer <key>'."
+            )
+        return key
+
+    def model_name(self, body: Mapping[str, Any], path: Mapping[str, str]) -> object:
+        """The path's model; a quote (no path) names it in the body, as ``models/…`` or not."""
+        model = path.get("model") or body.get("model")
+        return model.removeprefix("models/") if isinstance(model, str) else model
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        if endpoint == "streamGenerateContent" and request.query.get("alt") == "sse":
+            return "streamGenerateContent?alt=sse"
+        return endpoint
+
+    async def reserve(
+        self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
+    ) -> Reservation:
+        if endpoint == "countTokens":
+            return Reservation(0, 0, 0)
+        bound = prompt_bound(body, route.context_window)
+        if endpoint in _EMBEDDINGS:
+            return Reservation(bound, 0, reserve_cost_nano(route.price, bound, 0))
+        config = body.get("generationConfig")
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise bad_request("'generationConfig' must be an object.", param="generationConfig")
+        per_candidate = _cap(config, "maxOutputTokens", MAX_OUTPUT_CAP)
+        candidates = _cap(config, "candidateCount", MAX_CANDIDATES) or 1
+        cap = (per_candidate or route.max_output_tokens) * candidates
+        return Reservation(
+            bound,
+            cap,
+            reserve_cost_nano(route.price, bound, cap),
+            endpoint == "streamGenerateContent",
+            "generationConfig.maxOutputTokens",
+            choices=candidates,
+            input_cost=bound * route.price.dearest_input_nano_per_m,
+            output_rate=route.price.output_nano_per_m,
+        )
+
+    def upstream_body(
+        self,
+        raw: bytes,
+        body: dict[str, Any],
+        endpoint: str,
+        model: str,
+        stream: bool,
+        clamped_cap: int | None,
+    ) -> tuple[bytes, bool]:
+        """The client's bytes unless a clamped ``maxOutputTokens`` or a body's model
+        reference (``requests[].model``, ``generateContentRequest.model``) must change."""
+        changed: dict[str, Any] | None = None
+        if clamped_cap is not None:
+            config = body.get("generationConfig") or {}
+            changed = {**body, "generationConfig": {**config, "maxOutputTokens": clamped_cap}}
+        requests = body.get("requests")
+        if isinstance(requests, list):
+            renamed = [
+                {**r, "model": _model_ref(r["model"], model)}
+                if isinstance(r, dict) and "model" in r
+                else r
+                for r in requests
+            ]
+            changed = {**(changed or body), "requests": renamed}
+        inner = body.get("generateContentRequest")
+        if isinstance(inner, dict) and "model" in inner:
+            inner = {**inner, "model": _model_ref(inner["model"], model)}
+            changed = {**(changed or body), "generateContentRequest": inner}
+        if "model" in body:  # a quote's body; Google's API takes the model from the path
+            changed = {k: v for k, v in (changed or body).items() if k != "model"}
+        if changed is None:
+            return raw, False
+        return json.dumps(changed, separators=(",", ":")).encode(), False
+
+    def buffered_usage(
+        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+    ) -> Usage:
+        return gemini_usage.buffered_usage(endpoint, prompt_tokens, output_cap, data)
+
+    def stream_meter(
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        strip_usage: bool,
+    ) -> StreamMeter:
+        return gemini_usage.StreamMeter(prompt_tokens, output_cap)
+
+    def limit_headers(
+        self,
+        headers: dict[str, str],
+        kind: Literal["requests", "tokens"],
+        limit: int,
+        remaining: int,
+        reset_ms: int | None,
+        now: float,
+    ) -> None:
+        """Google's APIs name no rate-limit headers; the ``x-ratelimit-*`` ones are there."""
+
+    def error_body(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None,
+        param: str | None,
+        details: Mapping[str, Any] | None,
+    ) -> bytes:
+        """Google's shape: ``code``, ``message``, ``status``, and ``details`` with a
+        ``google.rpc.ErrorInfo`` (the proxy's code as ``reason``, the field at fault and
+        the refusing budget's name and window in ``metadata``) and, for a refusal, the
+        proxy's own account of it (``error.budget`` elsewhere)."""
+        metadata = {"type": type}
+        if param:
+            metadata["param"] = param
+        extra = dict(details or {})
+        for name, value in extra.items():
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    if isinstance(item, str | int | float) and not isinstance(item, bool):
+                        metadata[f"{name}.{key}"] = str(item)
+        info: list[dict[str, Any]] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": (code or type).upper(),
+                "domain": "llm-proxy",
+                "metadata": metadata,
+            }
+        ]
+        if extra:
+            info.append({"@type": "type.googleapis.com/llm_proxy.Refusal", **extra})
+        error = {"code": status, "message": message, "status": status_name(status)}
+        error["details"] = info
+        return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+GEMINI = GeminiDialect()

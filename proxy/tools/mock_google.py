@@ -1,0 +1,390 @@
+"""The mock upstream's Google side: the Gemini API, Vertex AI (Gemini and Claude) and an OAuth
+token endpoint. Self-contained (nothing from the proxy, nothing private of the mock's other
+modules): ``add_routes`` adds its routes to the mock's app, recording through the callables
+it is given.
+
+**Gemini API** (``/v1beta/models/{model}:{method}``, also ``/v1/``) needs ``x-goog-api-key``;
+**Vertex** (``/v1/projects/{p}/locations/{l}/publishers/google/models/{model}:{method}``)
+needs ``Authorization: Bearer`` with a token this mock issued. Methods: ``generateContent``,
+``streamGenerateContent`` (``?alt=sse`` as events, one word a chunk, else one JSON array),
+``countTokens``, ``embedContent``, ``batchEmbedContents``. Prompt tokens: per content 2 + the
+words of its text parts (``systemInstruction`` counted like a content), + 1. The answer is
+``x-mock-output-tokens`` words per candidate (``candidateCount``), capped by
+``maxOutputTokens`` less the thinking; ``x-mock-reasoning-tokens`` is ``thoughtsTokenCount``
+(inside the cap), ``x-mock-cached-tokens`` ``cachedContentTokenCount`` and
+``x-mock-tool-use-tokens`` ``toolUsePromptTokenCount``. Embeddings report
+``usageMetadata.promptTokenCount``. ``x-mock-status``, ``x-mock-fail-after-chunks`` and
+``x-mock-stall-after-chunks`` work as for the other dialects; errors are in Google's shape.
+
+**Vertex Claude** (``…/publishers/anthropic/models/{model}:rawPredict`` and
+``:streamRawPredict``, ``count-tokens:rawPredict``): the body must carry
+``anthropic_version: "vertex-2023-10-16"`` and no ``model``; prompt tokens are 3 + per
+message 4 + its words; Anthropic's answer and event sequence.
+
+**Token endpoint** (``POST /token``, ``/token/ttl/{seconds}``): a JWT-bearer grant answered
+with a fresh ``access_token`` (``expires_in`` 3600 or the path's seconds); ``issued`` counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+WORDS = (" the", " of", " and", " to", " in", " is", " it", " that")
+Record = Callable[[str, str, dict[str, str], "dict[str, Any] | None", dict[str, str]], object]
+Report = Callable[[str, str, int, int, int, int], object]
+_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+_METHODS = (
+    "generateContent",
+    "streamGenerateContent",
+    "countTokens",
+    "embedContent",
+    "batchEmbedContents",
+)
+_VERTEX = "/v1/projects/{project}/locations/{location}/publishers"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str) -> web.Response:
+    error = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
+    return web.Response(
+        status=status, body=_dumps({"error": error}), content_type="application/json"
+    )
+
+
+def _words(value: Any) -> int:
+    return len(value.split()) if isinstance(value, str) else 0
+
+
+def _content_tokens(content: Any) -> int:
+    if not isinstance(content, dict):
+        return 0
+    parts = content.get("parts")
+    parts = parts if isinstance(parts, list) else []
+    return 2 + sum(_words(p.get("text")) for p in parts if isinstance(p, dict))
+
+
+def _prompt(body: dict[str, Any]) -> int:
+    contents = body.get("contents")
+    total = 1 + sum(_content_tokens(c) for c in contents) if isinstance(contents, list) else 1
+    return total + _content_tokens(body.get("systemInstruction"))
+
+
+def _int(headers: Any, name: str, default: int = 0) -> int:
+    try:
+        return max(0, int(headers.get(name, default)))
+    except ValueError:
+        return default
+
+
+class GoogleMock:
+    def __init__(self, output_tokens: int, record: Record, report: Report) -> None:
+        self.output_tokens = output_tokens
+        self.record = record
+        self.report = report
+        self.tokens: set[str] = set()
+        self.issued = 0
+
+    async def _begin(self, request: web.Request, vertex: bool) -> dict[str, Any] | web.Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.record(
+            request.method,
+            request.path,
+            headers,
+            body if isinstance(body, dict) else None,
+            dict(request.query),
+        )
+        if "x-mock-status" in headers:
+            return _error(_int(headers, "x-mock-status", 500), "mock injected error")
+        if vertex:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token not in self.tokens:
+                return _error(401, "Request had invalid authentication credentials.")
+        elif not headers.get("x-goog-api-key"):
+            return _error(401, "Method doesn't allow unregistered callers.")
+        if not isinstance(body, dict):
+            return _error(400, "Invalid JSON payload received.")
+        return body
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        vertex = request.path.startswith("/v1/projects/")
+        body = await self._begin(request, vertex)
+        if isinstance(body, web.Response):
+            return body
+        model, method = request.match_info["model"], request.match_info["method"]
+        if method not in _METHODS:
+            return _error(404, f"Method {method} not found.")
+        prompt = _prompt(body)
+        if method == "countTokens":
+            inner = body.get("generateContentRequest")
+            return web.json_response(
+                {"totalTokens": _prompt(inner if isinstance(inner, dict) else body)}
+            )
+        if method in ("embedContent", "batchEmbedContents"):
+            requests = body.get("requests") if method == "batchEmbedContents" else [body]
+            requests = requests if isinstance(requests, list) else []
+            prompt = sum(
+                1 + _content_tokens(r.get("content")) for r in requests if isinstance(r, dict)
+            )
+            self.report(request.path, model, prompt, 0, 0, 0)
+            embeddings = [{"values": [0.125 * (i + 1) for i in range(8)]} for _ in requests]
+            meta = {"promptTokenCount": prompt, "totalTokenCount": prompt}
+            answer = (
+                {"embedding": embeddings[0]}
+                if method == "embedContent"
+                else {"embeddings": embeddings}
+            )
+            return web.json_response({**answer, "usageMetadata": meta})
+        headers = request.headers
+        config = (
+            body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
+        )
+        cap = (
+            config.get("maxOutputTokens")
+            if isinstance(config.get("maxOutputTokens"), int)
+            else None
+        )
+        n = config.get("candidateCount") if isinstance(config.get("candidateCount"), int) else 1
+        wanted = _int(headers, "x-mock-output-tokens", self.output_tokens)
+        thoughts = _int(headers, "x-mock-reasoning-tokens")
+        if cap is not None:
+            thoughts = min(thoughts, cap)
+            visible = min(wanted, cap - thoughts)
+        else:
+            visible = wanted
+        meta = {
+            "promptTokenCount": prompt,
+            "candidatesTokenCount": visible * n,
+            "totalTokenCount": prompt + (visible + thoughts) * n,
+        }
+        if thoughts:
+            meta["thoughtsTokenCount"] = thoughts * n
+        cached = min(_int(headers, "x-mock-cached-tokens"), prompt)
+        if cached:
+            meta["cachedContentTokenCount"] = cached
+        tool = _int(headers, "x-mock-tool-use-tokens")
+        if tool:
+            meta["toolUsePromptTokenCount"] = tool
+        finish = "MAX_TOKENS" if visible < wanted else "STOP"
+        words = [WORDS[i % len(WORDS)] for i in range(visible)]
+        if method == "generateContent":
+            self.report(
+                request.path, model, prompt + tool, (visible + thoughts) * n, cached, thoughts * n
+            )
+            candidates = [_candidate(i, "".join(words), finish) for i in range(n)]
+            return web.json_response(
+                {"candidates": candidates, "usageMetadata": meta, "modelVersion": model}
+            )
+        return await self._stream(
+            request, model, words, n, finish, meta, (prompt + tool, cached, thoughts * n)
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        model: str,
+        words: list[str],
+        n: int,
+        finish: str,
+        meta: dict[str, Any],
+        counts: tuple[int, int, int],
+    ) -> web.StreamResponse:
+        sse = request.query.get("alt") == "sse"
+        running = {
+            "promptTokenCount": meta["promptTokenCount"],
+            "totalTokenCount": meta["promptTokenCount"],
+        }
+        chunks = [
+            {
+                "candidates": [_candidate(i, word) for i in range(n)],
+                "usageMetadata": running,
+                "modelVersion": model,
+            }
+            for word in words
+        ]
+        chunks.append(
+            {
+                "candidates": [_candidate(i, "", finish) for i in range(n)],
+                "usageMetadata": meta,
+                "modelVersion": model,
+            }
+        )
+        fail = (
+            _int(request.headers, "x-mock-fail-after-chunks", -1)
+            if "x-mock-fail-after-chunks" in request.headers
+            else None
+        )
+        stall = (
+            _int(request.headers, "x-mock-stall-after-chunks", -1)
+            if "x-mock-stall-after-chunks" in request.headers
+            else None
+        )
+        cut = fail if fail is not None else stall
+        if cut is None:
+            prompt, cached, thoughts = counts
+            self.report(
+                request.path,
+                model,
+                prompt,
+                meta["candidatesTokenCount"] + thoughts,
+                cached,
+                thoughts,
+            )
+        else:
+            chunks = chunks[:cut]
+        response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+        response.content_type = "text/event-stream" if sse else "application/json"
+        await response.prepare(request)
+        delay = _int(request.headers, "x-mock-chunk-delay-ms") / 1000
+        for index, chunk in enumerate(chunks):
+            if delay and index:
+                await asyncio.sleep(delay)
+            if sse:
+                await response.write(b"data: " + _dumps(chunk) + b"\r\n\r\n")
+            else:
+                await response.write((b"[" if index == 0 else b",\r\n") + _dumps(chunk))
+        if fail is not None:
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if stall is not None:
+            await asyncio.Event().wait()
+        if not sse:
+            await response.write(b"]" if chunks else b"[]")
+        await response.write_eof()
+        return response
+
+    async def claude(self, request: web.Request) -> web.StreamResponse:
+        body = await self._begin(request, vertex=True)
+        if isinstance(body, web.Response):
+            return body
+        if body.get("anthropic_version") != "vertex-2023-10-16":
+            return _error(400, "anthropic_version must be vertex-2023-10-16")
+        model = request.match_info["model"]
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        prompt = 3 + sum(
+            4 + _claude_words(m.get("content")) for m in messages if isinstance(m, dict)
+        )
+        if model == "count-tokens":
+            return web.json_response({"input_tokens": prompt})
+        if "model" in body:
+            return _error(400, "model: Extra inputs are not permitted")
+        cap = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else 1
+        wanted = _int(request.headers, "x-mock-output-tokens", self.output_tokens)
+        out = min(wanted, cap)
+        text = "".join(WORDS[i % len(WORDS)] for i in range(out))
+        stop = "max_tokens" if out < wanted else "end_turn"
+        self.report(request.path, model, prompt, out, 0, 0)
+        message = {
+            "id": "msg_vertex",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt, "output_tokens": out},
+        }
+        if request.match_info["method"] == "rawPredict":
+            return web.json_response(message)
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": prompt, "output_tokens": 1},
+        }
+        events = [
+            _claude_event("message_start", message=start),
+            _claude_event(
+                "content_block_start", index=0, content_block={"type": "text", "text": ""}
+            ),
+            *(
+                _claude_event(
+                    "content_block_delta",
+                    index=0,
+                    delta={"type": "text_delta", "text": WORDS[i % len(WORDS)]},
+                )
+                for i in range(out)
+            ),
+            _claude_event("content_block_stop", index=0),
+            _claude_event(
+                "message_delta",
+                delta={"stop_reason": stop, "stop_sequence": None},
+                usage={"output_tokens": out},
+            ),
+            _claude_event("message_stop"),
+        ]
+        response = web.StreamResponse()
+        response.content_type = "text/event-stream"
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        self.record(request.method, request.path, {}, None, {})
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" or not form.get(
+            "assertion"
+        ):
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        self.issued += 1
+        token = f"ya29.mock-{self.issued}"
+        self.tokens.add(token)
+        ttl = int(request.match_info.get("ttl", "3600"))
+        return web.json_response({"access_token": token, "expires_in": ttl, "token_type": "Bearer"})
+
+
+def _candidate(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+    candidate: dict[str, Any] = {
+        "content": {"parts": [{"text": text}], "role": "model"},
+        "index": index,
+    }
+    if finish is not None:
+        candidate["finishReason"] = finish
+    return candidate
+
+
+def _claude_words(content: Any) -> int:
+    if isinstance(content, str):
+        return _words(content)
+    blocks = content if isinstance(content, list) else []
+    return sum(_words(b.get("text")) for b in blocks if isinstance(b, dict))
+
+
+def _claude_event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+
+GOOGLE: web.AppKey[GoogleMock] = web.AppKey("mock_google", GoogleMock)
+
+
+def add_routes(app: web.Application, output_tokens: int, record: Record, report: Report) -> None:
+    """Adds the Google routes (before the mock's catch-all); ``app[GOOGLE]`` counts tokens."""
+    mock = app[GOOGLE] = GoogleMock(output_tokens, record, report)
+    for prefix in ("/v1beta/models", "/v1/models", f"{_VERTEX}/google/models"):
+        app.router.add_post(prefix + "/{model}:{method}", mock.gemini)
+    app.router.add_post(_VERTEX + "/anthropic/models/{model}:{method}", mock.claude)
+    app.router.add_post("/token", mock.token)
+    app.router.add_post("/token/ttl/{ttl:\\d+}", mock.token)
