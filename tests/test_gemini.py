@@ -118,10 +118,28 @@ async def test_every_method_sync_and_async_with_books_exact(
         assert all(r.headers["authorization"].startswith("Bearer ya29.mock-") for r in sent)
     else:
         assert all(r.headers["x-goog-api-key"] == "gemini-upstream-secret" for r in sent)
-    status, usage = await gproxy.admin("GET", f"/api/v1/usage?org_id=acme&group_by=model")
-    assert status == 200, usage
-    assert model in json.dumps(usage)
-    del kid
+    await usage_reports_include(gproxy, model, embed, kid)
+
+
+async def usage_reports_include(proxy: Proxy, model: str, embed: str, kid: str) -> None:
+    """The usage API's reports count these requests, by model and by key and end user."""
+    start = int(proxy.clock.now) - 3600
+    query = f"start_time={start}&group_by=model&group_by=api_key_id"
+    _, completions = await proxy.admin("GET", f"/api/v1/llm/usage/completions?{query}")
+    _, embeddings = await proxy.admin("GET", f"/api/v1/llm/usage/embeddings?{query}")
+    end = start + 7200
+    _, costs = await proxy.admin(
+        "GET", f"/api/v1/llm/usage/costs?start_time={start}&end_time={end}&group_by=model"
+    )
+    found = {
+        (r["model"], r["api_key_id"], r["num_model_requests"])
+        for page in (completions, embeddings)
+        for bucket in page["data"]
+        for r in bucket["results"]
+    }
+    assert (model, kid, 4) in found, completions
+    assert (embed, kid, 2) in found, embeddings
+    assert model in json.dumps(costs), costs
 
 
 async def test_vertex_mode_client_with_the_proxy_key_as_bearer(
@@ -164,7 +182,7 @@ async def test_a_budget_refusal_is_a_client_error_429_naming_the_budget_and_not_
     gproxy: Proxy, store: aioredis.Redis
 ) -> None:
     kid, key = await gproxy.create_key("acme")
-    status, body = await gproxy.admin("PUT", f"/api/v1/budgets/apikey/{kid}", budget(limit=50))
+    status, body = await gproxy.admin("PUT", f"/api/v1/llm/budgets/apikey/{kid}", budget(limit=50))
     assert status in (200, 201), body
     c = client(gproxy, key)
     with pytest.raises(errors.ClientError) as caught:

@@ -20,6 +20,12 @@ _METHODS = {
 }
 
 
+def asked_by_google(request: web.Request) -> bool:
+    """A catalogue request from a Google client (``/v1/models`` is also OpenAI's): its key
+    comes the Gemini way."""
+    return "x-goog-api-key" in request.headers or "key" in request.query
+
+
 def _card(name: str, route: ModelRoute) -> dict[str, Any]:
     return {
         "name": f"models/{name}",

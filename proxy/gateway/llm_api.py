@@ -72,6 +72,8 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     answers=Reply(200, "The configured models and aliases this key may use.", ModelList),
 )
 async def list_models(request: web.Request) -> web.Response:
+    if gemini_models.asked_by_google(request):  # google-genai lists under /v1 too
+        return await gemini_models.list_models(request)
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
     data = [
@@ -91,6 +93,8 @@ async def list_models(request: web.Request) -> web.Response:
 )
 async def retrieve_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): one model this key may use."""
+    if gemini_models.asked_by_google(request):
+        return await gemini_models.get_model(request)
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
     name = request.match_info["model"]

@@ -20,7 +20,7 @@ from proxy.providers.http_client import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.providers.vertex_auth import TOKENS
+from proxy.providers.vertex_auth import VertexTokens
 
 # Request headers go upstream by an allow-list: only what the upstream's API reads. A deny-list
 # let a client's proxy key through in whatever header its SDK uses for another provider
@@ -148,6 +148,8 @@ class UpstreamClient:
         )
         self._client: Client | None = None
         self._targets: dict[str, Target] = {}
+        self.tokens = VertexTokens()
+        """Vertex upstreams' access tokens (per process, each fetched once per lifetime)."""
 
     async def start(self) -> None:
         self._client = Client(self._timeouts)
@@ -170,7 +172,7 @@ class UpstreamClient:
         sent = upstream_headers(headers, upstream)
         if upstream.kind == "vertex":
             address, body = google.vertex_target(upstream, endpoint, deployment, body)
-            sent.append(("Authorization", f"Bearer {await TOKENS.ensure(upstream)}"))
+            sent.append(("Authorization", f"Bearer {await self.tokens.ensure(upstream)}"))
         else:
             address = kinds.url(upstream, endpoint, deployment)
         target = self._targets.get(address)

@@ -123,5 +123,3 @@ def _auth_error(upstream: UpstreamConfig, exc: BaseException) -> ApiError:
         code="upstream_auth",
     )
 
-
-TOKENS = VertexTokens()

@@ -35,12 +35,15 @@ OTHER = "(other)"
 """The end user of usage recorded past a bucket's end-user cap."""
 
 REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
-    "completions": frozenset({"chat/completions", "completions", "messages"}),
-    "embeddings": frozenset({"embeddings"}),
+    "completions": frozenset(
+        {"chat/completions", "completions", "messages", "generateContent", "streamGenerateContent"}
+    ),
+    "embeddings": frozenset({"embeddings", "embedContent", "batchEmbedContents"}),
     "responses": frozenset({"responses"}),
 }
-"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages are chat
-completions; ``messages/count_tokens`` is free and in no bucketed report, only in costs)."""
+"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages and
+Gemini's generateContent are chat completions; ``messages/count_tokens`` and ``countTokens``
+are free and in no bucketed report, only in costs)."""
 
 _READ_BATCH = 500
 
