@@ -71,9 +71,7 @@ def models() -> list[ModelConfig]:
     return [
         ModelConfig(name="gemini-2.5-flash", upstream="gemini", price=PRICE, max_output_tokens=64),
         ModelConfig(name="gemini-2.5-pro", upstream="vertex", price=PRICE, max_output_tokens=64),
-        ModelConfig(
-            name="gemini-embedding-001", upstream="gemini", price=PRICE, kind="embedding"
-        ),
+        ModelConfig(name="gemini-embedding-001", upstream="gemini", price=PRICE, kind="embedding"),
         ModelConfig(
             name="vertex-embedding",
             upstream="vertex",

@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.access import find_key, require_admin
-from proxy.dialects import ANTHROPIC, OPENAI, Dialect
+from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
 from proxy.errors import ApiError, parse_body
 from proxy.gateway import pipeline
 from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
@@ -30,7 +30,19 @@ from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
 from proxy.store.keys import Identity, KeyRecord
 from proxy.store.windows import rfc3339
 
-Endpoint = Literal["chat/completions", "completions", "embeddings", "responses", "messages"]
+Endpoint = Literal[
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "generateContent",
+    "streamGenerateContent",
+    "embedContent",
+    "batchEmbedContents",
+]
+"""Gemini's methods take the model from the request body here (``"model": "gemini-…"``):
+a quote has no path."""
 
 
 class QuoteInput(BaseModel):
@@ -174,7 +186,13 @@ async def quote(request: web.Request) -> web.Response:
     spec = parse_body(QuoteInput, await read_json(request))
     record = await find_key(gw.keys, caller, spec.api_key_id)
     identity = _identity(record)
-    dialect: Dialect = ANTHROPIC if spec.endpoint == "messages" else OPENAI
+    dialect: Dialect = (
+        ANTHROPIC
+        if spec.endpoint == "messages"
+        else GEMINI
+        if spec.endpoint in GEMINI.endpoints
+        else OPENAI
+    )
     end_user = spec.external_user_id
     answer: dict[str, Any] = {
         "object": "budget.quote",

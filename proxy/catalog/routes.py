@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tiktoken
 
@@ -148,6 +148,10 @@ def _assemble(
     dialect = candidates[0].upstream.dialect
     if dialect == "anthropic":
         price = with_cache_writes(price)
+    if dialect != "gemini" and price.tier is not None:
+        # Only Gemini's reservation bounds the prompt against the tier's start; elsewhere the
+        # base rates stay what is charged (as before tiers were read).
+        price = replace(price, tier=None, tier_above=0)
     return ModelRoute(
         name=name,
         upstreams=tuple(candidates),

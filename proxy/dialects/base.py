@@ -43,6 +43,8 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
     def cost_nano(self, price: Price) -> int:
+        if price.tier is not None and self.input_tokens > price.tier_above:
+            price = price.tier  # long-context rates (Gemini's, above 200k prompt tokens)
         return cost_nano(
             price,
             self.input_tokens,

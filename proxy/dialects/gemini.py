@@ -232,8 +232,9 @@ class GeminiDialect:
         if endpoint == "countTokens":
             return Reservation(0, 0, 0)
         bound = prompt_bound(body, route.context_window)
+        price = route.price.for_prompt(bound)  # long-context rates when the bound is past them
         if endpoint in _EMBEDDINGS:
-            return Reservation(bound, 0, reserve_cost_nano(route.price, bound, 0))
+            return Reservation(bound, 0, reserve_cost_nano(price, bound, 0))
         config = body.get("generationConfig")
         if config is None:
             config = {}
@@ -245,12 +246,12 @@ class GeminiDialect:
         return Reservation(
             bound,
             cap,
-            reserve_cost_nano(route.price, bound, cap),
+            reserve_cost_nano(price, bound, cap),
             endpoint == "streamGenerateContent",
             "generationConfig.maxOutputTokens",
             choices=candidates,
-            input_cost=bound * route.price.dearest_input_nano_per_m,
-            output_rate=route.price.output_nano_per_m,
+            input_cost=bound * price.dearest_input_nano_per_m,
+            output_rate=price.output_nano_per_m,
         )
 
     def upstream_body(

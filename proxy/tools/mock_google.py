@@ -156,15 +156,10 @@ class GoogleMock:
             )
             return web.json_response({**answer, "usageMetadata": meta})
         headers = request.headers
-        config = (
-            body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
-        )
-        cap = (
-            config.get("maxOutputTokens")
-            if isinstance(config.get("maxOutputTokens"), int)
-            else None
-        )
-        n = config.get("candidateCount") if isinstance(config.get("candidateCount"), int) else 1
+        config = body.get("generationConfig")
+        config = config if isinstance(config, dict) else {}
+        cap = _field(config, "maxOutputTokens")
+        n = _field(config, "candidateCount") or 1
         wanted = _int(headers, "x-mock-output-tokens", self.output_tokens)
         thoughts = _int(headers, "x-mock-reasoning-tokens")
         if cap is not None:
@@ -281,7 +276,8 @@ class GoogleMock:
         if body.get("anthropic_version") != "vertex-2023-10-16":
             return _error(400, "anthropic_version must be vertex-2023-10-16")
         model = request.match_info["model"]
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        messages = body.get("messages")
+        messages = messages if isinstance(messages, list) else []
         prompt = 3 + sum(
             4 + _claude_words(m.get("content")) for m in messages if isinstance(m, dict)
         )
@@ -289,7 +285,7 @@ class GoogleMock:
             return web.json_response({"input_tokens": prompt})
         if "model" in body:
             return _error(400, "model: Extra inputs are not permitted")
-        cap = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else 1
+        cap = _field(body, "max_tokens") or 1
         wanted = _int(request.headers, "x-mock-output-tokens", self.output_tokens)
         out = min(wanted, cap)
         text = "".join(WORDS[i % len(WORDS)] for i in range(out))
@@ -354,6 +350,11 @@ class GoogleMock:
         self.tokens.add(token)
         ttl = int(request.match_info.get("ttl", "3600"))
         return web.json_response({"access_token": token, "expires_in": ttl, "token_type": "Bearer"})
+
+
+def _field(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _candidate(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
