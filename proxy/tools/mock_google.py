@@ -13,8 +13,9 @@ words of its text parts (``systemInstruction`` counted like a content), + 1. The
 ``maxOutputTokens`` less the thinking; ``x-mock-reasoning-tokens`` is ``thoughtsTokenCount``
 (inside the cap), ``x-mock-cached-tokens`` ``cachedContentTokenCount`` and
 ``x-mock-tool-use-tokens`` ``toolUsePromptTokenCount``. Embeddings report
-``usageMetadata.promptTokenCount``. ``x-mock-status``, ``x-mock-fail-after-chunks`` and
-``x-mock-stall-after-chunks`` work as for the other dialects; errors are in Google's shape.
+``usageMetadata.promptTokenCount``. ``x-mock-status``, ``x-mock-latency-ms``,
+``x-mock-chunk-delay-ms``, ``x-mock-fail-after-chunks`` and ``x-mock-stall-after-chunks`` work
+as for the other dialects; errors are in Google's shape.
 
 **Vertex Claude** (``…/publishers/anthropic/models/{model}:rawPredict`` and
 ``:streamRawPredict``, ``count-tokens:rawPredict``): the body must carry
@@ -114,6 +115,9 @@ class GoogleMock:
             body if isinstance(body, dict) else None,
             dict(request.query),
         )
+        latency = _int(headers, "x-mock-latency-ms")
+        if latency:
+            await asyncio.sleep(latency / 1000)
         if "x-mock-status" in headers:
             return _error(_int(headers, "x-mock-status", 500), "mock injected error")
         if vertex:
