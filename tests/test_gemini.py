@@ -214,6 +214,27 @@ async def test_errors_take_googles_shape(gproxy: Proxy) -> None:
     assert error["details"][0]["metadata"]["param"] == "generationConfig.maxOutputTokens"
 
 
+@pytest.mark.parametrize(
+    "config", [{"maxOutputTokens": 10**13}, {"maxOutputTokens": 10**400}, {"candidateCount": 9}]
+)
+async def test_huge_caps_are_a_400_naming_the_param_and_charge_nothing(
+    gproxy: Proxy, store: aioredis.Redis, config: dict[str, int]
+) -> None:
+    _, key = await gproxy.create_key("acme")
+    body = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": config}
+    async with gproxy.session.post(
+        f"{gproxy.url}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+        data=json.dumps(body),
+        headers={"x-goog-api-key": key},
+    ) as response:
+        error = (await response.json())["error"]
+    assert response.status == 400, error
+    [name] = config
+    assert error["details"][0]["metadata"]["param"] == f"generationConfig.{name}"
+    assert not gproxy.received() and int(await store.xlen(P + "usage")) == 0
+    assert await store.zcard(P + "leases") == 0
+
+
 async def test_key_in_the_query_is_never_logged_nor_forwarded(
     gproxy: Proxy, store: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
