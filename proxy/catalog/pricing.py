@@ -32,6 +32,7 @@ __all__ = [
     "reserve_cost_nano",
     "resolve_price",
     "with_cache_writes",
+    "with_long_context_tier",
 ]
 
 NANO = 10**9
@@ -130,9 +131,9 @@ def _in_force(model: gp.ModelInfo, now: datetime) -> list[gp.ModelPrice]:
 def _highest(candidates: list[gp.ModelPrice], key: str) -> Decimal | None:
     """Time-of-day prices (peak/off-peak) collapse to the highest: the price is fixed at start-up,
     so it must not depend on the hour nor under-charge. Tiered (long-context) prices use their
-    base tier here (the tier rides along in ``Price.tier``, applied on Gemini's routes only: on
-    the others, e.g. gpt-5.4 prompts above 272k tokens are under-priced; configure ``price``
-    for a conservative figure)."""
+    base tier here (``with_long_context_tier`` adds the tier for Gemini's routes; on the others,
+    e.g. gpt-5.4 prompts above 272k tokens are under-priced; configure ``price`` for a
+    conservative figure)."""
     values = []
     for prices in candidates:
         value = getattr(prices, key, None)
@@ -199,7 +200,21 @@ def lookup_price(model_ref: str, provider_id: str = "openai") -> Price | None:
         cache_write_nano_per_m=None if write_mtok is None else _to_nano(write_mtok),
         cache_write_1h_nano_per_m=None if write_1h_mtok is None else _to_nano(write_1h_mtok),
     )
-    return _with_tier(price, candidates)
+    return price
+
+
+def with_long_context_tier(price: Price, model_ref: str, provider_id: str) -> Price:
+    """``price`` (from the database) with the database's long-context tier of ``model_ref``,
+    when it has one: for dialects whose reservation bounds the prompt against the tier."""
+    if price.source != "genai-prices":
+        return price
+    try:
+        _provider, model = data_snapshot.get_snapshot().find_provider_model(
+            model_ref, None, provider_id, None
+        )
+    except LookupError:
+        return price
+    return _with_tier(price, _in_force(model, datetime.now(UTC)))
 
 
 def resolve_price(

@@ -13,11 +13,16 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import tiktoken
 
-from proxy.catalog.pricing import Price, resolve_price, with_cache_writes
+from proxy.catalog.pricing import (
+    Price,
+    resolve_price,
+    with_cache_writes,
+    with_long_context_tier,
+)
 from proxy.catalog.tokenizer import get_encoding
 from proxy.config import ConfigError, DialectName, ModelConfig, Settings, UpstreamConfig
 from proxy.providers.fallback import Candidate
@@ -148,10 +153,11 @@ def _assemble(
     dialect = candidates[0].upstream.dialect
     if dialect == "anthropic":
         price = with_cache_writes(price)
-    if dialect != "gemini" and price.tier is not None:
-        # Only Gemini's reservation bounds the prompt against the tier's start; elsewhere the
-        # base rates stay what is charged (as before tiers were read).
-        price = replace(price, tier=None, tier_above=0)
+    if dialect == "gemini":
+        # Gemini's reservation bounds the prompt against the tier's start (200k tokens), so
+        # its long-context rates can be charged; elsewhere the base rates stay what is charged.
+        ref = name if model.is_pattern else (model.price_ref or upstream_model)
+        price = with_long_context_tier(price, ref, candidates[0].upstream.price_provider_id)
     return ModelRoute(
         name=name,
         upstreams=tuple(candidates),
