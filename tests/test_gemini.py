@@ -159,7 +159,17 @@ async def test_vertex_mode_client_with_the_proxy_key_as_bearer(
     assert answer.text
     stream = await c.aio.models.generate_content_stream(model="gemini-2.5-pro", contents=CONTENTS)
     assert "".join([chunk.text or "" async for chunk in stream]) == answer.text
-    rows = await records(store, 2)
+    counted = await c.aio.models.count_tokens(model="gemini-2.5-pro", contents=CONTENTS)
+    assert counted.total_tokens == 7
+    embedded = await c.aio.models.embed_content(model="gemini-embedding-001", contents=CONTENTS)
+    assert embedded.embeddings and embedded.embeddings[0].values
+    rows = await records(store, 4)
+    assert [r["endpoint"] for r in rows] == [
+        "generateContent",
+        "streamGenerateContent",
+        "countTokens",
+        "embedContent",
+    ]
     assert sum(r["cost_nano"] for r in rows) == reported_cost(gproxy.mock.app[REPORTED])
 
 

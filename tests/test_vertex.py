@@ -20,7 +20,7 @@ from google import genai
 from google.genai import types
 from google_setup import LOCATION, PROJECT, models, reported_cost, service_account_file, upstreams
 
-from proxy.config import ModelConfig
+from proxy.config import ModelConfig, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.providers import vertex_auth
 from proxy.tools.mock_google import GOOGLE
@@ -187,3 +187,24 @@ async def test_a_model_falls_back_from_the_gemini_api_to_vertex(
     ] == ["gemini-2.5-flash:generateContent"] * 2
     [row] = await records(store, 1)
     assert row["upstream"] == "vertex" and row["cost_nano"] == 0
+
+
+async def test_application_default_credentials_when_no_file_is_named(
+    start_proxy: Callable[..., Any],
+    mock_upstream: TestServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_GEMINI_KEY", "x")
+    root = str(mock_upstream.make_url("")).rstrip("/")
+    credentials = service_account_file(tmp_path, f"{root}/token")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(credentials))
+    adc = [
+        UpstreamConfig.model_validate({**u.model_dump(), "credentials_file": None})
+        for u in upstreams(root, credentials)
+    ]
+    proxy: Proxy = await start_proxy(upstreams=adc, models=models())
+    _, key = await proxy.create_key("acme")
+    client = genai.Client(api_key=key, http_options=types.HttpOptions(base_url=proxy.url))
+    answer = await client.aio.models.generate_content(model="gemini-2.5-pro", contents="hi")
+    assert answer.text and mock_upstream.app[GOOGLE].issued == 1
