@@ -23,18 +23,15 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from proxy.catalog.pricing import reserve_cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.config import DialectName
-from proxy.dialects import gemini_usage
+from proxy.dialects import gemini_errors, gemini_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     Inbound,
     Reservation,
     RouteDocs,
-    StreamEnds,
     StreamMeter,
     Usage,
     bearer,
@@ -71,59 +68,6 @@ ERROR_PREFIXES = tuple(
 )
 """Google's paths answer in Google's shape (``claims`` leaves ``/v1/models/{id}`` to the
 OpenAI catalogue and Vertex's Claude paths to Anthropic's dialect)."""
-
-# google.rpc.Code names by HTTP status, as Google's APIs map them.
-_STATUS = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
-    409: "ABORTED",
-    413: "INVALID_ARGUMENT",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-
-
-def status_name(status: int) -> str:
-    return _STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
-
-
-class _ErrorShape(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
-
-
-class GoogleErrorDetail(_ErrorShape):
-    code: int
-    message: str
-    status: str
-    details: list[dict[str, Any]]
-
-
-class GoogleError(_ErrorShape):
-    """The body of errors on the Gemini routes, as Google's APIs write them."""
-
-    error: GoogleErrorDetail
-
-
-def _stream_error(code: int, message: str) -> bytes:
-    error = {"code": code, "message": message, "status": status_name(code)}
-    return b"data: " + json.dumps({"error": error}).encode() + b"\r\n\r\n"
-
-
-_ENDS = StreamEnds(
-    broken=_stream_error(
-        502, "The upstream stream broke off before it ended; the answer is incomplete."
-    ),
-    timeout=_stream_error(504, "The upstream did not finish in time; the answer is incomplete."),
-)
-"""A chunk ``google-genai`` raises on (an ``error`` object), never a normal end."""
 
 _DOCS = RouteDocs(
     title="Gemini",
@@ -185,8 +129,8 @@ class GeminiDialect:
     served_at = (
         "it is served over Google's Gemini API: use POST /v1beta/models/{model}:generateContent"
     )
-    stream_ends = _ENDS
-    error_model = GoogleError
+    stream_ends = gemini_errors.STREAM_ENDS
+    error_model = gemini_errors.GoogleError
     docs = _DOCS
 
     def routes(self) -> tuple[tuple[str, str], ...]:
@@ -323,32 +267,7 @@ class GeminiDialect:
         param: str | None,
         details: Mapping[str, Any] | None,
     ) -> bytes:
-        """Google's shape: ``code``, ``message``, ``status``, and ``details`` with a
-        ``google.rpc.ErrorInfo`` (the proxy's code as ``reason``, the field at fault and
-        the refusing budget's name and window in ``metadata``) and, for a refusal, the
-        proxy's own account of it (``error.budget`` elsewhere)."""
-        metadata = {"type": type}
-        if param:
-            metadata["param"] = param
-        extra = dict(details or {})
-        for name, value in extra.items():
-            if isinstance(value, Mapping):
-                for key, item in value.items():
-                    if isinstance(item, str | int | float) and not isinstance(item, bool):
-                        metadata[f"{name}.{key}"] = str(item)
-        info: list[dict[str, Any]] = [
-            {
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": (code or type).upper(),
-                "domain": "llm-proxy",
-                "metadata": metadata,
-            }
-        ]
-        if extra:
-            info.append({"@type": "type.googleapis.com/llm_proxy.Refusal", **extra})
-        error = {"code": status, "message": message, "status": status_name(status)}
-        error["details"] = info
-        return json.dumps({"error": error}, separators=(",", ":")).encode()
+        return gemini_errors.error_body(status, message, type, code, param, details)
 
 
 GEMINI = GeminiDialect()

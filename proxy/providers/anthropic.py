@@ -28,4 +28,3 @@ def credential_headers(
     if credential:
         headers.append(("x-api-key", credential))
     return headers
-
