@@ -19,7 +19,9 @@ DEFAULT: Dialect = OPENAI
 
 _BY_NAME: dict[str, Dialect] = {dialect.name: dialect for dialect in DIALECTS}
 _BY_PREFIX = tuple((prefix, dialect) for dialect in DIALECTS for prefix in dialect.error_prefixes)
-_ERROR_PREFIXES = tuple(prefix for prefix, _ in _BY_PREFIX)
+_ERROR_PREFIXES = tuple(dict.fromkeys(prefix for prefix, _ in _BY_PREFIX))
+"""Each once (Vertex's ``/v1/projects/`` is claimed by two dialects): the one test every
+request's path gets."""
 
 
 def by_name(name: str) -> Dialect:

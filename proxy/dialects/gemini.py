@@ -64,7 +64,7 @@ PREFIXES = tuple(f"{base}{path.split('/models/')[0]}" for base in _BASES for pat
 ERROR_PREFIXES = tuple(
     f"{base}{prefix}"
     for base in _BASES
-    for prefix in ("/v1beta/", "/v1beta1/", "/v1/models/", "/v1/projects/", "/v1/publishers/")
+    for prefix in ("/v1beta", "/v1/models/", "/v1/projects/", "/v1/publishers/")
 )
 """Google's paths answer in Google's shape (``claims`` leaves ``/v1/models/{id}`` to the
 OpenAI catalogue and Vertex's Claude paths to Anthropic's dialect)."""
