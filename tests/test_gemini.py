@@ -267,3 +267,14 @@ async def test_models_list_and_get_in_googles_shape(gproxy: Proxy) -> None:
     assert "models/gemini-2.5-flash" in names and "models/claude-sonnet-4-5" not in names
     model = await c.aio.models.get(model="gemini-2.5-flash")
     assert model.output_token_limit == 64
+
+
+async def test_a_rate_limit_refusal_is_a_client_error_429(gproxy: Proxy) -> None:
+    _, key = await gproxy.create_key("acme", limits={"rpm": 1})
+    c = client(gproxy, key)
+    await c.aio.models.generate_content(model="gemini-2.5-flash", contents=CONTENTS)
+    with pytest.raises(errors.ClientError) as caught:
+        await c.aio.models.generate_content(model="gemini-2.5-flash", contents=CONTENTS)
+    assert (caught.value.code, caught.value.status) == (429, "RESOURCE_EXHAUSTED")
+    assert "requests per minute" in (caught.value.message or "")
+    assert len(gproxy.received()) == 1
