@@ -20,7 +20,7 @@ from google import genai
 from google.genai import types
 from google_setup import LOCATION, PROJECT, models, reported_cost, service_account_file, upstreams
 
-from proxy.config import ModelConfig, UpstreamConfig
+from proxy.config import ModelConfig, Settings, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.providers import vertex_auth
 from proxy.tools.mock_google import GOOGLE
@@ -208,3 +208,21 @@ async def test_application_default_credentials_when_no_file_is_named(
     client = genai.Client(api_key=key, http_options=types.HttpOptions(base_url=proxy.url))
     answer = await client.aio.models.generate_content(model="gemini-2.5-pro", contents="hi")
     assert answer.text and mock_upstream.app[GOOGLE].issued == 1
+
+
+def test_the_configuration_checks_google_upstreams() -> None:
+    vertex = {"name": "v", "kind": "vertex", "base_url": "https://x"}
+    with pytest.raises(ValueError, match="needs project"):
+        UpstreamConfig.model_validate(vertex)
+    claude = UpstreamConfig.model_validate({**vertex, "project": "p", "publisher": "anthropic"})
+    gemini = UpstreamConfig.model_validate({**vertex, "name": "g", "project": "p"})
+    assert (claude.dialect, claude.price_provider_id) == ("anthropic", "anthropic")
+    assert (gemini.dialect, gemini.price_provider_id) == ("gemini", "google")
+    api = {"name": "a", "kind": "gemini", "base_url": "https://y/v1beta"}
+    Settings.model_validate(
+        {"upstreams": [gemini, api], "models": [{"name": "m", "upstream": ["g", "a"]}]}
+    )
+    with pytest.raises(ValueError, match="one API"):
+        Settings.model_validate(
+            {"upstreams": [claude, api], "models": [{"name": "m", "upstream": ["v", "a"]}]}
+        )
