@@ -115,6 +115,8 @@ async def test_every_method_sync_and_async_with_books_exact(
     assert all(key not in json.dumps(r.headers) + json.dumps(r.query) for r in sent)
     if "vertex" in upstream_path or "publishers" in upstream_path:
         assert gproxy.mock.app[GOOGLE].issued == 1  # one token for every request, not one each
+        batches = [r.body for r in sent if r.path.endswith(":batchEmbedContents")]
+        assert batches and all("model" not in q for b in batches for q in b["requests"])
         assert all(r.headers["authorization"].startswith("Bearer ya29.mock-") for r in sent)
     else:
         assert all(r.headers["x-goog-api-key"] == "gemini-upstream-secret" for r in sent)

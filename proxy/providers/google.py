@@ -31,6 +31,23 @@ def gemini_credential(upstream: UpstreamConfig) -> list[tuple[str, str]]:
     return [("x-goog-api-key", credential)] if credential else []
 
 
+def _without_request_models(body: bytes) -> bytes:
+    """Vertex's batch embeddings name the model in the path only; the Gemini API's clients
+    also name it in each request (``requests[].model``), which Vertex does not take."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    requests = parsed.get("requests") if isinstance(parsed, dict) else None
+    if not isinstance(requests, list):
+        return body
+    parsed["requests"] = [
+        {k: v for k, v in r.items() if k != "model"} if isinstance(r, dict) else r
+        for r in requests
+    ]
+    return json.dumps(parsed, separators=(",", ":")).encode()
+
+
 def _vertex_models(upstream: UpstreamConfig) -> str:
     return (
         f"{upstream.base_url}/v1/projects/{quote(upstream.project or '', safe='')}/locations/"
@@ -44,7 +61,10 @@ def vertex_target(
     """The URL and body a Vertex upstream gets for a dialect's endpoint and body."""
     models = _vertex_models(upstream)
     if upstream.publisher != "anthropic":
-        return f"{models}/{quote(model, safe='@.-_')}:{endpoint}", body
+        url = f"{models}/{quote(model, safe='@.-_')}:{endpoint}"
+        if endpoint == "batchEmbedContents":
+            body = _without_request_models(body)
+        return url, body
     try:
         parsed = json.loads(body)
     except ValueError:
