@@ -17,10 +17,7 @@ words of its text parts (``systemInstruction`` counted like a content), + 1. The
 ``x-mock-chunk-delay-ms``, ``x-mock-fail-after-chunks`` and ``x-mock-stall-after-chunks`` work
 as for the other dialects; errors are in Google's shape.
 
-**Vertex Claude** (``…/publishers/anthropic/models/{model}:rawPredict`` and
-``:streamRawPredict``, ``count-tokens:rawPredict``): the body must carry
-``anthropic_version: "vertex-2023-10-16"`` and no ``model``; prompt tokens are 3 + per
-message 4 + its words; Anthropic's answer and event sequence.
+**Vertex Claude** (``…/publishers/anthropic/…``): ``mock_vertex_claude``.
 
 **Token endpoint** (``POST /token``, ``/token/ttl/{seconds}``): a JWT-bearer grant answered
 with a fresh ``access_token`` (``expires_in`` 3600 or the path's seconds); ``issued`` counts.
@@ -94,30 +91,30 @@ def _int(headers: Any, name: str, default: int = 0) -> int:
 
 
 class GoogleMock:
-    def __init__(self, output_tokens: int, record: Record, report: Report) -> None:
+    def __init__(
+        self, output_tokens: int, status: int | None, record: Record, report: Report
+    ) -> None:
         self.output_tokens = output_tokens
+        self.status = status
         self.record = record
         self.report = report
         self.tokens: set[str] = set()
         self.issued = 0
 
-    async def _begin(self, request: web.Request, vertex: bool) -> dict[str, Any] | web.Response:
+    async def begin(self, request: web.Request, vertex: bool) -> dict[str, Any] | web.Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        self.record(
-            request.method,
-            request.path,
-            headers,
-            body if isinstance(body, dict) else None,
-            dict(request.query),
-        )
+        parsed = body if isinstance(body, dict) else None
+        self.record(request.method, request.path, headers, parsed, dict(request.query))
         latency = _int(headers, "x-mock-latency-ms")
         if latency:
             await asyncio.sleep(latency / 1000)
+        if self.status is not None:  # an upstream that must fail (MockOptions.status)
+            return _error(self.status, "mock injected error")
         if "x-mock-status" in headers:
             return _error(_int(headers, "x-mock-status", 500), "mock injected error")
         if vertex:
@@ -132,7 +129,7 @@ class GoogleMock:
 
     async def gemini(self, request: web.Request) -> web.StreamResponse:
         vertex = request.path.startswith("/v1/projects/")
-        body = await self._begin(request, vertex)
+        body = await self.begin(request, vertex)
         if isinstance(body, web.Response):
             return body
         model, method = request.match_info["model"], request.match_info["method"]
@@ -153,11 +150,8 @@ class GoogleMock:
             self.report(request.path, model, prompt, 0, 0, 0)
             embeddings = [{"values": [0.125 * (i + 1) for i in range(8)]} for _ in requests]
             meta = {"promptTokenCount": prompt, "totalTokenCount": prompt}
-            answer = (
-                {"embedding": embeddings[0]}
-                if method == "embedContent"
-                else {"embeddings": embeddings}
-            )
+            one = method == "embedContent"
+            answer = {"embedding": embeddings[0]} if one else {"embeddings": embeddings}
             return web.json_response({**answer, "usageMetadata": meta})
         headers = request.headers
         config = body.get("generationConfig")
@@ -228,16 +222,8 @@ class GoogleMock:
                 "modelVersion": model,
             }
         )
-        fail = (
-            _int(request.headers, "x-mock-fail-after-chunks", -1)
-            if "x-mock-fail-after-chunks" in request.headers
-            else None
-        )
-        stall = (
-            _int(request.headers, "x-mock-stall-after-chunks", -1)
-            if "x-mock-stall-after-chunks" in request.headers
-            else None
-        )
+        fail = _optional(request.headers, "x-mock-fail-after-chunks")
+        stall = _optional(request.headers, "x-mock-stall-after-chunks")
         cut = fail if fail is not None else stall
         if cut is None:
             prompt, cached, thoughts = counts
@@ -273,75 +259,6 @@ class GoogleMock:
         await response.write_eof()
         return response
 
-    async def claude(self, request: web.Request) -> web.StreamResponse:
-        body = await self._begin(request, vertex=True)
-        if isinstance(body, web.Response):
-            return body
-        if body.get("anthropic_version") != "vertex-2023-10-16":
-            return _error(400, "anthropic_version must be vertex-2023-10-16")
-        model = request.match_info["model"]
-        messages = body.get("messages")
-        messages = messages if isinstance(messages, list) else []
-        prompt = 3 + sum(
-            4 + _claude_words(m.get("content")) for m in messages if isinstance(m, dict)
-        )
-        if model == "count-tokens":
-            return web.json_response({"input_tokens": prompt})
-        if "model" in body:
-            return _error(400, "model: Extra inputs are not permitted")
-        cap = _field(body, "max_tokens") or 1
-        wanted = _int(request.headers, "x-mock-output-tokens", self.output_tokens)
-        out = min(wanted, cap)
-        text = "".join(WORDS[i % len(WORDS)] for i in range(out))
-        stop = "max_tokens" if out < wanted else "end_turn"
-        self.report(request.path, model, prompt, out, 0, 0)
-        message = {
-            "id": "msg_vertex",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": {"input_tokens": prompt, "output_tokens": out},
-        }
-        if request.match_info["method"] == "rawPredict":
-            return web.json_response(message)
-        start = {
-            **message,
-            "content": [],
-            "stop_reason": None,
-            "usage": {"input_tokens": prompt, "output_tokens": 1},
-        }
-        events = [
-            _claude_event("message_start", message=start),
-            _claude_event(
-                "content_block_start", index=0, content_block={"type": "text", "text": ""}
-            ),
-            *(
-                _claude_event(
-                    "content_block_delta",
-                    index=0,
-                    delta={"type": "text_delta", "text": WORDS[i % len(WORDS)]},
-                )
-                for i in range(out)
-            ),
-            _claude_event("content_block_stop", index=0),
-            _claude_event(
-                "message_delta",
-                delta={"stop_reason": stop, "stop_sequence": None},
-                usage={"output_tokens": out},
-            ),
-            _claude_event("message_stop"),
-        ]
-        response = web.StreamResponse()
-        response.content_type = "text/event-stream"
-        await response.prepare(request)
-        for event in events:
-            await response.write(event)
-        await response.write_eof()
-        return response
-
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
         self.record(request.method, request.path, {}, None, {})
@@ -354,6 +271,10 @@ class GoogleMock:
         self.tokens.add(token)
         ttl = int(request.match_info.get("ttl", "3600"))
         return web.json_response({"access_token": token, "expires_in": ttl, "token_type": "Bearer"})
+
+
+def _optional(headers: Any, name: str) -> int | None:
+    return _int(headers, name) if name in headers else None
 
 
 def _field(body: dict[str, Any], name: str) -> int | None:
@@ -371,25 +292,22 @@ def _candidate(index: int, text: str, finish: str | None = None) -> dict[str, An
     return candidate
 
 
-def _claude_words(content: Any) -> int:
-    if isinstance(content, str):
-        return _words(content)
-    blocks = content if isinstance(content, list) else []
-    return sum(_words(b.get("text")) for b in blocks if isinstance(b, dict))
-
-
-def _claude_event(kind: str, **fields: Any) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
-
-
 GOOGLE: web.AppKey[GoogleMock] = web.AppKey("mock_google", GoogleMock)
 
 
-def add_routes(app: web.Application, output_tokens: int, record: Record, report: Report) -> None:
-    """Adds the Google routes (before the mock's catch-all); ``app[GOOGLE]`` counts tokens."""
-    mock = app[GOOGLE] = GoogleMock(output_tokens, record, report)
+def add_routes(
+    app: web.Application, output_tokens: int, status: int | None, record: Record, report: Report
+) -> None:
+    """Adds the Google routes (before the mock's catch-all); ``app[GOOGLE]`` counts tokens.
+    ``status``: answer every Gemini and Vertex request with it (the token endpoint still
+    works)."""
+    mock = app[GOOGLE] = GoogleMock(output_tokens, status, record, report)
     for prefix in ("/v1beta/models", "/v1/models", f"{_VERTEX}/google/models"):
         app.router.add_post(prefix + "/{model}:{method}", mock.gemini)
-    app.router.add_post(_VERTEX + "/anthropic/models/{model}:{method}", mock.claude)
+    from proxy.tools import mock_vertex_claude  # it builds on this module: imported here
+
+    app.router.add_post(
+        _VERTEX + "/anthropic/models/{model}:{method}", mock_vertex_claude.handler(mock)
+    )
     app.router.add_post("/token", mock.token)
     app.router.add_post("/token/ttl/{ttl:\\d+}", mock.token)

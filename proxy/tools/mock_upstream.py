@@ -1092,7 +1092,7 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
-    mock_google.add_routes(app, options.output_tokens, lambda *r: received.append(ReceivedRequest(*r)), lambda *u: reported.append(ReportedUsage(*u)))  # noqa: E501
+    mock_google.add_routes(app, options.output_tokens, options.status, lambda *r: received.append(ReceivedRequest(*r)), lambda *u: reported.append(ReportedUsage(*u)))  # noqa: E501
     app.router.add_route("*", "/{tail:.*}", mock.not_found)
     return app
 
