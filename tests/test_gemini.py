@@ -87,7 +87,8 @@ async def test_every_method_sync_and_async_with_books_exact(
     gproxy: Proxy, store: aioredis.Redis, model: str, embed: str, upstream_path: str
 ) -> None:
     kid, key = await gproxy.create_key("acme")
-    c = client(gproxy, key, **{"x-mock-output-tokens": "7", "x-mock-reasoning-tokens": "3"})
+    controls = {"x-mock-output-tokens": "7", "x-mock-reasoning-tokens": "3"}
+    c = client(gproxy, key, **controls, **{"X-On-Behalf-Of": "user-42"})
     sync = await asyncio.to_thread(_sync_calls, c, model, embed)
     asynchronous = await _async_calls(c, model, embed)
     for answer, chunks, counted, embedded in (sync, asynchronous):
@@ -105,6 +106,7 @@ async def test_every_method_sync_and_async_with_books_exact(
         "batchEmbedContents",
     ] * 2
     assert all(r["model"] in (model, embed) and r["reported"] for r in rows)
+    assert {r["user"] for r in rows} == {"user-42"}
     assert {r["cost_nano"] for r in rows if r["endpoint"] == "countTokens"} == {0}
     reported = list(gproxy.mock.app[REPORTED])
     assert len(reported) == 6  # countTokens reports nothing, and is charged nothing
@@ -124,14 +126,17 @@ async def test_every_method_sync_and_async_with_books_exact(
 
 
 async def usage_reports_include(proxy: Proxy, model: str, embed: str, kid: str) -> None:
-    """The usage API's reports count these requests, by model and by key and end user."""
+    """The usage API's reports count these requests, by model and key (buckets) and by model
+    and end user (costs)."""
     start = int(proxy.clock.now) - 3600
     query = f"start_time={start}&group_by=model&group_by=api_key_id"
     _, completions = await proxy.admin("GET", f"/api/v1/llm/usage/completions?{query}")
     _, embeddings = await proxy.admin("GET", f"/api/v1/llm/usage/embeddings?{query}")
     end = start + 7200
     _, costs = await proxy.admin(
-        "GET", f"/api/v1/llm/usage/costs?start_time={start}&end_time={end}&group_by=model"
+        "GET",
+        f"/api/v1/llm/usage/costs?start_time={start}&end_time={end}"
+        "&group_by=model&group_by=external_user_id",
     )
     found = {
         (r["model"], r["api_key_id"], r["num_model_requests"])
@@ -141,7 +146,7 @@ async def usage_reports_include(proxy: Proxy, model: str, embed: str, kid: str) 
     }
     assert (model, kid, 4) in found, completions
     assert (embed, kid, 2) in found, embeddings
-    assert model in json.dumps(costs), costs
+    assert model in json.dumps(costs) and "user-42" in json.dumps(costs), costs
 
 
 async def test_vertex_mode_client_with_the_proxy_key_as_bearer(
