@@ -31,7 +31,7 @@ from proxy.gateway.metering import Usage
 from proxy.gateway.pipeline import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
-from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
     EVENT_ENDS,
     client_headers,
