@@ -46,7 +46,7 @@ from proxy.gateway.pricing import Price, cost_nano
 from proxy.providers.http import Client, Target, Timeouts
 from proxy.providers.http import parser as http_parser
 from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import EXCHANGES, MockExchange
+from proxy.tools.mock import EXCHANGES, MockExchange
 
 pytestmark = pytest.mark.slow
 

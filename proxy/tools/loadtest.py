@@ -49,7 +49,7 @@ from proxy.gateway.pricing import (
     price_from_config,
     with_cache_writes,
 )
-from proxy.tools.mock_upstream import WORDS
+from proxy.tools.mock import WORDS
 
 MAX_DURATION_S = 3600.0
 """Longest run, also the time cap of a ``--requests`` run: the tool must stop by itself."""
