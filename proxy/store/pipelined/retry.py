@@ -36,7 +36,7 @@ class _Attempt:
 
 class PipelinedConnection:
     """The hot path's ``execute(*command)``: routed, redirected and retried as described in
-    the module's docstring. ``scripts``: SHA → source, to load a script a node lacks."""
+    the package's docstring. ``scripts``: SHA → source, to load a script a node lacks."""
 
     def __init__(
         self,
