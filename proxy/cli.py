@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
-    from proxy.tools.mock_upstream import MockOptions, run_mock
+    from proxy.tools.mock import MockOptions, run_mock
 
     run_mock(
         args.host,

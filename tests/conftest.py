@@ -32,7 +32,7 @@ from proxy.gateway.state import GATEWAY
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.connection import connect
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
-from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
+from proxy.tools.mock import RECEIVED, MockOptions, build_mock_app
 
 ADMIN_KEY = "sk-test-admin-0123456789"
 REPO = Path(__file__).resolve().parent.parent

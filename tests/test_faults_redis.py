@@ -28,7 +28,7 @@ from conftest import ADMIN_KEY, eventually, start_proxy_process, usage_record, w
 
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 pytestmark = pytest.mark.slow
 

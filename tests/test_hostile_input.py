@@ -47,7 +47,7 @@ from yarl import URL
 from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import build_routes
 from proxy.config import load_settings
-from proxy.tools.mock_upstream import RECEIVED, REPORTED
+from proxy.tools.mock import RECEIVED, REPORTED
 
 SEED = int(os.environ.get("HOSTILE_SEED", "20261201"))
 REQUESTS = int(os.environ.get("HOSTILE_REQUESTS", "4000"))

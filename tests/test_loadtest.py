@@ -32,7 +32,7 @@ from proxy.tools.loadtest import (
     run_loadtest,
     synthetic_prompt,
 )
-from proxy.tools.mock_upstream import MockOptions, build_mock_app
+from proxy.tools.mock import MockOptions, build_mock_app
 from tests.conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 TOKENS_PER_REQUEST = 32 + 16

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import create_app
 from proxy.catalog.pricing import Price, cost_nano
 from proxy.serving import freeze_startup_objects
-from proxy.tools.mock_upstream import WORDS
+from proxy.tools.mock import WORDS
 
 UPSTREAM_SECRET = "sk-upstream-secret"
 # gpt-4o has this price in the test config (see conftest.make_settings).

@@ -35,7 +35,7 @@ from conftest import (
     write_config,
 )
 
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 ORG = "acme"
 OTHER_ORG = "globex"

@@ -22,7 +22,7 @@ from conftest import ADMIN_KEY, eventually, make_settings
 from proxy.app import create_app
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 MESSAGES = [{"role": "user", "content": "are you there"}]
 CHAT = {"model": "gpt-4o", "messages": MESSAGES}

@@ -43,10 +43,10 @@ from conftest import (
 )
 
 from proxy.catalog.pricing import Price, cost_nano
-from proxy.providers import http_client
-from proxy.providers.http_client import Client, Target, Timeouts
+from proxy.providers.http import Client, Target, Timeouts
+from proxy.providers.http import parser as http_parser
 from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import EXCHANGES, MockExchange
+from proxy.tools.mock import EXCHANGES, MockExchange
 
 pytestmark = pytest.mark.slow
 
@@ -394,7 +394,7 @@ async def test_salvage_takes_what_the_socket_holds_while_reading_is_paused(
     """An unread answer pauses the connection past its high-water mark (256 KiB; 8 KiB here,
     so that the rest surely fits in the socket); the rest waits in the kernel. salvage()
     takes all of it at once, exactly as much as had arrived."""
-    monkeypatch.setattr(http_client, "_HIGH_WATER", 8192)
+    monkeypatch.setattr(http_parser, "_HIGH_WATER", 8192)
     client = Client(Timeouts(connect=2, read=5, total=10))
     try:
         response = await client.post(raw_upstream.target, [], b"{}")

@@ -30,7 +30,7 @@ from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
-from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
     EVENT_ENDS,
     client_headers,

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
 from proxy.providers import kinds
-from proxy.providers.http_client import (
+from proxy.providers.http import (
     Client,
     Response,
     Target,
@@ -135,7 +135,7 @@ def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 class UpstreamClient:
-    """Every upstream's pooled keep-alive connections (``proxy.providers.http_client``)."""
+    """Every upstream's pooled keep-alive connections (``proxy.providers.http``)."""
 
     def __init__(self, timeouts: TimeoutConfig) -> None:
         self._timeouts = Timeouts(
