@@ -166,6 +166,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 async def test_serve_with_embedded_redis_starts_serves_and_stops_cleanly(
     tmp_path: Path, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,6 +218,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 async def test_demo_prints_a_working_key_and_snippets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,8 @@ from aiohttp.test_utils import TestServer
 from conftest import REPO, Proxy
 from playwright.async_api import Browser, Page, Request, Route, async_playwright, expect
 
-pytestmark = pytest.mark.timeout(900)  # the first test may install Chromium
+# Browser tests: slow, and the first may install Chromium.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "console"
 CHROMIUM_ARGS = [

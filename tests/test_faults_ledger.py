@@ -309,6 +309,7 @@ def quarantined() -> float:
     return REGISTRY.get_sample_value("llm_proxy_settles_quarantined_total") or 0.0
 
 
+@pytest.mark.slow
 async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
     tmp_path: Path, own_redis: EmbeddedRedis, mock_upstream: TestServer, monkeypatch: Any
 ) -> None:

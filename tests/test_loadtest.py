@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 from proxy.cli import build_parser
 from proxy.config import ModelConfig, UpstreamConfig
@@ -33,7 +34,6 @@ from proxy.tools.loadtest import (
     synthetic_prompt,
 )
 from proxy.tools.mock_upstream import MockOptions, build_mock_app
-from tests.conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 TOKENS_PER_REQUEST = 32 + 16
 
@@ -166,6 +166,7 @@ async def run_cli(*argv: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_runs_for_a_duration_and_writes_json(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer
 ) -> None:

@@ -502,6 +502,7 @@ async def test_one_json_log_line_per_request_with_correct_values_and_no_secrets(
 # --- 3. graceful shutdown --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sigterm_lets_a_stream_finish_refuses_new_connections_and_settles(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer, store: aioredis.Redis
 ) -> None:
@@ -612,6 +613,7 @@ async def two_workers(
         await asyncio.to_thread(running.stop)
 
 
+@pytest.mark.slow
 async def test_two_workers_share_one_port_one_set_of_limits_and_metrics(
     two_workers: ProxyProcess, mock_upstream: TestServer
 ) -> None:
@@ -653,6 +655,7 @@ async def test_two_workers_share_one_port_one_set_of_limits_and_metrics(
     assert code == 0, two_workers.log.read_text()
 
 
+@pytest.mark.slow
 async def test_two_workers_write_the_access_log(two_workers: ProxyProcess) -> None:
     url, log = two_workers.url, two_workers.log
     connector = aiohttp.TCPConnector(force_close=True)

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import Proxy
 from redis_topologies import RedisClusterTopology, client, command, running
 
 from proxy.store.connection import org_prefix
 from proxy.store.windows import windows_at
-from tests.conftest import Proxy
+
+pytestmark = pytest.mark.slow  # a Redis cluster of its own
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 

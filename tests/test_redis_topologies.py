@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import Proxy, eventually
 from redis_topologies import (
     RedisClusterTopology,
     RedisSentinelTopology,
@@ -28,9 +29,10 @@ from redis_topologies import (
 from proxy.gateway.admission import ADMIT, SETTLE
 from proxy.store.connection import Redis, org_prefix
 from proxy.store.windows import windows_at
-from tests.conftest import Proxy, eventually
 
 Topology = RedisClusterTopology | RedisSentinelTopology
+pytestmark = pytest.mark.slow  # a Redis cluster and a sentinel set of their own
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 

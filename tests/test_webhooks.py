@@ -29,13 +29,13 @@ import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
 from proxy.admin.webhooks import TargetRefused, resolve_target
 from proxy.store.embedded_redis import free_port
 from proxy.store.secret_box import SecretBox, SecretKeyError, SecretUnavailable
-from tests.conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
 
 FAST: dict[str, Any] = {
     "allow_private_targets": ["127.0.0.0/8"],
