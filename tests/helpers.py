@@ -85,6 +85,18 @@ async def post_chat(
         return Reply(response.status, await response.read(), response.headers.copy())
 
 
+async def chat_json(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    key: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
+    """(status, parsed JSON body) of one buffered chat request."""
+    reply = await post_chat(session, base_url, key, body, headers)
+    return reply.status, reply.json()
+
+
 async def chat_status(
     session: aiohttp.ClientSession | None,
     base_url: str,
@@ -99,9 +111,10 @@ async def chat_status(
     return (await post_chat(session, base_url, key, body, headers)).status
 
 
-def mock_output(tokens: int, **extra: str) -> dict[str, str]:
-    """Headers telling the mock upstream to answer ``tokens`` output tokens (one a word)."""
-    return {"x-mock-output-tokens": str(tokens), **extra}
+def mock_output(tokens: int, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``headers`` and the one telling the mock upstream to answer ``tokens`` output tokens
+    (one a word)."""
+    return {"x-mock-output-tokens": str(tokens), **(headers or {})}
 
 
 async def sdk_chat(
@@ -121,6 +134,22 @@ async def sdk_chat(
         model=model, messages=messages, extra_headers=extra, **params
     )
     return answer
+
+
+async def metered_chat(
+    client: openai.AsyncOpenAI,
+    model: str,
+    messages: Sequence[ChatCompletionMessageParam],
+    max_tokens: int,
+    headers: Mapping[str, str] | None = None,
+) -> int:
+    """An admitted request whose answer is exactly ``max_tokens`` long (the mock is told so);
+    returns the tokens it used, prompt + ``max_tokens``."""
+    answer = await sdk_chat(
+        client, model, messages, output_tokens=max_tokens, headers=headers, max_tokens=max_tokens
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == max_tokens
+    return answer.usage.total_tokens
 
 
 async def sdk_stream(
@@ -160,3 +189,15 @@ async def admin_call(
         method, base_url + path, json=body, headers=auth(key)
     ) as response:
         return response.status, await response.json(content_type=None)
+
+
+async def create_key_on(
+    session: aiohttp.ClientSession, base_url: str, org: str, role: str = "member"
+) -> tuple[str, str]:
+    """(key id, plaintext) of a new key on a proxy in another process (``Proxy.create_key``
+    for in-process ones)."""
+    status, body = await admin_call(
+        session, base_url, "POST", "/api/v1/keys", {"org_id": org, "role": role}
+    )
+    assert status == 201, body
+    return body["id"], body["key"]

@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import FakeClock, Proxy, budget, eventually
+from helpers import user_messages
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -34,7 +35,7 @@ BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 DAY = "2026-11-24"
 NANO = 10**9
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 MODEL_MAX = 1000  # gpt-4o's configured max_output_tokens in the test settings
 LOWEST = 16
 ANSWER = 20  # the mock's answer, when the cap allows it
@@ -67,7 +68,7 @@ async def chat(
     try:
         raw = await p.openai(key).chat.completions.with_raw_response.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"x-mock-output-tokens": str(ANSWER), **(headers or {})},
             **extra,
         )
@@ -224,7 +225,7 @@ async def test_a_clamped_stream_still_gets_its_usage_chunk_kept_from_the_client(
     await put(p, f"/apikey/{kid}", budget(limit=300, clamp=True))
     stream = await p.openai(key).chat.completions.create(
         model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         max_tokens=900,
         stream=True,
         extra_headers={"x-mock-output-tokens": str(ANSWER)},

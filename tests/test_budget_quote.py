@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import FakeClock, Proxy, budget
+from helpers import user_messages
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -24,7 +25,7 @@ from proxy.gateway.tokenizer import count_prompt
 QUOTE = "/api/v1/llm/budgets/quote"
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from conftest import (
     usage_record,
     write_config,
 )
+from helpers import user_messages
 from prometheus_client import REGISTRY
 
 from proxy.app import create_app
@@ -47,7 +48,7 @@ from proxy.store.embedded_redis import EmbeddedRedis, free_port
 from proxy.store.keys import Identity
 from proxy.store.windows import windows_at
 
-MESSAGES = [{"role": "user", "content": "tell me a long story"}]
+MESSAGES = user_messages("tell me a long story")
 
 
 def prefix(org: str) -> str:

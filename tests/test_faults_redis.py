@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, eventually, start_proxy_process, usage_record, write_config
+from helpers import user_messages
 
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.windows import windows_at
@@ -32,7 +33,7 @@ from proxy.tools.mock_upstream import RECEIVED
 
 pytestmark = pytest.mark.slow
 
-MESSAGES = [{"role": "user", "content": "keep going"}]
+MESSAGES = user_messages("keep going")
 P = "bp:{o:acme}:"
 
 

@@ -41,6 +41,7 @@ from conftest import (
     usage_record,
     write_config,
 )
+from helpers import user_messages
 
 from proxy.gateway.pricing import Price, cost_nano
 from proxy.providers import http_client
@@ -53,7 +54,7 @@ pytestmark = pytest.mark.slow
 ORG = "acme"
 P = "bp:{o:acme}:"
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
-MESSAGES = [{"role": "user", "content": "tell me a long story"}]
+MESSAGES = user_messages("tell me a long story")
 MOCK_PROMPT = 5 + 4 + 3  # the mock's own prompt count: words + 4 per message + 3
 TOTAL_SECONDS = 3.0
 # How long "at once" may take on a loaded 2-core machine: far below every timeout in play.

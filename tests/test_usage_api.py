@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import FakeClock, Proxy
+from helpers import user_messages
 
 from proxy.gateway.admission import Admitted
 from proxy.gateway.lease_sweeper import sweep_once
@@ -26,7 +27,7 @@ from proxy.gateway.state import GATEWAY
 from proxy.store.keys import Identity
 from proxy.store.windows import windows_at
 
-MESSAGES = [{"role": "user", "content": "tell me about rate limits"}]
+MESSAGES = user_messages("tell me about rate limits")
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 REPORT_OF = {
     "chat/completions": "completions",
@@ -135,7 +136,7 @@ async def mixed_load(proxy: Proxy) -> tuple[list[Charge], dict[str, str], int]:
                 usage = None
                 answer = await client.chat.completions.create(
                     model=model,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     stream=True,
                     stream_options={"include_usage": True},
                     extra_headers=headers,
@@ -145,7 +146,7 @@ async def mixed_load(proxy: Proxy) -> tuple[list[Charge], dict[str, str], int]:
             else:
                 done = await client.chat.completions.create(
                     model=model,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     extra_headers=headers,
                 )
                 usage = done.usage
@@ -736,7 +737,7 @@ async def test_concurrent_settles_from_many_requests_add_up(start_proxy: Any) ->
     async def one(n: int) -> int:
         done = await client.chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"x-mock-output-tokens": str(1 + n % 9), "X-On-Behalf-Of": f"u{n % 7}"},
         )
         assert done.usage is not None
