@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import openai
+from anthropic.types import MessageParam
 from conftest import ADMIN_KEY
 from multidict import CIMultiDict
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
@@ -23,6 +24,11 @@ CHAT_PATH = "/v1/chat/completions"
 
 def user_messages(text: str) -> list[ChatCompletionMessageParam]:
     """One user message, typed as the ``openai`` SDK wants it (the mock counts its words)."""
+    return [{"role": "user", "content": text}]
+
+
+def claude_messages(text: str) -> list[MessageParam]:
+    """One user message, typed as the ``anthropic`` SDK wants it."""
     return [{"role": "user", "content": text}]
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import user_messages
 
 from proxy.errors import ApiError
 from proxy.gateway import claude_bound
@@ -18,7 +17,7 @@ from proxy.gateway.tokenizer import get_encoding
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "anthropic_token_counts.json"
 EXAMPLES: list[dict[str, Any]] = json.loads(FIXTURE.read_text())["examples"]
-MESSAGES = user_messages("Hello")
+MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.mark.parametrize("context_window", [200_000, 1_000_000])

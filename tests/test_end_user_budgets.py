@@ -499,7 +499,8 @@ async def test_end_user_concurrency_and_tokens_per_minute(
     tag = end_user_tag("heidi")
 
     async def in_flight() -> bool:
-        return await store.hget(prefix("acme") + f"infl:{tag}", "n") == "1"
+        held: str | None = await store.hget(prefix("acme") + f"infl:{tag}", "n")
+        return held == "1"
 
     await eventually(in_flight, what="heidi's first request in flight")
     status, body, _ = await send(p, key, "heidi")

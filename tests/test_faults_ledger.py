@@ -255,7 +255,7 @@ async def test_a_proxy_stopped_during_an_outage_loses_no_usage(
             asks = [asyncio.create_task(ask()) for _ in range(n)]
 
             async def all_leased() -> bool:
-                return await store.zcard("bp:{o:acme}:leases") == n
+                return int(await store.zcard("bp:{o:acme}:leases")) == n
 
             await eventually(all_leased, what="every request admitted")
             await store.aclose()
@@ -352,7 +352,7 @@ async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
             well = asyncio.create_task(ask("well"))
 
             async def well_leased() -> bool:
-                return await store.zcard("bp:{o:well}:leases") == 1
+                return int(await store.zcard("bp:{o:well}:leases")) == 1
 
             await eventually(well_leased, what="the healthy request's lease")
             await store.aclose()
@@ -362,7 +362,7 @@ async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
             store = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
 
             async def healthy_settled() -> bool:
-                return await store.xlen("bp:{o:well}:usage") == 1
+                return int(await store.xlen("bp:{o:well}:usage")) == 1
 
             await eventually(healthy_settled, within=15, what="the healthy settle replayed")
             assert (await spend(store, "well", f"k:{keys['well'][0]}", time.time()))[1] == (

@@ -24,6 +24,7 @@ import socket
 import struct
 import termios
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ class Served:
         return int(self.proxy.url.rsplit(":", 1)[1])
 
     def exchanges(self) -> list[MockExchange]:
-        return list(self.mock.app[EXCHANGES])
+        exchanges: deque[MockExchange] = self.mock.app[EXCHANGES]
+        return list(exchanges)
 
     async def slot_held(self) -> bool:
         """The key's concurrency slot and the org's lease set, as admit/settle keep them."""
@@ -170,7 +172,8 @@ async def wait_exchange(served: Served) -> MockExchange:
         found = served.exchanges()
         return found[-1] if found else None
 
-    return await eventually(started, what="the request to reach the upstream")
+    found: MockExchange = await eventually(started, what="the request to reach the upstream")
+    return found
 
 
 async def words_delivered_once_blocked(exchange: MockExchange) -> int:

@@ -253,16 +253,16 @@ async def test_reports_equal_the_priced_usage_and_the_budget_gauge_in_every_grou
     # Costs: every grouping, one and several dimensions at once.
     dims_all = ["model", "api_key_id", "team_id", "external_user_id", "org_id"]
     for size in (1, 2, 5):
-        for dims in itertools.combinations(dims_all, size):
-            body = await costs(proxy, start, end, group_by=list(dims))
-            assert body["object"] == "usage.costs" and body["group_by"] == list(dims)
+        for combo in itertools.combinations(dims_all, size):
+            body = await costs(proxy, start, end, group_by=list(combo))
+            assert body["object"] == "usage.costs" and body["group_by"] == list(combo)
             assert body["total_cost_nano"] == str(total)
             assert sum(int(r["cost_nano"]) for r in body["data"]) == total
-            got = {tuple(r[d] for d in dims): int(r["cost_nano"]) for r in body["data"]}
-            assert got == expected_groups(charges, list(dims)), dims
+            got = {tuple(r[d] for d in combo): int(r["cost_nano"]) for r in body["data"]}
+            assert got == expected_groups(charges, list(combo)), combo
             for row in body["data"]:
                 assert set(dims_all) <= set(row)
-                assert all(row[d] is None for d in dims_all if d not in dims)
+                assert all(row[d] is None for d in dims_all if d not in combo)
                 assert row["cost"] == int(row["cost_nano"]) / 1e9
     # No group_by: by model; one org; an end user through X-On-Behalf-Of.
     body = await costs(proxy, start, end)
@@ -344,7 +344,7 @@ async def test_reports_equal_the_priced_usage_and_the_budget_gauge_in_every_grou
                         assert d in r and (d in dims or r[d] is None)
                     assert r["user_id"] is None
                 if dims == ["model"] and width == "1d":
-                    by_model = Counter()
+                    by_model: Counter[str] = Counter()
                     for r in results:
                         by_model[r["model"]] += r["num_model_requests"]
                     assert by_model == Counter(c.model for c in mine)
@@ -545,7 +545,7 @@ def settle(
     user: str = "",
     at: float | None = None,
 ) -> SettleRequest:
-    record = {
+    record: dict[str, str | int | None] = {
         "rid": rid,
         "kid": who.key_id,
         "user": user,
@@ -796,7 +796,8 @@ async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy)
             proxy, "/api/v1/llm/usage/requests", org_id="acme", limit=1000, **params
         )
         assert status == 200, body
-        return body["data"]
+        data: list[dict[str, Any]] = body["data"]
+        return data
 
     assert len(await listed(api_key_id=member)) == sum(c.key_id == member for c in acme)
     assert len(await listed(external_user_id="alice")) == sum(c.user == "alice" for c in acme)
