@@ -123,6 +123,12 @@ def mock_output(tokens: int, headers: Mapping[str, str] | None = None) -> dict[s
     return {"x-mock-output-tokens": str(tokens), **(headers or {})}
 
 
+def _mock_headers(output_tokens: int | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    if output_tokens is None:
+        return dict(headers or {})
+    return mock_output(output_tokens, headers)
+
+
 async def sdk_chat(
     client: openai.AsyncOpenAI,
     model: str,
@@ -133,9 +139,7 @@ async def sdk_chat(
     **params: Any,
 ) -> ChatCompletion:
     """A buffered chat completion through the SDK; ``output_tokens``: the mock's answer size."""
-    extra = dict(headers or {})
-    if output_tokens is not None:
-        extra["x-mock-output-tokens"] = str(output_tokens)
+    extra = _mock_headers(output_tokens, headers)
     answer: ChatCompletion = await client.chat.completions.create(
         model=model, messages=messages, extra_headers=extra, **params
     )
@@ -168,9 +172,7 @@ async def sdk_stream(
     **params: Any,
 ) -> list[ChatCompletionChunk]:
     """A streamed chat completion through the SDK, every chunk read."""
-    extra = dict(headers or {})
-    if output_tokens is not None:
-        extra["x-mock-output-tokens"] = str(output_tokens)
+    extra = _mock_headers(output_tokens, headers)
     stream: openai.AsyncStream[ChatCompletionChunk] = await client.chat.completions.create(
         model=model, messages=messages, stream=True, extra_headers=extra, **params
     )
