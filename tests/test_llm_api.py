@@ -816,19 +816,22 @@ async def test_upstream_errors_pass_through_and_cost_nothing(
     assert (record["status"], record["cost_nano"]) == (upstream_status, 0)
 
 
-async def test_upstream_errors_reach_the_openai_client_as_exceptions(
-    proxy: Proxy, member: tuple[str, str]
-) -> None:
-    _, key = member
-    client = proxy.openai(key)
-    for status, exc_type in (
+@pytest.mark.parametrize(
+    ("status", "exc_type"),
+    [
         (429, openai.RateLimitError),
         (500, openai.InternalServerError),
         (400, openai.BadRequestError),
-    ):
-        with pytest.raises(exc_type) as caught:
-            await sdk_chat(client, "gpt-4o", MESSAGES, headers={"x-mock-status": str(status)})
-        assert caught.value.status_code == status
+    ],
+)
+async def test_upstream_errors_reach_the_openai_client_as_exceptions(
+    proxy: Proxy, member: tuple[str, str], status: int, exc_type: type[openai.APIStatusError]
+) -> None:
+    _, key = member
+    with pytest.raises(exc_type) as caught:
+        headers = {"x-mock-status": str(status)}
+        await sdk_chat(proxy.openai(key), "gpt-4o", MESSAGES, headers=headers)
+    assert caught.value.status_code == status
 
 
 async def test_streamed_request_upstream_error_passes_through(
