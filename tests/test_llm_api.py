@@ -828,8 +828,8 @@ async def test_upstream_errors_reach_the_openai_client_as_exceptions(
     proxy: Proxy, member: tuple[str, str], status: int, exc_type: type[openai.APIStatusError]
 ) -> None:
     _, key = member
+    headers = {"x-mock-status": str(status)}
     with pytest.raises(exc_type) as caught:
-        headers = {"x-mock-status": str(status)}
         await sdk_chat(proxy.openai(key), "gpt-4o", MESSAGES, headers=headers)
     assert caught.value.status_code == status
 
