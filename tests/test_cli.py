@@ -91,6 +91,7 @@ async def test_serve_refuses_an_unpriced_model_cleanly(tmp_path: Path) -> None:
     assert "bad configuration" in err and "models.1.price" in err
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> None:
     admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
     code, out, err = await run_cli(
@@ -284,6 +285,7 @@ async def spend_some(proxy: Proxy) -> tuple[dict[str, str], int]:
     return keys, total
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_usage_prints_a_table_with_totals_and_json_and_csv_for_scripts(
     proxy: Proxy,
 ) -> None:
@@ -333,6 +335,7 @@ async def test_usage_prints_a_table_with_totals_and_json_and_csv_for_scripts(
     assert code == 1 and "HTTP 403" in err
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_budgets_commands_print_tables(proxy: Proxy) -> None:
     keys, _ = await spend_some(proxy)
     kid = next(iter(keys))

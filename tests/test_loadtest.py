@@ -189,6 +189,7 @@ async def test_cli_runs_for_a_duration_and_writes_json(
     assert "reconcile  MATCH over 2 key(s)" in out
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_rejects_bad_options_before_sending() -> None:
     for argv, message in (
         (["--key", "k", "--stream-ratio", "1.5"], "--stream-ratio"),
@@ -307,6 +308,7 @@ def test_rate_must_be_positive_and_bounded() -> None:
     assert Plan(url="http://x", keys=keys, duration=None, requests=3600, rate=1.0).rate == 1.0
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_rejects_bad_rates_before_sending() -> None:
     for rate, message in (
         ("0", "--rate must be in (0, 100000]"),
@@ -319,6 +321,7 @@ async def test_cli_rejects_bad_rates_before_sending() -> None:
         assert out == ""
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_shows_progress_while_it_runs(proxy: Proxy) -> None:
     _, key = await proxy.create_key()
     code, out, err = await run_cli(
