@@ -339,6 +339,7 @@ def _reported_cost(config: Path, mock: TestServer) -> tuple[int, int, int]:
     return cost, tokens, len(mock.app[REPORTED])
 
 
+@pytest.mark.slow
 async def test_hostile_input_breaks_nothing(hostile: Hostile, store: aioredis.Redis) -> None:
     base = hostile.proxy.url
     orgs = ["h2", "fz-keys"]

@@ -240,6 +240,7 @@ def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.slow
 async def test_three_hundred_slow_clients_are_all_shed_and_healthz_answers_throughout(
     tmp_path: Path, mock_upstream: TestServer, redis_url: str
 ) -> None:

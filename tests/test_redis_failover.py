@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import Proxy, eventually
 from redis_topologies import (
     RedisClusterTopology,
     RedisSentinelTopology,
@@ -44,7 +45,6 @@ from proxy.store.connection import Redis, digest_key, org_prefix
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.keys import digest
 from proxy.store.windows import windows_at
-from tests.conftest import Proxy, eventually
 
 pytestmark = pytest.mark.slow
 

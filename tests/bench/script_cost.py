@@ -78,7 +78,7 @@ async def measure(scenario: str, calls: int) -> dict[str, Any]:
         stats.config_resetstat()
         started = cpu_seconds(server.pid or 0)
         for i, rid in enumerate(rids):
-            extra: dict[str, str] = {}
+            extra: dict[str, Any] = {}
             if scenario != "plain":
                 from proxy.store.end_users import end_user_tag
 
