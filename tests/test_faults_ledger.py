@@ -43,9 +43,9 @@ from proxy.gateway.pricing import cost_nano, resolve_price
 from proxy.gateway.settle_spool import QUARANTINE_NAME
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt, get_encoding
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
-from proxy.store.keys import Identity
-from proxy.store.windows import windows_at
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 

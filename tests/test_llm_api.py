@@ -24,8 +24,8 @@ from proxy.gateway.pricing import Price, cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import free_port
-from proxy.store.windows import windows_at
 
 ORG = "acme"
 P = "bp:{o:acme}:"

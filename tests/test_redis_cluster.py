@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from redis_topologies import RedisClusterTopology, client, command, running
 
-from proxy.store.connection import org_prefix
-from proxy.store.windows import windows_at
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.windows import windows_at
 from tests.conftest import Proxy
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

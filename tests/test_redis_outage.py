@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, eventually, make_settings
 
 from proxy.app import create_app
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.windows import windows_at
 from proxy.tools.mock_upstream import RECEIVED
 
 MESSAGES = [{"role": "user", "content": "are you there"}]

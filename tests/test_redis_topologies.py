@@ -25,9 +25,10 @@ from redis_topologies import (
     running,
 )
 
-from proxy.gateway.admission import ADMIT, SETTLE
-from proxy.store.connection import Redis, org_prefix
-from proxy.store.windows import windows_at
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.scripts import ADMIT, SETTLE
+from proxy.ledger.windows import windows_at
+from proxy.store.connection import Redis
 from tests.conftest import Proxy, eventually
 
 Topology = RedisClusterTopology | RedisSentinelTopology

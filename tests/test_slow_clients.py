@@ -43,9 +43,9 @@ from conftest import (
 )
 
 from proxy.gateway.pricing import Price, cost_nano
+from proxy.ledger.windows import windows_at
 from proxy.providers import http_client
 from proxy.providers.http_client import Client, Target, Timeouts
-from proxy.store.windows import windows_at
 from proxy.tools.mock_upstream import EXCHANGES, MockExchange
 
 pytestmark = pytest.mark.slow

@@ -19,17 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from proxy.admin.access import find_key, require_admin
 from proxy.errors import ApiError, Dialect, parse_body
 from proxy.gateway import pipeline
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
 from proxy.gateway.anthropic_api import ANTHROPIC
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import admitted_headers, nano_to_major, period_of
 from proxy.gateway.llm_api import OPENAI
 from proxy.gateway.request_context import new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.admission import Admitted, BudgetRefused, RateLimited
+from proxy.ledger.api_keys import Identity, KeyRecord
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import budget_scope
+from proxy.ledger.windows import rfc3339
 from proxy.openapi import Reply, operation
-from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
-from proxy.store.keys import Identity, KeyRecord
-from proxy.store.windows import rfc3339
 
 Endpoint = Literal["chat/completions", "completions", "embeddings", "responses", "messages"]
 

@@ -82,15 +82,16 @@ from proxy.config import WebhookConfig
 from proxy.errors import not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.budgets import Spend, gauge, public
+from proxy.ledger.keys import ORGS_KEY, org_prefix
+from proxy.ledger.scripts import OUTBOX
+from proxy.ledger.windows import iso_millis, rfc3339
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import Spend, gauge, public
-from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
+from proxy.store.connection import Redis
 from proxy.store.secret_box import SecretUnavailable
-from proxy.store.windows import iso_millis, rfc3339
 
 log = logging.getLogger(__name__)
 
-OUTBOX = LuaScript("admin/webhook_outbox.lua")
 USER_AGENT = "llm-budget-proxy-webhooks/0.1"
 RESPONSE_READ_CAP = 4096
 ERROR_MAX_CHARS = 300

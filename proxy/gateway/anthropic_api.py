@@ -20,7 +20,6 @@ from aiohttp import web
 from proxy.config import Protocol
 from proxy.errors import bad_request
 from proxy.gateway import pipeline, relay
-from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import anthropic_key
 from proxy.gateway.claude_bound import prompt_bound
 from proxy.gateway.decisions import admitted_headers, anthropic_ratelimit_headers
@@ -29,6 +28,7 @@ from proxy.gateway.model_routes import ModelRoute
 from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import reserve_cost_nano
 from proxy.gateway.state import Gateway
+from proxy.ledger.admission import Admitted, RateLimited
 from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import anthropic, fallback
 from proxy.providers.upstream import (

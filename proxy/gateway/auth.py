@@ -20,7 +20,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 from proxy.errors import unauthorized
-from proxy.store.keys import Identity, KeyStore, digest
+from proxy.ledger.api_keys import Identity, KeyStore, digest
 
 _CACHE_MAX = 100_000
 

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.store.connection import ORGS_KEY, org_prefix
+from proxy.ledger.keys import ORGS_KEY, org_key
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ async def _sweep_batch(gw: Gateway, orgs: list[str]) -> tuple[int, int]:
     now_ms = int(gw.clock() * 1000)
     pipe = gw.redis.pipeline(transaction=False)
     for org_id in orgs:
-        pipe.zrangebyscore(org_prefix(org_id) + "leases", "-inf", now_ms, start=0, num=1)
-        pipe.zcard(org_prefix(org_id) + "leases:stuck")
+        pipe.zrangebyscore(org_key(org_id, "leases"), "-inf", now_ms, start=0, num=1)
+        pipe.zcard(org_key(org_id, "stuck"))
     answers = await pipe.execute()
     reclaimed = set_aside_total = 0
     for index, org_id in enumerate(orgs):

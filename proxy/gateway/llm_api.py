@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict
 from proxy.config import Protocol
 from proxy.errors import ApiError, bad_request
 from proxy.gateway import pipeline, relay
-from proxy.gateway.admission import Admitted, RateLimited
 from proxy.gateway.auth import bearer_token
 from proxy.gateway.decisions import admitted_headers
 from proxy.gateway.metering import (
@@ -32,6 +31,7 @@ from proxy.gateway.pipeline import Exchange, Reservation
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.tokenizer import count_prompt, count_text
+from proxy.ledger.admission import Admitted, RateLimited
 from proxy.openapi import SSE_EVENT, Reply, operation
 from proxy.providers import fallback
 

@@ -22,7 +22,13 @@ from redis.exceptions import RedisError
 
 from proxy.config import Protocol as ApiProtocol
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.admission import (
+from proxy.gateway.body import read_json
+from proxy.gateway.decisions import budget_error, end_user_required, rate_limited_error
+from proxy.gateway.metering import Usage, check_reservation
+from proxy.gateway.model_routes import ModelRoute, UnpricedModel
+from proxy.gateway.request_context import OUTCOME, new_request_id
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.admission import (
     Admitted,
     BudgetRefused,
     ClampTerms,
@@ -31,14 +37,9 @@ from proxy.gateway.admission import (
     RateLimited,
     Revoked,
 )
-from proxy.gateway.body import read_json
-from proxy.gateway.decisions import budget_error, end_user_required, rate_limited_error
-from proxy.gateway.metering import Usage, check_reservation
-from proxy.gateway.model_routes import ModelRoute, UnpricedModel
-from proxy.gateway.request_context import OUTCOME, new_request_id
-from proxy.gateway.state import GATEWAY, Gateway
-from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
-from proxy.store.keys import Identity
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import end_user_tag
 
 # A model serves the endpoints of its kind only (an embedding model on chat answered 200).
 _KIND_ENDPOINTS = {

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.config import Settings
-from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import ModelTable
+from proxy.ledger.admission import Admission
+from proxy.ledger.api_keys import KeyStore
+from proxy.ledger.budgets import BudgetStore
+from proxy.ledger.windows import Clock
 from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.budgets import BudgetStore
 from proxy.store.connection import Redis
-from proxy.store.keys import KeyStore
-from proxy.store.windows import Clock
 
 
 @dataclass

@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.store.connection import Redis, org_prefix
+from proxy.ledger.keys import org_key
+from proxy.store.connection import Redis
 
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _NUMBERS = {
@@ -96,7 +97,7 @@ async def recent(
     """Newest first: up to ``limit`` matching records older than ``before``, looking at no
     more than ``scan_most`` entries (a selective filter returns a short page and a cursor,
     never an unbounded scan)."""
-    key = org_prefix(org_id) + "usage"
+    key = org_key(org_id, "usage")
     if until_ms is not None and until_ms <= 0:
         return RecordPage([], None)  # nothing was recorded before 1970
     top = f"({before}" if before else ("+" if until_ms is None else str(until_ms - 1))

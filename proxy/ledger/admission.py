@@ -23,35 +23,21 @@ from proxy.config import RoleLimits, UsageConfig
 from proxy.gateway import metrics
 from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
-from proxy.store.connection import LuaScript, Redis, org_prefix
-from proxy.store.keys import Identity
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.keys import budget_owner, budget_scope, org_key, org_prefix
+from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE
+from proxy.ledger.windows import Clock, WindowCache, Windows, iso_millis
+from proxy.store.connection import Redis
 from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
-from proxy.store.windows import Clock, WindowCache, Windows, iso_millis
+from proxy.store.scripts import LuaScript
 
 log = logging.getLogger(__name__)
 
-_LEDGER = ("store/budget_events.lua", "gateway/lease.lua")
-ADMIT = LuaScript(*_LEDGER, "gateway/admit.lua")
-SETTLE = LuaScript(*_LEDGER, "gateway/settle.lua")
-RECLAIM = LuaScript(*_LEDGER, "gateway/reclaim.lua")
 MAX_EXACT = 2**53 - 1
 """The largest integer a Lua number (a double) holds exactly: no reservation, usage or limit
 past it may reach a script."""
 _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
-
-
-# Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
-def budget_scope(field: str) -> str:
-    """The API's scope name of a budget field (``k:<kid>:<owner>``, ``o:<owner>``,
-    ``u:<hex>:<owner>``, ``ud:<owner>``)."""
-    if field.startswith("k:"):
-        return "apikey"
-    if field.startswith("u:"):
-        return "external_user"
-    if field.startswith("ud:"):
-        return "external_user_default"
-    return "org"
 
 
 @dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
@@ -123,7 +109,7 @@ class BudgetRefused:
 
     @property
     def owner(self) -> str:
-        return self.field.rsplit(":", 1)[1]
+        return budget_owner(self.field)
 
     @property
     def left(self) -> int:
@@ -328,7 +314,7 @@ class Admission:
 
     async def renew(self, org_id: str, request_id: str) -> None:
         expiry = int(self.clock() * 1000) + self._lease_ms
-        await self.redis.zadd(org_prefix(org_id) + "leases", {request_id: expiry}, xx=True)
+        await self.redis.zadd(org_key(org_id, "leases"), {request_id: expiry}, xx=True)
 
     def keep_alive(self, org_id: str, request_id: str) -> LeaseKeeper:
         return LeaseKeeper(self, org_id, request_id, self._lease_ms / 3000)
