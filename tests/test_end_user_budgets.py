@@ -41,7 +41,7 @@ from test_budget_enforcement import (
 from proxy.gateway.pricing import cost_nano
 from proxy.gateway.state import GATEWAY
 from proxy.gateway.tokenizer import count_prompt
-from proxy.ledger.end_users import end_user_tag
+from proxy.ledger.keys import end_user_tag
 
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()

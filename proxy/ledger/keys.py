@@ -159,15 +159,29 @@ def _lua_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+LUA_TAGS = {"key": KEY_TAG, "org": ORG_TAG, "user": USER_TAG, "user_default": USER_DEFAULT}
+_LUA_NAME = re.compile(r"\b(K|TAG)\.([a-z_]+)\b")
+
+
+def lua_names(source: str) -> str:
+    """``source`` with every ``K.<name>`` (a key suffix) and ``TAG.<name>`` (a scope tag)
+    replaced by its string literal: spelled once, here, and costing a script nothing at run
+    time. An unknown name raises KeyError when the script is composed (at import)."""
+
+    def literal(match: re.Match[str]) -> str:
+        table = SUFFIX if match[1] == "K" else LUA_TAGS
+        return _lua_string(table[match[2]])
+
+    return _LUA_NAME.sub(literal, source)
+
+
 def lua_prelude() -> str:
-    """The Lua table of this module's names, put in front of every ledger script."""
-    suffixes = ", ".join(f"{name} = {_lua_string(s)}" for name, s in SUFFIX.items())
+    """The Lua constants of this module that scripts iterate over, put in front of every
+    ledger script."""
     widths = ", ".join(_lua_string(code) for code in COUNTER_WIDTHS.values())
     return (
-        "-- Generated from proxy/ledger/keys.py: key suffixes and scope tags.\n"
-        f"local K = {{{suffixes}}}\n"
-        f"local TAG = {{key = {_lua_string(KEY_TAG)}, org = {_lua_string(ORG_TAG)}, "
-        f"user = {_lua_string(USER_TAG)}, user_default = {_lua_string(USER_DEFAULT)}}}\n"
+        "-- Generated from proxy/ledger/keys.py (K.<name> and TAG.<name> are replaced by their\n"
+        "-- literals when a script is composed: proxy/ledger/scripts.py).\n"
         f"local OWNERS = {{{', '.join(_lua_string(o) for o in OWNERS)}}}\n"
         f"local COUNTER_WIDTHS = {{{widths}}}\n"
         "local USAGE_SEP = '\\31'\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from proxy.ledger.keys import lua_prelude
+from proxy.ledger.keys import lua_names, lua_prelude
 from proxy.store.scripts import LuaScript
 
 _LUA = resources.files("proxy.ledger").joinpath("lua")
@@ -18,23 +18,24 @@ _LUA = resources.files("proxy.ledger").joinpath("lua")
 
 def compose(*files: str) -> str:
     """The prelude, then ``files`` (``lua/<name>.lua``) in order: each may use what the ones
-    before it define."""
+    before it define. Key suffixes and scope tags become literals here (``keys.lua_names``)."""
     parts = [lua_prelude()]
     parts.extend(_LUA.joinpath(f"{name}.lua").read_text() for name in files)
-    return "\n".join(parts)
+    return lua_names("\n".join(parts))
 
 
 def script(*files: str) -> LuaScript:
     return LuaScript(files[-1], compose(*files))
 
 
-_NUMBERS = ("prelude",)
-_LEDGER = (*_NUMBERS, "budget_events", "lease")
+_BOOKS = ("prelude", "events", "leases", "budget_fields", "spend")
+"""What every charge needs: numbers, crossings, leases, budget fields, spend."""
+_CHARGES = (*_BOOKS, "usage_counters", "reclaims")
 
-ADMIT = script(*_LEDGER, "admit")
-SETTLE = script(*_LEDGER, "settle")
-RECLAIM = script(*_LEDGER, "reclaim")
-PUT_BUDGET = script(*_NUMBERS, "budget_events", "budget_put")
+ADMIT = script(*_CHARGES, "rate_limits", "scopes", "budgets", "clamp", "admit")
+SETTLE = script(*_CHARGES, "rate_limits", "settle")
+RECLAIM = script(*_CHARGES, "reclaim")
+PUT_BUDGET = script("prelude", "events", "budget_put")
 HASH_SWAP = script("hash_swap")
 KEY_RECORD = script("key_record")
 KEY_INDEX = script("key_index")

@@ -80,7 +80,7 @@ async def measure(scenario: str, calls: int) -> dict[str, Any]:
         for i, rid in enumerate(rids):
             extra: dict[str, str] = {}
             if scenario != "plain":
-                from proxy.ledger.end_users import end_user_tag
+                from proxy.ledger.keys import end_user_tag
 
                 user = f"user-{i % 1000}"
                 extra = {"end_user": user, "end_user_tag": end_user_tag(user)}

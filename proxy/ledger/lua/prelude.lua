@@ -20,3 +20,10 @@ local function exact_int(v)
   end
   return n
 end
+
+local function I_or_empty(x)
+  if x == '' then
+    return ''
+  end
+  return I(x)
+end
