@@ -1,9 +1,10 @@
 """Admit and settle: the two Redis round trips of every LLM request.
 
-``admit.lua`` decides and reserves atomically (idempotent by request id, so a call retried
-after a lost reply reserves once); ``settle.lua`` replaces the reservation with actual usage
-exactly once. Settles that cannot reach Redis are spooled to disk and retried
-(``deferred_settles``), so neither a Redis outage nor a stop during one loses spend.
+``ADMIT`` decides and reserves atomically (idempotent by request id, so a call retried after a
+lost reply reserves once); ``SETTLE`` replaces the reservation with actual usage exactly once
+(``proxy.ledger.scripts``; their arguments are ``proxy.ledger.args``'s). Settles that cannot
+reach Redis are spooled to disk and retried (``deferred_settles``), so neither a Redis outage
+nor a stop during one loses spend.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.config import RoleLimits, UsageConfig
@@ -24,12 +25,14 @@ from proxy.gateway import metrics
 from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
 from proxy.ledger.api_keys import Identity
-from proxy.ledger.keys import budget_owner, budget_scope, org_key, org_prefix
+from proxy.ledger.args import NO_LIMITS, AdmitArgs, ReclaimArgs, SettleArgs
+from proxy.ledger.args import ClampTerms as ClampTerms
+from proxy.ledger.keys import budget_owner, budget_scope, org_key
+from proxy.ledger.records import UsageRecord
 from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE
-from proxy.ledger.windows import Clock, WindowCache, Windows, iso_millis
+from proxy.ledger.windows import Clock, WindowCache, Windows
 from proxy.store.connection import Redis
 from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
-from proxy.store.scripts import LuaScript
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +41,6 @@ MAX_EXACT = 2**53 - 1
 past it may reach a script."""
 _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
-
-
-@dataclass(slots=True)  # per request: not frozen (a frozen __init__ costs several times more)
-class ClampTerms:
-    """How far a request's output cap may be lowered, and what its reservation costs then:
-    ``cost(output) = ceil((input_cost + output * output_rate) / 1e6)`` in nano-units, the same
-    formula that priced the reservation (rates are nano-units per 1M tokens)."""
-
-    choices: int
-    cap: int
-    """The cap per choice the reservation was made with."""
-    lowest: int
-    """The lowest cap per choice a clamped request may get (below ``cap``)."""
-    input_cost: int
-    output_rate: int
-
-    def arg(self) -> str:
-        """One script argument, parsed only when a budget is squeezed: the script's numbers
-        are doubles, so the products are split where each part stays exact."""
-        a_q, a_r = divmod(self.input_cost, 1_000_000)
-        r_q, r_r = divmod(self.output_rate, 1_000_000)
-        return f"{self.choices} {self.cap} {self.lowest} {a_q} {a_r} {r_q} {r_r}"
 
 
 # Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
@@ -161,10 +142,10 @@ class Admission:
         self._usage_policy = (usage or UsageConfig()).lua_policy()
         self._hot = hot_path
         self._defaults = {
-            role: [
+            role: tuple(
                 str(getattr(limits, name) or "")
                 for name in ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
-            ]
+            )
             for role, limits in role_defaults.items()
         }
         self._lease_ms = int(lease_seconds * 1000)
@@ -198,36 +179,29 @@ class Admission:
             if not 0 <= value <= MAX_EXACT:
                 raise ValueError(f"reservation out of the exact range: {value}")
         now = self.clock()
-        windows = self._windows.current(now)
-        defaults = self._defaults.get(identity.role) or [""] * 6
+        args = AdmitArgs(
+            org_id=identity.org_id,
+            now=now,
+            request_id=request_id,
+            key_id=identity.key_id,
+            reserve_tokens=reserve_tokens,
+            reserve_cost_nano=reserve_cost_nano,
+            lease_ms=self._lease_ms,
+            windows=self._windows.current(now),
+            role_limits=self._defaults.get(identity.role) or NO_LIMITS,
+            usage_policy=self._usage_policy,
+            prompt_tokens=prompt_tokens,
+            model=model,
+            endpoint=endpoint,
+            end_user=end_user or "",
+            end_user_tag=end_user_tag,
+            clamp=clamp,
+            clamp_asked=clamp_asked,
+            dry_run=dry_run,
+        )
         started = time.perf_counter()
         try:
-            result = await self._run(
-                ADMIT,
-                [org_prefix(identity.org_id)],
-                [
-                    int(now * 1000),
-                    request_id,
-                    identity.key_id,
-                    reserve_tokens,
-                    reserve_cost_nano,
-                    self._lease_ms,
-                    windows.daily,
-                    windows.weekly,
-                    windows.monthly,
-                    *defaults,
-                    *windows.ttls(now),
-                    iso_millis(now),
-                    prompt_tokens,
-                    model,
-                    endpoint,
-                    end_user or "",
-                    end_user_tag,
-                    ("d" if dry_run else "") + ("c" if clamp_asked else ""),
-                    clamp.arg() if clamp is not None else "",
-                    self._usage_policy,
-                ],
-            )
+            result = await ADMIT.run(self.redis, args.keys(), args.argv(), self._hot)
         except (RedisError, OSError) as exc:
             if _may_have_run(exc):
                 await self.release(identity, request_id, model, endpoint)
@@ -282,28 +256,10 @@ class Admission:
         not forwarded: a settle of nothing, spooled like any settle if Redis is away. Without
         it, an admit whose reply was lost would hold its reservation until the lease expired,
         and then be charged all of it."""
-        record: dict[str, str | int | None] = {
-            "rid": request_id,
-            "kid": identity.key_id,
-            "model": model,
-            "endpoint": endpoint,
-            "in": 0,
-            "out": 0,
-            "cost_nano": 0,
-            "reported": 0,
-            "status": 0,
-            "released": 1,
-        }
+        record = UsageRecord(
+            rid=request_id, kid=identity.key_id, model=model, endpoint=endpoint, released=True
+        )
         await self.settle(self.settle_request(identity, request_id, 0, 0, record))
-
-    async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-        if self._hot is None:
-            return await script(self.redis, keys, args)
-        try:
-            return await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await script.load(self.redis)
-            return await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def close(self) -> None:
         if self._hot is not None:
@@ -325,8 +281,18 @@ class Admission:
         request_id: str,
         tokens: int,
         cost_nano: int,
-        record: dict[str, str | int | None],
+        record: UsageRecord | Mapping[str, str | int | None],
     ) -> SettleRequest:
+        """A settle as the spool keeps it: ``record`` (a ``UsageRecord``; a mapping of stream
+        fields is taken as it is) becomes the usage stream entry's pairs."""
+        if isinstance(record, UsageRecord):
+            pairs = record.pairs()
+        else:
+            pairs = [
+                item
+                for name, value in record.items()
+                for item in (name, "" if value is None else value)
+            ]
         return SettleRequest(
             org_id=identity.org_id,
             request_id=request_id,
@@ -334,11 +300,7 @@ class Admission:
             tokens=tokens,
             cost_nano=cost_nano,
             at=self.clock(),
-            usage_record=[
-                item
-                for name, value in record.items()
-                for item in (name, "" if value is None else value)
-            ],
+            usage_record=pairs,
         )
 
     async def settle(self, req: SettleRequest) -> int:
@@ -353,30 +315,20 @@ class Admission:
     async def _settle_now(self, req: SettleRequest) -> int:
         """Spend goes to the windows (and usage buckets) of the moment the request ended, also
         when replayed later; only their expiry is reckoned from now."""
-        now = self.clock()
-        windows = self._windows.current(req.at)
-        usage = _usage_args(req)
-        started = time.perf_counter()
-        result = await self._run(
-            SETTLE,
-            [org_prefix(req.org_id)],
-            [
-                int(req.at * 1000),
-                req.request_id,
-                req.key_id,
-                req.tokens,
-                req.cost_nano,
-                windows.daily,
-                windows.weekly,
-                windows.monthly,
-                *windows.ttls(now),
-                iso_millis(req.at),
-                *usage,
-                self._usage_policy,
-                int(now * 1000),
-                *req.usage_record,
-            ],
+        args = SettleArgs(
+            org_id=req.org_id,
+            at=req.at,
+            now=self.clock(),
+            request_id=req.request_id,
+            key_id=req.key_id,
+            tokens=req.tokens,
+            cost_nano=req.cost_nano,
+            windows=self._windows.current(req.at),
+            record=req.usage_record,
+            usage_policy=self._usage_policy,
         )
+        started = time.perf_counter()
+        result = await SETTLE.run(self.redis, args.keys(), args.argv(), self._hot)
         _SETTLE_TIME.observe(time.perf_counter() - started)
         return max(int(result), 0)
 
@@ -384,52 +336,13 @@ class Admission:
         """One org's expired leases (the sweeper's pass): (reclaimed, set aside now, set
         aside in all)."""
         now = self.clock()
-        windows = self._windows.current(now)
-        result = await RECLAIM(
-            self.redis,
-            [org_prefix(org_id)],
-            [
-                int(now * 1000),
-                windows.daily,
-                windows.weekly,
-                windows.monthly,
-                *windows.ttls(now),
-                iso_millis(now),
-                limit,
-                self._usage_policy,
-            ],
-        )
+        args = ReclaimArgs(org_id, now, self._windows.current(now), limit, self._usage_policy)
+        result = await RECLAIM.run(self.redis, args.keys(), args.argv())
         return int(result[0]), int(result[1]), int(result[2])
 
     async def drain(self, grace: float) -> None:
         """At shutdown: give deferred settles a last chance (the spool keeps the rest)."""
         await self.deferred.drain(grace)
-
-
-def _usage_args(req: SettleRequest) -> tuple[int, int, int, str | int, str | int, str | int]:
-    """What the usage counters need, taken from the usage record (which spooled settles
-    written by earlier versions carry too): input, cached input and output tokens, model,
-    endpoint, end user. Input + output is the settle's token count, also for a record that
-    does not split it."""
-    record = dict(zip(req.usage_record[::2], req.usage_record[1::2], strict=False))
-    out = _count(record.get("out"))
-    cached = _count(record.get("cached"))
-    given = record.get("in")
-    tokens_in = _count(given) if given is not None else max(req.tokens - out, 0)
-    return (
-        tokens_in,
-        cached,
-        out,
-        record.get("model", ""),
-        record.get("endpoint", ""),
-        record.get("user", ""),
-    )
-
-
-def _count(value: str | int | None) -> int:
-    if isinstance(value, int):
-        return value
-    return int(value) if value and value.isdigit() else 0
 
 
 class LeaseKeeper:

@@ -39,9 +39,7 @@ class LuaScript:
         """On a cluster, redis-py sends SCRIPT LOAD to every master."""
         await client.script_load(self.source)
 
-    async def __call__(
-        self, client: Redis, keys: Sequence[str], args: Sequence[ScriptArg]
-    ) -> Any:
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         return await self.run(client, keys, args)
 
     async def run(
