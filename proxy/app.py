@@ -36,7 +36,8 @@ from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
 from proxy.ledger.budgets import BudgetStore
 from proxy.ledger.windows import Clock, system_clock
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.connection import Redis, connect, hot_path
+from proxy.store.client import Redis
+from proxy.store.connection import connect, hot_path
 from proxy.store.readiness import StoreNotReady, describe, wait_until_ready
 from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.store.secret_box import SecretBox, SecretKeyError

@@ -43,7 +43,7 @@ from proxy.gateway.state import GATEWAY
 from proxy.ledger.api_keys import digest
 from proxy.ledger.keys import digest_key, org_prefix
 from proxy.ledger.windows import windows_at
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 from proxy.store.embedded_redis import EmbeddedRedis
 from tests.conftest import Proxy, eventually
 

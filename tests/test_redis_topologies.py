@@ -28,7 +28,7 @@ from redis_topologies import (
 from proxy.ledger.keys import org_prefix
 from proxy.ledger.scripts import ADMIT, SETTLE
 from proxy.ledger.windows import windows_at
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 from tests.conftest import Proxy, eventually
 
 Topology = RedisClusterTopology | RedisSentinelTopology

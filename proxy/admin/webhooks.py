@@ -87,7 +87,7 @@ from proxy.ledger.keys import ORGS_KEY, org_prefix
 from proxy.ledger.scripts import OUTBOX
 from proxy.ledger.windows import iso_millis, rfc3339
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 from proxy.store.secret_box import SecretUnavailable
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.ledger.keys import ORGS_KEY, org_key
+from proxy.ledger.keys import ORGS_KEY, SWEEPER_LOCK, org_key
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "bp:sweeper"
+LOCK_KEY = SWEEPER_LOCK
 _SCAN_BATCH = 200
 
 

@@ -15,7 +15,7 @@ from proxy.ledger.budgets import BudgetStore
 from proxy.ledger.windows import Clock
 from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 
 @dataclass

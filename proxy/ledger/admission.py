@@ -31,7 +31,7 @@ from proxy.ledger.keys import budget_owner, budget_scope, org_key
 from proxy.ledger.records import UsageRecord
 from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE
 from proxy.ledger.windows import Clock, WindowCache, Windows
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from proxy.config import MAX_CONCURRENCY, MAX_RATE_LIMIT, Role
 from proxy.ledger.keys import ORGS_KEY, digest_key, key_org_key, org_key, valid_id
 from proxy.ledger.scripts import KEY_INDEX, KEY_RECORD
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class KeyStore:
 
     async def identity(self, plaintext: str) -> Identity | None:
         hashed = digest(plaintext)
-        data = await self._redis.hgetall(digest_key(hashed))  # type: ignore[misc]
+        data = await self._redis.hgetall(digest_key(hashed))
         if not data:
             return None
         kid, org, role = data.get("kid", ""), data.get("org", ""), data.get("role")
@@ -226,7 +226,7 @@ class KeyStore:
         )
 
     async def get(self, org_id: str, key_id: str) -> KeyRecord | None:
-        data = await self._redis.hgetall(org_key(org_id, "key", key_id))  # type: ignore[misc]
+        data = await self._redis.hgetall(org_key(org_id, "key", key_id))
         return _record_from_hash(data) if data else None
 
     async def org_of(self, key_id: str) -> str | None:
@@ -239,7 +239,7 @@ class KeyStore:
         return await self.get(org_id, key_id) if org_id else None
 
     async def list_org(self, org_id: str) -> list[KeyRecord]:
-        ids = sorted(await self._redis.smembers(org_key(org_id, "keys")))  # type: ignore[misc]
+        ids = sorted(await self._redis.smembers(org_key(org_id, "keys")))
         pipe = self._redis.pipeline(transaction=False)
         for key_id in ids:
             pipe.hgetall(org_key(org_id, "key", key_id))
@@ -247,7 +247,7 @@ class KeyStore:
         return [record for record in records if record is not None]
 
     async def orgs(self) -> list[str]:
-        return sorted(await self._redis.smembers(ORGS_KEY))  # type: ignore[misc]
+        return sorted(await self._redis.smembers(ORGS_KEY))
 
     async def revoke(self, record: KeyRecord) -> None:
         """Status first: the admit script refuses from this moment; then the index goes."""
@@ -301,7 +301,7 @@ class KeyStore:
         return org_key(record.org_id, "key", record.id)
 
     async def get_org_limits(self, org_id: str) -> dict[str, int]:
-        data = await self._redis.hgetall(org_key(org_id, "limits"))  # type: ignore[misc]
+        data = await self._redis.hgetall(org_key(org_id, "limits"))
         return {name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)}
 
     async def set_org_limits(self, org_id: str, limits: Limits) -> dict[str, int]:
@@ -311,7 +311,7 @@ class KeyStore:
         values = limits.model_dump(exclude_none=True)
         # The org set has a slot of its own: on a cluster one MULTI cannot span both. Listing
         # the org first is harmless if the replacement then fails.
-        await self._redis.sadd(ORGS_KEY, org_id)  # type: ignore[misc]
+        await self._redis.sadd(ORGS_KEY, org_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(key, *LIMIT_FIELDS)
         if values:

@@ -37,7 +37,7 @@ from pydantic import (
 from proxy.ledger.keys import Scope, budget_field, events_tag, org_key, org_prefix, spend_tag
 from proxy.ledger.scripts import HASH_SWAP, PUT_BUDGET
 from proxy.ledger.windows import Period, Windows, iso_millis, rfc3339
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 from proxy.store.secret_box import SecretBox, open_sealed
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class BudgetStore:
         sealed = 0
         for org_id in orgs:
             budgets = org_key(org_id, "budgets")
-            for field, raw in (await self._redis.hgetall(budgets)).items():  # type: ignore[misc]
+            for field, raw in (await self._redis.hgetall(budgets)).items():
                 sealed += await self._swap(budgets, field, raw)
             pipe = self._redis.pipeline(transaction=False)
             pipe.zrange(org_key(org_id, "outbox"), 0, -1)
@@ -281,9 +281,9 @@ class BudgetStore:
             ids = {event_id for listing in await pipe.execute() for event_id in listing}
             for event_id in ids:
                 record = org_key(org_id, "delivery", event_id)
-                raw = await self._redis.hget(record, "budget")  # type: ignore[misc]
-                if raw:
-                    sealed += await self._swap(record, "budget", raw)
+                held = await self._redis.hget(record, "budget")
+                if held:
+                    sealed += await self._swap(record, "budget", held)
         return sealed
 
     async def _swap(self, key: str, field: str, raw: str) -> int:
@@ -331,7 +331,7 @@ class BudgetStore:
     async def get(
         self, org_id: str, scope: Scope, scope_id: str, owner: str, windows: Windows
     ) -> dict[str, Any] | None:
-        raw = await self._redis.hget(  # type: ignore[misc]
+        raw = await self._redis.hget(
             org_key(org_id, "budgets"), budget_field(scope, scope_id, owner)
         )
         if raw is None:
@@ -343,7 +343,7 @@ class BudgetStore:
     ) -> list[dict[str, Any]]:
         """Budgets of an org: all of them, or those of one scope (the org, one key, one end
         user, or the default for each end user)."""
-        raw = await self._redis.hgetall(org_key(org_id, "budgets"))  # type: ignore[misc]
+        raw = await self._redis.hgetall(org_key(org_id, "budgets"))
         budgets = [json.loads(value) for _, value in sorted(raw.items())]
         if scope is not None:
             budgets = [
@@ -389,10 +389,10 @@ class BudgetStore:
         self, org_id: str, scope: Scope, scope_id: str, limit: int
     ) -> list[dict[str, Any]]:
         key = org_key(org_id, "events", events_tag(scope, scope_id))
-        return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]  # type: ignore[misc]
+        return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]
 
     async def spend(self, org_id: str, scope: Scope, scope_id: str, window: str) -> Spend:
-        c, t = await self._redis.hmget(  # type: ignore[misc]
+        c, t = await self._redis.hmget(
             org_key(org_id, "spend", spend_tag(scope, scope_id), window), "c", "t"
         )
         return Spend(int(c or 0), int(t or 0))

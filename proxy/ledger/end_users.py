@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool
 
 from proxy.ledger.api_keys import LIMIT_FIELDS, Limits
 from proxy.ledger.keys import ORGS_KEY, org_key
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 MAX_END_USER_ID = 256
 """Characters of an end-user id (``X-On-Behalf-Of``); its tag is at most 2 * 4 * 256 + 2 bytes."""
@@ -47,16 +47,16 @@ class EndUserPolicies:
 
     async def get(self, org_id: str) -> EndUserPolicy:
         names = (*_FLAG_FIELDS, *USER_LIMIT_FIELDS)
-        values = await self._redis.hmget(org_key(org_id, "limits"), *names)  # type: ignore[misc]
+        values = await self._redis.hmget(org_key(org_id, "limits"), *names)
         found = dict(zip(names, values, strict=True))
         return EndUserPolicy(
             require_on_behalf_of=found["u_required"] == "1",
             track_spend=found["u_track"] == "1",
             limits=Limits(
                 **{
-                    name: int(found[f"u_{name}"])
+                    name: int(value)
                     for name in LIMIT_FIELDS
-                    if found[f"u_{name}"] is not None
+                    if (value := found[f"u_{name}"]) is not None
                 }
             ),
         )

@@ -24,6 +24,8 @@ from typing import Literal
 
 ORGS_KEY = "bp:orgs"
 """The set of orgs that ever had a key, a limit or a budget (the sweeper walks it)."""
+SWEEPER_LOCK = "bp:sweeper"
+"""Held by the one process sweeping expired leases this round."""
 _DIGEST = "bp:kd:"
 _KEY_ORG = "bp:ki:"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -163,26 +165,41 @@ LUA_TAGS = {"key": KEY_TAG, "org": ORG_TAG, "user": USER_TAG, "user_default": US
 _LUA_NAME = re.compile(r"\b(K|TAG)\.([a-z_]+)\b")
 
 
+_LUA_CONCAT = re.compile(r"'([^'\\]*)' \.\. '([^'\\]*)'")
+
+
 def lua_names(source: str) -> str:
     """``source`` with every ``K.<name>`` (a key suffix) and ``TAG.<name>`` (a scope tag)
-    replaced by its string literal: spelled once, here, and costing a script nothing at run
-    time. An unknown name raises KeyError when the script is composed (at import)."""
+    replaced by its string literal, and literals joined by ``..`` folded into one: spelled
+    once, here, and costing a script nothing at run time (Lua 5.1 does not fold constants).
+    An unknown name raises KeyError when the script is composed (at import)."""
 
     def literal(match: re.Match[str]) -> str:
         table = SUFFIX if match[1] == "K" else LUA_TAGS
         return _lua_string(table[match[2]])
 
-    return _LUA_NAME.sub(literal, source)
+    source = _LUA_NAME.sub(literal, source)
+    folded = _LUA_CONCAT.sub(r"'\1\2'", source)
+    while folded != source:
+        source, folded = folded, _LUA_CONCAT.sub(r"'\1\2'", folded)
+    return source
 
 
 def lua_prelude() -> str:
-    """The Lua constants of this module that scripts iterate over, put in front of every
-    ledger script."""
-    widths = ", ".join(_lua_string(code) for code in COUNTER_WIDTHS.values())
+    """The Lua constants of this module that scripts iterate over or compare with, put in front
+    of every ledger script; literals only, so defining them costs a call next to nothing."""
+    own1, own2 = (f":{owner}" for owner in OWNERS)
+    widths = ", ".join(
+        f"{{{_lua_string(code)}, {seconds}}}"
+        for code, seconds in zip(COUNTER_WIDTHS.values(), (60, 3600, 86400), strict=True)
+    )
     return (
         "-- Generated from proxy/ledger/keys.py (K.<name> and TAG.<name> are replaced by their\n"
         "-- literals when a script is composed: proxy/ledger/scripts.py).\n"
         f"local OWNERS = {{{', '.join(_lua_string(o) for o in OWNERS)}}}\n"
-        f"local COUNTER_WIDTHS = {{{widths}}}\n"
+        f"local OWN1, OWN2 = {_lua_string(own1)}, {_lua_string(own2)}\n"
+        f"local ORG_FIELD1, ORG_FIELD2 = {_lua_string(ORG_TAG + own1)}, "
+        f"{_lua_string(ORG_TAG + own2)}\n"
+        f"local USAGE_WIDTHS = {{{widths}}} -- usage counter buckets: code, seconds\n"
         "local USAGE_SEP = '\\31'\n"
     )

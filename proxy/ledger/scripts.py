@@ -33,7 +33,7 @@ _BOOKS = ("prelude", "events", "leases", "budget_fields", "spend")
 _CHARGES = (*_BOOKS, "usage_counters", "reclaims")
 
 ADMIT = script(*_CHARGES, "rate_limits", "scopes", "budgets", "clamp", "admit")
-SETTLE = script(*_CHARGES, "rate_limits", "settle")
+SETTLE = script(*_CHARGES, "settle")
 RECLAIM = script(*_CHARGES, "reclaim")
 PUT_BUDGET = script("prelude", "events", "budget_put")
 HASH_SWAP = script("hash_swap")

@@ -24,7 +24,7 @@ from typing import Literal
 
 from proxy.config import UsageConfig
 from proxy.ledger.keys import USAGE_SEP, counter_key
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.ledger.keys import org_key
 from proxy.ledger.records import UsageRecord
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 def valid_stream_id(value: str) -> bool:

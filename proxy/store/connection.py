@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Iterable
-from typing import Any, TypeAlias
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -26,12 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.config import RedisConfig
 from proxy.store import topology
+from proxy.store.client import Redis
 from proxy.store.cluster import ClusterRouter
 from proxy.store.pipelined import Link, PipelinedConnection, Router, SingleNode
 from proxy.store.scripts import LuaScript
 from proxy.store.sentinel import SentinelRouter
-
-Redis: TypeAlias = Any  # redis.asyncio.Redis or RedisCluster (decode_responses=True)
 
 
 def _retry() -> Retry:
@@ -132,9 +131,9 @@ def connect(config: RedisConfig, url: str) -> Redis:
             **common,
         )
         master.sentinel = sentinel
-        return master
+        return cast(Redis, master)
     if topo.kind == "cluster":
-        return _Cluster(
+        cluster = _Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in topo.nodes],
             username=topo.username,
             password=topo.password,
@@ -146,11 +145,13 @@ def connect(config: RedisConfig, url: str) -> Redis:
             max_connections=config.max_connections,
             **common,
         )
+        return cast(Redis, cluster)
     if topo.nodes:  # TCP, not a unix socket
         common["connection_class"] = _SSLConnection if topo.tls else _Connection
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url, retry=_retry(), max_connections=config.max_connections, **common
     )
+    return cast(Redis, client)
 
 
 def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:

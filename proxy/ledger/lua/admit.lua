@@ -81,7 +81,7 @@ end
 -- org's default for each end user (budget_fields.lua).
 local fields, tags
 if user == '' then
-  fields = {ktag .. OWN1, ktag .. OWN2, ORG_FIELDS[1], ORG_FIELDS[2]}
+  fields = {ktag .. OWN1, ktag .. OWN2, ORG_FIELD1, ORG_FIELD2}
   tags = {ktag, ktag, TAG.org, TAG.org}
 else
   fields, tags = budget_fields({ktag, TAG.org, user})

@@ -1,23 +1,16 @@
 -- Budget fields: which budgets judge which scope's spend.
--- Key and org fields of the common case (no end user), built once per script call.
-local OWN1, OWN2 = ':' .. OWNERS[1], ':' .. OWNERS[2]
-local ORG_FIELDS = {TAG.org .. OWN1, TAG.org .. OWN2}
+-- The org's fields of the common case (no end user) are the prelude's ORG_FIELD1, ORG_FIELD2.
 
 -- End users. An end user named by X-On-Behalf-Of counts as the tag TAG.user .. <hex of the
 -- id's UTF-8 bytes> (nothing in it can break a key name, a field or the org's hash tag); their
 -- budgets are the fields <tag>:<owner> (explicit) and TAG.user_default:<owner> (the org's
 -- default for each end user): proxy/ledger/keys.py. Only a lease whose org budgets or limits
 -- its end users carries the tag (see admit.lua).
-local USER_TAG_PATTERN = '(' .. TAG.user .. '%x+)'
 local USER_DEFAULT_FIELD = '^' .. TAG.user_default .. ':(%a+)$'
 local USER_DEFAULT_HEAD = TAG.user_default .. ':'
 
 local function is_user_tag(tag)
   return string.sub(tag, 1, #TAG.user) == TAG.user
-end
-
-local function end_user_tag_in(extra)
-  return string.match(extra or '', USER_TAG_PATTERN)
 end
 
 local function end_user_id(tag)

@@ -1,6 +1,7 @@
 -- Leases: one admitted request's reservation — in-flight cost, tokens and a concurrency slot
--- on every scope it counts against (the key, the org, any extra tags). Releasing it is the
--- single way reservations leave the books (reclaims.lua charges a dead proxy's).
+-- on every scope it counts against (the key, the org, any extra tags). Releasing it (and
+-- giving back its unused tokens-per-minute) is the single way reservations leave the books
+-- (reclaims.lua charges a dead proxy's).
 
 local LEASE_FIELDS = {'k', 'c', 't', 'r', 'pi', 'm', 'e', 'u', 'x'}
 
@@ -115,5 +116,29 @@ local function set_aside(P, rid, now, why)
   end
   for tag in string.gmatch(kx[2] or '', '%S+') do
     heal_inflight(P, tag)
+  end
+end
+
+-- The end user's tag among a lease's extra tags (budget_fields.lua), if any.
+local function end_user_tag_in(extra)
+  return string.match(extra or '', '(' .. TAG.user .. '%x+)')
+end
+
+-- Tokens per minute: give back what the reservation took beyond actual use (or take the excess).
+local function refund_tpm(P, l, tokens)
+  local refund = l.t - tokens
+  if refund == 0 or l.r == '' then
+    return
+  end
+  for scope in string.gmatch(l.r, '.') do
+    local h = P .. K.rl .. TAG.org
+    if scope == 'k' then
+      h = P .. K.rl .. TAG.key .. l.k
+    elseif scope == 'u' then
+      h = P .. K.rl .. (end_user_tag_in(l.x) or TAG.user)
+    end
+    if redis.call('HEXISTS', h, 'tpm') == 1 then
+      redis.pcall('HINCRBYFLOAT', h, 'tpm', string.format('%.17g', -refund))
+    end
   end
 end

@@ -116,22 +116,3 @@ local function check_concurrency(P, scopes)
   end
   return nil, inflight
 end
-
--- Tokens per minute: give back what the reservation took beyond actual use (or take the excess).
-local function refund_tpm(P, l, tokens)
-  local refund = l.t - tokens
-  if refund == 0 or l.r == '' then
-    return
-  end
-  for scope in string.gmatch(l.r, '.') do
-    local h = P .. K.rl .. TAG.org
-    if scope == 'k' then
-      h = P .. K.rl .. TAG.key .. l.k
-    elseif scope == 'u' then
-      h = P .. K.rl .. (end_user_tag_in(l.x) or TAG.user)
-    end
-    if redis.call('HEXISTS', h, 'tpm') == 1 then
-      redis.pcall('HINCRBYFLOAT', h, 'tpm', string.format('%.17g', -refund))
-    end
-  end
-end

@@ -32,7 +32,7 @@ local function check_budgets(P, tags, W, now, now_iso, seed)
   local fields, field_tags
   if #tags == 2 then -- a key and its org (no end user): the common case, spelled out
     local k = tags[1]
-    fields = {k .. OWN1, k .. OWN2, ORG_FIELDS[1], ORG_FIELDS[2]}
+    fields = {k .. OWN1, k .. OWN2, ORG_FIELD1, ORG_FIELD2}
     field_tags = {k, k, TAG.org, TAG.org}
   else
     fields, field_tags = budget_fields(tags)

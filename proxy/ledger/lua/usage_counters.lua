@@ -24,7 +24,6 @@ end
 -- later ones as "(other)".
 
 local USAGE_OTHER = '(other)'
-local USAGE_WIDTHS = {{COUNTER_WIDTHS[1], 60}, {COUNTER_WIDTHS[2], 3600}, {COUNTER_WIDTHS[3], 86400}}
 local USAGE_SPILLS = 8
 
 local function usage_policy(s)
