@@ -28,7 +28,7 @@ from proxy.gateway.state import GATEWAY, Gateway
 from proxy.ledger.admission import Admitted, BudgetRefused, RateLimited
 from proxy.ledger.api_keys import Identity, KeyRecord
 from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
-from proxy.ledger.keys import budget_scope
+from proxy.ledger.keys import budget_key_id, budget_owner, budget_scope
 from proxy.ledger.windows import rfc3339
 from proxy.openapi import Reply, operation
 
@@ -132,12 +132,12 @@ def _binding(
     scope = budget_scope(field)
     window = decision.budget_window
     period = period_of(window)
-    scope_id = {"apikey": field[2:].rpartition(":")[0], "external_user": end_user or ""}
+    scope_id = {"apikey": budget_key_id(field), "external_user": end_user or ""}
     return {
         "kind": "budget",
         "scope": scope,
         "scope_id": scope_id.get(scope, org_id),
-        "owner": field.rsplit(":", 1)[1],
+        "owner": budget_owner(field),
         "period": period,
         "window": window,
         "limit_kind": "cost" if unit == "c" else "tokens",

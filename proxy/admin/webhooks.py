@@ -1,7 +1,7 @@
 """Budget-alert webhooks: signed deliveries that are never lost and never sent twice at once.
 
 The request path only *records*: when settle (or a budget PUT) crosses a threshold of a budget
-with a webhook URL, ``budget_events.lua`` writes the delivery record and its per-org outbox
+with a webhook URL, ``ledger/lua/events.lua`` writes the delivery record and its per-org outbox
 entry in the same atomic step as the event. Every proxy process runs one background loop
 (``delivery_ctx``) that delivers from the outbox, so an LLM request never waits on a receiver.
 

@@ -4,8 +4,8 @@ Admission reclaims expired leases of its own org on the way (bounded per call), 
 whose only traffic came through a proxy that died would keep that proxy's reservations and
 concurrency slots until its next request. Every proxy process runs this loop; one of them at a
 time (a short Redis lock) walks every org and reclaims what has expired — releasing it and
-charging its whole reservation (``lease.lua``). The same tick adopts settle spool files left by
-processes that are gone, so their usage is replayed without waiting for a restart.
+charging its whole reservation (``ledger/lua/reclaims.lua``). The same tick adopts settle spool
+files left by processes that are gone, so their usage is replayed without waiting for a restart.
 """
 
 from __future__ import annotations

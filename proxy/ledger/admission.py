@@ -74,7 +74,7 @@ class RateLimited:
 
 @dataclass(frozen=True)
 class BudgetRefused:
-    field: str  # "k:<kid>:<owner>" | "o:<owner>" | "u:<hex>:<owner>" | "ud:<owner>"
+    field: str  # a budget field (ledger.keys.budget_field)
     why: str  # "blocked" | "exceeds"
     window: str
     spent: int

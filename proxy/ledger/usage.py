@@ -1,4 +1,4 @@
-"""Usage counters: the layout the ledger writes (``add_usage`` in ``gateway/lease.lua``) and
+"""Usage counters: the layout the ledger writes (``add_usage`` in ``lua/usage_counters.lua``) and
 how reports read it.
 
 Every charge — a settle, a reclaimed lease, the late correction of a reclaimed charge, a
