@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -25,14 +24,36 @@ from proxy.gateway import metrics
 from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
 from proxy.ledger.api_keys import Identity
-from proxy.ledger.args import NO_LIMITS, AdmitArgs, ReclaimArgs, SettleArgs
-from proxy.ledger.args import ClampTerms as ClampTerms
-from proxy.ledger.keys import budget_owner, budget_scope, org_key
+from proxy.ledger.args import NO_LIMITS, AdmitArgs, ClampTerms, ReclaimArgs, SettleArgs
+from proxy.ledger.keys import org_key
+from proxy.ledger.outcomes import (
+    ALREADY_ADMITTED,
+    Admitted,
+    BudgetRefused,
+    Decision,
+    EndUserRequired,
+    RateLimited,
+    Revoked,
+    decision_of,
+)
 from proxy.ledger.records import UsageRecord
 from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE
 from proxy.ledger.windows import Clock, WindowCache, Windows
 from proxy.store.client import Redis
 from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
+
+__all__ = [
+    "ALREADY_ADMITTED",
+    "Admission",
+    "Admitted",
+    "BudgetRefused",
+    "ClampTerms",
+    "Decision",
+    "EndUserRequired",
+    "LeaseKeeper",
+    "RateLimited",
+    "Revoked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,88 +64,12 @@ _ADMIT_TIME = metrics.REDIS_TIME.labels("admit")
 _SETTLE_TIME = metrics.REDIS_TIME.labels("settle")
 
 
-# Hot-path records: slots, not frozen (a frozen dataclass's __init__ costs ~6x more).
-@dataclass(slots=True)
-class Admitted:
-    request_limit: int | None
-    request_remaining: int
-    request_reset_ms: int
-    token_limit: int | None
-    token_remaining: int
-    token_reset_ms: int
-    budget_remaining: int | None
-    budget_line: int | None
-    budget_unit: str
-    budget_window: str
-    budget_field: str
-    clamped_cap: int | None = None
-    """The output cap per choice the request was lowered to (None: not clamped)."""
-    reserved_tokens: int = 0
-    reserved_cost_nano: int = 0
-
-
-@dataclass(frozen=True)
-class RateLimited:
-    scope: str  # "key" | "org" | "end_user"
-    limit_name: str  # rps, rpm, rph, rpd, tpm, concurrency
-    limit: int
-    retry_after_ms: int  # -1: unknown, or never for this request
-    current: int
-
-
-@dataclass(frozen=True)
-class BudgetRefused:
-    field: str  # a budget field (ledger.keys.budget_field)
-    why: str  # "blocked" | "exceeds"
-    window: str
-    spent: int
-    """Settled spend, plus what is in flight when the worst case does not fit."""
-    line: int
-    reserved: int = 0
-    """What this request would reserve, in the budget's unit."""
-    unit: str = "t"  # "c" (nano-units) | "t" (tokens)
-
-    @property
-    def scope(self) -> str:
-        return budget_scope(self.field)
-
-    @property
-    def owner(self) -> str:
-        return budget_owner(self.field)
-
-    @property
-    def left(self) -> int:
-        return max(self.line - self.spent, 0)
-
-
-@dataclass(frozen=True)
-class Revoked:
-    pass
-
-
-@dataclass(frozen=True)
-class EndUserRequired:
-    """The org requires every request to name its end user (``X-On-Behalf-Of``)."""
-
-
-ALREADY_ADMITTED = Admitted(None, 0, 0, None, 0, 0, None, None, "", "", "")
-"""A retried admit of a request that already holds its lease: admitted, with no figures for
-the headers (the first call's reply, which had them, was lost)."""
-
-
-Decision = Admitted | RateLimited | BudgetRefused | Revoked | EndUserRequired
-
-
 def _may_have_run(exc: BaseException) -> bool:
     """Whether a failed script call may still have run: it was sent and its reply never came
     (a timeout, a connection lost after writing, a write no replica acknowledged)."""
     if isinstance(exc, ConnectionLost):
         return exc.written
     return isinstance(exc, RedisTimeoutError | ReplicaTimeout | TimeoutError)
-
-
-def _optional(value: int) -> int | None:
-    return None if value < 0 else value
 
 
 class Admission:
@@ -207,49 +152,7 @@ class Admission:
                 await self.release(identity, request_id, model, endpoint)
             raise
         _ADMIT_TIME.observe(time.perf_counter() - started)
-        kind = result[0]
-        if kind == "ok":
-            return Admitted(
-                request_limit=_optional(int(result[1])),
-                request_remaining=int(result[2]),
-                request_reset_ms=int(result[3]),
-                token_limit=_optional(int(result[4])),
-                token_remaining=int(result[5]),
-                token_reset_ms=int(result[6]),
-                budget_remaining=int(result[7]) if result[7] else None,
-                budget_line=int(result[8]) if result[8] else None,
-                budget_unit=result[9],
-                budget_window=result[10],
-                budget_field=result[11],
-                clamped_cap=int(result[12]) if result[12] != "" else None,
-                reserved_tokens=int(result[13]) if result[13] != "" else reserve_tokens,
-                reserved_cost_nano=int(result[14]) if result[14] != "" else reserve_cost_nano,
-            )
-        if kind == "dup":
-            return ALREADY_ADMITTED
-        if kind == "rate":
-            return RateLimited(
-                scope=result[1],
-                limit_name=result[2],
-                limit=int(result[3]),
-                retry_after_ms=int(result[4]),
-                current=int(result[5]),
-            )
-        if kind == "budget":
-            return BudgetRefused(
-                field=result[1],
-                why=result[2],
-                window=result[3],
-                spent=int(result[4]),
-                line=int(result[5]),
-                reserved=int(result[6]),
-                unit=result[7],
-            )
-        if kind == "need_user":
-            return EndUserRequired()
-        if kind == "invalid":
-            raise ValueError(f"admit refused argument {result[1]}")
-        return Revoked()
+        return decision_of(result, reserve_tokens, reserve_cost_nano)
 
     async def release(self, identity: Identity, request_id: str, model: str, endpoint: str) -> None:
         """Gives back a reservation that was (or may have been) made for a request that was
