@@ -26,21 +26,22 @@ from proxy.config import ConfigError, Settings
 from proxy.dialects import for_path
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.gateway import lease_sweeper, llm_api, metrics
-from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
 from proxy.gateway.settle_spool import SettleSpool
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
+from proxy.ledger.admission import Admission
+from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
+from proxy.ledger.budgets import BudgetStore
+from proxy.ledger.windows import Clock, system_clock
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.budgets import BudgetStore
-from proxy.store.connection import Redis, connect, hot_path
-from proxy.store.keys import KeyCreate, KeyStore, digest
+from proxy.store.client import Redis
+from proxy.store.connection import connect, hot_path
 from proxy.store.readiness import StoreNotReady, describe, wait_until_ready
 from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.store.secret_box import SecretBox, SecretKeyError
-from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
 

@@ -285,7 +285,7 @@ class UsageConfig(_Strict):
         }[width]
 
     def lua_policy(self) -> str:
-        """What the ledger scripts take (``add_usage`` in ``lease.lua``)."""
+        """What the ledger scripts take (``add_usage`` in ``ledger/lua/usage_counters.lua``)."""
         keeps = " ".join(str(self.keep_seconds(w)) for w in ("1m", "1h", "1d"))
         return f"{keeps} {self.end_user_cap}"
 

@@ -27,9 +27,9 @@ from test_anthropic_api import async_client, claude_sections, root
 from proxy.catalog.pricing import cost_nano, reserve_cost_nano
 from proxy.catalog.tokenizer import count_prompt
 from proxy.dialects.claude_bound import prompt_bound
-from proxy.gateway.admission import Admitted, ClampTerms
 from proxy.gateway.state import GATEWAY
-from proxy.store.keys import Identity
+from proxy.ledger.admission import Admitted, ClampTerms
+from proxy.ledger.api_keys import Identity
 
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from conftest import FakeClock, Proxy
 from helpers import metered_chat, user_messages
 
-from proxy.store.windows import windows_at
+from proxy.ledger.windows import windows_at
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000

@@ -30,7 +30,7 @@ from test_budget_enforcement import calibrate, mini_price, month_now, n_fit_limi
 from proxy.catalog.pricing import cost_nano
 from proxy.catalog.tokenizer import count_prompt
 from proxy.gateway.state import GATEWAY
-from proxy.store.end_users import end_user_tag
+from proxy.ledger.keys import end_user_tag
 
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()

@@ -44,9 +44,9 @@ from proxy.config import MeteringConfig, ModelConfig
 from proxy.gateway.lease_sweeper import sweep_once
 from proxy.gateway.settle_spool import QUARANTINE_NAME
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
-from proxy.store.keys import Identity
-from proxy.store.windows import windows_at
 
 MESSAGES = user_messages("tell me a long story")
 

@@ -27,8 +27,8 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, eventually, start_proxy_process, usage_record, write_config
 from helpers import user_messages
 
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.windows import windows_at
 from proxy.tools.mock import RECEIVED
 
 pytestmark = pytest.mark.slow

@@ -225,7 +225,7 @@ async def test_the_openai_sdk_gets_a_bad_request_error_for_a_huge_cap(
 async def test_admission_refuses_out_of_range_reservations_itself(proxy: Proxy) -> None:
     """Defence in depth: a caller that skipped the request checks cannot push an inexact
     number into the script either."""
-    from proxy.store.keys import Identity
+    from proxy.ledger.api_keys import Identity
 
     gw = proxy.app[GATEWAY]
     with pytest.raises(ValueError):

@@ -25,8 +25,8 @@ from proxy.catalog.tokenizer import count_prompt
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import free_port
-from proxy.store.windows import windows_at
 
 ORG = "acme"
 P = "bp:{o:acme}:"

@@ -13,8 +13,8 @@ from conftest import Proxy
 from helpers import chat_json
 from redis_topologies import RedisClusterTopology, client, command, running
 
-from proxy.store.connection import org_prefix
-from proxy.store.windows import windows_at
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.windows import windows_at
 
 pytestmark = pytest.mark.slow  # a Redis cluster of its own
 

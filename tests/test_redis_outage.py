@@ -21,8 +21,8 @@ from conftest import ADMIN_KEY, eventually, make_settings
 from helpers import user_messages
 
 from proxy.app import create_app
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.windows import windows_at
 from proxy.tools.mock import RECEIVED
 
 pytestmark = pytest.mark.slow  # a Redis of their own, crashed and restarted

@@ -27,9 +27,10 @@ from redis_topologies import (
     running,
 )
 
-from proxy.gateway.admission import ADMIT, SETTLE
-from proxy.store.connection import Redis, org_prefix
-from proxy.store.windows import windows_at
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.scripts import ADMIT, SETTLE
+from proxy.ledger.windows import windows_at
+from proxy.store.client import Redis
 
 Topology = RedisClusterTopology | RedisSentinelTopology
 pytestmark = pytest.mark.slow  # a Redis cluster and a sentinel set of their own

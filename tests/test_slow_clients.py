@@ -45,9 +45,9 @@ from conftest import (
 from helpers import user_messages
 
 from proxy.catalog.pricing import Price, cost_nano
+from proxy.ledger.windows import windows_at
 from proxy.providers.http import Client, Target, Timeouts
 from proxy.providers.http import parser as http_parser
-from proxy.store.windows import windows_at
 from proxy.tools.mock import EXCHANGES, MockExchange
 
 pytestmark = pytest.mark.slow

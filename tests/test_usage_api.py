@@ -20,12 +20,12 @@ from conftest import FakeClock, Proxy
 from helpers import user_messages
 
 from proxy.catalog.pricing import cost_nano
-from proxy.gateway.admission import Admitted
 from proxy.gateway.lease_sweeper import sweep_once
 from proxy.gateway.settle_spool import SettleRequest
 from proxy.gateway.state import GATEWAY
-from proxy.store.keys import Identity
-from proxy.store.windows import windows_at
+from proxy.ledger.admission import Admitted
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.windows import windows_at
 
 MESSAGES = user_messages("tell me about rate limits")
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}

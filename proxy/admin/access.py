@@ -9,9 +9,9 @@ from typing import Annotated
 from pydantic import AfterValidator, WithJsonSchema
 
 from proxy.errors import bad_request, forbidden, not_found
+from proxy.ledger.api_keys import Identity, KeyRecord, KeyStore
+from proxy.ledger.keys import valid_id
 from proxy.openapi import ORG_ID_PATTERN
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity, KeyRecord, KeyStore
 
 ORG_ID_RULE = "1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
 

@@ -20,10 +20,11 @@ from proxy.admin.schemas import Budget, BudgetDeleted, BudgetEventList, BudgetLi
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.budgets import END_USER_SCOPES, BudgetInput, Owner
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import Scope
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import END_USER_SCOPES, BudgetInput, Owner, Scope
-from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
-from proxy.store.keys import Identity
 
 _EVENTS_DEFAULT, _EVENTS_MAX = 100, 1000
 

@@ -8,10 +8,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from proxy.admin.schemas import Health, Readiness
-from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE
 from proxy.openapi import Reply, operation
-from proxy.store.budgets import PUT_BUDGET
 
 SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 

@@ -27,9 +27,9 @@ from proxy.admin.schemas import (
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.api_keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
+from proxy.ledger.end_users import EndUserPolicies, EndUserPolicy
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.end_users import EndUserPolicies, EndUserPolicy
-from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 _NOT_FOUND = {404: "No such key, or it belongs to another org."}
 _ORG_NOT_FOUND = {404: "No such org, or another org than the caller's."}

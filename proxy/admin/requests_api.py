@@ -22,10 +22,10 @@ from proxy.admin.schemas import RecentRequests
 from proxy.admin.usage_api import BASE, end_users, seconds
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.keys import valid_id
+from proxy.ledger.usage_records import RecordFilter, recent, valid_stream_id
 from proxy.openapi import Reply, operation
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity
-from proxy.store.usage_records import RecordFilter, recent, valid_stream_id
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _SCAN_FACTOR = 10

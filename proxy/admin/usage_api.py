@@ -34,10 +34,9 @@ from proxy.catalog.pricing import NANO
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.pipeline import on_behalf_of
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.openapi import Reply, operation
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity
-from proxy.store.usage import (
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.keys import valid_id
+from proxy.ledger.usage import (
     REPORT_ENDPOINTS,
     WIDTHS,
     Counts,
@@ -49,6 +48,7 @@ from proxy.store.usage import (
     buckets,
     cover,
 )
+from proxy.openapi import Reply, operation
 
 BASE = "/api/v1/llm/usage"
 COST_DIMENSIONS = ("model", "api_key_id", "team_id", "external_user_id", "org_id")

@@ -1,7 +1,7 @@
 """Budget-alert webhooks: signed deliveries that are never lost and never sent twice at once.
 
 The request path only *records*: when settle (or a budget PUT) crosses a threshold of a budget
-with a webhook URL, ``budget_events.lua`` writes the delivery record and its per-org outbox
+with a webhook URL, ``ledger/lua/events.lua`` writes the delivery record and its per-org outbox
 entry in the same atomic step as the event. Every proxy process runs one background loop
 (``delivery_ctx``) that delivers from the outbox, so an LLM request never waits on a receiver.
 
@@ -82,15 +82,16 @@ from proxy.config import WebhookConfig
 from proxy.errors import not_found
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.budgets import Spend, gauge, public
+from proxy.ledger.keys import ORGS_KEY, org_prefix
+from proxy.ledger.scripts import OUTBOX
+from proxy.ledger.windows import iso_millis, rfc3339
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import Spend, gauge, public
-from proxy.store.connection import ORGS_KEY, LuaScript, Redis, org_prefix
+from proxy.store.client import Redis
 from proxy.store.secret_box import SecretUnavailable
-from proxy.store.windows import iso_millis, rfc3339
 
 log = logging.getLogger(__name__)
 
-OUTBOX = LuaScript("admin/webhook_outbox.lua")
 USER_AGENT = "llm-budget-proxy-webhooks/0.1"
 RESPONSE_READ_CAP = 4096
 ERROR_MAX_CHARS = 300

@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.catalog.routes import ModelRoute
 from proxy.dialects.base import Usage
-from proxy.store.keys import Identity
+from proxy.ledger.api_keys import Identity
 
 
 @dataclass

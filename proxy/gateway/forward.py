@@ -11,10 +11,10 @@ from aiohttp import web
 
 from proxy.dialects.base import Dialect, Reservation
 from proxy.gateway import relay
-from proxy.gateway.admission import Admitted
 from proxy.gateway.decisions import admitted_headers, with_dialect_limits
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
+from proxy.ledger.admission import Admitted
 from proxy.providers import fallback
 
 

@@ -26,15 +26,6 @@ from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.dialects import Dialect, by_name
 from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.admission import (
-    Admitted,
-    BudgetRefused,
-    ClampTerms,
-    Decision,
-    EndUserRequired,
-    RateLimited,
-    Revoked,
-)
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import (
     budget_error,
@@ -47,8 +38,19 @@ from proxy.gateway.forward import forward
 from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
-from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
-from proxy.store.keys import Identity
+from proxy.ledger.admission import (
+    Admitted,
+    BudgetRefused,
+    ClampTerms,
+    Decision,
+    EndUserRequired,
+    RateLimited,
+    Revoked,
+)
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import end_user_tag
+from proxy.ledger.records import UsageRecord
 
 
 def on_behalf_of(request: web.Request) -> str | None:
@@ -265,24 +267,24 @@ async def _admit(
 async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
     usage = exchange.usage or Usage(0, 0, reported=False)
     cost = usage.cost_nano(exchange.route.price)
-    record: dict[str, str | int | None] = {
-        "rid": exchange.request_id,
-        "kid": exchange.identity.key_id,
-        "user": exchange.on_behalf_of,
-        "model": exchange.route.name,
-        "endpoint": exchange.endpoint,
-        "in": usage.input_tokens,
-        "out": usage.output_tokens,
-        "cached": usage.cached_tokens,
-        "cache_write": usage.cache_write_tokens,
-        "cache_write_1h": usage.cache_write_1h_tokens,
-        "reasoning": usage.reasoning_tokens,
-        "cost_nano": cost,
-        "reported": int(usage.reported),
-        "status": exchange.status,
-        "client_gone": int(exchange.client_gone),
-        "upstream": exchange.upstream,
-    }
+    record = UsageRecord(
+        rid=exchange.request_id,
+        kid=exchange.identity.key_id,
+        user=exchange.on_behalf_of,
+        model=exchange.route.name,
+        endpoint=exchange.endpoint,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        cost_nano=cost,
+        reported=usage.reported,
+        status=exchange.status,
+        client_gone=exchange.client_gone,
+        upstream=exchange.upstream,
+    )
     outcome.update(
         status_upstream=exchange.status,
         input_tokens=usage.input_tokens,

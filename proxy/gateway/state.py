@@ -8,14 +8,14 @@ from aiohttp import web
 
 from proxy.catalog.routes import ModelTable
 from proxy.config import Settings
-from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
+from proxy.ledger.admission import Admission
+from proxy.ledger.api_keys import KeyStore
+from proxy.ledger.budgets import BudgetStore
+from proxy.ledger.windows import Clock
 from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.budgets import BudgetStore
-from proxy.store.connection import Redis
-from proxy.store.keys import KeyStore
-from proxy.store.windows import Clock
+from proxy.store.client import Redis
 
 
 @dataclass

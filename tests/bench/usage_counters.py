@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 import redis.asyncio as aioredis  # noqa: E402
 
 from proxy import config  # noqa: E402
-from proxy.gateway.admission import Admission  # noqa: E402
 from proxy.gateway.settle_spool import SettleSpool  # noqa: E402
+from proxy.ledger.admission import Admission  # noqa: E402
+from proxy.ledger.api_keys import Identity  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis  # noqa: E402
-from proxy.store.keys import Identity  # noqa: E402
 
 ORG = "bench"
 

@@ -1,4 +1,4 @@
-"""Usage counters: the layout the ledger writes (``add_usage`` in ``gateway/lease.lua``) and
+"""Usage counters: the layout the ledger writes (``add_usage`` in ``lua/usage_counters.lua``) and
 how reports read it.
 
 Every charge — a settle, a reclaimed lease, the late correction of a reclaimed charge, a
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.config import UsageConfig
-from proxy.store.connection import Redis, org_prefix
+from proxy.ledger.keys import USAGE_SEP, counter_key
+from proxy.store.client import Redis
 
 log = logging.getLogger(__name__)
 
 Width = Literal["1m", "1h", "1d"]
 WIDTHS: dict[Width, int] = {"1m": 60, "1h": 3600, "1d": 86400}
-_CODE: dict[Width, str] = {"1m": "m", "1h": "h", "1d": "d"}
-SEP = "\x1f"
+SEP = USAGE_SEP
 OTHER = "(other)"
 """The end user of usage recorded past a bucket's end-user cap."""
 
@@ -86,7 +86,7 @@ class Span:
 
 
 def bucket_key(org_id: str, span: Span) -> str:
-    return f"{org_prefix(org_id)}usage:{_CODE[span.width]}:{span.start}"
+    return counter_key(org_id, span.width, span.start)
 
 
 def align(moment: int, width: Width) -> int:

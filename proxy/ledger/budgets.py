@@ -34,20 +34,18 @@ from pydantic import (
     field_validator,
 )
 
-from proxy.store.connection import LuaScript, Redis, org_prefix
-from proxy.store.end_users import end_user_tag
+from proxy.ledger.keys import Scope, budget_field, events_tag, org_key, org_prefix, spend_tag
+from proxy.ledger.scripts import HASH_SWAP, PUT_BUDGET
+from proxy.ledger.windows import Period, Windows, iso_millis, rfc3339
+from proxy.store.client import Redis
 from proxy.store.secret_box import SecretBox, open_sealed
-from proxy.store.windows import Period, Windows, iso_millis, rfc3339
 
 log = logging.getLogger(__name__)
 
 NANO = 1_000_000_000
-Scope = Literal["apikey", "org", "external_user", "external_user_default"]
 END_USER_SCOPES = ("external_user", "external_user_default")
 Owner = Literal["cluster", "org"]
 OWNERS: tuple[Owner, ...] = ("cluster", "org")
-PUT_BUDGET = LuaScript("store/budget_events.lua", "store/budget_put.lua")
-HASH_SWAP = LuaScript("store/hash_swap.lua")
 SEALED = "webhook_secret_sealed"
 
 
@@ -129,28 +127,6 @@ class BudgetInput(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http or https URI")
         return value
-
-
-def field_name(scope: Scope, scope_id: str, owner: str) -> str:
-    if scope == "external_user_default":
-        return f"ud:{owner}"
-    tag = spend_tag(scope, scope_id)
-    return f"{tag}:{owner}"
-
-
-def spend_tag(scope: Scope, scope_id: str) -> str:
-    """The scope whose spend a budget judges; the default for each end user has none ("")."""
-    if scope == "apikey":
-        return f"k:{scope_id}"
-    if scope == "external_user":
-        return end_user_tag(scope_id)
-    if scope == "external_user_default":
-        return ""
-    return "o"
-
-
-def events_tag(scope: Scope, scope_id: str) -> str:
-    return "ud" if scope == "external_user_default" else spend_tag(scope, scope_id)
 
 
 def _unit_amount(limit: float | int, kind: str) -> Decimal:
@@ -296,18 +272,18 @@ class BudgetStore:
             return 0
         sealed = 0
         for org_id in orgs:
-            prefix = org_prefix(org_id)
-            for field, raw in (await self._redis.hgetall(prefix + "budgets")).items():  # type: ignore[misc]
-                sealed += await self._swap(prefix + "budgets", field, raw)
+            budgets = org_key(org_id, "budgets")
+            for field, raw in (await self._redis.hgetall(budgets)).items():
+                sealed += await self._swap(budgets, field, raw)
             pipe = self._redis.pipeline(transaction=False)
-            pipe.zrange(prefix + "outbox", 0, -1)
-            pipe.zrange(prefix + "whlog", 0, -1)
+            pipe.zrange(org_key(org_id, "outbox"), 0, -1)
+            pipe.zrange(org_key(org_id, "whlog"), 0, -1)
             ids = {event_id for listing in await pipe.execute() for event_id in listing}
             for event_id in ids:
-                record = prefix + "wh:" + event_id
-                raw = await self._redis.hget(record, "budget")  # type: ignore[misc]
-                if raw:
-                    sealed += await self._swap(record, "budget", raw)
+                record = org_key(org_id, "delivery", event_id)
+                held = await self._redis.hget(record, "budget")
+                if held:
+                    sealed += await self._swap(record, "budget", held)
         return sealed
 
     async def _swap(self, key: str, field: str, raw: str) -> int:
@@ -335,7 +311,7 @@ class BudgetStore:
             self._redis,
             [org_prefix(org_id)],
             [
-                field_name(scope, scope_id, spec.owner),
+                budget_field(scope, scope_id, spec.owner),
                 json.dumps(stored, separators=(",", ":")),
                 "bud_" + secrets.token_hex(8),
                 spend_tag(scope, scope_id),
@@ -355,8 +331,8 @@ class BudgetStore:
     async def get(
         self, org_id: str, scope: Scope, scope_id: str, owner: str, windows: Windows
     ) -> dict[str, Any] | None:
-        raw = await self._redis.hget(  # type: ignore[misc]
-            org_prefix(org_id) + "budgets", field_name(scope, scope_id, owner)
+        raw = await self._redis.hget(
+            org_key(org_id, "budgets"), budget_field(scope, scope_id, owner)
         )
         if raw is None:
             return None
@@ -367,7 +343,7 @@ class BudgetStore:
     ) -> list[dict[str, Any]]:
         """Budgets of an org: all of them, or those of one scope (the org, one key, one end
         user, or the default for each end user)."""
-        raw = await self._redis.hgetall(org_prefix(org_id) + "budgets")  # type: ignore[misc]
+        raw = await self._redis.hgetall(org_key(org_id, "budgets"))
         budgets = [json.loads(value) for _, value in sorted(raw.items())]
         if scope is not None:
             budgets = [
@@ -381,12 +357,11 @@ class BudgetStore:
     async def _with_spend(
         self, org_id: str, budgets: list[dict[str, Any]], windows: Windows
     ) -> list[dict[str, Any]]:
-        prefix = org_prefix(org_id)
         pipe = self._redis.pipeline(transaction=False)
         gauged = [b for b in budgets if spend_tag(b["scope"], b["scope_id"])]
         for b in gauged:
             tag = spend_tag(b["scope"], b["scope_id"])
-            pipe.hmget(f"{prefix}spend:{tag}:{windows.of(b['period'])}", "c", "t")
+            pipe.hmget(org_key(org_id, "spend", tag, windows.of(b["period"])), "c", "t")
         spends = dict(zip((id(b) for b in gauged), await pipe.execute(), strict=True))
         shown = []
         for b in budgets:
@@ -402,23 +377,22 @@ class BudgetStore:
 
     async def delete(self, org_id: str, scope: Scope, scope_id: str, owner: str) -> bool:
         """Enforcement and alerts stop; a budget created later gets a new id."""
-        prefix = org_prefix(org_id)
-        name = field_name(scope, scope_id, owner)
+        name = budget_field(scope, scope_id, owner)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hdel(prefix + "budgets", name)
-        pipe.hdel(prefix + "budget_rules", name)
-        pipe.hdel(prefix + "budget_ids", name)
+        pipe.hdel(org_key(org_id, "budgets"), name)
+        pipe.hdel(org_key(org_id, "budget_rules"), name)
+        pipe.hdel(org_key(org_id, "budget_ids"), name)
         removed, _, _ = await pipe.execute()
         return bool(removed)
 
     async def events(
         self, org_id: str, scope: Scope, scope_id: str, limit: int
     ) -> list[dict[str, Any]]:
-        key = f"{org_prefix(org_id)}events:{events_tag(scope, scope_id)}"
-        return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]  # type: ignore[misc]
+        key = org_key(org_id, "events", events_tag(scope, scope_id))
+        return [json.loads(e) for e in await self._redis.lrange(key, 0, limit - 1)]
 
     async def spend(self, org_id: str, scope: Scope, scope_id: str, window: str) -> Spend:
-        c, t = await self._redis.hmget(  # type: ignore[misc]
-            f"{org_prefix(org_id)}spend:{spend_tag(scope, scope_id)}:{window}", "c", "t"
+        c, t = await self._redis.hmget(
+            org_key(org_id, "spend", spend_tag(scope, scope_id), window), "c", "t"
         )
         return Spend(int(c or 0), int(t or 0))

@@ -1,4 +1,4 @@
--- Shared by settle.lua and budget_put.lua (prepended at load time).
+-- Budget events, shared by admit, settle, reclaim and budget_put (composed at load time).
 -- Records each threshold crossing at most once per (budget, window) as a BudgetEvent, and
 -- enqueues its webhook delivery in the same atomic step (the per-org outbox).
 
@@ -24,10 +24,10 @@ local END_USER_EVENTS_TTL = 40 * 86400 -- an end user's events outlive the longe
 -- target (end-user budgets only): {id = the end user, list = events list tag, each = true
 -- for the per-end-user default, whose crossings are remembered per end user}.
 local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, seed, target)
-  local spent = tonumber(redis.call('HGET', P .. 'spend:' .. tag .. ':' .. w, b.unit)) or 0
-  local fired_key = P .. 'fired:' .. b.id .. ':' .. w
+  local spent = tonumber(redis.call('HGET', P .. K.spend .. tag .. ':' .. w, b.unit)) or 0
+  local fired_key = P .. K.fired .. b.id .. ':' .. w
   if target and target.each then
-    fired_key = P .. 'fired:' .. b.id .. ':' .. tag .. ':' .. w
+    fired_key = P .. K.fired .. b.id .. ':' .. tag .. ':' .. w
   end
   local n = 0
   for j, th in ipairs(b.lines) do
@@ -48,10 +48,10 @@ local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, s
         limit_snapshot = b.limit_str,
         created_at = now_iso,
       }
-      local events_key = P .. 'events:' .. tag
+      local events_key = P .. K.events .. tag
       if target then
         event.target_id = target.id
-        events_key = P .. 'events:' .. target.list
+        events_key = P .. K.events .. target.list
       end
       local encoded = cjson.encode(event)
       redis.call('LPUSH', events_key, encoded)
@@ -60,9 +60,9 @@ local function record_crossings(P, b, raw, tag, w, fired_ttl, now_ms, now_iso, s
         redis.call('EXPIRE', events_key, END_USER_EVENTS_TTL) -- no list left per idle end user
       end
       if b.alert_webhook_url and b.alert_webhook_url ~= cjson.null then
-        redis.call('HSET', P .. 'wh:' .. event.id, 'event', encoded, 'budget', raw,
+        redis.call('HSET', P .. K.delivery .. event.id, 'event', encoded, 'budget', raw,
           'status', 'pending', 'attempts', 0, 'created_ms', now_ms)
-        redis.call('ZADD', P .. 'outbox', now_ms, event.id)
+        redis.call('ZADD', P .. K.outbox, now_ms, event.id)
       end
     end
   end

@@ -1,10 +1,8 @@
 -- reclaim: the sweeper's pass over one org. Leases whose proxy stopped renewing them are
--- released and charged (see reclaim_lease in lease.lua), so an org with no further traffic
+-- released and charged (see reclaim_lease in reclaims.lua), so an org with no further traffic
 -- does not keep a dead proxy's reservations and concurrency slots held.
 --
--- KEYS[1]  org prefix "bp:{o:<org>}:"
--- ARGV     now_ms, window daily, weekly, monthly, ttl daily, weekly, monthly (s), now_iso, limit,
---          usage counters' policy (see add_usage)
+-- KEYS, ARGV  see ReclaimArgs in proxy/ledger/args.py (the only place that builds them)
 -- Returns  {reclaimed, set aside now, set aside in all (kept for an operator)}
 
 local P = KEYS[1]
@@ -16,4 +14,4 @@ if not now then
   return redis.error_reply('reclaim: now_ms must be an exact integer')
 end
 local reclaimed, aside = reclaim_expired(P, now, W, ARGV[8], limit)
-return {reclaimed, aside, redis.call('ZCARD', P .. 'leases:stuck')}
+return {reclaimed, aside, redis.call('ZCARD', P .. K.stuck)}

@@ -16,9 +16,9 @@
 
 local P = KEYS[1]
 local op, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local outbox = P .. 'outbox'
-local rec = P .. 'wh:' .. id
-local index = P .. 'whlog'
+local outbox = P .. K.outbox
+local rec = P .. K.delivery .. id
+local index = P .. K.whlog
 local INDEX_KEPT = 10000
 
 local function unclaim()

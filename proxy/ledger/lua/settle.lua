@@ -7,12 +7,7 @@
 -- its whole reservation and left a marker: this settle then corrects that charge to the
 -- actual usage, once.
 --
--- KEYS[1]  org prefix "bp:{o:<org>}:"
--- ARGV     now_ms, rid, kid, tokens, cost_nano,
---          window daily, weekly, monthly, ttl daily, weekly, monthly (seconds),
---          now_iso, usage counters: input, cached input, output tokens, model, endpoint,
---          end user, policy (see add_usage), clock_ms (now, for the counters' expiry),
---          then the usage record's field/value pairs (appended to the usage stream)
+-- KEYS, ARGV  see SettleArgs in proxy/ledger/args.py (the only place that builds them)
 -- Returns  number of budget events recorded, or -1 when this request was already settled
 
 local P = KEYS[1]
@@ -61,12 +56,12 @@ if why == 'malformed' then
   return events
 end
 
-local marker = P .. 'reclaimed:' .. rid
+local marker = P .. K.reclaimed .. rid
 local m = redis.call('HMGET', marker, 'k', 'x', 'c', 't', 'daily', 'weekly', 'monthly')
 if not m[1] then
   -- Settled before (a replay), or never admitted: e.g. the release of an admit whose reply
   -- was lost, which may yet reach Redis; the tombstone keeps it from reserving then.
-  redis.call('SET', P .. 'done:' .. rid, '1', 'EX', DONE_TTL)
+  redis.call('SET', P .. K.done .. rid, '1', 'EX', DONE_TTL)
   return -1
 end
 local um = redis.call('HMGET', marker, 'ua', 'pi', 'm', 'e', 'u1', 'u2', 'u3')

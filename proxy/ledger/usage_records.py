@@ -1,7 +1,8 @@
-"""The per-request usage records: each org's stream ``bp:{o:<org>}:usage``, appended by the
-ledger scripts (``append_usage`` in ``gateway/lease.lua``) with every charge and capped at
-about 10,000 entries — recent requests, not an archive (the JSON access log is the record of
-every request). Read newest first, with the stream id as the paging cursor.
+"""The per-request usage records (``records.UsageRecord``): each org's stream
+``bp:{o:<org>}:usage``, appended by the ledger scripts (``append_usage`` in
+``lua/usage_counters.lua``) with every charge and capped at about 10,000 entries — recent
+requests, not an archive (the JSON access log is the record of every request). Read newest
+first, with the stream id as the paging cursor.
 """
 
 from __future__ import annotations
@@ -10,21 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.store.connection import Redis, org_prefix
+from proxy.ledger.keys import org_key
+from proxy.ledger.records import UsageRecord
+from proxy.store.client import Redis
 
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-_NUMBERS = {
-    "in": "input_tokens",
-    "cached": "input_cached_tokens",
-    "out": "output_tokens",
-    "reasoning": "reasoning_tokens",
-    "cache_write": "cache_write_tokens",
-    "cache_write_1h": "cache_write_1h_tokens",
-    "status": "status",
-}
-_FLAGS = {"reported": "reported", "client_gone": "client_gone", "reclaimed": "reclaimed"}
-
-
 def valid_stream_id(value: str) -> bool:
     return bool(_STREAM_ID.match(value))
 
@@ -50,36 +41,35 @@ class RecordPage:
     """Where the next (older) page starts, exclusive; None when the stream is exhausted."""
 
 
-def _int(value: str | None) -> int:
-    try:
-        return int(value or 0)
-    except ValueError:
-        return 0
-
-
 def public_record(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
     millis = int(stream_id.split("-", 1)[0])
-    cost = max(_int(fields.get("cost_nano")), 0)
-    record: dict[str, Any] = {
+    r = UsageRecord.from_fields(fields)
+    cost = max(r.cost_nano, 0)
+    return {
         "id": stream_id,
         "object": "usage.request",
-        "request_id": fields.get("rid") or None,
+        "request_id": r.rid or None,
         "created_at": millis // 1000,
         "created_at_ms": millis,
-        "api_key_id": fields.get("kid") or None,
-        "external_user_id": fields.get("user") or None,
-        "model": fields.get("model") or None,
-        "endpoint": fields.get("endpoint") or None,
+        "api_key_id": r.kid or None,
+        "external_user_id": r.user,
+        "model": r.model or None,
+        "endpoint": r.endpoint or None,
+        "input_tokens": r.input_tokens,
+        "input_cached_tokens": r.cached_tokens,
+        "output_tokens": r.output_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "cache_write_tokens": r.cache_write_tokens,
+        "cache_write_1h_tokens": r.cache_write_1h_tokens,
+        "status": r.status,
+        "cost_nano": str(cost),
+        "cost": cost / 1_000_000_000,
+        "reported": r.reported,
+        "client_gone": r.client_gone,
+        "reclaimed": r.reclaimed,
+        "late": r.late,
+        "upstream": r.upstream,
     }
-    for name, public in _NUMBERS.items():
-        record[public] = _int(fields.get(name))
-    record["cost_nano"] = str(cost)
-    record["cost"] = cost / 1_000_000_000
-    for name, public in _FLAGS.items():
-        record[public] = fields.get(name) == "1"
-    record["late"] = fields.get("late") == "1"
-    record["upstream"] = fields.get("upstream") or None
-    return record
 
 
 async def recent(
@@ -96,7 +86,7 @@ async def recent(
     """Newest first: up to ``limit`` matching records older than ``before``, looking at no
     more than ``scan_most`` entries (a selective filter returns a short page and a cursor,
     never an unbounded scan)."""
-    key = org_prefix(org_id) + "usage"
+    key = org_key(org_id, "usage")
     if until_ms is not None and until_ms <= 0:
         return RecordPage([], None)  # nothing was recorded before 1970
     top = f"({before}" if before else ("+" if until_ms is None else str(until_ms - 1))

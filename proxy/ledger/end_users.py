@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, StrictBool
 
-from proxy.store.connection import ORGS_KEY, Redis, org_prefix
-from proxy.store.keys import LIMIT_FIELDS, Limits
+from proxy.ledger.api_keys import LIMIT_FIELDS, Limits
+from proxy.ledger.keys import ORGS_KEY, org_key
+from proxy.store.client import Redis
 
 MAX_END_USER_ID = 256
 """Characters of an end-user id (``X-On-Behalf-Of``); its tag is at most 2 * 4 * 256 + 2 bytes."""
@@ -24,12 +25,6 @@ _FLAG_FIELDS = ("u_required", "u_track")
 
 def valid_end_user(value: str) -> bool:
     return 0 < len(value) <= MAX_END_USER_ID and value.isprintable()
-
-
-def end_user_tag(value: str) -> str:
-    """The ledger's name for an end user (``valid_end_user`` first: printable text has no
-    surrogates, so it always encodes)."""
-    return "u:" + value.encode("utf-8").hex()
 
 
 class EndUserPolicy(BaseModel):
@@ -52,23 +47,23 @@ class EndUserPolicies:
 
     async def get(self, org_id: str) -> EndUserPolicy:
         names = (*_FLAG_FIELDS, *USER_LIMIT_FIELDS)
-        values = await self._redis.hmget(org_prefix(org_id) + "limits", *names)  # type: ignore[misc]
+        values = await self._redis.hmget(org_key(org_id, "limits"), *names)
         found = dict(zip(names, values, strict=True))
         return EndUserPolicy(
             require_on_behalf_of=found["u_required"] == "1",
             track_spend=found["u_track"] == "1",
             limits=Limits(
                 **{
-                    name: int(found[f"u_{name}"])
+                    name: int(value)
                     for name in LIMIT_FIELDS
-                    if found[f"u_{name}"] is not None
+                    if (value := found[f"u_{name}"]) is not None
                 }
             ),
         )
 
     async def put(self, org_id: str, policy: EndUserPolicy) -> EndUserPolicy:
         """Replaces the policy: anything left out is off. The org's own limits stay."""
-        key = org_prefix(org_id) + "limits"
+        key = org_key(org_id, "limits")
         values: dict[str, str] = {
             f"u_{name}": str(value)
             for name, value in policy.limits.model_dump(exclude_none=True).items()

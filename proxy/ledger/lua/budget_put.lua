@@ -3,7 +3,7 @@
 -- (and only once per window, like every crossing).
 --
 -- KEYS[1]  org prefix "bp:{o:<org>}:"
--- ARGV     field ("k:<kid>:<owner>" | "o:<owner>" | "u:<hex>:<owner>" | "ud:<owner>"), budget
+-- ARGV     field (proxy/ledger/keys.py: budget_field), budget
 --          JSON with the id placeholder, candidate id, spend tag ("k:<kid>" | "o" | "u:<hex>";
 --          "" for the default of each end user, which has no spend of its own and is judged
 --          at each end user's next settle), window id, window ttl (s), now_ms, now_iso, seed,
@@ -16,18 +16,19 @@ local tag, w, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local now_ms, now_iso, seed, rule = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10]
 local PLACEHOLDER = '"id":"__BUDGET_ID__"'
 
-local ids = P .. 'budget_ids'
+local ids = P .. K.budget_ids
 redis.call('HSETNX', ids, field, candidate)
 local id = redis.call('HGET', ids, field)
 
 local s, e = string.find(json, PLACEHOLDER, 1, true)
 local raw = string.sub(json, 1, s - 1) .. '"id":"' .. id .. '"' .. string.sub(json, e + 1)
-redis.call('HSET', P .. 'budgets', field, raw)
-redis.call('HSET', P .. 'budget_rules', field, rule)
-if string.sub(field, 1, 1) == 'u' then
+redis.call('HSET', P .. K.budgets, field, raw)
+redis.call('HSET', P .. K.budget_rules, field, rule)
+if string.sub(field, 1, #TAG.user) == TAG.user or
+    string.sub(field, 1, #TAG.user_default + 1) == TAG.user_default .. ':' then
   -- The org now budgets its end users: admissions look their budgets up from here on (the
   -- flag stays when they are deleted; the look-up then finds nothing).
-  redis.call('HSET', P .. 'limits', 'u_on', '1')
+  redis.call('HSET', P .. K.limits, 'u_on', '1')
 end
 
 if tag ~= '' then

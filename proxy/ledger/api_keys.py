@@ -26,24 +26,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.config import MAX_CONCURRENCY, MAX_RATE_LIMIT, Role
-from proxy.store.connection import (
-    ORGS_KEY,
-    LuaScript,
-    Redis,
-    digest_key,
-    org_prefix,
-    valid_id,
-)
+from proxy.ledger.keys import ORGS_KEY, digest_key, key_org_key, org_key, valid_id
+from proxy.ledger.scripts import KEY_INDEX, KEY_RECORD
+from proxy.store.client import Redis
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-bp-"
-KEY_ORG_PREFIX = "bp:ki:"
 LIMIT_FIELDS = ("rps", "rpm", "rph", "rpd", "tpm", "concurrency")
 ROLES: frozenset[str] = frozenset(("cluster_admin", "org_admin", "member"))
 Status = Literal["active", "revoked"]
-KEY_RECORD = LuaScript("store/key_record.lua")
-KEY_INDEX = LuaScript("store/key_index.lua")
 
 
 def digest(plaintext: str) -> str:
@@ -198,13 +190,12 @@ class KeyStore:
         }
         limits = spec.limits.model_dump(exclude_none=True)
         record.update(limits)
-        prefix = org_prefix(org_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(prefix + "key:" + key_id)
-        pipe.hset(prefix + "key:" + key_id, mapping=record)
-        pipe.sadd(prefix + "keys", key_id)
+        pipe.delete(org_key(org_id, "key", key_id))
+        pipe.hset(org_key(org_id, "key", key_id), mapping=record)
+        pipe.sadd(org_key(org_id, "keys"), key_id)
         pipe.sadd(ORGS_KEY, org_id)
-        pipe.set(KEY_ORG_PREFIX + key_id, org_id)
+        pipe.set(key_org_key(key_id), org_id)
         pipe.hset(
             digest_key(hashed),
             mapping={"org": org_id, "kid": key_id, "role": spec.role, "models": models},
@@ -216,7 +207,7 @@ class KeyStore:
 
     async def identity(self, plaintext: str) -> Identity | None:
         hashed = digest(plaintext)
-        data = await self._redis.hgetall(digest_key(hashed))  # type: ignore[misc]
+        data = await self._redis.hgetall(digest_key(hashed))
         if not data:
             return None
         kid, org, role = data.get("kid", ""), data.get("org", ""), data.get("role")
@@ -235,12 +226,12 @@ class KeyStore:
         )
 
     async def get(self, org_id: str, key_id: str) -> KeyRecord | None:
-        data = await self._redis.hgetall(org_prefix(org_id) + "key:" + key_id)  # type: ignore[misc]
+        data = await self._redis.hgetall(org_key(org_id, "key", key_id))
         return _record_from_hash(data) if data else None
 
     async def org_of(self, key_id: str) -> str | None:
         """A key id alone does not name its org slot; this global index does."""
-        org_id: str | None = await self._redis.get(KEY_ORG_PREFIX + key_id)
+        org_id: str | None = await self._redis.get(key_org_key(key_id))
         return org_id
 
     async def find(self, key_id: str) -> KeyRecord | None:
@@ -248,16 +239,15 @@ class KeyStore:
         return await self.get(org_id, key_id) if org_id else None
 
     async def list_org(self, org_id: str) -> list[KeyRecord]:
-        prefix = org_prefix(org_id)
-        ids = sorted(await self._redis.smembers(prefix + "keys"))  # type: ignore[misc]
+        ids = sorted(await self._redis.smembers(org_key(org_id, "keys")))
         pipe = self._redis.pipeline(transaction=False)
         for key_id in ids:
-            pipe.hgetall(prefix + "key:" + key_id)
+            pipe.hgetall(org_key(org_id, "key", key_id))
         records = (_record_from_hash(data) for data in await pipe.execute() if data)
         return [record for record in records if record is not None]
 
     async def orgs(self) -> list[str]:
-        return sorted(await self._redis.smembers(ORGS_KEY))  # type: ignore[misc]
+        return sorted(await self._redis.smembers(ORGS_KEY))
 
     async def revoke(self, record: KeyRecord) -> None:
         """Status first: the admit script refuses from this moment; then the index goes."""
@@ -294,7 +284,7 @@ class KeyStore:
         """Step one of an update, atomic in the org's slot: the record's digest, role, models
         and version afterwards, or None when the key is no longer active."""
         pairs = [item for name, value in fields.items() for item in (name, value)]
-        args = ["update", len(fields), *pairs, *cleared]
+        args: list[str | int] = ["update", len(fields), *pairs, *cleared]
         state = await KEY_RECORD(self._redis, [self._record_key(record)], args)
         return [str(value) for value in state] if state else None
 
@@ -308,20 +298,20 @@ class KeyStore:
 
     @staticmethod
     def _record_key(record: KeyRecord) -> str:
-        return org_prefix(record.org_id) + "key:" + record.id
+        return org_key(record.org_id, "key", record.id)
 
     async def get_org_limits(self, org_id: str) -> dict[str, int]:
-        data = await self._redis.hgetall(org_prefix(org_id) + "limits")  # type: ignore[misc]
+        data = await self._redis.hgetall(org_key(org_id, "limits"))
         return {name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)}
 
     async def set_org_limits(self, org_id: str, limits: Limits) -> dict[str, int]:
         """Replaces the org's limits: fields left out are removed. The same hash holds the
-        org's end-user policy (``proxy.store.end_users``), which stays."""
-        key = org_prefix(org_id) + "limits"
+        org's end-user policy (``proxy.ledger.end_users``), which stays."""
+        key = org_key(org_id, "limits")
         values = limits.model_dump(exclude_none=True)
         # The org set has a slot of its own: on a cluster one MULTI cannot span both. Listing
         # the org first is harmless if the replacement then fails.
-        await self._redis.sadd(ORGS_KEY, org_id)  # type: ignore[misc]
+        await self._redis.sadd(ORGS_KEY, org_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(key, *LIMIT_FIELDS)
         if values:
