@@ -32,7 +32,7 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
-from proxy.admin.webhooks import TargetRefused, resolve_target
+from proxy.admin.webhooks.target import TargetRefused, resolve_target
 from proxy.store.embedded_redis import free_port
 from proxy.store.secret_box import SecretBox, SecretKeyError, SecretUnavailable
 from tests.conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import require_admin
+from proxy.admin.auth import caller_of
 from proxy.admin.schemas import UsageCosts, UsagePage
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.pipeline import on_behalf_of
@@ -144,8 +144,8 @@ def _org_ids(request: web.Request, name: str) -> list[str]:
 async def report_orgs(
     gw: Gateway, caller: Identity, named: list[str], all_orgs: bool | None
 ) -> list[str]:
-    """The orgs a report covers, after the permission rules (module docstring)."""
-    require_admin(caller)
+    """The orgs a report covers, after the permission rules (module docstring); the caller
+    is an org or cluster admin (the routes are declared ``admin``)."""
     if caller.role != "cluster_admin":
         if any(org_id != caller.org_id for org_id in named) or all_orgs:
             raise forbidden("Only cluster admins can read other orgs' usage.")
@@ -242,8 +242,7 @@ _QUERIES: dict[str, type[BucketQuery]] = {
 )
 async def costs(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     start = seconds(request, "start_time", required=True)
     end = seconds(request, "end_time", required=True)
     assert start is not None and end is not None
@@ -371,8 +370,7 @@ def bucketed(report: Report) -> Any:
     )
     async def handler(request: web.Request) -> web.Response:
         gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        require_admin(caller)
+        caller = caller_of(request)
         start = seconds(request, "start_time", required=True)
         assert start is not None
         width = _width(request)

@@ -1,0 +1,116 @@
+"""The admin API as its own application: keys, budgets and quotes, usage, requests, prices,
+webhook deliveries, the console and the OpenAPI document, behind one authentication
+middleware (``proxy.admin.auth``), mounted under the proxy's main application.
+
+Why not ``add_subapp(prefix, ...)``: the admin paths share their prefixes with the LLM routes
+(``/api/v1/llm/models/pricing`` sits under the gateway's ``/api/v1/llm/models/{model:.+}``,
+``/api/v1/llm/budgets`` beside ``/api/v1/llm/chat/completions``) and the console lives at
+``/ui``, ``/docs`` and ``/openapi.json``, so no one prefix holds them, and a prefixed sub-app
+answers 404 or 405 for every path under its prefix, shadowing the main app's routes there.
+The mount is therefore a matched sub-application (what aiohttp's ``add_domain`` uses) whose
+rule is "the path starts with one of the admin app's own leading segments", and which hands
+a path it does not serve back to the main router: every path resolves exactly as it did when
+all routes were one router's (the most specific route wins, and a 405 names the methods of
+both apps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import (
+    AbstractRuleMatching,
+    MatchedSubAppResource,
+    _InfoDict,
+    _Resolve,
+)
+
+from proxy.admin import (
+    budget_quote,
+    budgets_api,
+    console,
+    keys_api,
+    pricing_api,
+    requests_api,
+    usage_api,
+)
+from proxy.admin.auth import AUTH_KINDS, authenticate
+from proxy.admin.webhooks import api as webhooks_api
+from proxy.gateway.state import GATEWAY, Gateway
+from proxy.openapi import declared
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    """The admin API over ``gateway``'s services (shared, not copied: one Redis pool, one key
+    cache whose ``forget()`` a revoke reaches)."""
+    admin = web.Application(middlewares=[authenticate])
+    admin[GATEWAY] = gateway
+    keys_api.add_routes(admin)
+    budgets_api.add_routes(admin)
+    budget_quote.add_routes(admin)
+    usage_api.add_routes(admin)
+    requests_api.add_routes(admin)
+    pricing_api.add_routes(admin)
+    webhooks_api.add_routes(admin)
+    console.add_routes(admin)
+    for route in admin.router.routes():
+        spec = declared(route.handler)
+        if route.method != "HEAD" and (spec is None or spec.auth not in AUTH_KINDS):
+            raise RuntimeError(f"{route.method} {route.resource}: no admin auth declared")
+    return admin
+
+
+def mount_admin(app: web.Application, admin: web.Application) -> None:
+    """Serves ``admin``'s routes from ``app``, at their own paths."""
+    admin[console.DOCUMENTED] = app
+    roots = _roots(r.canonical for r in admin.router.resources())
+    # aiohttp's own add_domain/add_subapp path (signals, pre-freeze), with our resource.
+    app._add_subapp(partial(_AdminMount, _PathRoots(roots), admin), admin)
+
+
+def _roots(paths: Iterable[str]) -> list[str]:
+    """The fixed leading parts of ``paths``, none under another."""
+    fixed = sorted({path.partition("{")[0].rstrip("/") for path in paths})
+    kept: list[str] = []
+    for path in fixed:
+        if not any(path == root or path.startswith(root + "/") for root in kept):
+            kept.append(path)
+    return kept
+
+
+class _PathRoots(AbstractRuleMatching):
+    """Whether a path is one of ``roots`` or lies under one: a set lookup and one
+    ``startswith`` (the LLM routes pass through it on every request)."""
+
+    def __init__(self, roots: list[str]) -> None:
+        self._roots = frozenset(roots)
+        self._under = tuple(root + "/" for root in roots)
+
+    async def match(self, request: web.Request) -> bool:
+        path = request.rel_url.path_safe
+        return path in self._roots or path.startswith(self._under)
+
+    def get_info(self) -> _InfoDict:
+        return {"roots": sorted(self._roots)}  # type: ignore[typeddict-unknown-key]
+
+    @property
+    def canonical(self) -> str:
+        return ",".join(sorted(self._roots))
+
+
+class _AdminMount(MatchedSubAppResource):
+    """A matched sub-app that falls through: a path the admin router does not serve (404) or
+    serves with other methods (405) goes on to the main router, with those methods counted."""
+
+    async def resolve(self, request: web.Request) -> _Resolve:
+        if not await self._rule.match(request):
+            return None, set()
+        match_info = await self._app.router.resolve(request)
+        error = match_info.http_exception
+        if error is not None:
+            allowed = error.allowed_methods if isinstance(error, web.HTTPMethodNotAllowed) else ()
+            return None, set(allowed)
+        match_info.add_app(self._app)
+        return match_info, set()
