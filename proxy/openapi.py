@@ -51,7 +51,8 @@ M = TypeVar("M", bound=BaseModel)
 Auth = Literal["admin", "key", "anthropic", "metrics", "none"]
 """``admin``: a bearer key of an org or cluster admin (members get 403); ``key``: any bearer
 key; ``anthropic``: a key as ``x-api-key`` or bearer; ``metrics``: the metrics token, or none
-from loopback; ``none``: public."""
+from loopback; ``none``: public. On the admin application the declaration is also the guard:
+its middleware (``proxy.admin.auth``) authenticates ``admin`` and ``key`` routes by it."""
 
 ATTRIBUTE = "__openapi_operation__"
 OPENAPI_VERSION = "3.1.0"

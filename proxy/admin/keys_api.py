@@ -30,7 +30,7 @@ from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.openapi import Reply, operation, parse_query
 from proxy.store.end_users import EndUserPolicies, EndUserPolicy
-from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
+from proxy.store.keys import LIMIT_FIELDS, Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 _NOT_FOUND = {404: "No such key, or it belongs to another org."}
 _ORG_NOT_FOUND = {404: "No such org, or another org than the caller's."}
@@ -46,6 +46,22 @@ def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
     """A cluster admin's key is beyond an org admin's reach even inside the org."""
     if caller.role == "org_admin" and record.role == "cluster_admin":
         raise forbidden("Org admins cannot change or revoke cluster_admin keys.")
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    """The API's ``ApiKey``: every limit named, null where unset; never the digest."""
+    return {
+        "object": "api_key",
+        "id": record.id,
+        "org_id": record.org_id,
+        "name": record.name,
+        "role": record.role,
+        "status": record.status,
+        "models": record.models,
+        "limits": {name: record.limits.get(name) for name in LIMIT_FIELDS},
+        "created_at": record.created_at,
+        "key_prefix": record.prefix,
+    }
 
 
 def _known_models(gw: Gateway, models: list[str]) -> list[str]:
@@ -85,7 +101,7 @@ async def create_key(request: web.Request) -> web.Response:
     elif spec.org_id is None:
         raise bad_request("'org_id' is required for keys created by a cluster admin.", "org_id")
     record, plaintext = await gw.keys.create(spec, org_id)
-    return web.json_response({**record.public(), "key": plaintext}, status=201)
+    return web.json_response({**key_json(record), "key": plaintext}, status=201)
 
 
 @operation(
@@ -108,7 +124,7 @@ async def list_keys(request: web.Request) -> web.Response:
         orgs = [caller.org_id]
     data: list[dict[str, Any]] = []
     for org_id in orgs:
-        data.extend(record.public() for record in await gw.keys.list_org(org_id))
+        data.extend(key_json(record) for record in await gw.keys.list_org(org_id))
     return web.json_response({"object": "list", "data": data})
 
 
@@ -123,7 +139,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     record = await find_key(gw.keys, caller_of(request), request.match_info["keyId"])
-    return web.json_response(record.public())
+    return web.json_response(key_json(record))
 
 
 async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyRecord]:
@@ -162,7 +178,7 @@ async def update_key(request: web.Request) -> web.Response:
     gw.auth.forget()
     if updated is None:
         raise bad_request("A revoked key cannot be changed.", code="key_revoked")
-    return web.json_response(updated.public())
+    return web.json_response(key_json(updated))
 
 
 @operation(
