@@ -7,24 +7,24 @@ Why not ``add_subapp(prefix, ...)``: the admin paths share their prefixes with t
 ``/api/v1/llm/budgets`` beside ``/api/v1/llm/chat/completions``) and the console lives at
 ``/ui``, ``/docs`` and ``/openapi.json``, so no one prefix holds them, and a prefixed sub-app
 answers 404 or 405 for every path under its prefix, shadowing the main app's routes there.
-The mount is therefore a matched sub-application (what aiohttp's ``add_domain`` uses) whose
-rule is "the path starts with one of the admin app's own leading segments", and which hands
-a path it does not serve back to the main router: every path resolves exactly as it did when
-all routes were one router's (the most specific route wins, and a 405 names the methods of
-both apps).
+So the admin app is mounted at each of its leading paths (``/api/v1/keys``, ``/ui``, ...):
+the main router indexes them like any route, so an LLM request never looks at them, and a path
+the admin router does not serve goes back to the main router. Every path resolves exactly as
+it did when all routes were one router's: the most specific route wins, and a 405 names the
+methods of both apps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import (
-    AbstractRuleMatching,
-    MatchedSubAppResource,
-    _InfoDict,
-    _Resolve,
+    AbstractRoute,
+    PrefixedSubAppResource,
+    PrefixResource,
+    UrlMappingMatchInfo,
 )
 
 from proxy.admin import (
@@ -76,9 +76,11 @@ def without_admin_auth(app: web.Application) -> list[str]:
 def mount_admin(app: web.Application, admin: web.Application) -> None:
     """Serves ``admin``'s routes from ``app``, at their own paths."""
     admin[console.DOCUMENTED] = app
-    roots = _roots(r.canonical for r in admin.router.resources())
-    # aiohttp's own add_domain/add_subapp path (signals, pre-freeze), with our resource.
-    app._add_subapp(partial(_AdminMount, _PathRoots(roots), admin), admin)
+    first, *others = _roots(r.canonical for r in admin.router.resources())
+    # aiohttp's own add_subapp path (signals, pre-freeze, freeze), with our resource.
+    app._add_subapp(partial(_AdminRoot, first, admin, lists_routes=True), admin)
+    for root in others:
+        app.router.register_resource(_AdminRoot(root, admin, lists_routes=False))
 
 
 def _roots(paths: Iterable[str]) -> list[str]:
@@ -91,33 +93,24 @@ def _roots(paths: Iterable[str]) -> list[str]:
     return kept
 
 
-class _PathRoots(AbstractRuleMatching):
-    """Whether a path is one of ``roots`` or lies under one: a set lookup and one
-    ``startswith`` (the LLM routes pass through it on every request)."""
+class _AdminRoot(PrefixedSubAppResource):
+    """One leading path of the admin app in the main router. Unlike aiohttp's prefixed
+    sub-app it leaves the admin routes' paths as they are, and falls through: a path the admin
+    router does not serve (404), or serves with other methods (405), goes on to the main
+    router's less specific routes, with those methods counted. One of the roots lists the
+    admin routes (for ``router.routes()`` and the OpenAPI document), the others none."""
 
-    def __init__(self, roots: list[str]) -> None:
-        self._roots = frozenset(roots)
-        self._under = tuple(root + "/" for root in roots)
+    def __init__(self, root: str, app: web.Application, *, lists_routes: bool) -> None:
+        PrefixResource.__init__(self, root)
+        self._app = app
+        self._lists_routes = lists_routes
 
-    async def match(self, request: web.Request) -> bool:
-        path = request.rel_url.path_safe
-        return path in self._roots or path.startswith(self._under)
+    def add_prefix(self, prefix: str) -> None:
+        raise RuntimeError("the main application is not mounted under another one")
 
-    def get_info(self) -> _InfoDict:
-        return {"roots": sorted(self._roots)}  # type: ignore[typeddict-unknown-key]
-
-    @property
-    def canonical(self) -> str:
-        return ",".join(sorted(self._roots))
-
-
-class _AdminMount(MatchedSubAppResource):
-    """A matched sub-app that falls through: a path the admin router does not serve (404) or
-    serves with other methods (405) goes on to the main router, with those methods counted."""
-
-    async def resolve(self, request: web.Request) -> _Resolve:
-        if not await self._rule.match(request):
-            return None, set()
+    async def resolve(
+        self, request: web.Request
+    ) -> tuple[UrlMappingMatchInfo | None, set[str]]:
         match_info = await self._app.router.resolve(request)
         error = match_info.http_exception
         if error is not None:
@@ -125,3 +118,9 @@ class _AdminMount(MatchedSubAppResource):
             return None, set(allowed)
         match_info.add_app(self._app)
         return match_info, set()
+
+    def __len__(self) -> int:
+        return len(self._app.router.routes()) if self._lists_routes else 0
+
+    def __iter__(self) -> Iterator[AbstractRoute]:
+        return iter(self._app.router.routes() if self._lists_routes else ())
