@@ -30,7 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # after PYTHONPATH: another version's tree wins when given
 
-from proxy.admin.budget_shapes import BudgetInput  # noqa: E402
+try:
+    from proxy.admin.budget_shapes import BudgetInput
+except ImportError:  # a tree from before the API shapes left the store
+    from proxy.store.budgets import BudgetInput  # type: ignore[attr-defined,no-redef]
 from proxy.config import RedisConfig  # noqa: E402
 from proxy.gateway.admission import Admission  # noqa: E402
 from proxy.gateway.settle_spool import SettleSpool  # noqa: E402
