@@ -108,9 +108,7 @@ class _AdminRoot(PrefixedSubAppResource):
     def add_prefix(self, prefix: str) -> None:
         raise RuntimeError("the main application is not mounted under another one")
 
-    async def resolve(
-        self, request: web.Request
-    ) -> tuple[UrlMappingMatchInfo | None, set[str]]:
+    async def resolve(self, request: web.Request) -> tuple[UrlMappingMatchInfo | None, set[str]]:
         match_info = await self._app.router.resolve(request)
         error = match_info.http_exception
         if error is not None:

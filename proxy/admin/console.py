@@ -22,7 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import not_found
-from proxy.openapi import Reply, document, operation
+from proxy.openapi import Reply, operation
+from proxy.openapi_document import document
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 DOCUMENT: web.AppKey[dict[str, dict[str, Any]]] = web.AppKey("openapi_document", dict)

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.auth import caller_of
 from proxy.admin.schemas import RecentRequests
-from proxy.admin.usage_api import BASE, end_users, seconds
+from proxy.admin.usage_api import BASE
+from proxy.admin.usage_params import end_users, seconds
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import Reply, operation
