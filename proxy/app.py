@@ -10,17 +10,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy.admin import (
-    budget_quote,
-    budgets_api,
-    console,
-    health,
-    keys_api,
-    pricing_api,
-    requests_api,
-    usage_api,
-    webhooks,
-)
+from proxy.admin import health
+from proxy.admin.app import create_admin_app, mount_admin
+from proxy.admin.webhooks import delivery
 from proxy.catalog.routes import build_routes
 from proxy.config import ConfigError, Settings
 from proxy.dialects import for_path
@@ -138,19 +130,12 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     )
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
-    app.cleanup_ctx.append(webhooks.delivery_ctx)
+    app.cleanup_ctx.append(delivery.delivery_ctx)
     app.cleanup_ctx.append(lease_sweeper.sweeper_ctx)
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
-    keys_api.add_routes(app)
-    budgets_api.add_routes(app)
-    budget_quote.add_routes(app)
-    usage_api.add_routes(app)
-    requests_api.add_routes(app)
-    pricing_api.add_routes(app)
-    webhooks.add_routes(app)
-    console.add_routes(app)
+    mount_admin(app, create_admin_app(app[GATEWAY]))
     return app
 
 

@@ -34,7 +34,7 @@ from helpers import sdk_chat, user_messages
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
-from proxy.admin.webhooks import TargetRefused, resolve_target
+from proxy.admin.webhooks.target import TargetRefused, resolve_target
 from proxy.store.embedded_redis import free_port
 from proxy.store.secret_box import SecretBox, SecretKeyError, SecretUnavailable
 

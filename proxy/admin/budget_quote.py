@@ -16,7 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.admin.access import find_key, require_admin
+from proxy.admin.access import find_key
+from proxy.admin.auth import caller_of
 from proxy.dialects import ANTHROPIC, OPENAI, Dialect
 from proxy.errors import ApiError, parse_body
 from proxy.gateway import pipeline
@@ -170,10 +171,8 @@ def _refused(answer: dict[str, Any], error: ApiError, dialect: Dialect) -> web.R
 )
 async def quote(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
     spec = parse_body(QuoteInput, await read_json(request))
-    record = await find_key(gw.keys, caller, spec.api_key_id)
+    record = await find_key(gw.keys, caller_of(request), spec.api_key_id)
     identity = _identity(record)
     dialect: Dialect = ANTHROPIC if spec.endpoint == "messages" else OPENAI
     end_user = spec.external_user_id

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -113,20 +113,6 @@ class KeyRecord:
     created_at: int
     prefix: str
     limits: dict[str, int] = field(default_factory=dict)
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "object": "api_key",
-            "id": self.id,
-            "org_id": self.org_id,
-            "name": self.name,
-            "role": self.role,
-            "status": self.status,
-            "models": self.models,
-            "limits": {name: self.limits.get(name) for name in LIMIT_FIELDS},
-            "created_at": self.created_at,
-            "key_prefix": self.prefix,
-        }
 
 
 def _models(raw: str | None) -> list[str] | None:

@@ -19,24 +19,14 @@ import json
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
-from urllib.parse import urlsplit
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    ValidationInfo,
-    field_validator,
-)
+from typing import Any, Literal, Protocol
 
 from proxy.ledger.keys import Scope, budget_field, events_tag, org_key, org_prefix, spend_tag
 from proxy.ledger.scripts import HASH_SWAP, PUT_BUDGET
-from proxy.ledger.windows import Period, Windows, iso_millis, rfc3339
+from proxy.ledger.windows import Period, Windows, iso_millis
 from proxy.store.client import Redis
 from proxy.store.secret_box import SecretBox, open_sealed
 
@@ -59,74 +49,35 @@ MAX_PCT = 1_000_000_000
 MIN_LIMIT = Decimal("0.000000001")
 
 
-class Threshold(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ThresholdSpec(Protocol):
+    """One threshold of a budget to store (the API's ``Threshold`` is one)."""
 
-    pct: StrictInt = Field(gt=0, le=MAX_PCT)
-    action: Literal["alert", "block"]
+    @property
+    def pct(self) -> int: ...
+    @property
+    def action(self) -> Literal["alert", "block"]: ...
 
 
-class BudgetInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BudgetSpec(Protocol):
+    """A budget to store, as validated by the API (its ``BudgetInput`` is one): the limit a
+    number whose lines fit ``MAX_LINE``, at least one threshold."""
 
-    period: Period
-    limit_kind: Literal["cost", "tokens"]
-    limit: int | float = Field(json_schema_extra={"minimum": float(MIN_LIMIT)})
-    thresholds: list[Threshold] = Field(min_length=1)
-    owner: Owner = "org"
-    webhook_url: str | None = Field(
-        None, json_schema_extra={"format": "uri", "pattern": "^https?://"}
-    )
-    webhook_secret: str | None = Field(None, min_length=1)
-    clamp: StrictBool = False
-    """A request whose worst case does not fit this budget is admitted with a lower output cap
-    when its prompt plus ``[budgets] clamp_min_output_tokens`` does (instead of refused)."""
-
-    @field_validator("limit", mode="before")
-    @classmethod
-    def _a_json_number(cls, value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError("must be a number")
-        return value
-
-    @field_validator("limit")
-    @classmethod
-    def _finite_positive_exact(cls, value: int | float, info: ValidationInfo) -> int | float:
-        # isinstance first: math.isfinite(10**400) raises OverflowError.
-        if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
-            raise ValueError("must be a finite number greater than 0")
-        if Decimal(str(value)) < MIN_LIMIT:
-            raise ValueError(f"must be at least {MIN_LIMIT} (one nano-unit)")
-        kind = info.data.get("limit_kind")
-        if kind is not None and _unit_amount(value, kind) > MAX_LINE:
-            most = _most(kind)
-            raise ValueError(f"must be at most {most} for limit_kind '{kind}'")
-        return value
-
-    @field_validator("thresholds")
-    @classmethod
-    def _lines_exact(cls, value: list[Threshold], info: ValidationInfo) -> list[Threshold]:
-        kind, limit = info.data.get("limit_kind"), info.data.get("limit")
-        if kind is None or limit is None:
-            return value
-        amount = _unit_amount(limit, kind)
-        for threshold in value:
-            if math.ceil(amount * threshold.pct / 100) > MAX_LINE:
-                raise ValueError(
-                    f"pct {threshold.pct} puts a line past the largest one: limit x pct / 100 "
-                    f"must be at most {_most(kind)}"
-                )
-        return value
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _absolute_http(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http or https URI")
-        return value
+    @property
+    def period(self) -> Period: ...
+    @property
+    def limit_kind(self) -> Literal["cost", "tokens"]: ...
+    @property
+    def limit(self) -> int | float: ...
+    @property
+    def thresholds(self) -> Sequence[ThresholdSpec]: ...
+    @property
+    def owner(self) -> Owner: ...
+    @property
+    def webhook_url(self) -> str | None: ...
+    @property
+    def webhook_secret(self) -> str | None: ...
+    @property
+    def clamp(self) -> bool: ...
 
 
 def _unit_amount(limit: float | int, kind: str) -> Decimal:
@@ -134,14 +85,8 @@ def _unit_amount(limit: float | int, kind: str) -> Decimal:
     return amount * NANO if kind == "cost" else amount
 
 
-def _most(kind: str) -> str:
-    if kind == "cost":
-        return f"{Decimal(MAX_LINE) / NANO} (currency units; {MAX_LINE} nano-units)"
-    return f"{MAX_LINE} tokens"
-
-
 def stored_budget(
-    spec: BudgetInput, scope: Scope, scope_id: str, now_iso: str, box: SecretBox | None = None
+    spec: BudgetSpec, scope: Scope, scope_id: str, now_iso: str, box: SecretBox | None = None
 ) -> dict[str, Any]:
     """The JSON kept in Redis; the id is filled in by ``budget_put.lua``."""
     amount = _unit_amount(spec.limit, spec.limit_kind)
@@ -157,7 +102,7 @@ def stored_budget(
         "period": spec.period,
         "limit_kind": spec.limit_kind,
         "limit": spec.limit,
-        "thresholds": [t.model_dump() for t in spec.thresholds],
+        "thresholds": [{"pct": t.pct, "action": t.action} for t in spec.thresholds],
         "alert_webhook_url": spec.webhook_url,
         "webhook_secret": spec.webhook_secret if box is None else None,
         "unit": "c" if spec.limit_kind == "cost" else "t",
@@ -213,47 +158,15 @@ class Spend:
     tokens: int
 
 
-def gauge(budget: dict[str, Any], window: str, spend: Spend, reset_at: str) -> dict[str, Any]:
-    """The contract's ``spend`` object: settled spend of the budget's window, and when that
-    window ends (``reset_at``, RFC 3339 UTC)."""
-    limit = Decimal(str(budget["limit"]))
-    if budget["limit_kind"] == "cost":
-        used = Decimal(spend.cost_nano) / NANO
-    else:
-        used = Decimal(spend.tokens)
-    blocked = (
-        "block_ceil" in budget
-        and (spend.cost_nano if budget["unit"] == "c" else spend.tokens) >= budget["block_ceil"]
-    )
-    return {
-        "window": window,
-        "cost_spent_nano": str(spend.cost_nano),
-        "cost_spent": float(Decimal(spend.cost_nano) / NANO),
-        "tokens_spent": str(spend.tokens),
-        "pct": round(float(used / limit * 100), 2),
-        "status": "blocked" if blocked else "ok",
-        "reset_at": reset_at,
-    }
+@dataclass(frozen=True)
+class BudgetRecord:
+    """A stored budget (its JSON, as ``stored_budget`` made it) and, unless it is the default
+    for each end user, the settled spend of its current window."""
 
-
-def public(budget: dict[str, Any], org_id: str) -> dict[str, Any]:
-    """The contract's ``Budget``. End-user budgets also carry ``scope_org_id`` (an end-user id
-    does not name its org); the default for each end user has no ``spend`` of its own."""
-    shown: dict[str, Any] = {
-        "id": budget["id"],
-        "scope": budget["scope"],
-        "scope_id": budget["scope_id"],
-        "owner": budget["owner"],
-        "period": budget["period"],
-        "limit_kind": budget["limit_kind"],
-        "limit": budget["limit"],
-        "thresholds": budget["thresholds"],
-        "alert_webhook_url": budget["alert_webhook_url"],
-        "clamp": bool(budget.get("clamp", False)),
-    }
-    if budget["scope"] in END_USER_SCOPES:
-        shown["scope_org_id"] = org_id
-    return shown
+    budget: dict[str, Any]
+    window: str = ""
+    window_end: float = 0.0
+    spend: Spend | None = None
 
 
 class BudgetStore:
@@ -302,10 +215,10 @@ class BudgetStore:
         org_id: str,
         scope: Scope,
         scope_id: str,
-        spec: BudgetInput,
+        spec: BudgetSpec,
         windows: Windows,
         now: float,
-    ) -> dict[str, Any]:
+    ) -> BudgetRecord:
         stored = stored_budget(spec, scope, scope_id, iso_millis(now), self.box)
         await PUT_BUDGET(
             self._redis,
@@ -330,7 +243,7 @@ class BudgetStore:
 
     async def get(
         self, org_id: str, scope: Scope, scope_id: str, owner: str, windows: Windows
-    ) -> dict[str, Any] | None:
+    ) -> BudgetRecord | None:
         raw = await self._redis.hget(
             org_key(org_id, "budgets"), budget_field(scope, scope_id, owner)
         )
@@ -340,7 +253,7 @@ class BudgetStore:
 
     async def list_budgets(
         self, org_id: str, windows: Windows, scope: Scope | None = None, scope_id: str = ""
-    ) -> list[dict[str, Any]]:
+    ) -> list[BudgetRecord]:
         """Budgets of an org: all of them, or those of one scope (the org, one key, one end
         user, or the default for each end user)."""
         raw = await self._redis.hgetall(org_key(org_id, "budgets"))
@@ -356,24 +269,23 @@ class BudgetStore:
 
     async def _with_spend(
         self, org_id: str, budgets: list[dict[str, Any]], windows: Windows
-    ) -> list[dict[str, Any]]:
+    ) -> list[BudgetRecord]:
         pipe = self._redis.pipeline(transaction=False)
         gauged = [b for b in budgets if spend_tag(b["scope"], b["scope_id"])]
         for b in gauged:
             tag = spend_tag(b["scope"], b["scope_id"])
             pipe.hmget(org_key(org_id, "spend", tag, windows.of(b["period"])), "c", "t")
         spends = dict(zip((id(b) for b in gauged), await pipe.execute(), strict=True))
-        shown = []
+        records = []
         for b in budgets:
-            budget = public(b, org_id)
+            record = BudgetRecord(b)
             if id(b) in spends:
                 c, t = spends[id(b)]
                 period = b["period"]
-                reset_at = rfc3339(windows.end(period))
                 spend = Spend(int(c or 0), int(t or 0))
-                budget["spend"] = gauge(b, windows.of(period), spend, reset_at)
-            shown.append(budget)
-        return shown
+                record = BudgetRecord(b, windows.of(period), windows.end(period), spend)
+            records.append(record)
+        return records
 
     async def delete(self, org_id: str, scope: Scope, scope_id: str, owner: str) -> bool:
         """Enforcement and alerts stop; a budget created later gets a new id."""

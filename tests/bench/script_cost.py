@@ -30,11 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # after PYTHONPATH: another version's tree wins when given
 
+from proxy.admin.budget_shapes import BudgetInput  # noqa: E402
 from proxy.config import RedisConfig  # noqa: E402
 from proxy.gateway.settle_spool import SettleSpool  # noqa: E402
 from proxy.ledger.admission import Admission  # noqa: E402
 from proxy.ledger.api_keys import Identity, KeyCreate, KeyStore, Limits  # noqa: E402
-from proxy.ledger.budgets import BudgetInput, BudgetStore  # noqa: E402
+from proxy.ledger.budgets import BudgetStore  # noqa: E402
 from proxy.store.connection import connect  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis  # noqa: E402
 
