@@ -39,8 +39,8 @@ from proxy.admin.usage_params import (
     seconds,
     values,
 )
+from proxy.catalog.pricing import NANO
 from proxy.errors import bad_request, forbidden
-from proxy.gateway.pricing import NANO
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.ledger.api_keys import Identity
 from proxy.ledger.usage import (
