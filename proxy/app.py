@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from proxy.gateway.auth import Authenticator
 from proxy.gateway.model_routes import build_routes
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
-from proxy.gateway.settle_spool import SettleSpool
+from proxy.gateway.settle_spool import SettleSpool, SpoolUnwritable
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
 from proxy.providers.upstream import UpstreamClient
@@ -169,7 +170,9 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
     (a bounded wait), then the scripts are loaded, the bootstrap admin key is written and
     webhook secrets still stored in plain text are sealed. Anything that fails raises
     ``StoreNotReady``: a proxy that skipped this would accept the old admin key and refuse the
-    new one, with nothing said."""
+    new one, with nothing said. The settle spool is checked first: a proxy whose spool cannot
+    hold a settle would lose usage at the first Redis outage, so it does not start."""
+    await check_spool(settings)
     await wait_until_ready(redis, settings.redis.startup_wait_seconds)
     try:
         for script in health.SCRIPTS:
@@ -182,6 +185,14 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
             f"cannot load the scripts and the bootstrap key into Redis at {describe(redis)}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+async def check_spool(settings: Settings) -> None:
+    """``StoreNotReady`` unless the spool directory takes a settle (write, fsync, remove)."""
+    try:
+        await asyncio.to_thread(SettleSpool(settings.spool_directory()).check)
+    except SpoolUnwritable as exc:
+        raise StoreNotReady(str(exc)) from exc
 
 
 async def _seal_webhook_secrets(budgets: BudgetStore, keys: KeyStore) -> None:

@@ -197,6 +197,7 @@ class Health(Strict):
 class Readiness(Strict):
     status: Literal["ready", "unavailable"]
     redis: str
+    spool: str | None = None
 
 
 # --- usage and cost reports (docs/spec/usage-api.md) ---------------------------------------

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.gateway import metrics
-from proxy.gateway.settle_spool import SettleRequest, SettleSpool
+from proxy.gateway.settle_spool import SettleRequest, SettleSpool, SpoolWriteError
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,26 @@ class DeferredSettles:
         return len(self._items)
 
     async def add(self, req: SettleRequest, error: BaseException) -> None:
-        """Kept on disk before this returns: from here on the usage survives the process."""
-        await self.spool.keep(req)
-        log.warning(
-            "settle of %s deferred (%s); kept in %s", req.request_id, error, self.spool.path
-        )
+        """Kept on disk before this returns: from here on the usage survives the process.
+        When the disk refuses it, the settle is still retried from memory (the upstream has
+        answered; failing the client would not unspend it), but that is said: counted in
+        ``llm_proxy_settles_unspooled_total``, logged as an error, and ``/readyz`` reports the
+        spool until an append succeeds again."""
+        try:
+            await self.spool.keep(req)
+        except SpoolWriteError as disk:
+            metrics.SETTLES_UNSPOOLED.inc()
+            log.error(
+                "settle of %s deferred (%s) but NOT kept on disk (%s): held in memory only, "
+                "lost if this process stops before Redis takes it",
+                req.request_id,
+                error,
+                disk,
+            )
+        else:
+            log.warning(
+                "settle of %s deferred (%s); kept in %s", req.request_id, error, self.spool.path
+            )
         self._queue([req])
 
     async def adopt_orphans(self) -> int:

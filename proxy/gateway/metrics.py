@@ -69,6 +69,11 @@ SETTLES_QUARANTINED = Counter(
     "llm_proxy_settles_quarantined_total",
     "Settles Redis kept refusing, set aside in the spool's quarantine file",
 )
+SETTLES_UNSPOOLED = Counter(
+    "llm_proxy_settles_unspooled_total",
+    "Settles Redis did not take that the spool could not write either (disk full, read-only):"
+    " held in memory only",
+)
 LEASES_RECLAIMED = Counter(
     "llm_proxy_leases_reclaimed_total",
     "Leases of proxies that stopped renewing them, released and charged their reservation",
