@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from proxy.gateway.settle_spool import SettleSpool, SpoolUnwritable
 from proxy.store.connection import Redis
@@ -25,8 +25,10 @@ async def refuses_writes(redis: Redis) -> str | None:
     """Why Redis would refuse an admit or settle now, or None when it takes writes."""
     try:
         await redis.set(PROBE_KEY, str(os.getpid()), px=10_000)
+    except OutOfMemoryError:
+        return "refuses writes: OOM (maxmemory reached)"
     except ResponseError as exc:
-        return f"refuses writes: {str(exc).split(' ', 1)[0]}"
+        return f"refuses writes: {type(exc).__name__}"
     except (RedisError, OSError) as exc:
         return f"unreachable: {type(exc).__name__}"
     return None

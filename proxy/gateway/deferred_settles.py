@@ -16,8 +16,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.gateway import metrics
@@ -46,6 +52,10 @@ _STORE_STATES = (
 def store_unavailable(exc: BaseException) -> bool:
     """Whether a failure is Redis being away (retry everything later) rather than this item."""
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        return True
+    # redis-py turns some of these replies into their own classes and drops the prefix
+    # ("OOM command not allowed..." arrives as "command not allowed..."): match the class.
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError | BusyLoadingError):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_STORE_STATES)
 

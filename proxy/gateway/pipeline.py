@@ -150,9 +150,12 @@ class Dialect(Protocol):
 
 
 def on_behalf_of(request: web.Request) -> str | None:
-    value = request.headers.get("X-On-Behalf-Of")
-    if value is None:
+    given = request.headers.getall("X-On-Behalf-Of", ())
+    if not given:
         return None
+    if len(given) > 1:  # which one would be charged? Refused, as a doubled identity is.
+        raise bad_request("X-On-Behalf-Of must be sent once.", param="X-On-Behalf-Of")
+    value = given[0]
     if not valid_end_user(value):
         raise bad_request(
             f"X-On-Behalf-Of must be 1-{MAX_END_USER_ID} printable characters.",
