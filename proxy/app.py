@@ -27,6 +27,7 @@ from proxy.errors import ApiError, dialect_of, error_response, store_unavailable
 from proxy.gateway import anthropic_api, lease_sweeper, llm_api, metrics
 from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
+from proxy.gateway.body import BodiesInFlight
 from proxy.gateway.model_routes import build_routes
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
@@ -55,12 +56,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response(dialect)
-    except BodyTimeout:
-        limit = request.app[GATEWAY].settings.server.body_timeout_seconds
+        response = exc.response(dialect)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
+        return response
+    except BodyTimeout as exc:
+        server = request.app[GATEWAY].settings.server
         response = error_response(
             408,
-            f"The request body stopped arriving for {limit:g} s.",
+            f"The request body did not arrive in full within {server.body_deadline_seconds:g} s."
+            if exc.deadline
+            else f"The request body stopped arriving for {server.body_timeout_seconds:g} s.",
             code="request_timeout",
             dialect=dialect,
         )
@@ -136,6 +142,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
         clock=clock,
+        bodies=BodiesInFlight(settings.server.max_bodies_per_key),
     )
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)

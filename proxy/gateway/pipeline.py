@@ -305,7 +305,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     identity = await gw.auth.identify_key(dialect.api_key(request))
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
-    body = await read_json(request)
+    body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
     route, reservation = prepared.route, prepared.reservation
     outcome["model"] = route.name
