@@ -434,7 +434,7 @@ def _usage_args(req: SettleRequest) -> tuple[int, int, int, str | int, str | int
         tokens_in,
         cached,
         out,
-        record.get("model", ""),
+        record.get("usage_model") or record.get("model", ""),  # a pattern's, when matched
         record.get("endpoint", ""),
         record.get("user", ""),
     )

@@ -13,12 +13,12 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tiktoken
 
 from proxy.config import ConfigError, ModelConfig, Protocol, Settings, UpstreamConfig
-from proxy.gateway.pricing import Price, resolve_price, with_cache_writes
+from proxy.gateway.pricing import Price, known_model_id, resolve_price, with_cache_writes
 from proxy.gateway.tokenizer import get_encoding
 from proxy.providers.fallback import Candidate
 
@@ -43,6 +43,11 @@ class ModelRoute:
     context_window: int = 1_000_000
     priced_at: float = 0.0
     """When this process resolved the price (start-up, or a pattern's first use of the name)."""
+    counted_as: str = ""
+    """The model name in metric labels and usage counters, from a set bounded by configuration
+    and the price database, never by clients: the configured name; for a name a pattern
+    matched, the price database's id of that model, or the pattern when its price is
+    configured (any name would match it)."""
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -157,6 +162,7 @@ def _assemble(
         entry=model.name,
         context_window=model.context_window,
         priced_at=time.time(),
+        counted_as=model.name,
     )
 
 
@@ -177,4 +183,7 @@ def _matched_route(settings: Settings, model: ModelConfig, name: str) -> ModelRo
     price = resolve_price(model, settings.metering, provider, name=name)
     if price is None:
         raise UnpricedModel(name, model.name)
-    return _assemble(settings, model, name, name, price)
+    route = _assemble(settings, model, name, name, price)
+    if price.source == "genai-prices":
+        route = replace(route, counted_as=known_model_id(name, provider) or model.name)
+    return route

@@ -216,7 +216,7 @@ async def decide(
         reservation.tokens,
         reservation.cost_nano,
         prompt_tokens=reservation.prompt_tokens,
-        model=prepared.route.name,
+        model=prepared.route.counted_as,  # counters: a bounded name, never a client's
         endpoint=endpoint,
         end_user=end_user,
         end_user_tag=end_user_tag(end_user) if end_user is not None else "",
@@ -309,6 +309,7 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
     route, reservation = prepared.route, prepared.reservation
     outcome["model"] = route.name
+    outcome["model_label"] = route.counted_as  # bounded: never a name a client invented
     request_id = new_request_id()
     outcome["request_id"] = request_id
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
@@ -392,6 +393,8 @@ async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> No
         "client_gone": int(exchange.client_gone),
         "upstream": exchange.upstream,
     }
+    if exchange.route.counted_as != exchange.route.name:  # a name a pattern matched
+        record["usage_model"] = exchange.route.counted_as
     outcome.update(
         status_upstream=exchange.status,
         input_tokens=usage.input_tokens,
