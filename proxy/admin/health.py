@@ -9,7 +9,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from proxy.admin import readiness_checks
-from proxy.admin.schemas import Health, Readiness
+from proxy.admin.schemas import Health, Readiness, Unready
 from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import Reply, operation
@@ -35,7 +35,7 @@ async def healthz(request: web.Request) -> web.Response:
             503,
             "Redis cannot be reached or refuses writes, or the settle spool cannot hold a "
             "settle: route around this process.",
-            Readiness,
+            Unready,
         ),
     ),
 )
@@ -47,15 +47,19 @@ async def readyz(request: web.Request) -> web.Response:
             for script in SCRIPTS:
                 await script.load(gw.redis)
     except (RedisError, OSError) as exc:
+        spool = await readiness_checks.spool_fault(gw.admission.deferred.spool)
         return web.json_response(
-            {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"}, status=503
+            {
+                "status": "unavailable",
+                "redis": f"unreachable: {type(exc).__name__}",
+                "spool": spool or "ok",
+            },
+            status=503,
         )
     refused = await readiness_checks.refuses_writes(gw.redis)
     spool = await readiness_checks.spool_fault(gw.admission.deferred.spool)
     if refused or spool:
-        body = {"status": "unavailable", "redis": refused or "ok"}
-        if spool:
-            body["spool"] = spool
+        body = {"status": "unavailable", "redis": refused or "ok", "spool": spool or "ok"}
         return web.json_response(body, status=503)
     return web.json_response({"status": "ready", "redis": "ok"})
 

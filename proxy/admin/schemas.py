@@ -197,7 +197,11 @@ class Health(Strict):
 class Readiness(Strict):
     status: Literal["ready", "unavailable"]
     redis: str
-    spool: str | None = None
+
+
+class Unready(Readiness):
+    spool: str
+    """``ok``, or why the settle spool cannot hold a settle (``unwritable: …``)."""
 
 
 # --- usage and cost reports (docs/spec/usage-api.md) ---------------------------------------
