@@ -81,8 +81,8 @@ class Setup:
     async def settled(self, count: int) -> bool:
         """Nothing held, and ``count`` usage records written (settled or reclaimed)."""
         try:
-            leases = await self.store.zcard(P + "leases")
-            return leases == 0 and await self.store.xlen(P + "usage") >= count
+            leases = int(await self.store.zcard(P + "leases"))
+            return leases == 0 and int(await self.store.xlen(P + "usage")) >= count
         except (aioredis.ConnectionError, OSError):
             return False
 
@@ -132,7 +132,10 @@ def _stream_request(key: str, **headers: str) -> bytes:
         {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True,
          "stream_options": {"include_usage": True}}
     ).encode()  # fmt: skip
-    given = [("Authorization", f"Bearer {key}"), ("Content-Type", "application/json")]
+    given: list[tuple[bytes | str, bytes | str]] = [
+        ("Authorization", f"Bearer {key}"),
+        ("Content-Type", "application/json"),
+    ]
     given += [(name, value) for name, value in headers.items()]
     return request("POST", "/v1/chat/completions", given, body)
 

@@ -27,7 +27,7 @@ PATTERN = ModelConfig(
     price=PriceConfig(input="1", output="2"),
 )
 NAMES = 40
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: Any = [{"role": "user", "content": "hello"}]
 
 
 async def _with_pattern(start_proxy: Callable[..., Any]) -> Proxy:

@@ -73,7 +73,7 @@ async def test_one_key_cannot_hold_more_than_its_share_of_slow_bodies(
     bodies = proxy.app[GATEWAY].bodies
 
     async def all_arriving() -> bool:
-        return bodies.held(kid) == 3
+        return bool(bodies.held(kid) == 3)
 
     await eventually(all_arriving, what="three bodies in flight for the key")
     refused = await exchange(proxy.url, _head(key) + CHAT[:5])
