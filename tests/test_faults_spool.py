@@ -26,9 +26,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, REPO, eventually, make_settings, write_config
 from prometheus_client import REGISTRY
+from redis.exceptions import ResponseError
 
 from proxy.app import create_app
-from proxy.gateway.settle_spool import SettleRequest, SettleSpool, SpoolWriteError
+from proxy.gateway.deferred_settles import MAX_ATTEMPTS, DeferredSettles
+from proxy.gateway.settle_spool import (
+    QUARANTINE_NAME,
+    SettleRequest,
+    SettleSpool,
+    SpoolWriteError,
+)
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -240,3 +247,37 @@ async def test_a_settle_neither_redis_nor_the_disk_took_is_answered_counted_and_
         await eventually(landed, within=20, what="the in-memory settle to land")
     finally:
         await store.aclose()
+
+
+async def test_a_settle_that_cannot_be_set_aside_stays_held_and_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An item Redis keeps refusing goes to the quarantine file; when that write fails too
+    (here: the quarantine file is the always-full device), the item stays held and it is said,
+    instead of the retry task dying with the item gone from memory."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / QUARANTINE_NAME).symlink_to("/dev/full")
+    with pytest.raises(OSError):  # the premise: the quarantine cannot be written
+        with (directory / QUARANTINE_NAME).open("ab", buffering=0) as handle:
+            handle.write(b"x")
+    refusals = 0
+
+    async def refuse(_req: SettleRequest) -> object:
+        nonlocal refusals
+        refusals += 1
+        raise ResponseError("ERR this item is bad")
+
+    deferred = DeferredSettles(refuse, SettleSpool(directory))
+    try:
+        with caplog.at_level(logging.ERROR):
+            await deferred.add(_settle("poison"), ResponseError("ERR this item is bad"))
+
+            async def reported() -> bool:
+                return any("could not be set aside" in r.getMessage() for r in caplog.records)
+
+            await eventually(reported, within=20, what="the failed quarantine reported")
+        assert refusals >= MAX_ATTEMPTS
+        assert len(deferred) == 1  # still held, still retried
+    finally:
+        await deferred.drain(grace=0)

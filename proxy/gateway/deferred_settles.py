@@ -166,8 +166,23 @@ class DeferredSettles:
             )
             log.warning("settle of %s refused (attempt %d): %s", rid, pending.attempts, exc)
             return
+        try:
+            path = await self.spool.quarantine(pending.req, str(exc))
+        except OSError as disk:
+            # Kept, and retried at the slowest pace: losing it would under-charge, and a
+            # dead retry task would strand every settle behind it.
+            pending.next_at = time.monotonic() + _ITEM_DELAY_MAX
+            metrics.SETTLES_UNSPOOLED.inc()
+            log.error(
+                "settle of %s refused %d times (%s) and could not be set aside (%s): held in "
+                "memory and retried",
+                rid,
+                pending.attempts,
+                exc,
+                disk,
+            )
+            return
         del self._items[rid]
-        path = await self.spool.quarantine(pending.req, str(exc))
         metrics.SETTLES_QUARANTINED.inc()
         metrics.SETTLES_PENDING.set(len(self._items))
         log.error(
