@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -19,15 +20,17 @@ from proxy.dialects import for_path
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.gateway import lease_sweeper, llm_api, metrics
 from proxy.gateway.auth import Authenticator
+from proxy.gateway.body import BodiesInFlight
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
-from proxy.gateway.settle_spool import SettleSpool
+from proxy.gateway.settle_spool import SettleSpool, SpoolUnwritable
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
 from proxy.ledger.admission import Admission
 from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
 from proxy.ledger.budgets import BudgetStore
 from proxy.ledger.windows import Clock, system_clock
+from proxy.providers import redact
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.client import Redis
 from proxy.store.connection import connect, hot_path
@@ -47,12 +50,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response(dialect)
-    except BodyTimeout:
-        limit = request.app[GATEWAY].settings.server.body_timeout_seconds
+        response = exc.response(dialect)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
+        return response
+    except BodyTimeout as exc:
+        server = request.app[GATEWAY].settings.server
         response = error_response(
             408,
-            f"The request body stopped arriving for {limit:g} s.",
+            f"The request body did not arrive in full within {server.body_deadline_seconds:g} s."
+            if exc.deadline
+            else f"The request body stopped arriving for {server.body_timeout_seconds:g} s.",
             code="request_timeout",
             dialect=dialect,
         )
@@ -99,6 +107,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
     """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
     routes = build_routes(settings)
+    redact.register(upstream.credential() for upstream in settings.upstreams)
     app = web.Application(
         middlewares=[request_log_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -127,6 +136,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
         clock=clock,
+        bodies=BodiesInFlight(settings.server.max_bodies_per_key),
     )
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
@@ -155,7 +165,9 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
     (a bounded wait), then the scripts are loaded, the bootstrap admin key is written and
     webhook secrets still stored in plain text are sealed. Anything that fails raises
     ``StoreNotReady``: a proxy that skipped this would accept the old admin key and refuse the
-    new one, with nothing said."""
+    new one, with nothing said. The settle spool is checked first: a proxy whose spool cannot
+    hold a settle would lose usage at the first Redis outage, so it does not start."""
+    await check_spool(settings)
     await wait_until_ready(redis, settings.redis.startup_wait_seconds)
     try:
         for script in health.SCRIPTS:
@@ -168,6 +180,14 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
             f"cannot load the scripts and the bootstrap key into Redis at {describe(redis)}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+async def check_spool(settings: Settings) -> None:
+    """``StoreNotReady`` unless the spool directory takes a settle (write, fsync, remove)."""
+    try:
+        await asyncio.to_thread(SettleSpool(settings.spool_directory()).check)
+    except SpoolUnwritable as exc:
+        raise StoreNotReady(str(exc)) from exc
 
 
 async def _seal_webhook_secrets(budgets: BudgetStore, keys: KeyStore) -> None:

@@ -49,6 +49,12 @@ class ServerConfig(_Strict):
     """A request's head must be complete this long after its first byte (or after connect)."""
     body_timeout_seconds: float = Field(30.0, gt=0)
     """Longest pause while a request body is being received."""
+    body_deadline_seconds: float = Field(120.0, gt=0)
+    """Longest a request body may take to arrive in full, however steadily it trickles in
+    (``body_timeout_seconds`` only bounds each pause)."""
+    max_bodies_per_key: int = Field(8, ge=1)
+    """Request bodies one key may have still arriving at once, per process; past it 429, so
+    one key's slow uploads cannot hold every connection."""
     keepalive_timeout_seconds: float = Field(75.0, gt=0)
     """Idle keep-alive connections are closed after this."""
     max_connections: int | None = Field(None, ge=1)

@@ -202,6 +202,11 @@ class Readiness(Strict):
     redis: str
 
 
+class Unready(Readiness):
+    spool: str
+    """``ok``, or why the settle spool cannot hold a settle (``unwritable: …``)."""
+
+
 # --- usage and cost reports (docs/spec/usage-api.md) ---------------------------------------
 
 

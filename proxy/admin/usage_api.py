@@ -130,6 +130,7 @@ class CostsQuery(BaseModel):
     start_time: int = Field(ge=0, lt=MAX_SECONDS, description="Unix seconds, inclusive.")
     end_time: int = Field(ge=0, lt=MAX_SECONDS, description="Unix seconds, exclusive.")
     org_id: list[str] | None = Field(None, description="Cluster admins: the orgs to count.")
+    all_orgs: str | None = Field(None, description="true or false (cluster admins).")
     group_by: list[CostDimension] | None = Field(
         None, description='Default ["model"]; the answer\'s group_by says which.'
     )
@@ -194,7 +195,7 @@ async def costs(request: web.Request) -> web.Response:
     org_param = org_ids(request, "org_id")
     grouping = group_by(request, COST_DIMENSIONS, ["model"])
     selection = Selection(end_users=end_users(request, []))
-    orgs = await report_orgs(gw, caller, org_param, None)
+    orgs = await report_orgs(gw, caller, org_param, boolean(request, "all_orgs"))
     spans = cover(start, end, gw.clock(), gw.settings.usage)
     found = await UsageCounters(gw.redis).read(orgs, spans)
     combos = (item for per_span in found.values() for item in per_span.items())

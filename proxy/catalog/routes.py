@@ -13,11 +13,11 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tiktoken
 
-from proxy.catalog.pricing import Price, resolve_price, with_cache_writes
+from proxy.catalog.pricing import Price, known_model_id, resolve_price, with_cache_writes
 from proxy.catalog.tokenizer import get_encoding
 from proxy.config import ConfigError, DialectName, ModelConfig, Settings, UpstreamConfig
 from proxy.providers.fallback import Candidate
@@ -44,6 +44,11 @@ class ModelRoute:
     context_window: int = 1_000_000
     priced_at: float = 0.0
     """When this process resolved the price (start-up, or a pattern's first use of the name)."""
+    counted_as: str = ""
+    """The model name in metric labels and usage counters, from a set bounded by configuration
+    and the price database, never by clients: the configured name; for a name a pattern
+    matched, the price database's id of that model, or the pattern when its price is
+    configured (any name would match it)."""
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -158,6 +163,7 @@ def _assemble(
         entry=model.name,
         context_window=model.context_window,
         priced_at=time.time(),
+        counted_as=model.name,
     )
 
 
@@ -178,4 +184,7 @@ def _matched_route(settings: Settings, model: ModelConfig, name: str) -> ModelRo
     price = resolve_price(model, settings.metering, provider, name=name)
     if price is None:
         raise UnpricedModel(name, model.name)
-    return _assemble(settings, model, name, name, price)
+    route = _assemble(settings, model, name, name, price)
+    if price.source == "genai-prices":
+        route = replace(route, counted_as=known_model_id(name, provider) or model.name)
+    return route

@@ -54,9 +54,12 @@ from proxy.ledger.records import UsageRecord
 
 
 def on_behalf_of(request: web.Request) -> str | None:
-    value = request.headers.get("X-On-Behalf-Of")
-    if value is None:
+    given = request.headers.getall("X-On-Behalf-Of", ())
+    if not given:
         return None
+    if len(given) > 1:  # which one would be charged? Refused, as a doubled identity is.
+        raise bad_request("X-On-Behalf-Of must be sent once.", param="X-On-Behalf-Of")
+    value = given[0]
     if not valid_end_user(value):
         raise bad_request(
             f"X-On-Behalf-Of must be 1-{MAX_END_USER_ID} printable characters.",
@@ -108,7 +111,7 @@ async def decide(
         reservation.tokens,
         reservation.cost_nano,
         prompt_tokens=reservation.prompt_tokens,
-        model=prepared.route.name,
+        model=prepared.route.counted_as,  # counters: a bounded name, never a client's
         endpoint=endpoint,
         end_user=end_user,
         end_user_tag=end_user_tag(end_user) if end_user is not None else "",
@@ -198,10 +201,11 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     identity = await gw.auth.identify_key(dialect.api_key(request.headers))
     outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
     outcome["on_behalf_of"] = end_user = on_behalf_of(request)
-    body = await read_json(request)
+    body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
     route, reservation = prepared.route, prepared.reservation
     outcome["model"] = route.name
+    outcome["model_label"] = route.counted_as  # bounded: never a name a client invented
     request_id = new_request_id()
     outcome["request_id"] = request_id
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
@@ -284,6 +288,7 @@ async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> No
         status=exchange.status,
         client_gone=exchange.client_gone,
         upstream=exchange.upstream,
+        usage_model=exchange.route.counted_as,
     )
     outcome.update(
         status_upstream=exchange.status,

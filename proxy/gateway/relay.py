@@ -10,6 +10,8 @@ them together); what they share is here, so every route keeps the same promises:
   relayed or not, buffered here or still in the socket (``Response.salvage``).
 - ``timeouts.total_seconds`` bounds the whole exchange, from sending upstream to the last
   byte written to the client (``_Deadline``).
+- Upstream credentials an upstream echoes are masked in every header and body relayed
+  (``proxy.providers.redact``).
 - A stream the upstream breaks off, or that runs out of time, ends with the dialect's error
   event, never with its normal end, so a client cannot mistake it for a complete answer.
 """
@@ -31,6 +33,7 @@ from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
 from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.redact import REDACTOR
 from proxy.providers.upstream import (
     EVENT_ENDS,
     client_headers,
@@ -70,7 +73,7 @@ async def send(
 
 
 def answer_headers(served: fallback.Served, extra: dict[str, str]) -> CIMultiDict[str]:
-    headers = client_headers(served.response.headers)
+    headers = REDACTOR.headers(client_headers(served.response.headers))
     headers.update(extra)
     headers["x-upstream"] = served.candidate.upstream.name
     return headers
@@ -112,7 +115,7 @@ async def read_buffered(
     exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
     if upstream.status == 200:
         exchange.usage = _usage_of(dialect, exchange, data)
-    return data
+    return REDACTOR.data(data)
 
 
 def _usage_of(dialect: Dialect, exchange: Exchange, data: bytes) -> Usage:
@@ -172,7 +175,7 @@ async def relay_stream(
                 chunk, pending = pending + chunk, b""
             if not chunk.endswith(EVENT_ENDS):
                 chunk, pending = complete_events(chunk)
-            data = meter.relay(chunk) if chunk else b""
+            data = REDACTOR.data(meter.relay(chunk)) if chunk else b""
             if deadline.passed:
                 continue  # counted; past the deadline the client gets only the timeout event
             if last is not None:
@@ -184,7 +187,7 @@ async def relay_stream(
                 else:
                     await response.write(data)
         if pending.strip():
-            data = meter.relay(pending)
+            data = REDACTOR.data(meter.relay(pending))
             last = last + data if last else data
         pending = b""
         if deadline.passed:  # the answer was cut: never a normal end for it

@@ -85,7 +85,7 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
 
 def _record_metrics(outcome: dict[str, Any], status: int, elapsed_ms: float) -> None:
     endpoint = outcome["endpoint"]
-    model = outcome.get("model", "")
+    model = outcome.get("model_label") or outcome.get("model", "")
     decision = outcome.get("decision", "")
     upstream_ms = outcome.get("upstream_ms", 0.0)
     overhead_ms = max(elapsed_ms - upstream_ms, 0.0)

@@ -9,6 +9,7 @@ from aiohttp import web
 from proxy.catalog.routes import ModelTable
 from proxy.config import Settings
 from proxy.gateway.auth import Authenticator
+from proxy.gateway.body import BodiesInFlight
 from proxy.ledger.admission import Admission
 from proxy.ledger.api_keys import KeyStore
 from proxy.ledger.budgets import BudgetStore
@@ -31,6 +32,8 @@ class Gateway:
     clock: Clock
     cooldowns: CoolDowns = field(default_factory=CoolDowns)
     """Upstreams that failed recently, tried last in a model's fallback list."""
+    bodies: BodiesInFlight = field(default_factory=lambda: BodiesInFlight(8))
+    """Request bodies still arriving, per key (``server.max_bodies_per_key``)."""
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -44,6 +44,9 @@ class UsageRecord:
     status: int = 0
     client_gone: bool = False
     upstream: str | None = None
+    usage_model: str = ""
+    """The bounded name the usage counters file it under (``ModelRoute.counted_as``) when it
+    differs from ``model`` (a name a pattern matched): a client cannot mint counter fields."""
     released: bool = False
     """A reservation given back unused (the request was never forwarded)."""
     reclaimed: bool = False
@@ -71,6 +74,8 @@ class UsageRecord:
             "client_gone", int(self.client_gone),
             "upstream", self.upstream or "",
         ]  # fmt: skip
+        if self.usage_model and self.usage_model != self.model:
+            pairs += ["usage_model", self.usage_model]
         if self.released:
             pairs += ["released", 1]
         return pairs
@@ -95,6 +100,7 @@ class UsageRecord:
             status=_int(fields.get("status")),
             client_gone=str(fields.get("client_gone")) == "1",
             upstream=str(fields.get("upstream") or "") or None,
+            usage_model=str(fields.get("usage_model") or ""),
             released=str(fields.get("released")) == "1",
             reclaimed=str(fields.get("reclaimed")) == "1",
             late=str(fields.get("late")) == "1",
@@ -117,7 +123,7 @@ def counters_of(pairs: Sequence[str | int], tokens: int) -> tuple[int, int, int,
         _int(given) if given is not None else max(tokens - out, 0),
         _int(fields.get("cached")),
         out,
-        str(fields.get("model", "")),
+        str(fields.get("usage_model") or fields.get("model", "")),
         str(fields.get("endpoint", "")),
         str(fields.get("user", "")),
     )

@@ -16,8 +16,16 @@ from proxy.ledger.records import UsageRecord
 from proxy.store.client import Redis
 
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_MAX_ID_PART = 2**64 - 1
+
+
 def valid_stream_id(value: str) -> bool:
-    return bool(_STREAM_ID.match(value))
+    """A cursor Redis takes as an exclusive bound: both parts fit 64 bits, and it is not
+    ``0-0`` (nothing comes before it, so Redis refuses ``(0-0`` as "Invalid stream ID")."""
+    if not _STREAM_ID.match(value):
+        return False
+    ms, seq = (int(part) for part in value.split("-"))
+    return ms <= _MAX_ID_PART and seq <= _MAX_ID_PART and (ms, seq) != (0, 0)
 
 
 @dataclass(frozen=True)
