@@ -95,7 +95,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("store error on %s: %s", request.path, exc)
         outcome = request.get(OUTCOME)
         if outcome is not None:  # e.g. looking the key up: not an authentication failure
-            outcome["decision"] = "store_unavailable"
+            outcome.decision = "store_unavailable"
         return store_unavailable().response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -154,6 +154,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await prepare_store(gw.settings, gw.redis)
     await gw.upstream.start()
     yield
+    await gw.settles.wait(within=gw.settings.redis.hot_path_timeout + 5.0)
     await gw.admission.drain(grace=5.0)
     gw.admission.close()
     await gw.upstream.close()

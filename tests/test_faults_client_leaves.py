@@ -16,7 +16,7 @@ With Redis *paused* rather than down the charge is already right: the settle com
 Redis's socket buffer and runs when it resumes. The issue's "charged one chunk less than
 received" on a dropped stream was intermittent there and is not reproduced here.
 
-These are fixed after the restructure of the request path (``xfail(strict=True)`` until then).
+
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ MESSAGES = [{"role": "user", "content": "tell me a story"}]
 MAX_TOKENS = 100
 OUTPUT = 20
 STREAMS = 5
-XFAIL = pytest.mark.xfail(strict=True, reason="issue 21 item 1: fixed after the restructure")
+
 
 
 @dataclass
@@ -209,7 +209,6 @@ async def _logged(setup: Setup, count: int) -> bool:
     return len(setup.access_lines()) >= count
 
 
-@XFAIL
 async def test_a_client_leaving_after_done_while_redis_is_down_is_charged_its_usage(
     setup: Setup,
 ) -> None:
@@ -221,7 +220,6 @@ async def test_a_client_leaving_after_done_while_redis_is_down_is_charged_its_us
     assert await setup.spent_tokens() == used
 
 
-@XFAIL
 async def test_a_client_leaving_after_done_during_an_outage_stopped_by_sigterm_is_charged_its_usage(
     setup: Setup,
 ) -> None:
@@ -240,7 +238,6 @@ async def test_a_client_leaving_after_done_during_an_outage_stopped_by_sigterm_i
         second.stop()
 
 
-@XFAIL
 async def test_a_fully_written_answer_is_a_200_however_soon_its_client_closes(
     setup: Setup,
 ) -> None:

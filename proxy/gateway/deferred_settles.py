@@ -109,7 +109,18 @@ class DeferredSettles:
     async def adopt_orphans(self) -> int:
         """Settles left on disk by processes that are gone (see ``SettleSpool.adopt``)."""
         adopted = await self.spool.adopt()
-        self._queue(adopted)
+        # Replayed before this returns: the sweeper that adopted them sweeps next, and a lease
+        # whose usage is on disk is settled at that usage, not reclaimed at its reservation.
+        for index, req in enumerate(adopted):
+            try:
+                await self._write(req)
+            except (RedisError, OSError):
+                self._queue(adopted[index:])  # retried (or quarantined) on the usual schedule
+                break
+            await self.spool.done(req.request_id)
+        else:
+            if adopted and not self._items:
+                await self.spool.empty()
         return len(adopted)
 
     def _queue(self, reqs: list[SettleRequest]) -> None:

@@ -14,7 +14,6 @@ the client goes away mid-stream — in a ``finally`` that cancellation cannot sk
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from proxy.gateway.decisions import (
 )
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.forward import forward
-from proxy.gateway.request_context import OUTCOME, new_request_id
+from proxy.gateway.request_context import OUTCOME, Outcome, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
 from proxy.ledger.admission import (
@@ -195,19 +194,16 @@ def model_route(
 
 async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    started = time.perf_counter()
-    outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
-    request[OUTCOME] = outcome
+    outcome = request[OUTCOME] = Outcome(endpoint)
     identity = await gw.auth.identify_key(dialect.api_key(request.headers))
-    outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
-    outcome["on_behalf_of"] = end_user = on_behalf_of(request)
+    outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
+    outcome.on_behalf_of = end_user = on_behalf_of(request)
     body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
     route, reservation = prepared.route, prepared.reservation
-    outcome["model"] = route.name
-    outcome["model_label"] = route.counted_as  # bounded: never a name a client invented
-    request_id = new_request_id()
-    outcome["request_id"] = request_id
+    outcome.model = route.name
+    outcome.model_label = route.counted_as  # bounded: never a name a client invented
+    outcome.request_id = request_id = new_request_id()
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
     exchange.upstream = route.upstream.name
     exchange.output_cap = reservation.output_tokens
@@ -221,22 +217,27 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
         # nothing (nothing was forwarded), instead of leaving it to the lease's expiry; when
         # nothing was reserved the settle finds no lease and does nothing.
         exchange.client_gone = True
-        await settle(gw, exchange, outcome)
+        gw.settles.finish(settle(gw, exchange))
         raise
-    outcome["decision"] = "admitted"
-    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
+    outcome.decision = "admitted"
+    outcome.exchange = exchange
     if decision.clamped_cap is not None:
         exchange.clamped_cap = decision.clamped_cap
         exchange.output_cap = decision.clamped_cap * reservation.choices
-        outcome["clamped_max_tokens"] = decision.clamped_cap
+        outcome.clamped_max_tokens = decision.clamped_cap
     lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await forward(request, gw, dialect, exchange, body, reservation, decision)
     finally:
         lease.cancel()
-        # Not shielded: the settle command is queued on the Redis connection before this
-        # coroutine can be interrupted, so even a cancelled handler's request is settled.
-        await settle(gw, exchange, outcome)
+        try:
+            await settle(gw, exchange)
+        except asyncio.CancelledError:
+            # The client left while the settle waited (Redis slow or down): the settle is run
+            # again in a task of its own, which no client can cancel, so the usage reaches
+            # Redis or the spool; settles are idempotent, so one that had landed is a no-op.
+            gw.settles.finish(settle(gw, exchange))
+            raise
 
 
 async def _admit(
@@ -244,7 +245,7 @@ async def _admit(
     identity: Identity,
     request_id: str,
     prepared: Prepared,
-    outcome: dict[str, Any],
+    outcome: Outcome,
     dialect: Dialect,
     endpoint: str,
     end_user: str | None,
@@ -252,25 +253,25 @@ async def _admit(
     try:
         decision = await decide(gw, identity, request_id, endpoint, prepared, end_user)
     except (RedisError, OSError):
-        outcome["decision"] = "store_unavailable"
+        outcome.decision = "store_unavailable"
         raise store_unavailable() from None
     if isinstance(decision, Admitted):
         return decision
     if isinstance(decision, RateLimited):
-        outcome["decision"] = f"rate_limit_{decision.limit_name}"
+        outcome.decision = f"rate_limit_{decision.limit_name}"
     elif isinstance(decision, BudgetRefused):
-        outcome["decision"] = "budget"
+        outcome.decision = "budget"
     elif isinstance(decision, Revoked):
-        outcome["decision"] = "auth"
+        outcome.decision = "auth"
         gw.auth.forget()
     error = refusal(gw, decision, dialect, identity, end_user, prepared.reservation)
     assert error is not None
     raise error
 
 
-async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
+async def settle(gw: Gateway, exchange: Exchange) -> None:
     usage = exchange.usage or Usage(0, 0, reported=False)
-    cost = usage.cost_nano(exchange.route.price)
+    exchange.cost_nano = cost = usage.cost_nano(exchange.route.price)
     record = UsageRecord(
         rid=exchange.request_id,
         kid=exchange.identity.key_id,
@@ -289,16 +290,6 @@ async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> No
         client_gone=exchange.client_gone,
         upstream=exchange.upstream,
         usage_model=exchange.route.counted_as,
-    )
-    outcome.update(
-        status_upstream=exchange.status,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cost_nano=cost,
-        upstream_ms=exchange.upstream_ms,
-        client_gone=exchange.client_gone,
-        upstream=exchange.upstream,
-        **exchange.extra,
     )
     await gw.admission.settle(
         gw.admission.settle_request(

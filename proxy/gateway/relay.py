@@ -60,7 +60,7 @@ async def send(
             request.headers,
         )
     except ApiError as exc:
-        exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
+        exchange.upstream_error = "timeout" if exc.status == 504 else "connect"
         raise
     except asyncio.CancelledError:
         # Gone before the upstream's first byte: the call is closed, nothing was received.
@@ -68,7 +68,7 @@ async def send(
         raise
     exchange.upstream = served.candidate.upstream.name
     if served.skipped:
-        exchange.extra["fallback_from"] = ",".join(served.skipped)
+        exchange.fallback_from = ",".join(served.skipped)
     return served
 
 
@@ -99,10 +99,10 @@ async def read_buffered(
         async for chunk in upstream.iter_chunks():
             parts.append(chunk)
     except UpstreamTimeout as exc:
-        exchange.extra["upstream_error"] = "timeout"
+        exchange.upstream_error = "timeout"
         raise upstream_timeout(served.candidate.upstream) from exc
     except UpstreamError as exc:
-        exchange.extra["upstream_error"] = "broken_body"
+        exchange.upstream_error = "broken_body"
         raise upstream_broken(served.candidate.upstream) from exc
     except asyncio.CancelledError:
         # A buffered answer's usage comes at its end: it counts if all of it had arrived.
@@ -193,6 +193,7 @@ async def relay_stream(
         if deadline.passed:  # the answer was cut: never a normal end for it
             raise UpstreamTimeout("the exchange did not finish in time")
         await response.write_eof(last or b"")
+        exchange.answered = True
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client left, or was cut off at the deadline. Count everything the upstream had
         # delivered, also what was never relayed (buffered here, or still in the socket);
@@ -202,15 +203,16 @@ async def relay_stream(
         if rest:
             meter.relay(rest)
         if deadline.passed:
-            exchange.extra["upstream_error"] = "timeout"
+            exchange.upstream_error = "timeout"
         if isinstance(exc, asyncio.CancelledError):
             raise
     except UpstreamError as exc:
         timed_out = isinstance(exc, UpstreamTimeout)
-        exchange.extra["upstream_error"] = "timeout" if timed_out else "broken_stream"
+        exchange.upstream_error = "timeout" if timed_out else "broken_stream"
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write(ends.timeout if timed_out else ends.broken)
             await response.write_eof()
+            exchange.answered = True
     finally:
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         exchange.usage = meter.usage()

@@ -10,6 +10,7 @@ from proxy.catalog.routes import ModelTable
 from proxy.config import Settings
 from proxy.gateway.auth import Authenticator
 from proxy.gateway.body import BodiesInFlight
+from proxy.gateway.detached import DetachedSettles
 from proxy.ledger.admission import Admission
 from proxy.ledger.api_keys import KeyStore
 from proxy.ledger.budgets import BudgetStore
@@ -34,6 +35,8 @@ class Gateway:
     """Upstreams that failed recently, tried last in a model's fallback list."""
     bodies: BodiesInFlight = field(default_factory=lambda: BodiesInFlight(8))
     """Request bodies still arriving, per key (``server.max_bodies_per_key``)."""
+    settles: DetachedSettles = field(default_factory=DetachedSettles)
+    """Settles whose request was cancelled (its client left) while they ran."""
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
