@@ -33,6 +33,7 @@ from proxy.gateway.request_log import add_request_id_header, request_log_middlew
 from proxy.gateway.settle_spool import SettleSpool
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
+from proxy.providers import bedrock
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.budgets import BudgetStore
 from proxy.store.connection import Redis, connect, hot_path
@@ -106,6 +107,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
     """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
     routes = build_routes(settings)
+    bedrock.check(settings.upstreams)  # botocore and AWS credentials, for signing upstreams
     app = web.Application(
         middlewares=[request_log_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,

@@ -25,16 +25,14 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.dialects.base import Dialect, StreamEnds, StreamMeter, Usage
+from proxy.dialects.base import Dialect, StreamEnds, StreamFraming, StreamMeter, Usage
 from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
 from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.upstream import (
-    EVENT_ENDS,
     client_headers,
-    complete_events,
     upstream_broken,
     upstream_timeout,
 )
@@ -76,10 +74,11 @@ def answer_headers(served: fallback.Served, extra: dict[str, str]) -> CIMultiDic
     return headers
 
 
-def is_stream(served: fallback.Served) -> bool:
+def is_stream(served: fallback.Served, content_type: str) -> bool:
+    """A 200 in the dialect's stream media type (``StreamFraming.content_type``)."""
     upstream = served.response
     return upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(
-        "text/event-stream"
+        content_type
     )
 
 
@@ -106,18 +105,23 @@ async def read_buffered(
         exchange.client_gone = True
         parts.append(upstream.salvage())
         if upstream.complete and upstream.status == 200:
-            exchange.usage = _usage_of(dialect, exchange, b"".join(parts))
+            exchange.usage = _usage_of(dialect, exchange, upstream, b"".join(parts))
         raise
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
     if upstream.status == 200:
-        exchange.usage = _usage_of(dialect, exchange, data)
+        exchange.usage = _usage_of(dialect, exchange, upstream, data)
     return data
 
 
-def _usage_of(dialect: Dialect, exchange: Exchange, data: bytes) -> Usage:
+def _usage_of(dialect: Dialect, exchange: Exchange, upstream: Response, data: bytes) -> Usage:
     return dialect.buffered_usage(
-        exchange.endpoint, exchange.route, exchange.prompt_tokens, exchange.output_cap, data
+        exchange.endpoint,
+        exchange.route,
+        exchange.prompt_tokens,
+        exchange.output_cap,
+        data,
+        upstream.headers,
     )
 
 
@@ -155,12 +159,14 @@ async def relay_stream(
     meter: StreamMeter,
     ends: StreamEnds,
     sent_at: float,
+    framing: StreamFraming,
 ) -> web.StreamResponse:
-    """Events are written as they arrive; an event split across reads waits for its end.
-    ``sent_at``: when the request went upstream (the wait for its first bytes is the
-    upstream's time, not the proxy's)."""
+    """Events are written as they arrive; an event split across reads waits for its end
+    (``framing``: the dialect's, SSE or binary). ``sent_at``: when the request went upstream
+    (the wait for its first bytes is the upstream's time, not the proxy's)."""
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
+    response.content_type = framing.content_type
+    whole_if_ends, split = framing.whole_if_ends, framing.split
     deadline = _Deadline(request)
     upstream.on_deadline(deadline)
     pending = b""  # the start of an event whose end has not arrived yet
@@ -170,8 +176,8 @@ async def relay_stream(
         async for chunk in upstream.iter_chunks():
             if pending:
                 chunk, pending = pending + chunk, b""
-            if not chunk.endswith(EVENT_ENDS):
-                chunk, pending = complete_events(chunk)
+            if not whole_if_ends or not chunk.endswith(whole_if_ends):
+                chunk, pending = split(chunk)
             data = meter.relay(chunk) if chunk else b""
             if deadline.passed:
                 continue  # counted; past the deadline the client gets only the timeout event
