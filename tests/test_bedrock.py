@@ -223,7 +223,7 @@ async def test_anthropic_bedrock_sends_the_key_as_a_bearer_token(
 ) -> None:
     proxy: Proxy = await bedrock()
     _, key = await proxy.create_key("acme")
-    http = httpx2.AsyncClient(verify=str(tls.ca))
+    http = httpx2.AsyncClient(verify=tls.client_context())
     claude = anthropic.AsyncAnthropicBedrock(
         api_key=key, base_url=proxy.url, aws_region="us-east-1", http_client=http, max_retries=0
     )
@@ -330,7 +330,7 @@ async def test_streams_cut_or_corrupted_upstream_end_in_an_error_and_charge_a_bo
             for _ in answer["stream"]:
                 pass
 
-        with pytest.raises(Exception) as caught:  # noqa: B017 - botocore's own error types
+        with pytest.raises(Exception) as caught:
             await asyncio.to_thread(stream)
         if "fail" in next(iter(controls)):
             # botocore names a stream's exception by its member: the camel-cased shape name

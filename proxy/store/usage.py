@@ -51,7 +51,8 @@ REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
     "responses": frozenset({"responses"}),
 }
 """Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages and
-Bedrock's Converse and InvokeModel are chat completions; ``messages/count_tokens`` is free and in no bucketed report, only in costs)."""
+Bedrock's Converse and InvokeModel are chat completions; ``messages/count_tokens`` is free and
+in no bucketed report, only in costs)."""
 
 _READ_BATCH = 500
 
