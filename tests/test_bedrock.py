@@ -33,6 +33,8 @@ from bedrock_support import (
 from botocore.exceptions import ClientError
 from conftest import Proxy, budget, eventually, usage_record
 
+from proxy.catalog.pricing import cost_nano
+from proxy.config import ModelConfig, UpstreamConfig
 from proxy.dialects import eventstream
 from proxy.gateway.state import GATEWAY
 from proxy.store.connection import org_prefix
@@ -357,3 +359,35 @@ async def test_the_api_prefix_and_the_usage_report(
     assert sum(r["num_model_requests"] for r in rows) == 1
     assert sum(r["output_tokens"] for r in rows) == answer["usage"]["outputTokens"]
     assert record["cost_nano"] == expected_cost(answer["usage"])
+
+
+async def test_the_documented_config_block_drives_converse_and_invoke(
+    bedrock: Callable[..., Any],
+    mock_upstream: TestServer,
+    store: aioredis.Redis,
+    tls: Tls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_providers import BLOCKS
+
+    block = BLOCKS["bedrock"]
+    assert set(block["server"]) == {"tls_cert", "tls_key"}
+    [raw] = block["upstreams"]
+    assert UpstreamConfig.model_validate(raw).base_url == (
+        "https://bedrock-runtime.us-east-1.amazonaws.com"
+    )
+    root = str(mock_upstream.make_url("")).rstrip("/")
+    upstream = UpstreamConfig.model_validate({**raw, "base_url": root})
+    models = [ModelConfig.model_validate(m) for m in block["models"]]
+    proxy: Proxy = await bedrock(upstreams=[upstream], models=models)
+    _, key = await proxy.create_key("acme")
+    runtime = client(proxy.url, tls, key, monkeypatch)
+    answer = await asyncio.to_thread(runtime.converse, modelId=CLAUDE, messages=MESSAGES)
+    body = json.dumps({"prompt": "hi there", "max_gen_len": 3})
+    await asyncio.to_thread(runtime.invoke_model, modelId=LLAMA, body=body)
+    one, two = await records(store, 2)
+    claude, llama = (proxy.app[GATEWAY].routes[m] for m in (CLAUDE, LLAMA))
+    assert claude.price.source == llama.price.source == "genai-prices"
+    usage = answer["usage"]
+    assert one["cost_nano"] == cost_nano(claude.price, usage["inputTokens"], usage["outputTokens"])
+    assert two["cost_nano"] == cost_nano(llama.price, 2, 3)
