@@ -25,6 +25,7 @@ from bedrock_support import (
     MESSAGES,
     Tls,
     aws_env,
+    bedrock_upstream,
     client,
     expected_cost,
     make_tls,
@@ -34,10 +35,12 @@ from botocore.exceptions import ClientError
 from conftest import Proxy, budget, eventually, usage_record
 
 from proxy.catalog.pricing import cost_nano
-from proxy.config import ModelConfig, UpstreamConfig
+from proxy.config import ConfigError, ModelConfig, UpstreamConfig
 from proxy.dialects import eventstream
 from proxy.gateway.state import GATEWAY
+from proxy.providers import bedrock as providers_bedrock
 from proxy.store.connection import org_prefix
+from proxy.tools.mock import RECEIVED, MockOptions, build_mock_app
 
 P = org_prefix("acme")
 CACHE = {"x-mock-cached-tokens": "2", "x-mock-cache-write-tokens": "3"}
@@ -391,3 +394,35 @@ async def test_the_documented_config_block_drives_converse_and_invoke(
     usage = answer["usage"]
     assert one["cost_nano"] == cost_nano(claude.price, usage["inputTokens"], usage["outputTokens"])
     assert two["cost_nano"] == cost_nano(llama.price, 2, 3)
+
+
+async def test_an_upstream_bedrock_api_key_is_sent_as_bearer_instead_of_signing(
+    bedrock: Callable[..., Any], store: aioredis.Redis, tls: Tls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream_mock = TestServer(build_mock_app(MockOptions(bedrock_api_key="brk-upstream")))
+    await upstream_mock.start_server()
+    try:
+        monkeypatch.setenv("BEDROCK_UPSTREAM_KEY", "brk-upstream")
+        root = str(upstream_mock.make_url("")).rstrip("/")
+        upstream = bedrock_upstream(root, api_key_env="BEDROCK_UPSTREAM_KEY")
+        proxy: Proxy = await bedrock(upstreams=[upstream])
+        _, key = await proxy.create_key("acme")
+        runtime = client(proxy.url, tls, key, monkeypatch)
+        await asyncio.to_thread(runtime.converse, modelId=CLAUDE, messages=MESSAGES)
+        sent = upstream_mock.app[RECEIVED][-1]
+        assert sent.headers["authorization"] == "Bearer brk-upstream"
+        assert "x-amz-date" not in sent.headers
+        [record] = await records(store, 1)
+        assert record["status"] == 200
+    finally:
+        await upstream_mock.close()
+
+
+def test_a_signing_upstream_without_credentials_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    aws_env(monkeypatch, tmp_path)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ConfigError, match="no AWS credentials"):
+        providers_bedrock.check([bedrock_upstream("http://127.0.0.1:9")])

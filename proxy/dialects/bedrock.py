@@ -155,7 +155,9 @@ class BedrockDialect:
         if endpoint.startswith("converse"):
             bound = req.converse_bound(body, route.context_window)
         elif "anthropic_version" in body:
-            bound = prompt_bound(body, route.context_window)
+            beta = body.get("anthropic_beta")
+            long_context = isinstance(beta, list) and any("context-1m" in str(b) for b in beta)
+            bound = prompt_bound(body, route.context_window, long_context)
         else:
             bound = req.invoke_bound(body, route.upstream_model, route.context_window)
         price = route.price

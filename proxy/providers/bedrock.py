@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.config import ConfigError, UpstreamConfig
+from proxy.errors import ApiError
 
 ACTIONS = {
     "converse": "converse",
@@ -52,19 +53,37 @@ class _Signer:
                 f"upstreams.{upstream.name}: kind = 'bedrock' signs with botocore; install it "
                 "with `pip install 'llm-budget-proxy[bedrock]'`"
             ) from None
+        from botocore.exceptions import BotoCoreError
+
         self._auth = SigV4Auth
         self._request = AWSRequest
+        self._failure = BotoCoreError
+        self._name = upstream.name
         self._region = upstream.region
-        self._credentials = botocore.session.get_session().get_credentials()
+        credentials = botocore.session.get_session().get_credentials()
+        if credentials is None:
+            raise ConfigError(
+                f"upstreams.{upstream.name}: no AWS credentials found (environment, profile, "
+                "web identity, container or instance role), and no api_key_env"
+            )
+        self._credentials = credentials
 
     def sign(
         self, address: str, body: bytes, headers: list[tuple[str, str]]
     ) -> list[tuple[str, str]]:
-        if self._credentials is None:
-            raise ConfigError("no AWS credentials found for a bedrock upstream")
-        credentials = self._credentials.get_frozen_credentials()
-        request: Any = self._request("POST", address, data=body, headers=dict(headers))
-        self._auth(credentials, SERVICE, self._region).add_auth(request)
+        """Refreshable credentials are refreshed here by botocore when they near expiry."""
+        try:
+            credentials = self._credentials.get_frozen_credentials()
+            request: Any = self._request("POST", address, data=body, headers=dict(headers))
+            self._auth(credentials, SERVICE, self._region).add_auth(request)
+        except self._failure:
+            raise ApiError(
+                502,
+                f"The upstream '{self._name}' could not be signed for: its AWS credentials "
+                "could not be refreshed.",
+                type="server_error",
+                code="upstream_credentials",
+            ) from None
         return list(request.headers.items())
 
 
