@@ -36,7 +36,8 @@ from conftest import Proxy, budget, eventually, usage_record
 
 from proxy.catalog.pricing import cost_nano
 from proxy.config import ConfigError, ModelConfig, UpstreamConfig
-from proxy.dialects import eventstream
+from proxy.dialects import bedrock as bedrock_dialect
+from proxy.dialects import bedrock_request, claude_bound, eventstream
 from proxy.gateway.state import GATEWAY
 from proxy.providers import bedrock as providers_bedrock
 from proxy.store.connection import org_prefix
@@ -426,3 +427,39 @@ def test_a_signing_upstream_without_credentials_stops_start_up(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ConfigError, match="no AWS credentials"):
         providers_bedrock.check([bedrock_upstream("http://127.0.0.1:9")])
+
+
+def test_the_prompt_bound_never_counts_images_or_documents_as_nothing() -> None:
+    text = {"role": "user", "content": [{"text": "hi"}]}
+    plain = bedrock_request.converse_bound({"messages": [text]}, 200_000)
+    image = {"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo="}}}
+    with_image = {"messages": [{"role": "user", "content": [{"text": "hi"}, image]}]}
+    assert bedrock_request.converse_bound(with_image, 200_000) >= plain + claude_bound.IMAGE_MAX
+    document = {"document": {"format": "pdf", "name": "d", "source": {"bytes": "JVBERi0="}}}
+    with_doc = {"messages": [{"role": "user", "content": [document]}]}
+    assert bedrock_request.converse_bound(with_doc, 200_000) == 200_000
+    assert bedrock_request.family("arn:aws:bedrock:us-east-1:1:inference-profile/" + CLAUDE) == (
+        "anthropic"
+    )
+    assert bedrock_request.family("us.amazon.nova-pro-v1:0") == "amazon.nova"
+    assert bedrock_request.family(LLAMA) == "meta"
+
+
+@pytest.mark.parametrize(
+    ("status", "type_", "answer"),
+    [
+        (429, "insufficient_quota", (400, "ServiceQuotaExceededException")),
+        (429, "requests", (429, "ThrottlingException")),
+        (401, "authentication_error", (403, "AccessDeniedException")),
+        (404, "invalid_request_error", (404, "ResourceNotFoundException")),
+        (413, "invalid_request_error", (413, "ValidationException")),
+        (502, "server_error", (503, "ServiceUnavailableException")),
+        (503, "server_error", (503, "ServiceUnavailableException")),
+        (504, "server_error", (408, "ModelTimeoutException")),
+        (500, "server_error", (500, "InternalServerException")),
+    ],
+)
+def test_proxy_errors_map_to_bedrock_exceptions(
+    status: int, type_: str, answer: tuple[int, str]
+) -> None:
+    assert bedrock_dialect.error_code(status, type_) == answer
