@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,8 +168,10 @@ async def test_serve_answers_https_and_reloads_its_certificate_on_sighup(
                     await r.read()
         # TLS 1.1 is refused; 1.2 and 1.3 are served.
         old = tls.client_context()
-        old.maximum_version = ssl.TLSVersion.TLSv1_1
-        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        with warnings.catch_warnings():  # deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
         with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=old)) as s:
                 async with s.get(url + "/healthz") as r:
