@@ -30,7 +30,7 @@ from proxy.ledger.admission import Admission
 from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
 from proxy.ledger.budgets import BudgetStore
 from proxy.ledger.windows import Clock, system_clock
-from proxy.providers import redact
+from proxy.providers import bedrock, redact
 from proxy.providers.upstream import UpstreamClient
 from proxy.store.client import Redis
 from proxy.store.connection import connect, hot_path
@@ -108,6 +108,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
     """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
     routes = build_routes(settings)
     redact.register(upstream.credential() for upstream in settings.upstreams)
+    bedrock.check(settings.upstreams)  # botocore and AWS credentials, for signing upstreams
     app = web.Application(
         middlewares=[request_log_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,

@@ -32,10 +32,12 @@ def _check_routes(settings: Settings) -> None:
     """Prices and encodings (and the secret key) are resolved in each worker too; failing
     here gives a clean exit before any Redis or worker is started."""
     from proxy.catalog.routes import build_routes
+    from proxy.providers import bedrock
     from proxy.store.secret_box import SecretBox, SecretKeyError
 
     try:
         build_routes(settings)
+        bedrock.check(settings.upstreams)  # botocore and AWS credentials, to sign with
         SecretBox.from_env()
     except (ConfigError, SecretKeyError) as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)

@@ -18,13 +18,19 @@ from proxy.store import topology
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy.toml"
 
-ProviderKind = Literal["openai", "anthropic", "azure"]
+ProviderKind = Literal["openai", "anthropic", "azure", "bedrock"]
 """How the proxy speaks to an upstream: OpenAI's API (also Gemini's compatible endpoint, Groq,
-Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, or Azure OpenAI's paths."""
-DialectName = Literal["openai", "anthropic"]
+Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, Azure OpenAI's paths, or AWS
+Bedrock's runtime API (SigV4-signed)."""
+DialectName = Literal["openai", "anthropic", "bedrock"]
 """The wire dialect a client speaks to the proxy (``proxy.dialects``); ``openai`` and ``azure``
 upstreams both serve the first."""
-_PRICE_PROVIDERS: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "azure": "azure"}
+_PRICE_PROVIDERS: dict[str, str] = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "azure": "azure",
+    "bedrock": "aws",
+}
 Role = Literal["cluster_admin", "org_admin", "member"]
 
 # The admit script computes with Lua numbers (doubles): every limit it reads must be an integer
@@ -59,6 +65,15 @@ class ServerConfig(_Strict):
     """Idle keep-alive connections are closed after this."""
     max_connections: int | None = Field(None, ge=1)
     """Open connections per process; None: half the process's file-descriptor limit."""
+    tls_cert: str = ""
+    """PEM certificate chain: with ``tls_key``, ``serve`` answers HTTPS only (TLS 1.2+)."""
+    tls_key: str = ""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key are set together")
+        return self
 
 
 class RedisConfig(_Strict):
@@ -177,7 +192,8 @@ class PriceConfig(_Strict):
 
 class UpstreamConfig(_Strict):
     name: str = Field(min_length=1)
-    base_url: str = Field(min_length=1)
+    base_url: str = ""
+    """Required but for ``bedrock`` (default: ``https://bedrock-runtime.{region}.amazonaws.com``)."""
     api_key_env: str | None = None
     """Name of the environment variable holding the upstream credential (never the value)."""
     kind: ProviderKind = "openai"
@@ -186,6 +202,8 @@ class UpstreamConfig(_Strict):
     uses ``/openai/deployments/{deployment}/…?api-version=…``."""
     anthropic_version: str = "2023-06-01"
     """Anthropic only: the ``anthropic-version`` sent when the client sent none."""
+    region: str = Field("", pattern=r"^([a-z]{2}(-[a-z]+)+-\d{1,2})?$")
+    """Bedrock only (required there): the AWS region requests are signed for."""
     price_provider: str | None = None
     """Provider id in the price database (``google``, ``groq``, ``together``…); default by kind."""
     cooldown_seconds: float = Field(30.0, ge=0)
@@ -208,16 +226,30 @@ class UpstreamConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+        if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> UpstreamConfig:
+        if self.kind == "bedrock":
+            if not self.region:
+                raise ValueError("a bedrock upstream needs its AWS region")
+            if not self.base_url:
+                url = f"https://bedrock-runtime.{self.region}.amazonaws.com"
+                object.__setattr__(self, "base_url", url)
+        elif not self.base_url:
+            raise ValueError("base_url: Field required")
+        return self
 
     def credential(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @property
     def dialect(self) -> DialectName:
-        return "anthropic" if self.kind == "anthropic" else "openai"
+        if self.kind in ("anthropic", "bedrock"):
+            return self.kind
+        return "openai"
 
     @property
     def price_provider_id(self) -> str:
@@ -370,7 +402,7 @@ class Settings(_Strict):
             if len({kinds[c.name].dialect for c in choices}) > 1:
                 raise ValueError(
                     f"models.{index}.upstream: a client speaks one API, so one model's "
-                    "upstreams are either all Anthropic or all OpenAI/Azure"
+                    "upstreams are either all Anthropic, all Bedrock or all OpenAI/Azure"
                 )
             if len({c.name for c in choices}) != len(choices):
                 raise ValueError(f"models.{index}.upstream: an upstream is listed twice")

@@ -20,7 +20,7 @@ def test_error_shape_follows_the_path() -> None:
 
 
 def test_lookup_by_name_and_every_dialect_is_complete() -> None:
-    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic"]
+    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic", "bedrock"]
     for dialect in DIALECTS:
         assert by_name(dialect.name) is dialect
         assert set(dialect.endpoint_kinds) == set(dialect.endpoints)

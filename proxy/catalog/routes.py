@@ -139,6 +139,8 @@ def _candidates(settings: Settings, model: ModelConfig, upstream_model: str) -> 
         if upstream.kind == "azure":
             deployment = model.deployment or upstream_model
             candidates.append(Candidate(upstream, deployment, deployment, choice.weight))
+        elif upstream.kind == "bedrock":  # the model id is part of the path
+            candidates.append(Candidate(upstream, upstream_model, upstream_model, choice.weight))
         else:
             candidates.append(Candidate(upstream, upstream_model, "", choice.weight))
     return candidates
@@ -149,7 +151,7 @@ def _assemble(
 ) -> ModelRoute:
     candidates = _candidates(settings, model, upstream_model)
     dialect = candidates[0].upstream.dialect
-    if dialect == "anthropic":
+    if dialect == "anthropic" or (dialect == "bedrock" and "anthropic." in upstream_model):
         price = with_cache_writes(price)
     return ModelRoute(
         name=name,

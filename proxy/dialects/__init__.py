@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from proxy.dialects.anthropic import ANTHROPIC
 from proxy.dialects.base import Dialect
+from proxy.dialects.bedrock import BEDROCK
 from proxy.dialects.openai import OPENAI
 
-DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC)
+DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, BEDROCK)
 DEFAULT: Dialect = OPENAI
 """The shape of every error no dialect claims by path: OpenAI's, the proxy's own."""
 
@@ -36,4 +37,13 @@ def for_path(path: str) -> Dialect:
     return DEFAULT
 
 
-__all__ = ["ANTHROPIC", "DEFAULT", "DIALECTS", "OPENAI", "Dialect", "by_name", "for_path"]
+__all__ = [
+    "ANTHROPIC",
+    "BEDROCK",
+    "DEFAULT",
+    "DIALECTS",
+    "OPENAI",
+    "Dialect",
+    "by_name",
+    "for_path",
+]

@@ -25,12 +25,14 @@ from proxy.config import DialectName
 from proxy.dialects import anthropic_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
+    SSE_FRAMING,
     Reservation,
     RouteDocs,
     StreamEnds,
     StreamMeter,
     Usage,
     bearer,
+    body_model,
 )
 from proxy.dialects.claude_bound import prompt_bound
 from proxy.errors import bad_request, unauthorized
@@ -141,8 +143,15 @@ class AnthropicDialect:
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over Anthropic's Messages API: use POST /v1/messages"
     stream_ends = _ENDS
+    stream_framing = SSE_FRAMING
     error_model = AnthropicError
     docs = _DOCS
+
+    def route_path(self, endpoint: str) -> str:
+        return endpoint
+
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
+        return body_model(params, body)
 
     def api_key(self, headers: Mapping[str, str]) -> str:
         key = headers.get("x-api-key", "").strip() or bearer(headers)
@@ -193,7 +202,13 @@ class AnthropicDialect:
         return json.dumps(changed, separators=(",", ":")).encode(), False
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
         if endpoint != "messages":
             return Usage(0, 0)  # count_tokens is relayed, never charged
@@ -236,6 +251,11 @@ class AnthropicDialect:
         """Anthropic's shape has no code or param: its ``error.type`` follows the status."""
         error = {"type": error_type(status), "message": message, **(details or {})}
         return json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode()
+
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        return status, None
 
 
 ANTHROPIC = AnthropicDialect()

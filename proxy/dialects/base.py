@@ -8,7 +8,7 @@ record, so dialects sit below the gateway and a new one is a module, not a chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from proxy.catalog.pricing import Price, cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.config import DialectName
+from proxy.providers.upstream import EVENT_ENDS, complete_events
 
 MAX_OUTPUT_CAP = 1_000_000_000
 """No model generates a billion tokens in one answer; a larger cap only overflows the books."""
@@ -97,6 +98,24 @@ class StreamEnds:
     timeout: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StreamFraming:
+    """How a dialect's streamed answers are framed: server-sent events for most, AWS's binary
+    event stream for Bedrock. The relay cuts what it reads into whole frames with ``split``
+    before the meter sees them, so no dialect parses a frame split across reads."""
+
+    content_type: str
+    """The media type of a streamed answer, upstream's and client's alike."""
+    split: Callable[[bytes], tuple[bytes, bytes]]
+    """Whole frames at the start of a buffer, and the unfinished rest."""
+    whole_if_ends: tuple[bytes, ...] = ()
+    """Endings that prove a buffer holds whole frames (SSE's blank line): most reads end on
+    one, and skip ``split``; empty: always split."""
+
+
+SSE_FRAMING = StreamFraming("text/event-stream", complete_events, EVENT_ENDS)
+
+
 @dataclass(frozen=True)
 class RouteDocs:
     """How the OpenAPI document describes a dialect's endpoints (data, so dialects need not
@@ -160,6 +179,11 @@ class Dialect(Protocol):
     def stream_ends(self) -> StreamEnds: ...
 
     @property
+    def stream_framing(self) -> StreamFraming:
+        """SSE (``SSE_FRAMING``) but for dialects with a framing of their own."""
+        ...
+
+    @property
     def error_model(self) -> type[BaseModel]:
         """The error body, for the OpenAPI document."""
         ...
@@ -167,8 +191,18 @@ class Dialect(Protocol):
     @property
     def docs(self) -> RouteDocs: ...
 
+    def route_path(self, endpoint: str) -> str:
+        """Where an endpoint is mounted under each prefix (an aiohttp path template: the
+        endpoint itself, or with path parameters, e.g. Bedrock's ``model/{modelId}/converse``)."""
+        ...
+
     def api_key(self, headers: Mapping[str, str]) -> str:
         """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
+        ...
+
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
+        """The model a request names (the body's ``model``, or a path parameter); the gateway
+        validates that it is a non-empty string it knows."""
         ...
 
     async def reserve(
@@ -193,9 +227,16 @@ class Dialect(Protocol):
         ...
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
-        """The usage of a whole 200 answer: as reported, else counted or bounded."""
+        """The usage of a whole 200 answer: as reported (in the body, or in the upstream's
+        ``headers`` for APIs that report it there), else counted or bounded."""
         ...
 
     def stream_meter(
@@ -234,6 +275,13 @@ class Dialect(Protocol):
         """An error in the dialect's shape, so each SDK raises its own exception classes."""
         ...
 
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        """The status an error is answered with and headers its shape needs (Bedrock's
+        ``x-amzn-ErrorType``); most dialects: ``(status, None)``."""
+        ...
+
 
 def bearer(headers: Mapping[str, str]) -> str | None:
     """The token of ``Authorization: Bearer <token>``, or None."""
@@ -249,3 +297,8 @@ def event_data(event: bytes) -> bytes | None:
         return None
     parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
+
+
+def body_model(params: Mapping[str, str], body: dict[str, Any]) -> object:
+    """``requested_model`` of the dialects whose body names the model."""
+    return body.get("model")

@@ -22,12 +22,14 @@ from proxy.config import DialectName
 from proxy.dialects import openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
+    SSE_FRAMING,
     Reservation,
     RouteDocs,
     StreamEnds,
     StreamMeter,
     Usage,
     bearer,
+    body_model,
 )
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
@@ -188,8 +190,15 @@ class OpenAIDialect:
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
     stream_ends = _ENDS
+    stream_framing = SSE_FRAMING
     error_model = OpenAIError
     docs = _DOCS
+
+    def route_path(self, endpoint: str) -> str:
+        return endpoint
+
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
+        return body_model(params, body)
 
     def api_key(self, headers: Mapping[str, str]) -> str:
         key = bearer(headers)
@@ -220,7 +229,13 @@ class OpenAIDialect:
     upstream_body = staticmethod(upstream_body)
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
@@ -255,6 +270,11 @@ class OpenAIDialect:
         details: Mapping[str, Any] | None,
     ) -> bytes:
         return error_body(message, type, code, param, details)
+
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        return status, None
 
 
 OPENAI = OpenAIDialect()

@@ -50,7 +50,8 @@ async def forward(
         exchange.status = upstream.status
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
-        if relay.is_stream(served):
+        framing = dialect.stream_framing
+        if relay.is_stream(served, framing.content_type):
             meter = dialect.stream_meter(
                 endpoint,
                 exchange.route,
@@ -59,7 +60,7 @@ async def forward(
                 bodies[served.candidate.model][1],
             )
             return await relay.relay_stream(
-                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at
+                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at, framing
             )
         data = await relay.read_buffered(exchange, served, sent_at, dialect)
         return web.Response(status=upstream.status, body=data, headers=headers)

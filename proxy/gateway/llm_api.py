@@ -39,11 +39,14 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     docs = dialect.docs
     answers = [Reply(200, "The upstream's answer.", schema={"type": "object"})]
     if endpoint in docs.streamed:
+        media = dialect.stream_framing.content_type
         answers.append(
             Reply(
                 200,
-                "With `stream: true`: the upstream's events, relayed as they arrive.",
-                media="text/event-stream",
+                "With `stream: true`: the upstream's events, relayed as they arrive."
+                if media == "text/event-stream"
+                else "The upstream's event stream, relayed as it arrives.",
+                media=media,
                 schema=SSE_EVENT,
             )
         )
@@ -61,7 +64,7 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await pipeline.handle(request, endpoint, dialect)
 
-    handler.__name__ = docs.handler_prefix + endpoint.replace("/", "_")
+    handler.__name__ = docs.handler_prefix + endpoint.replace("/", "_").replace("-", "_")
     return handler
 
 
@@ -114,7 +117,8 @@ def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
         for prefix in dialect.prefixes:
             for endpoint in dialect.endpoints:
-                app.router.add_post(f"{prefix}/{endpoint}", llm_handler(dialect, endpoint))
+                path = f"{prefix}/{dialect.route_path(endpoint)}"
+                app.router.add_post(path, llm_handler(dialect, endpoint))
             if dialect is OPENAI:  # the catalogue is served in OpenAI's shape, beside its routes
                 app.router.add_get(f"{prefix}/models", list_models)
                 app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)

@@ -84,10 +84,13 @@ async def prepare(
     endpoint: str,
     body: dict[str, Any],
     headers: Mapping[str, str],
+    params: Mapping[str, str] | None = None,
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
-    endpoint, so a quote is priced exactly as the request itself would be."""
-    route = model_route(gw, body, identity, dialect, endpoint)
+    endpoint, so a quote is priced exactly as the request itself would be. ``params``: the
+    route's path parameters (a model named in the path)."""
+    model = dialect.requested_model(params or {}, body)
+    route = model_route(gw, model, identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     lowest = gw.settings.budgets.clamp_min_output_tokens
@@ -148,9 +151,8 @@ def refusal(
 
 
 def model_route(
-    gw: Gateway, body: dict[str, Any], identity: Identity, dialect: Dialect, endpoint: str
+    gw: Gateway, model: object, identity: Identity, dialect: Dialect, endpoint: str
 ) -> ModelRoute:
-    model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", param="model")
     try:
@@ -199,7 +201,9 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
     outcome.on_behalf_of = end_user = on_behalf_of(request)
     body = await read_json(request, identity.key_id, gw.bodies)
-    prepared = await prepare(gw, dialect, identity, endpoint, body, request.headers)
+    prepared = await prepare(
+        gw, dialect, identity, endpoint, body, request.headers, request.match_info
+    )
     route, reservation = prepared.route, prepared.reservation
     outcome.model = route.name
     outcome.model_label = route.counted_as  # bounded: never a name a client invented

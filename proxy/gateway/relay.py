@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.dialects.base import Dialect, StreamEnds, StreamMeter, Usage
+from proxy.dialects.base import Dialect, StreamEnds, StreamFraming, StreamMeter, Usage
 from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
@@ -35,9 +35,7 @@ from proxy.providers import fallback
 from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
 from proxy.providers.redact import REDACTOR
 from proxy.providers.upstream import (
-    EVENT_ENDS,
     client_headers,
-    complete_events,
     upstream_broken,
     upstream_timeout,
 )
@@ -79,10 +77,11 @@ def answer_headers(served: fallback.Served, extra: dict[str, str]) -> CIMultiDic
     return headers
 
 
-def is_stream(served: fallback.Served) -> bool:
+def is_stream(served: fallback.Served, content_type: str) -> bool:
+    """A 200 in the dialect's stream media type (``StreamFraming.content_type``)."""
     upstream = served.response
     return upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(
-        "text/event-stream"
+        content_type
     )
 
 
@@ -109,18 +108,23 @@ async def read_buffered(
         exchange.client_gone = True
         parts.append(upstream.salvage())
         if upstream.complete and upstream.status == 200:
-            exchange.usage = _usage_of(dialect, exchange, b"".join(parts))
+            exchange.usage = _usage_of(dialect, exchange, upstream, b"".join(parts))
         raise
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
     if upstream.status == 200:
-        exchange.usage = _usage_of(dialect, exchange, data)
+        exchange.usage = _usage_of(dialect, exchange, upstream, data)
     return REDACTOR.data(data)
 
 
-def _usage_of(dialect: Dialect, exchange: Exchange, data: bytes) -> Usage:
+def _usage_of(dialect: Dialect, exchange: Exchange, upstream: Response, data: bytes) -> Usage:
     return dialect.buffered_usage(
-        exchange.endpoint, exchange.route, exchange.prompt_tokens, exchange.output_cap, data
+        exchange.endpoint,
+        exchange.route,
+        exchange.prompt_tokens,
+        exchange.output_cap,
+        data,
+        upstream.headers,
     )
 
 
@@ -150,6 +154,10 @@ class _Deadline:
 _DONE = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
 async def relay_stream(
     request: web.Request,
     exchange: Exchange,
@@ -158,12 +166,17 @@ async def relay_stream(
     meter: StreamMeter,
     ends: StreamEnds,
     sent_at: float,
+    framing: StreamFraming,
 ) -> web.StreamResponse:
-    """Events are written as they arrive; an event split across reads waits for its end.
-    ``sent_at``: when the request went upstream (the wait for its first bytes is the
-    upstream's time, not the proxy's)."""
+    """Events are written as they arrive; an event split across reads waits for its end
+    (``framing``: the dialect's, SSE or binary). ``sent_at``: when the request went upstream
+    (the wait for its first bytes is the upstream's time, not the proxy's)."""
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
+    response.content_type = framing.content_type
+    whole_if_ends, split = framing.whole_if_ends, framing.split
+    # Text frames are searched for upstream credentials; a binary frame (Bedrock's event
+    # stream) cannot be edited without breaking its CRCs, and is relayed as it came.
+    redact = REDACTOR.data if framing.content_type.startswith("text/") else _as_is
     deadline = _Deadline(request)
     upstream.on_deadline(deadline)
     pending = b""  # the start of an event whose end has not arrived yet
@@ -173,9 +186,9 @@ async def relay_stream(
         async for chunk in upstream.iter_chunks():
             if pending:
                 chunk, pending = pending + chunk, b""
-            if not chunk.endswith(EVENT_ENDS):
-                chunk, pending = complete_events(chunk)
-            data = REDACTOR.data(meter.relay(chunk)) if chunk else b""
+            if not whole_if_ends or not chunk.endswith(whole_if_ends):
+                chunk, pending = split(chunk)
+            data = redact(meter.relay(chunk)) if chunk else b""
             if deadline.passed:
                 continue  # counted; past the deadline the client gets only the timeout event
             if last is not None:
@@ -187,7 +200,7 @@ async def relay_stream(
                 else:
                     await response.write(data)
         if pending.strip():
-            data = REDACTOR.data(meter.relay(pending))
+            data = redact(meter.relay(pending))
             last = last + data if last else data
         pending = b""
         if deadline.passed:  # the answer was cut: never a normal end for it

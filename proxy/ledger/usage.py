@@ -35,12 +35,24 @@ OTHER = "(other)"
 """The end user of usage recorded past a bucket's end-user cap."""
 
 REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
-    "completions": frozenset({"chat/completions", "completions", "messages"}),
+    "completions": frozenset(
+        {
+            "chat/completions",
+            "completions",
+            "messages",
+            # Bedrock's runtime API (proxy.dialects.bedrock)
+            "converse",
+            "converse-stream",
+            "invoke",
+            "invoke-with-response-stream",
+        }
+    ),
     "embeddings": frozenset({"embeddings"}),
     "responses": frozenset({"responses"}),
 }
-"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages are chat
-completions; ``messages/count_tokens`` is free and in no bucketed report, only in costs)."""
+"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages and
+Bedrock's Converse and InvokeModel are chat completions; ``messages/count_tokens`` is free and
+in no bucketed report, only in costs)."""
 
 _READ_BATCH = 500
 

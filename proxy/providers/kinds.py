@@ -12,14 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.config import UpstreamConfig
-from proxy.providers import anthropic, azure
+from proxy.providers import anthropic, azure, bedrock
 
 
 def url(upstream: UpstreamConfig, endpoint: str, deployment: str) -> str:
+    """``deployment``: Azure's deployment, or the Bedrock model id (part of their paths)."""
     if upstream.kind == "anthropic":
         return anthropic.url(upstream, endpoint)
     if upstream.kind == "azure":
         return azure.url(upstream, endpoint, deployment)
+    if upstream.kind == "bedrock":
+        return bedrock.url(upstream, endpoint, deployment)
     return f"{upstream.base_url}/{endpoint}"
 
 
@@ -31,6 +34,8 @@ def credential_headers(
         return anthropic.credential_headers(upstream, client_headers)
     if upstream.kind == "azure":
         return azure.credential_headers(upstream)
+    if upstream.kind == "bedrock":
+        return bedrock.credential_headers(upstream)
     credential = upstream.credential()
     return [("Authorization", f"Bearer {credential}")] if credential else []
 

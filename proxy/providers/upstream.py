@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
-from proxy.providers import kinds
+from proxy.providers import bedrock, kinds
 from proxy.providers.http import (
     Client,
     Response,
@@ -28,6 +28,16 @@ FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset({"accept", "user-agent", "openai-beta"}),
     "azure": frozenset({"accept", "user-agent", "openai-beta"}),
     "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}),
+    "bedrock": frozenset(
+        {
+            "accept",
+            "user-agent",
+            "x-amzn-bedrock-guardrailidentifier",
+            "x-amzn-bedrock-guardrailversion",
+            "x-amzn-bedrock-trace",
+            "x-amzn-bedrock-performanceconfig-latency",
+        }
+    ),
 }
 # Never forwarded, whatever an operator's ``forward_headers`` pattern matches: credentials,
 # the client's own provider account, hop-by-hop and framing headers the proxy sets itself.
@@ -40,6 +50,9 @@ NEVER_FORWARDED = frozenset(
         "anthropic-api-key",
         "x-goog-api-key",
         "anthropic-version",  # set per upstream (kinds.credential_headers)
+        "x-amz-date",  # a client's SigV4 signature: the proxy signs for its upstream itself
+        "x-amz-security-token",
+        "x-amz-content-sha256",
         "cookie",
         "openai-organization",
         "openai-project",
@@ -134,6 +147,10 @@ def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
     return headers
 
 
+_MAX_TARGETS = 4096
+"""Parsed upstream URLs kept; a path may carry a client-chosen model id, so it is bounded."""
+
+
 class UpstreamClient:
     """Every upstream's pooled keep-alive connections (``proxy.providers.http``)."""
 
@@ -166,9 +183,14 @@ class UpstreamClient:
         address = kinds.url(upstream, endpoint, deployment)
         target = self._targets.get(address)
         if target is None:
+            if len(self._targets) >= _MAX_TARGETS:  # Bedrock: a model id in every path
+                self._targets.clear()
             target = self._targets[address] = Target.parse(address)
+        sent = upstream_headers(headers, upstream)
+        if upstream.kind == "bedrock":  # signed last: over the final body and headers
+            sent = bedrock.sign(upstream, address, body, sent)
         try:
-            return await self._client.post(target, upstream_headers(headers, upstream), body)
+            return await self._client.post(target, sent, body)
         except UpstreamTimeout as exc:
             raise upstream_timeout(upstream) from exc
         except UpstreamError as exc:

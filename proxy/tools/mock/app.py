@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from proxy.tools.mock.anthropic import Anthropic
+from proxy.tools.mock.bedrock import Bedrock
 from proxy.tools.mock.core import Mock
 from proxy.tools.mock.openai import OpenAI
 from proxy.tools.mock.openai_responses import Responses
@@ -64,6 +65,7 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # 
         *Responses(mock).routes(),
         ("GET", "/v1/models", mock.models),
         *Anthropic(mock).routes(),
+        *Bedrock(mock).routes(),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from proxy.tools.mock import sigv4
 from proxy.tools.mock.controls import BadRequest, Plan, Tokens, header_dict
 from proxy.tools.mock.records import (
     EXCHANGE,
@@ -24,7 +25,7 @@ from proxy.tools.mock.records import (
 from proxy.tools.mock.text import dumps
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Dialect = Literal["openai", "anthropic"]
+Dialect = Literal["openai", "anthropic", "bedrock"]
 _ANTHROPIC_ERRORS = {
     401: "authentication_error",
     403: "permission_error",
@@ -32,6 +33,16 @@ _ANTHROPIC_ERRORS = {
     413: "request_too_large",
     429: "rate_limit_error",
     529: "overloaded_error",
+}
+BEDROCK_ERRORS = {
+    400: "ValidationException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
 }
 
 
@@ -42,6 +53,14 @@ def error_response(
     param: str | None = None,
     dialect: Dialect = "openai",
 ) -> web.Response:
+    if dialect == "bedrock":
+        kind = code or BEDROCK_ERRORS.get(status, "ValidationException")
+        return web.Response(
+            status=status,
+            body=dumps({"message": message}),
+            content_type="application/json",
+            headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/"},
+        )
     if dialect == "anthropic":
         default = "api_error" if status >= 500 else "invalid_request_error"
         kind = _ANTHROPIC_ERRORS.get(status, default)
@@ -83,6 +102,7 @@ class Mock:
         """Log the request, apply its latency and injected status, and parse its JSON body."""
         headers = header_dict(request)
         body: dict[str, Any] | None = None
+        raw = b""
         if json_body and (raw := await request.read()):
             try:
                 parsed = json.loads(raw)
@@ -103,6 +123,20 @@ class Mock:
         status = self.options.status if self.options.status is not None else plan.status
         if status is not None:
             return error_response(status, f"mock injected error {status}", dialect=dialect)
+        if dialect == "bedrock":
+            options = self.options
+            wrong = sigv4.problem(
+                request,
+                headers,
+                raw,
+                options.aws_access_key_id,
+                options.aws_secret_access_key,
+                options.bedrock_api_key,
+            )
+            if wrong is not None:
+                code = "InvalidSignatureException" if "signature" in wrong else None
+                return error_response(403, wrong, code=code, dialect=dialect)
+            return plan, body if body is not None else {}
         refused = self._credential_missing(request, headers, dialect)
         if refused is not None:
             return refused
@@ -173,6 +207,7 @@ async def stream_answer(
     content: list[bytes],
     trailer: list[bytes],
     headers: dict[str, str] | None = None,
+    content_type: str = "text/event-stream",
 ) -> web.StreamResponse:
     """Write an SSE stream one chunk per write, as a real upstream trickles tokens out.
 
@@ -182,7 +217,7 @@ async def stream_answer(
     """
     exchange = request.get(EXCHANGE)
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", **(headers or {})})
-    response.content_type = "text/event-stream"
+    response.content_type = content_type
     await response.prepare(request)
     failing = plan.fail_after_chunks is not None
     stalling = plan.stall_after_chunks is not None

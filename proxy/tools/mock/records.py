@@ -30,6 +30,11 @@ class MockOptions:
     )
     status: int | None = None
     """Answer every request with this error status (an upstream that must fail)."""
+    aws_access_key_id: str = "AKIDMOCKUPSTREAM0001"
+    """Bedrock: the test credentials a SigV4 signature must be made with."""
+    aws_secret_access_key: str = "mock-upstream-secret-access-key"  # noqa: S105 - a test value
+    bedrock_api_key: str | None = None
+    """Bedrock: an API key accepted as ``Authorization: Bearer`` (None: SigV4 only)."""
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0 or self.chunk_delay_ms < 0 or self.output_tokens < 0:
