@@ -1,0 +1,359 @@
+"""The ledger without HTTP: an ``Admission`` on a real Redis, an injected clock, and a reader of
+the books it writes.
+
+The script tests (``test_ledger_scripts.py``) and the state-machine test
+(``test_ledger_state_machine.py``) know the proxy's internals only through this module: every
+import of ``proxy`` and every Redis key name they read is here, so a move of the ledger's
+modules or a rename of its keys is one edit in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.config import RedisConfig
+from proxy.gateway.admission import (
+    ALREADY_ADMITTED,
+    Admission,
+    Admitted,
+    BudgetRefused,
+    ClampTerms,
+    Decision,
+    EndUserRequired,
+    RateLimited,
+    Revoked,
+)
+from proxy.gateway.settle_spool import SettleRequest, SettleSpool
+from proxy.store.budgets import BudgetInput, BudgetStore
+from proxy.store.connection import connect, org_prefix
+from proxy.store.end_users import EndUserPolicies, EndUserPolicy, end_user_tag
+from proxy.store.keys import Identity, KeyCreate, KeyStore, Limits
+from proxy.store.usage import parse_bucket
+from proxy.store.windows import Period, Windows, windows_at
+
+__all__ = [
+    "ALREADY_ADMITTED",
+    "Admitted",
+    "Books",
+    "BudgetRefused",
+    "ClampTerms",
+    "Decision",
+    "EndUserRequired",
+    "Ledger",
+    "RateLimited",
+    "Revoked",
+    "Scope",
+    "Usage",
+    "Windows",
+    "end_user_tag",
+    "open_ledger",
+    "windows_at",
+]
+
+ORG = "acme"
+NANO = 1_000_000_000
+Scope = Literal["apikey", "org", "external_user", "external_user_default"]
+USAGE_WIDTHS = ("m", "h", "d")
+"""Usage counter bucket widths as the ledger names them in its keys (minute, hour, day)."""
+
+
+class Clock:
+    """Injected time in whole seconds, so ``int(now * 1000)`` is exact and lease expiry is
+    reproducible to the millisecond."""
+
+    def __init__(self, start: int) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return float(self.now)
+
+    def advance(self, seconds: int) -> None:
+        self.now += seconds
+
+
+class _SpoolThatFails(SettleSpool):
+    """A settle the script refused would be spooled and retried in the background, and the
+    test would see only missing spend. Here it fails the test at once, the script's error
+    attached as the cause."""
+
+    async def keep(self, req: SettleRequest) -> None:
+        raise AssertionError(f"settle of {req.request_id} was refused by Redis")
+
+
+def usage_record(
+    rid: str, kid: str, tokens: int, cost: int, inp: int, user: str | None
+) -> dict[str, str | int | None]:
+    """What the proxy passes to settle for one request (the usage counters read in, out,
+    model, endpoint and user from it)."""
+    return {
+        "rid": rid,
+        "kid": kid,
+        "model": "gpt-test",
+        "endpoint": "chat/completions",
+        "user": user,
+        "in": inp,
+        "out": tokens - inp,
+        "cached": 0,
+        "cost_nano": cost,
+        "reported": 1,
+        "status": 200,
+    }
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Totals of the usage counters over every bucket of one width."""
+
+    requests: int = 0
+    input: int = 0
+    cached: int = 0
+    output: int = 0
+    cost: int = 0
+
+
+@dataclass
+class Books:
+    """Everything an org's ledger holds, read in one pass. Zero entries are left out: a spend
+    window or counter holding nothing is the same books as none."""
+
+    spend: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    """(tag, window id) -> (cost nano, tokens)."""
+    inflight: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """tag -> (leases, cost nano, tokens)."""
+    leases: dict[str, int] = field(default_factory=dict)
+    """request id -> expiry (ms)."""
+    lease_sums: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """What the lease records themselves add up to per tag (to check ``inflight`` against)."""
+    usage: dict[str, Usage] = field(default_factory=dict)
+    """width ("m", "h", "d") -> totals."""
+    usage_by_day: dict[int, Usage] = field(default_factory=dict)
+    """day bucket start (epoch s) -> totals."""
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """events list tag ("k:<kid>", "o", "u:<hex>", "ud") -> events, oldest first."""
+    records: list[dict[str, str]] = field(default_factory=list)
+    """The usage stream, oldest first."""
+    stuck: int = 0
+
+
+@dataclass
+class Ledger:
+    redis: Any
+    admission: Admission
+    budgets: BudgetStore
+    keys: KeyStore
+    clock: Clock
+    org: str = ORG
+
+    @property
+    def prefix(self) -> str:
+        return org_prefix(self.org)
+
+    def windows(self) -> Windows:
+        return windows_at(self.clock())
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    async def add_key(self, kid: str, **limits: int) -> Identity:
+        spec = KeyCreate(name=kid, limits=Limits(**limits))
+        await self.keys.create(spec, self.org, key_id=kid)
+        return self.identity(kid)
+
+    def identity(self, kid: str) -> Identity:
+        return Identity(kid, self.org, "member")
+
+    async def revoke(self, kid: str) -> None:
+        record = await self.keys.get(self.org, kid)
+        assert record is not None
+        await self.keys.revoke(record)
+
+    async def org_limits(self, **limits: int) -> None:
+        await self.keys.set_org_limits(self.org, Limits(**limits))
+
+    async def end_user_policy(self, *, track: bool = False, **limits: int) -> None:
+        policy = EndUserPolicy(track_spend=track, limits=Limits(**limits))
+        await EndUserPolicies(self.redis).put(self.org, policy)
+
+    async def put_budget(
+        self,
+        scope: Scope,
+        scope_id: str,
+        line: int,
+        *,
+        period: Period = "daily",
+        unit: Literal["t", "c"] = "t",
+        thresholds: tuple[tuple[int, str], ...] = ((100, "block"),),
+        clamp: bool = False,
+    ) -> None:
+        """``line``: the limit in the budget's unit (tokens, or nano-units for cost)."""
+        limit: int | float = line if unit == "t" else float(Decimal(line) / NANO)
+        spec = BudgetInput.model_validate(
+            {
+                "period": period,
+                "limit_kind": "tokens" if unit == "t" else "cost",
+                "limit": limit,
+                "thresholds": [{"pct": p, "action": a} for p, a in thresholds],
+                "clamp": clamp,
+            }
+        )
+        now = self.clock()
+        await self.budgets.put(self.org, scope, scope_id, spec, self.admission.windows(now), now)
+
+    # --- the scripts --------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        kid: str,
+        rid: str,
+        tokens: int,
+        cost: int = 0,
+        *,
+        user: str | None = None,
+        prompt: int = 0,
+        clamp: ClampTerms | None = None,
+        clamp_asked: bool = False,
+        dry_run: bool = False,
+    ) -> Decision:
+        return await self.admission.admit(
+            self.identity(kid),
+            rid,
+            tokens,
+            cost,
+            prompt_tokens=prompt,
+            model="gpt-test",
+            endpoint="chat/completions",
+            end_user=user,
+            end_user_tag=end_user_tag(user) if user else "",
+            clamp=clamp,
+            clamp_asked=clamp_asked,
+            dry_run=dry_run,
+        )
+
+    async def settle(
+        self,
+        kid: str,
+        rid: str,
+        tokens: int,
+        cost: int = 0,
+        *,
+        inp: int = 0,
+        user: str | None = None,
+    ) -> int:
+        """``inp``: input tokens of ``tokens`` (the rest is output). Returns the events
+        recorded."""
+        record = usage_record(rid, kid, tokens, cost, inp, user)
+        req = self.admission.settle_request(self.identity(kid), rid, tokens, cost, record)
+        events = await self.admission.settle(req)
+        assert len(self.admission.deferred) == 0, "a settle was deferred"
+        return events
+
+    async def reclaim(self) -> tuple[int, int, int]:
+        return await self.admission.reclaim(self.org)
+
+    # --- the books ----------------------------------------------------------------------------
+
+    async def books(self) -> Books:
+        p = self.prefix
+        names = sorted(await self.redis.keys(p + "*"))
+        spend = [n for n in names if n.startswith(p + "spend:")]
+        infl = [n for n in names if n.startswith(p + "infl:")]
+        usage = [n for n in names if n.startswith(p + "usage:")]
+        events = [n for n in names if n.startswith(p + "events:")]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in spend + infl + usage:
+            pipe.hgetall(name)
+        for name in events:
+            pipe.lrange(name, 0, -1)
+        pipe.zrange(p + "leases", 0, -1, withscores=True)
+        pipe.xrange(p + "usage")
+        pipe.zcard(p + "leases:stuck")
+        replies = await pipe.execute()
+        books = Books()
+        at = 0
+        for name in spend:
+            value = replies[at]
+            at += 1
+            tag, window = name[len(p + "spend:") :].rsplit(":", 1)
+            c, t = int(value.get("c", 0)), int(value.get("t", 0))
+            if c or t:
+                books.spend[(tag, window)] = (c, t)
+        for name in infl:
+            value = replies[at]
+            at += 1
+            n, c, t = (int(value.get(f, 0)) for f in ("n", "c", "t"))
+            if n or c or t:
+                books.inflight[name[len(p + "infl:") :]] = (n, c, t)
+        for name in usage:
+            value = replies[at]
+            at += 1
+            width, start = name[len(p + "usage:") :].split(":")
+            total = _sum(parse_bucket(self.org, value).values())
+            books.usage[width] = _add(books.usage.get(width, Usage()), total)
+            if width == "d":
+                books.usage_by_day[int(start)] = total
+        for name in events:
+            books.events[name[len(p + "events:") :]] = [json.loads(e) for e in replies[at]][::-1]
+            at += 1
+        leases, stream, books.stuck = replies[at : at + 3]
+        books.leases = {rid: int(score) for rid, score in leases}
+        books.records = [fields for _, fields in stream]
+        books.lease_sums = await self._lease_sums(list(books.leases))
+        return books
+
+    async def _lease_sums(self, rids: list[str]) -> dict[str, tuple[int, int, int]]:
+        if not rids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.hmget(self.prefix + "lease:" + rid, "k", "c", "t", "x")
+        sums: dict[str, tuple[int, int, int]] = {}
+        for kid, c, t, extra in await pipe.execute():
+            for tag in ["k:" + kid, "o", *(extra or "").split()]:
+                n0, c0, t0 = sums.get(tag, (0, 0, 0))
+                sums[tag] = (n0 + 1, c0 + int(c), t0 + int(t))
+        return sums
+
+
+def _sum(counts: Any) -> Usage:
+    total = Usage()
+    for c in counts:
+        total = _add(
+            total, Usage(c.requests, c.input_tokens, c.cached_tokens, c.output_tokens, c.cost_nano)
+        )
+    return total
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        a.requests + b.requests,
+        a.input + b.input,
+        a.cached + b.cached,
+        a.output + b.output,
+        a.cost + b.cost,
+    )
+
+
+async def open_ledger(
+    redis_url: str,
+    start: int,
+    *,
+    lease_seconds: int = 30,
+    spool_dir: Path | None = None,
+    redis: Any = None,
+) -> Ledger:
+    """A ledger on a clean org; ``redis``: a client to reuse (one per event loop)."""
+    client = redis if redis is not None else connect(RedisConfig(), redis_url)
+    clock = Clock(start)
+    spool = _SpoolThatFails(spool_dir or Path(tempfile.gettempdir()) / "ledger-tests-spool")
+    admission = Admission(client, {}, lease_seconds, clock, spool)
+    return Ledger(client, admission, BudgetStore(client), KeyStore(client), clock)
+
+
+def spend_windows(at: float) -> Mapping[Period, str]:
+    w = windows_at(at)
+    return {"daily": w.daily, "weekly": w.weekly, "monthly": w.monthly}
