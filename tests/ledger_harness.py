@@ -175,8 +175,12 @@ class Ledger:
     async def org_limits(self, **limits: int) -> None:
         await self.keys.set_org_limits(self.org, Limits(**limits))
 
-    async def end_user_policy(self, *, track: bool = False, **limits: int) -> None:
-        policy = EndUserPolicy(track_spend=track, limits=Limits(**limits))
+    async def end_user_policy(
+        self, *, track: bool = False, require: bool = False, limits: Mapping[str, int] = {}
+    ) -> None:
+        policy = EndUserPolicy(
+            require_on_behalf_of=require, track_spend=track, limits=Limits(**limits)
+        )
         await EndUserPolicies(self.redis).put(self.org, policy)
 
     async def put_budget(
