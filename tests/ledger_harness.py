@@ -136,8 +136,8 @@ class Books:
     """day bucket start (epoch s) -> totals."""
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """events list tag ("k:<kid>", "o", "u:<hex>", "ud") -> events, oldest first."""
-    records: list[dict[str, str]] = field(default_factory=list)
-    """The usage stream, oldest first."""
+    records: int = 0
+    """Entries in the usage stream."""
     stuck: int = 0
 
 
@@ -261,66 +261,69 @@ class Ledger:
 
     # --- the books ----------------------------------------------------------------------------
 
-    async def books(self) -> Books:
+    async def books(self, widths: str = "mhd") -> Books:
+        """One round trip (a script of the harness's own, not the proxy's). ``widths``: which
+        usage counter widths to read ("d" alone is much cheaper than every minute's bucket)."""
         p = self.prefix
-        names = sorted(await self.redis.keys(p + "*"))
-        spend = [n for n in names if n.startswith(p + "spend:")]
-        infl = [n for n in names if n.startswith(p + "infl:")]
-        usage = [n for n in names if n.startswith(p + "usage:")]
-        events = [n for n in names if n.startswith(p + "events:")]
-        pipe = self.redis.pipeline(transaction=False)
-        for name in spend + infl + usage:
-            pipe.hgetall(name)
-        for name in events:
-            pipe.lrange(name, 0, -1)
-        pipe.zrange(p + "leases", 0, -1, withscores=True)
-        pipe.xrange(p + "usage")
-        pipe.zcard(p + "leases:stuck")
-        replies = await pipe.execute()
-        books = Books()
-        at = 0
-        for name in spend:
-            value = replies[at]
-            at += 1
-            tag, window = name[len(p + "spend:") :].rsplit(":", 1)
-            c, t = int(value.get("c", 0)), int(value.get("t", 0))
-            if c or t:
-                books.spend[(tag, window)] = (c, t)
-        for name in infl:
-            value = replies[at]
-            at += 1
-            n, c, t = (int(value.get(f, 0)) for f in ("n", "c", "t"))
-            if n or c or t:
-                books.inflight[name[len(p + "infl:") :]] = (n, c, t)
-        for name in usage:
-            value = replies[at]
-            at += 1
-            width, start = name[len(p + "usage:") :].split(":")
-            total = _sum(parse_bucket(self.org, value).values())
-            books.usage[width] = _add(books.usage.get(width, Usage()), total)
-            if width == "d":
-                books.usage_by_day[int(start)] = total
-        for name in events:
-            books.events[name[len(p + "events:") :]] = [json.loads(e) for e in replies[at]][::-1]
-            at += 1
-        leases, stream, books.stuck = replies[at : at + 3]
-        books.leases = {rid: int(score) for rid, score in leases}
-        books.records = [fields for _, fields in stream]
-        books.lease_sums = await self._lease_sums(list(books.leases))
+        found = await self.redis.eval(_SNAPSHOT, 0, p, widths)
+        books = Books(records=int(found[-2]), stuck=int(found[-1]))
+        lease_ids: dict[str, int] = {}
+        for name, kind, value in found[:-2]:
+            part, _, rest = name[len(p) :].partition(":")
+            if kind == "list":
+                books.events[rest] = [json.loads(e) for e in value][::-1]
+                continue
+            if kind == "zset":
+                lease_ids = {
+                    rid: int(score) for rid, score in zip(value[::2], value[1::2], strict=True)
+                }
+                continue
+            fields = dict(zip(value[::2], value[1::2], strict=True))
+            if part == "spend":
+                tag, window = rest.rsplit(":", 1)
+                c, t = int(fields.get("c", 0)), int(fields.get("t", 0))
+                if c or t:
+                    books.spend[(tag, window)] = (c, t)
+            elif part == "infl":
+                n, c, t = (int(fields.get(f, 0)) for f in ("n", "c", "t"))
+                if n or c or t:
+                    books.inflight[rest] = (n, c, t)
+            elif part == "usage":
+                width, start = rest.split(":")
+                total = _sum(parse_bucket(self.org, fields).values())
+                books.usage[width] = _add(books.usage.get(width, Usage()), total)
+                if width == "d":
+                    books.usage_by_day[int(start)] = total
+            else:  # a lease
+                tags = ["k:" + fields["k"], "o", *fields.get("x", "").split()]
+                for tag in tags:
+                    n0, c0, t0 = books.lease_sums.get(tag, (0, 0, 0))
+                    books.lease_sums[tag] = (n0 + 1, c0 + int(fields["c"]), t0 + int(fields["t"]))
+        books.leases = lease_ids
         return books
 
-    async def _lease_sums(self, rids: list[str]) -> dict[str, tuple[int, int, int]]:
-        if not rids:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in rids:
-            pipe.hmget(self.prefix + "lease:" + rid, "k", "c", "t", "x")
-        sums: dict[str, tuple[int, int, int]] = {}
-        for kid, c, t, extra in await pipe.execute():
-            for tag in ["k:" + kid, "o", *(extra or "").split()]:
-                n0, c0, t0 = sums.get(tag, (0, 0, 0))
-                sums[tag] = (n0 + 1, c0 + int(c), t0 + int(t))
-        return sums
+
+_SNAPSHOT = """
+local p, widths = ARGV[1], ARGV[2]
+local out = {}
+for _, name in ipairs(redis.call('KEYS', p .. '*')) do
+  local rest = string.sub(name, #p + 1)
+  local part = string.match(rest, '^[^:]+')
+  if part == 'spend' or part == 'infl' or part == 'lease'
+      or string.find(widths, string.match(rest, '^usage:(%a):') or '-', 1, true) then
+    out[#out + 1] = {name, 'hash', redis.call('HGETALL', name)}
+  elseif part == 'events' then
+    out[#out + 1] = {name, 'list', redis.call('LRANGE', name, 0, -1)}
+  end
+end
+out[#out + 1] = {p .. 'leases', 'zset', redis.call('ZRANGE', p .. 'leases', 0, -1, 'WITHSCORES')}
+out[#out + 1] = redis.call('XLEN', p .. 'usage')
+out[#out + 1] = redis.call('ZCARD', p .. 'leases:stuck')
+return out
+"""
+"""Every key of the org the books are made of: spend windows, in-flight counters, leases,
+usage counter buckets (of the given widths), events; then the usage stream's length and the
+number of records set aside."""
 
 
 def _sum(counts: Any) -> Usage:

@@ -207,7 +207,7 @@ def check(books: Books, expect: Expect) -> None:
         for tag, events in books.events.items()
     }
     assert shown == expect.events
-    assert len(books.records) == expect.records
+    assert books.records == expect.records
     assert books.stuck == 0
 
 
