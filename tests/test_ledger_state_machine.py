@@ -46,6 +46,7 @@ LEASE = 30
 MAX_OPEN = 12
 """Open leases at most (an admit reclaims at most 32 expired ones before it decides)."""
 USERS = (None, "alice", "bob")
+ALICE = end_user_tag("alice")
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,21 @@ class BudgetDef:
             return "k:" + kid if kid == self.scope_id else None
         if self.scope == "org":
             return "o"
-        return end_user_tag(user) if user else None
+        if self.scope == "external_user":
+            return end_user_tag(user) if user == self.scope_id else None
+        if user is None or user == "alice":
+            return None  # alice's own budget of the same period replaces the default for her
+        return end_user_tag(user)
 
 
 BUDGETS = (
     BudgetDef("key", "apikey", "k1", "k:k1:org", "daily", "t", 3000),
     BudgetDef("org", "org", "acme", "o:org", "monthly", "c", 300_000),
+    BudgetDef("alice", "external_user", "alice", ALICE + ":org", "weekly", "t", 1200),
     BudgetDef("each user", "external_user_default", "acme", "ud:org", "weekly", "t", 2000),
 )
+"""In the order the admit script judges them (key, org, end user, default for each end
+user)."""
 THRESHOLDS = ((50, "alert"), (100, "block"))
 
 
