@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -34,6 +34,8 @@ from ledger_harness import (
     Books,
     BudgetRefused,
     Ledger,
+    Period,
+    Scope,
     Usage,
     end_user_tag,
     open_ledger,
@@ -52,11 +54,11 @@ ALICE = end_user_tag("alice")
 @dataclass(frozen=True)
 class BudgetDef:
     name: str
-    scope: Any
+    scope: Scope
     scope_id: str
     field: str
-    period: Any
-    unit: str
+    period: Period
+    unit: Literal["t", "c"]
     first_line: int
 
     def tag(self, kid: str, user: str | None) -> str | None:
