@@ -52,6 +52,7 @@ __all__ = [
     "Scope",
     "Usage",
     "end_user_tag",
+    "open_client",
     "open_ledger",
     "spend_windows",
 ]
@@ -341,6 +342,12 @@ def _add(a: Usage, b: Usage) -> Usage:
     )
 
 
+def open_client(redis_url: str) -> Any:
+    """The proxy's own kind of client, with a generous timeout: the proxy's 0.5 s fails the odd
+    call on a busy CI machine."""
+    return connect(RedisConfig(socket_timeout=5), redis_url)
+
+
 async def open_ledger(
     redis_url: str,
     start: int,
@@ -350,8 +357,7 @@ async def open_ledger(
     redis: Any = None,
 ) -> Ledger:
     """A ledger on a clean org; ``redis``: a client to reuse (one per event loop)."""
-    # A generous timeout: the proxy's 0.5 s fails the odd call on a busy CI machine.
-    client = redis if redis is not None else connect(RedisConfig(socket_timeout=5), redis_url)
+    client = redis if redis is not None else open_client(redis_url)
     clock = Clock(start)
     spool = _SpoolThatFails(spool_dir or Path(tempfile.gettempdir()) / "ledger-tests-spool")
     admission = Admission(client, {}, lease_seconds, clock, spool)
