@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from ledger_harness import BudgetRefused, Period, Scope, Usage, end_user_tag, spend_windows
+from ledger_harness import (
+    BudgetRefused,
+    ClampTerms,
+    Period,
+    Scope,
+    Usage,
+    end_user_tag,
+    spend_windows,
+)
 
 START = int(datetime(2026, 1, 31, 22, tzinfo=UTC).timestamp())
 """Two hours before midnight, the end of a month and (a day later) of an ISO week."""
@@ -111,9 +119,14 @@ class Model:
             self.reclaimed[rid] = Charge(lease, self.windows())
         return len(expired)
 
-    def decide(self, kid: str, user: str | None, tokens: int, cost: int) -> BudgetRefused | None:
-        """What the admit script must answer (after reclaiming): the first budget, in the
-        script's order of fields, that the request does not fit; None to admit."""
+    def decide(
+        self, kid: str, user: str | None, tokens: int, cost: int, clamp: Clamp | None
+    ) -> BudgetRefused | Reservation:
+        """What the admit script must answer (after reclaiming), judging the budgets in the
+        script's order of fields: the first that is blocked, or that the worst case does not
+        fit (unless it may be clamped); then, where some did not fit, the highest output cap
+        that fits them all, or a refusal by the first that not even the lowest cap fits."""
+        squeezed: list[tuple[BudgetDef, int]] = []
         for budget in BUDGETS:
             tag = budget.tag(kid, user)
             if tag is None:
@@ -121,11 +134,57 @@ class Model:
             w = spend_windows(self.now)[budget.period]
             at = 0 if budget.unit == "c" else 1
             spent = self.spend.get((tag, w), (0, 0))[at]
-            held = self.held(tag)[1 + at]
+            used = spent + self.held(tag)[1 + at]
             line = self.lines[budget.name]
             r = cost if budget.unit == "c" else tokens
             if spent >= line:
                 return BudgetRefused(budget.field, "blocked", w, spent, line, r, budget.unit)
-            if spent + held + r > line:
-                return BudgetRefused(budget.field, "exceeds", w, spent + held, line, r, budget.unit)
-        return None
+            if used + r > line:
+                if clamp is None:
+                    return BudgetRefused(budget.field, "exceeds", w, used, line, r, budget.unit)
+                squeezed.append((budget, used))
+        if not squeezed:
+            return Reservation(tokens, cost, None)
+        assert clamp is not None
+
+        def misfit(cap: int) -> tuple[BudgetDef, int] | None:
+            t, c = clamp.reservation(cap)
+            for budget, used in squeezed:
+                if used + (c if budget.unit == "c" else t) > self.lines[budget.name]:
+                    return budget, used
+            return None
+
+        worst = misfit(clamp.terms.lowest)
+        if worst is not None:
+            budget, used = worst
+            w = spend_windows(self.now)[budget.period]
+            r = cost if budget.unit == "c" else tokens
+            line = self.lines[budget.name]
+            return BudgetRefused(budget.field, "exceeds", w, used, line, r, budget.unit)
+        terms = clamp.terms
+        cap = next(c for c in range(terms.cap - 1, terms.lowest - 1, -1) if misfit(c) is None)
+        return Reservation(*clamp.reservation(cap), cap)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An admitted request's reservation, and its output cap per choice if it was lowered."""
+
+    tokens: int
+    cost: int
+    clamped_cap: int | None
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """A request whose output cap may be lowered: its prompt tokens and the script's terms."""
+
+    prompt: int
+    terms: ClampTerms
+
+    def reservation(self, cap: int) -> tuple[int, int]:
+        """Tokens and cost (nano) reserved with this output cap per choice, in exact integers:
+        prompt + cap * choices, and ceil((input cost + output * rate) / 1e6)."""
+        output = cap * self.terms.choices
+        cost = -(-(self.terms.input_cost + output * self.terms.output_rate) // 10**6)
+        return self.prompt + output, cost

@@ -31,6 +31,8 @@ from ledger_harness import (
     ALREADY_ADMITTED,
     Admitted,
     Books,
+    BudgetRefused,
+    ClampTerms,
     Ledger,
     Usage,
     end_user_tag,
@@ -38,7 +40,37 @@ from ledger_harness import (
     open_ledger,
     spend_windows,
 )
-from ledger_model import BUDGETS, LEASE, MAX_OPEN, START, THRESHOLDS, USERS, BudgetDef, Lease, Model
+from ledger_model import (
+    BUDGETS,
+    LEASE,
+    MAX_OPEN,
+    START,
+    THRESHOLDS,
+    USERS,
+    BudgetDef,
+    Clamp,
+    Lease,
+    Model,
+)
+
+
+@st.composite
+def clamps(draw: st.DrawFn) -> Clamp:
+    """A request that may be clamped: one or two choices, an output cap of up to 600 per
+    choice that may go as low as 16 or less, and prices that do not divide evenly."""
+    cap = draw(st.integers(2, 600))
+    prompt = draw(st.integers(0, 300))
+    terms = ClampTerms(
+        choices=draw(st.integers(1, 2)),
+        cap=cap,
+        lowest=draw(st.integers(1, min(cap - 1, 16))),
+        input_cost=prompt * draw(st.integers(0, 10**9)),
+        output_rate=draw(st.integers(0, 2 * 10**9)),
+    )
+    return Clamp(prompt, terms)
+
+
+CLAMPS = clamps()
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -102,10 +134,13 @@ class LedgerMachine(RuleBasedStateMachine):
         if action == "admit":
             kid = data.draw(st.sampled_from(["k1", "k2"]), label="kid")
             user = data.draw(st.sampled_from(USERS), label="user")
-            tokens = data.draw(st.integers(0, 1500), label="tokens")
-            cost = data.draw(st.integers(0, 150_000), label="cost")
-            prompt = data.draw(st.integers(0, tokens), label="prompt")
-            self.admit(kid, user, tokens, cost, prompt)
+            if data.draw(st.booleans(), label="may be clamped"):
+                self.admit(kid, user, clamp=data.draw(CLAMPS, label="clamp"))
+            else:
+                tokens = data.draw(st.integers(0, 1500), label="tokens")
+                cost = data.draw(st.integers(0, 150_000), label="cost")
+                prompt = data.draw(st.integers(0, tokens), label="prompt")
+                self.admit(kid, user, tokens, cost, prompt)
         elif action in ("settle", "late settle"):
             pool = model.open if action == "settle" else model.reclaimed
             rid = data.draw(st.sampled_from(sorted(pool)), label="rid")
@@ -123,21 +158,42 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # --- the actions --------------------------------------------------------------------------
 
-    def admit(self, kid: str, user: str | None, tokens: int, cost: int, prompt: int) -> None:
+    def admit(
+        self,
+        kid: str,
+        user: str | None,
+        tokens: int = 0,
+        cost: int = 0,
+        prompt: int = 0,
+        clamp: Clamp | None = None,
+    ) -> None:
+        """``clamp``: a request that accepts a lower output cap; its reservation at the full
+        cap is what it asks for."""
+        if clamp is not None:
+            prompt = clamp.prompt
+            tokens, cost = clamp.reservation(clamp.terms.cap)
         self.model.serial += 1
         rid = f"r{self.model.serial}"
-        decision = self.run(self.ledger.admit(kid, rid, tokens, cost, user=user, prompt=prompt))
+        terms = clamp.terms if clamp is not None else None
+        decision = self.run(
+            self.ledger.admit(
+                kid, rid, tokens, cost, user=user, prompt=prompt, clamp=terms, clamp_asked=True
+            )
+        )
         reclaimed = self.model.reclaim_expired()
-        expected = self.model.decide(kid, user, tokens, cost)
-        if expected is not None:
+        expected = self.model.decide(kid, user, tokens, cost, clamp)
+        if isinstance(expected, BudgetRefused):
             event(f"admit refused: {expected.why} by {expected.field}")
             assert decision == expected
             return
-        event("admit accepted" + (" after a reclaim" if reclaimed else ""))
+        lowered = " (clamped)" if expected.clamped_cap is not None else ""
+        event("admit accepted" + (" after a reclaim" if reclaimed else "") + lowered)
         assert isinstance(decision, Admitted) and decision is not ALREADY_ADMITTED, decision
+        got = (decision.reserved_tokens, decision.reserved_cost_nano, decision.clamped_cap)
+        assert got == (expected.tokens, expected.cost, expected.clamped_cap)
         tags = ("k:" + kid, "o", *([end_user_tag(user)] if user else []))
         expiry = self.model.now * 1000 + LEASE * 1000
-        self.model.open[rid] = Lease(tags, tokens, cost, prompt, expiry)
+        self.model.open[rid] = Lease(tags, expected.tokens, expected.cost, prompt, expiry)
         self.admitted = (kid, user)
 
     def settle(self, rid: str, tokens: int, cost: int) -> None:
