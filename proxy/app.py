@@ -133,6 +133,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             SettleSpool(settings.spool_directory()),
             hot_path=hot_path(settings.redis, redis_url),
             usage=settings.usage,
+            end_user_cap=settings.limits.max_end_users_per_month,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,

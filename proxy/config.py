@@ -152,6 +152,9 @@ class LimitsConfig(_Strict):
     spool_dir: str = ""
     """Where settles Redis did not take are kept until it does (default: <data_dir>/spool)."""
     defaults: dict[Role, RoleLimits] = Field(default_factory=dict)
+    max_end_users_per_month: int = Field(10_000, ge=0, le=10_000_000)
+    """Distinct ``X-On-Behalf-Of`` ids one org may name per calendar month (UTC); a new one
+    past it is refused (429 ``end_user_limit``). 0: no cap."""
 
     def sweep_interval(self) -> float:
         return self.sweep_seconds or max(self.lease_seconds / 4, 0.2)

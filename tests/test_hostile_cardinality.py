@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from conftest import Proxy, usage_record
 
@@ -69,13 +68,10 @@ async def test_invented_model_names_grow_neither_metrics_nor_usage_counters(
 
 END_USER_CAP = 20
 CAP_FIELD = "max_end_users_per_month"
-XFAIL_3 = pytest.mark.xfail(strict=True, reason="issue 21 item 3: fixed after the restructure")
 
 
 def _capped() -> dict[str, Any]:
-    """The cap, set low; until the setting exists the proxy runs with no cap at all (so the
-    test fails on the missing refusal, not on an unknown setting)."""
-    return {CAP_FIELD: END_USER_CAP} if CAP_FIELD in LimitsConfig.model_fields else {}
+    return {CAP_FIELD: END_USER_CAP}
 
 
 async def _as(proxy: Proxy, key: str, end_user: str) -> tuple[int, Any]:
@@ -91,7 +87,6 @@ async def _keys_of(store: aioredis.Redis, org: str) -> int:
     return len([k async for k in store.scan_iter(f"bp:{{o:{org}}}:*")])
 
 
-@XFAIL_3
 async def test_distinct_end_users_per_org_are_capped_and_other_orgs_are_served(
     start_proxy: Callable[..., Any], store: aioredis.Redis
 ) -> None:
@@ -120,7 +115,6 @@ async def test_distinct_end_users_per_org_are_capped_and_other_orgs_are_served(
     assert 'llm_proxy_admission_decisions_total{decision="end_user_limit"}' in text
 
 
-@XFAIL_3
 async def test_the_end_user_cap_is_a_documented_setting_with_a_default() -> None:
     field = LimitsConfig.model_fields.get(CAP_FIELD)
     assert field is not None and field.default == 10_000

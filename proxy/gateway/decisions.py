@@ -295,3 +295,18 @@ def end_user_required() -> ApiError:
         param="X-On-Behalf-Of",
         code="on_behalf_of_required",
     )
+
+
+def end_users_capped(cap: int, retry_after: float) -> ApiError:
+    """Retry-After: when the month (UTC) rolls over and the count starts afresh; ids already
+    seen this month are still served meanwhile."""
+    return ApiError(
+        429,
+        f"This organization has named {cap} distinct end users in X-On-Behalf-Of this month, "
+        "its cap (limits.max_end_users_per_month); requests for end users already seen this "
+        "month are still served.",
+        type="rate_limit_error",
+        code="end_user_limit",
+        param="X-On-Behalf-Of",
+        headers={"Retry-After": str(max(int(retry_after) + 1, 1)), "x-should-retry": "false"},
+    )

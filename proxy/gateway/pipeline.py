@@ -30,6 +30,7 @@ from proxy.gateway.decisions import (
     budget_error,
     dialect_refusal_headers,
     end_user_required,
+    end_users_capped,
     rate_limited_error,
 )
 from proxy.gateway.exchange import Exchange
@@ -43,6 +44,7 @@ from proxy.ledger.admission import (
     ClampTerms,
     Decision,
     EndUserRequired,
+    EndUsersCapped,
     RateLimited,
     Revoked,
 )
@@ -145,6 +147,9 @@ def refusal(
         )
     if isinstance(decision, EndUserRequired):
         return end_user_required()
+    if isinstance(decision, EndUsersCapped):
+        now = gw.clock()
+        return end_users_capped(decision.cap, gw.admission.windows(now).monthly_end - now)
     if isinstance(decision, Revoked):
         return unauthorized("Incorrect API key provided (unknown or revoked).")
     return None
@@ -268,6 +273,8 @@ async def _admit(
     elif isinstance(decision, Revoked):
         outcome.decision = "auth"
         gw.auth.forget()
+    elif isinstance(decision, EndUsersCapped):
+        outcome.decision = "end_user_limit"
     error = refusal(gw, decision, dialect, identity, end_user, prepared.reservation)
     assert error is not None
     raise error

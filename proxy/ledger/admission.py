@@ -32,6 +32,7 @@ from proxy.ledger.outcomes import (
     BudgetRefused,
     Decision,
     EndUserRequired,
+    EndUsersCapped,
     RateLimited,
     Revoked,
     decision_of,
@@ -50,6 +51,7 @@ __all__ = [
     "ClampTerms",
     "Decision",
     "EndUserRequired",
+    "EndUsersCapped",
     "LeaseKeeper",
     "RateLimited",
     "Revoked",
@@ -82,8 +84,10 @@ class Admission:
         spool: SettleSpool,
         hot_path: PipelinedConnection | None = None,
         usage: UsageConfig | None = None,
+        end_user_cap: int = 0,
     ) -> None:
         self.redis = redis
+        self._end_user_cap = end_user_cap
         self._usage_policy = (usage or UsageConfig()).lua_policy()
         self._hot = hot_path
         self._defaults = {
@@ -143,6 +147,7 @@ class Admission:
             clamp=clamp,
             clamp_asked=clamp_asked,
             dry_run=dry_run,
+            end_user_cap=self._end_user_cap,
         )
         started = time.perf_counter()
         try:

@@ -63,6 +63,8 @@ class AdmitArgs:
     clamp: ClampTerms | None = None
     clamp_asked: bool = False
     dry_run: bool = False
+    end_user_cap: int = 0
+    """Distinct end users the org may name this month (0 = no cap)."""
 
     def keys(self) -> list[str]:
         return [org_prefix(self.org_id)]
@@ -90,6 +92,7 @@ class AdmitArgs:
             ("d" if self.dry_run else "") + ("c" if self.clamp_asked else ""),
             self.clamp.arg() if self.clamp is not None else "",
             self.usage_policy,
+            self.end_user_cap,
         ]
 
 

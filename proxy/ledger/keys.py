@@ -53,6 +53,7 @@ SUFFIX: dict[str, str] = {
     "delivery": "wh:",  # wh:<event id>  hash: one webhook delivery
     "outbox": "outbox",  # zset: deliveries due, by when
     "whlog": "whlog",  # zset: deliveries done, by when
+    "users_seen": "users:",  # users:<month>  set: end users named this month (hashed)
 }
 """Suffixes of an org's keys (after ``org_prefix``), by the name both languages use."""
 

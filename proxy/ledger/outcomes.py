@@ -76,12 +76,19 @@ class EndUserRequired:
     """The org requires every request to name its end user (``X-On-Behalf-Of``)."""
 
 
+@dataclass(frozen=True)
+class EndUsersCapped:
+    """A new end user past the org's cap of distinct end users this month."""
+
+    cap: int
+
+
 ALREADY_ADMITTED = Admitted(None, 0, 0, None, 0, 0, None, None, "", "", "")
 """A retried admit of a request that already holds its lease: admitted, with no figures for
 the headers (the first call's reply, which had them, was lost)."""
 
 
-Decision = Admitted | RateLimited | BudgetRefused | Revoked | EndUserRequired
+Decision = Admitted | RateLimited | BudgetRefused | Revoked | EndUserRequired | EndUsersCapped
 
 
 def _optional(value: int) -> int | None:
@@ -131,6 +138,8 @@ def decision_of(result: list[Any], reserve_tokens: int, reserve_cost_nano: int) 
         )
     if kind == "need_user":
         return EndUserRequired()
+    if kind == "users":
+        return EndUsersCapped(int(result[1]))
     if kind == "invalid":
         raise ValueError(f"admit refused argument {result[1]}")
     return Revoked()

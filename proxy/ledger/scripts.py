@@ -32,7 +32,9 @@ _BOOKS = ("prelude", "events", "leases", "budget_fields", "spend")
 """What every charge needs: numbers, crossings, leases, budget fields, spend."""
 _CHARGES = (*_BOOKS, "usage_counters", "reclaims")
 
-ADMIT = script(*_CHARGES, "rate_limits", "scopes", "budgets", "clamp", "admit")
+ADMIT = script(
+    *_CHARGES, "rate_limits", "scopes", "budgets", "clamp", "end_user_cap", "admit"
+)
 SETTLE = script(*_CHARGES, "settle")
 RECLAIM = script(*_CHARGES, "reclaim")
 PUT_BUDGET = script("prelude", "events", "budget_put")

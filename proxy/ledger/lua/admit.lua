@@ -10,7 +10,8 @@
 --           tok_reset_ms, budget_remaining, budget_line, budget_unit, budget_window, budget_field,
 --           clamped cap per choice, reserved tokens, reserved cost ("" each when not clamped)}
 --       or {"dup"} (already admitted) | {"revoked"} | {"need_user"} (the org requires
---          X-On-Behalf-Of) | {"invalid", argument}
+--          X-On-Behalf-Of) | {"users", cap} (a new end user past the month's cap)
+--          | {"invalid", argument}
 --       or {"rate", scope, limit_name, limit, retry_after_ms, count}
 --       or {"budget", field, why ("blocked"|"exceeds"), window, spend, line, reserved, unit}
 
@@ -28,13 +29,11 @@ local prompt_tokens = exact_int(ARGV[20])
 local user = ARGV[24] or ''
 local flags = ARGV[25] or ''
 local clamp_terms = ARGV[26] or ''
-local NUMBERS = {'now_ms', now, 'reserve_tokens', rt, 'reserve_cost_nano', rc, 'lease_ms',
-  lease_ms, 'prompt_tokens', prompt_tokens}
-for i = 2, 10, 2 do
-  local value = NUMBERS[i]
-  if not value or value < 0 then
-    return {'invalid', NUMBERS[i - 1]}
-  end
+local user_cap = exact_int(ARGV[28]) or 0
+local bad = first_invalid({'now_ms', now, 'reserve_tokens', rt, 'reserve_cost_nano', rc,
+  'lease_ms', lease_ms, 'prompt_tokens', prompt_tokens})
+if bad then
+  return {'invalid', bad}
 end
 if user ~= '' and not string.match(user, '^' .. TAG.user .. '%x+$') then
   return {'invalid', 'end_user'}
@@ -68,6 +67,10 @@ local of = redis.call('HMGET', P .. K.limits, 'rps', 'rpm', 'rph', 'rpd', 'tpm',
   'u_required', 'u_on')
 if user == '' and of[7] == '1' then
   return {'need_user'}
+end
+local seen, new_user = end_user_seen(P, W, user, user_cap)
+if not seen then
+  return {'users', user_cap}
 end
 if of[8] ~= '1' then
   user = '' -- the org has no rule for its end users: nothing to check or keep for them
@@ -128,6 +131,7 @@ if dry then
 end
 
 -- Everything passed: reserve.
+note_end_user(seen, new_user, W)
 write_rates(R)
 local tpm_scopes, extra = '', ''
 for _, scope in ipairs(scopes) do

@@ -27,3 +27,14 @@ local function I_or_empty(x)
   end
   return I(x)
 end
+
+-- The name of the first of {name, value, ...} whose value is not a non-negative exact integer
+-- (nil when all are).
+local function first_invalid(named)
+  for i = 2, #named, 2 do
+    if not named[i] or named[i] < 0 then
+      return named[i - 1]
+    end
+  end
+  return nil
+end
