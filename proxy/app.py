@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -10,37 +11,32 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from proxy.admin import (
-    budget_quote,
-    budgets_api,
-    console,
-    health,
-    keys_api,
-    pricing_api,
-    requests_api,
-    usage_api,
-    webhooks,
-)
+from proxy.admin import health
+from proxy.admin.app import create_admin_app, mount_admin
+from proxy.admin.webhooks import delivery
 from proxy.catalog.routes import build_routes
 from proxy.config import ConfigError, Settings
 from proxy.dialects import for_path
 from proxy.errors import ApiError, error_response, store_unavailable
 from proxy.gateway import lease_sweeper, llm_api, metrics
-from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
+from proxy.gateway.body import BodiesInFlight
 from proxy.gateway.request_context import OUTCOME
 from proxy.gateway.request_log import add_request_id_header, request_log_middleware
-from proxy.gateway.settle_spool import SettleSpool
+from proxy.gateway.settle_spool import SettleSpool, SpoolUnwritable
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.http_protocol import BodyTimeout
+from proxy.ledger.admission import Admission
+from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
+from proxy.ledger.budgets import BudgetStore
+from proxy.ledger.windows import Clock, system_clock
+from proxy.providers import bedrock, redact
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.budgets import BudgetStore
-from proxy.store.connection import Redis, connect, hot_path
-from proxy.store.keys import KeyCreate, KeyStore, digest
+from proxy.store.client import Redis
+from proxy.store.connection import connect, hot_path
 from proxy.store.readiness import StoreNotReady, describe, wait_until_ready
 from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.store.secret_box import SecretBox, SecretKeyError
-from proxy.store.windows import Clock, system_clock
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +50,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response(dialect)
-    except BodyTimeout:
-        limit = request.app[GATEWAY].settings.server.body_timeout_seconds
+        response = exc.response(dialect)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
+        return response
+    except BodyTimeout as exc:
+        server = request.app[GATEWAY].settings.server
         response = error_response(
             408,
-            f"The request body stopped arriving for {limit:g} s.",
+            f"The request body did not arrive in full within {server.body_deadline_seconds:g} s."
+            if exc.deadline
+            else f"The request body stopped arriving for {server.body_timeout_seconds:g} s.",
             code="request_timeout",
             dialect=dialect,
         )
@@ -94,7 +95,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("store error on %s: %s", request.path, exc)
         outcome = request.get(OUTCOME)
         if outcome is not None:  # e.g. looking the key up: not an authentication failure
-            outcome["decision"] = "store_unavailable"
+            outcome.decision = "store_unavailable"
         return store_unavailable().response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -106,6 +107,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) -> web.Application:
     """Model routes (prices, encodings) are resolved here, so a bad config fails at once."""
     routes = build_routes(settings)
+    redact.register(upstream.credential() for upstream in settings.upstreams)
+    bedrock.check(settings.upstreams)  # botocore and AWS credentials, for signing upstreams
     app = web.Application(
         middlewares=[request_log_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -130,26 +133,21 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             SettleSpool(settings.spool_directory()),
             hot_path=hot_path(settings.redis, redis_url),
             usage=settings.usage,
+            end_user_cap=settings.limits.max_end_users_per_month,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,
         clock=clock,
+        bodies=BodiesInFlight(settings.server.max_bodies_per_key),
     )
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_services)
-    app.cleanup_ctx.append(webhooks.delivery_ctx)
+    app.cleanup_ctx.append(delivery.delivery_ctx)
     app.cleanup_ctx.append(lease_sweeper.sweeper_ctx)
     health.add_routes(app)
     metrics.add_routes(app, settings.metrics)
     llm_api.add_routes(app)
-    keys_api.add_routes(app)
-    budgets_api.add_routes(app)
-    budget_quote.add_routes(app)
-    usage_api.add_routes(app)
-    requests_api.add_routes(app)
-    pricing_api.add_routes(app)
-    webhooks.add_routes(app)
-    console.add_routes(app)
+    mount_admin(app, create_admin_app(app[GATEWAY]))
     return app
 
 
@@ -158,6 +156,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await prepare_store(gw.settings, gw.redis)
     await gw.upstream.start()
     yield
+    await gw.settles.wait(within=gw.settings.redis.hot_path_timeout + 5.0)
     await gw.admission.drain(grace=5.0)
     gw.admission.close()
     await gw.upstream.close()
@@ -169,7 +168,9 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
     (a bounded wait), then the scripts are loaded, the bootstrap admin key is written and
     webhook secrets still stored in plain text are sealed. Anything that fails raises
     ``StoreNotReady``: a proxy that skipped this would accept the old admin key and refuse the
-    new one, with nothing said."""
+    new one, with nothing said. The settle spool is checked first: a proxy whose spool cannot
+    hold a settle would lose usage at the first Redis outage, so it does not start."""
+    await check_spool(settings)
     await wait_until_ready(redis, settings.redis.startup_wait_seconds)
     try:
         for script in health.SCRIPTS:
@@ -182,6 +183,14 @@ async def prepare_store(settings: Settings, redis: Redis) -> None:
             f"cannot load the scripts and the bootstrap key into Redis at {describe(redis)}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+async def check_spool(settings: Settings) -> None:
+    """``StoreNotReady`` unless the spool directory takes a settle (write, fsync, remove)."""
+    try:
+        await asyncio.to_thread(SettleSpool(settings.spool_directory()).check)
+    except SpoolUnwritable as exc:
+        raise StoreNotReady(str(exc)) from exc
 
 
 async def _seal_webhook_secrets(budgets: BudgetStore, keys: KeyStore) -> None:

@@ -32,10 +32,12 @@ def _check_routes(settings: Settings) -> None:
     """Prices and encodings (and the secret key) are resolved in each worker too; failing
     here gives a clean exit before any Redis or worker is started."""
     from proxy.catalog.routes import build_routes
+    from proxy.providers import bedrock
     from proxy.store.secret_box import SecretBox, SecretKeyError
 
     try:
         build_routes(settings)
+        bedrock.check(settings.upstreams)  # botocore and AWS credentials, to sign with
         SecretBox.from_env()
     except (ConfigError, SecretKeyError) as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
@@ -81,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
-    from proxy.tools.mock_upstream import MockOptions, run_mock
+    from proxy.tools.mock import MockOptions, run_mock
 
     run_mock(
         args.host,

@@ -18,17 +18,19 @@ from proxy.store import topology
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy.toml"
 
-ProviderKind = Literal["openai", "anthropic", "azure", "gemini", "vertex"]
+ProviderKind = Literal["openai", "anthropic", "azure", "bedrock", "gemini", "vertex"]
 """How the proxy speaks to an upstream: OpenAI's API (also Gemini's compatible endpoint, Groq,
-Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, Azure OpenAI's paths, the
-Gemini API, or Vertex AI (Gemini or Claude, by ``publisher``)."""
-DialectName = Literal["openai", "anthropic", "gemini"]
+Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, Azure OpenAI's paths, AWS
+Bedrock's runtime API (SigV4-signed), the Gemini API, or Vertex AI (Gemini or Claude, by
+``publisher``)."""
+DialectName = Literal["openai", "anthropic", "bedrock", "gemini"]
 """The wire dialect a client speaks to the proxy (``proxy.dialects``); ``openai`` and ``azure``
 upstreams both serve the first, ``gemini`` and Vertex's ``google`` publisher the last."""
 _PRICE_PROVIDERS: dict[str, str] = {
     "openai": "openai",
     "anthropic": "anthropic",
     "azure": "azure",
+    "bedrock": "aws",
     "gemini": "google",
     "vertex": "google",
 }
@@ -56,10 +58,25 @@ class ServerConfig(_Strict):
     """A request's head must be complete this long after its first byte (or after connect)."""
     body_timeout_seconds: float = Field(30.0, gt=0)
     """Longest pause while a request body is being received."""
+    body_deadline_seconds: float = Field(120.0, gt=0)
+    """Longest a request body may take to arrive in full, however steadily it trickles in
+    (``body_timeout_seconds`` only bounds each pause)."""
+    max_bodies_per_key: int = Field(8, ge=1)
+    """Request bodies one key may have still arriving at once, per process; past it 429, so
+    one key's slow uploads cannot hold every connection."""
     keepalive_timeout_seconds: float = Field(75.0, gt=0)
     """Idle keep-alive connections are closed after this."""
     max_connections: int | None = Field(None, ge=1)
     """Open connections per process; None: half the process's file-descriptor limit."""
+    tls_cert: str = ""
+    """PEM certificate chain: with ``tls_key``, ``serve`` answers HTTPS only (TLS 1.2+)."""
+    tls_key: str = ""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key are set together")
+        return self
 
 
 class RedisConfig(_Strict):
@@ -138,6 +155,9 @@ class LimitsConfig(_Strict):
     spool_dir: str = ""
     """Where settles Redis did not take are kept until it does (default: <data_dir>/spool)."""
     defaults: dict[Role, RoleLimits] = Field(default_factory=dict)
+    max_end_users_per_month: int = Field(10_000, ge=0, le=10_000_000)
+    """Distinct ``X-On-Behalf-Of`` ids one org may name per calendar month (UTC); a new one
+    past it is refused (429 ``end_user_limit``). 0: no cap."""
 
     def sweep_interval(self) -> float:
         return self.sweep_seconds or max(self.lease_seconds / 4, 0.2)
@@ -178,7 +198,8 @@ class PriceConfig(_Strict):
 
 class UpstreamConfig(_Strict):
     name: str = Field(min_length=1)
-    base_url: str = Field(min_length=1)
+    base_url: str = ""
+    """Required but for ``bedrock`` (default: ``https://bedrock-runtime.{region}.amazonaws.com``)."""
     api_key_env: str | None = None
     """Name of the environment variable holding the upstream credential (never the value)."""
     kind: ProviderKind = "openai"
@@ -187,6 +208,8 @@ class UpstreamConfig(_Strict):
     uses ``/openai/deployments/{deployment}/…?api-version=…``."""
     anthropic_version: str = "2023-06-01"
     """Anthropic only: the ``anthropic-version`` sent when the client sent none."""
+    region: str = Field("", pattern=r"^([a-z]{2}(-[a-z]+)+-\d{1,2})?$")
+    """Bedrock only (required there): the AWS region requests are signed for."""
     project: str | None = None
     """Vertex only: the Google Cloud project (required for ``kind = "vertex"``)."""
     location: str = "us-central1"
@@ -218,9 +241,21 @@ class UpstreamConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+        if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> UpstreamConfig:
+        if self.kind == "bedrock":
+            if not self.region:
+                raise ValueError("a bedrock upstream needs its AWS region")
+            if not self.base_url:
+                url = f"https://bedrock-runtime.{self.region}.amazonaws.com"
+                object.__setattr__(self, "base_url", url)
+        elif not self.base_url:
+            raise ValueError("base_url: Field required")
+        return self
 
     def credential(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -233,7 +268,9 @@ class UpstreamConfig(_Strict):
 
     @property
     def dialect(self) -> DialectName:
-        if self.kind == "anthropic" or (self.kind == "vertex" and self.publisher == "anthropic"):
+        if self.kind in ("anthropic", "bedrock"):
+            return self.kind
+        if self.kind == "vertex" and self.publisher == "anthropic":
             return "anthropic"
         return "gemini" if self.kind in ("gemini", "vertex") else "openai"
 
@@ -311,7 +348,7 @@ class UsageConfig(_Strict):
         }[width]
 
     def lua_policy(self) -> str:
-        """What the ledger scripts take (``add_usage`` in ``lease.lua``)."""
+        """What the ledger scripts take (``add_usage`` in ``ledger/lua/usage_counters.lua``)."""
         keeps = " ".join(str(self.keep_seconds(w)) for w in ("1m", "1h", "1d"))
         return f"{keeps} {self.end_user_cap}"
 
@@ -390,8 +427,8 @@ class Settings(_Strict):
             if len({kinds[c.name].dialect for c in choices}) > 1:
                 raise ValueError(
                     f"models.{index}.upstream: a client speaks one API, so one model's "
-                    "upstreams are all Anthropic (direct or Vertex), all Gemini (direct or "
-                    "Vertex) or all OpenAI/Azure"
+                    "upstreams are all Anthropic (direct or Vertex), all Bedrock, all Gemini "
+                    "(direct or Vertex) or all OpenAI/Azure"
                 )
             if len({c.name for c in choices}) != len(choices):
                 raise ValueError(f"models.{index}.upstream: an upstream is listed twice")

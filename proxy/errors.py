@@ -34,6 +34,10 @@ class ErrorShape(Protocol):
         details: Mapping[str, Any] | None,
     ) -> bytes: ...
 
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]: ...
+
 
 class ApiError(Exception):
     """Raised anywhere in a handler; the error middleware renders it."""
@@ -129,6 +133,9 @@ def error_response(
         body = error_body(message, type, code, param, details)
     else:
         body = dialect.error_body(status, message, type, code, param, details)
+        status, shape_headers = dialect.error_wire(status, type, code)
+        if shape_headers:
+            headers = {**(headers or {}), **shape_headers}
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 

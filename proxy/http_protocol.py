@@ -11,11 +11,14 @@ What aiohttp leaves to the application, and a hostile client uses:
 * **Slow senders.** aiohttp waits for a request's head and body as long as the client likes,
   so a few hundred half-open connections hold a few hundred descriptors indefinitely. Here a
   request's head must be complete ``header_timeout_seconds`` after its first byte (or after the
-  connection opened), and a body may pause at most ``body_timeout_seconds`` between reads;
-  idle keep-alive connections close after ``keepalive_timeout_seconds``.
-* **Connection count.** At most ``max_connections`` connections are open per process; one
-  past it is answered 503 and closed, before it can use up the descriptors the upstream and
-  Redis connections need.
+  connection opened), a body may pause at most ``body_timeout_seconds`` between reads and must
+  be whole ``body_deadline_seconds`` after its head; idle keep-alive connections close after
+  ``keepalive_timeout_seconds``.
+* **Connection count.** At most ``max_connections`` connections are open per process; past
+  it, ``HEALTH_RESERVE`` more are accepted for ``/healthz`` and ``/readyz`` only (a load
+  balancer must still learn the process is alive and busy, not dead), closed after their
+  answer; any other request on them, and any connection past those, is answered 503 and
+  closed, before it can use up the descriptors the upstream and Redis connections need.
 
 aiohttp has no supported hook for any of these (aio-libs/aiohttp#3287), so this subclasses its
 public ``web.Server`` (the protocol factory) and ``web.RequestHandler`` (the protocol), and
@@ -74,11 +77,21 @@ _PARSER_FAULTS: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 
+HEALTH_RESERVE = 8
+"""Connections accepted past ``max_connections`` for health checks only."""
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+
+
 class BodyTimeout(TimeoutError):
-    """Set on a request body whose sender went quiet; the error middleware answers 408.
+    """Set on a request body whose sender went quiet (or, with ``deadline``, that did not
+    arrive whole in time); the error middleware answers 408.
 
     A TimeoutError, so aiohttp's reading of an unread body after the answer (lingering) ends
     quietly on it instead of logging a traceback."""
+
+    def __init__(self, deadline: bool = False) -> None:
+        super().__init__("request body deadline" if deadline else "request body pause")
+        self.deadline = deadline
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class ConnectionLimits:
     body_timeout: float
     keepalive_timeout: float
     max_connections: int
+    body_deadline: float = float("inf")
 
     @classmethod
     def of(cls, server: ServerConfig) -> ConnectionLimits:
@@ -95,6 +109,7 @@ class ConnectionLimits:
             body_timeout=server.body_timeout_seconds,
             keepalive_timeout=server.keepalive_timeout_seconds,
             max_connections=server.max_connections or default_max_connections(),
+            body_deadline=server.body_deadline_seconds,
         )
 
 
@@ -134,11 +149,10 @@ def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode() + body
 
 
-_TOO_MANY = _raw_error(
-    503,
-    "Service Unavailable",
-    "The proxy has too many open connections; retry shortly.",
-    "too_many_connections",
+_TOO_MANY_MESSAGE = "The proxy has too many open connections; retry shortly."
+_TOO_MANY = _raw_error(503, "Service Unavailable", _TOO_MANY_MESSAGE, "too_many_connections")
+_TOO_MANY_BODY = error_body(
+    _TOO_MANY_MESSAGE, "invalid_request_error", "too_many_connections", None
 )
 _HEAD_TIMEOUT = _raw_error(
     408, "Request Timeout", "The request's headers did not arrive in time.", "request_timeout"
@@ -163,13 +177,17 @@ class GuardedRequestHandler(web.RequestHandler):
         self._pipelined = False  # bytes of the next request came in during this one
         self._body: StreamReader | None = None
         self._body_seen = 0.0
+        self._body_due = 0.0  # when the whole body must have arrived
         self._body_timer: asyncio.TimerHandle | None = None
+        self.health_only = False  # accepted past max_connections: health checks only
 
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self._guard.open_connections > self._limits.max_connections:
+        over = self._guard.open_connections - self._limits.max_connections
+        self.health_only = 0 < over <= HEALTH_RESERVE
+        if over > HEALTH_RESERVE:
             log.warning(
                 "refusing a connection: %d open (server.max_connections = %d)",
                 self._guard.open_connections,
@@ -205,7 +223,10 @@ class GuardedRequestHandler(web.RequestHandler):
         if not payload.is_eof():
             self._body = payload
             self._body_seen = self._loop_.time()
-            self._body_timer = self._loop_.call_later(self._limits.body_timeout, self._body_check)
+            self._body_due = self._body_seen + self._limits.body_deadline
+            self._body_timer = self._loop_.call_at(
+                min(self._body_seen + self._limits.body_timeout, self._body_due), self._body_check
+            )
 
     async def finish_response(
         self, request: Any, resp: web.StreamResponse, start_time: float | None
@@ -244,11 +265,14 @@ class GuardedRequestHandler(web.RequestHandler):
         if body is None or body.is_eof():
             return
         quiet_until = self._body_seen + self._limits.body_timeout
-        if self._loop_.time() >= quiet_until:
+        now = self._loop_.time()
+        if now >= quiet_until or now >= self._body_due:
             self._body = None
-            body.set_exception(BodyTimeout())
+            body.set_exception(BodyTimeout(deadline=now < quiet_until))
         else:
-            self._body_timer = self._loop_.call_at(quiet_until, self._body_check)
+            self._body_timer = self._loop_.call_at(
+                min(quiet_until, self._body_due), self._body_check
+            )
 
     def _cancel_timers(self) -> None:
         for timer in (self._head_timer, self._body_timer):
@@ -306,6 +330,23 @@ class GuardedServer(web.Server):
             return application_factory(message, payload, protocol, writer, task)
 
         self.request_factory = request_factory
+        application_handler = self.request_handler
+
+        async def request_handler(request: web.BaseRequest) -> web.StreamResponse:
+            """A connection past the cap serves one health check, then closes."""
+            protocol = request.protocol
+            if isinstance(protocol, GuardedRequestHandler) and protocol.health_only:
+                if request.path not in HEALTH_PATHS:
+                    response = web.Response(
+                        status=503, body=_TOO_MANY_BODY, content_type="application/json"
+                    )
+                else:
+                    response = await application_handler(request)  # type: ignore[assignment]
+                response.force_close()
+                return response
+            return await application_handler(request)
+
+        self.request_handler = request_handler
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)

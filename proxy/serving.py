@@ -21,6 +21,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,6 +38,7 @@ from proxy.process_lifetime import die_with_parent
 from proxy.store.connection import connect
 from proxy.store.data_dir import DataDirLock
 from proxy.store.embedded_redis import EmbeddedRedis
+from proxy.tls import reload_tls, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ async def running_site(
     reuse_port: bool,
     grace: float,
     limits: ConnectionLimits | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[web.AppRunner]:
     """``limits``: serve through ``GuardedAppRunner`` (the proxy); None: a plain runner.
     Handler cancellation: a client that goes away cancels its handler wherever it waits (a
@@ -141,6 +144,7 @@ async def running_site(
         reuse_port=reuse_port,
         shutdown_timeout=grace,
         backlog=LISTEN_BACKLOG,
+        ssl_context=ssl_context,
     )
     await site.start()
     try:
@@ -160,10 +164,15 @@ async def serve_worker(
     app = create_app(settings, redis_url)
     grace = settings.server.shutdown_grace_seconds
     limits = ConnectionLimits.of(settings.server)
+    tls = tls_context(settings.server)
     async with running_site(
-        app, host, port, reuse_port=reuse_port, grace=grace, limits=limits
+        app, host, port, reuse_port=reuse_port, grace=grace, limits=limits, ssl_context=tls
     ) as runner:
         freeze_startup_objects()
+        if tls is not None:
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, reload_tls, tls, settings.server
+            )
         with stop_signals() as stop:
             if on_ready is not None:
                 await on_ready(runner)
@@ -204,8 +213,8 @@ def _worker_main(
     asyncio.run(serve_worker(settings, redis_url, host, port, reuse_port=True, on_ready=bound))
 
 
-def _listening(host: str, port: int, workers: int) -> None:
-    print(f"llm-proxy listening on http://{host}:{port} ({workers} worker(s))", flush=True)
+def _listening(host: str, port: int, workers: int, scheme: str = "http") -> None:
+    print(f"llm-proxy listening on {scheme}://{host}:{port} ({workers} worker(s))", flush=True)
 
 
 async def _prepare(settings: Settings, redis_url: str) -> None:
@@ -216,13 +225,29 @@ async def _prepare(settings: Settings, redis_url: str) -> None:
         await redis.aclose()
 
 
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.server.tls_cert else "http"
+
+
+def _passed_on(children: list[Any]) -> Callable[[int, object], None]:
+    """SIGHUP to the parent reaches every worker (each reloads its own TLS context)."""
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+    return pass_on
+
+
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     with redis_url_for(settings) as redis_url:
         if workers == 1:
             use_uvloop(settings.server.uvloop)
 
             async def bound(_runner: web.AppRunner) -> None:
-                _listening(host, port, workers)
+                _listening(host, port, workers, _scheme(settings))
 
             asyncio.run(
                 serve_worker(settings, redis_url, host, port, reuse_port=False, on_ready=bound)
@@ -262,6 +287,8 @@ def _serve_workers(settings: Settings, redis_url: str, host: str, port: int, wor
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if settings.server.tls_cert:
+        signal.signal(signal.SIGHUP, _passed_on(children))
     broken = False
     while waiting and not stopping:
         for said in multiprocessing.connection.wait(waiting, timeout=0.2):
@@ -276,7 +303,7 @@ def _serve_workers(settings: Settings, redis_url: str, host: str, port: int, wor
             log.error("a worker exited before it could serve; stopping the others")
             forward(signal.SIGTERM, None)
     if not waiting and not stopping:
-        _listening(host, port, workers)
+        _listening(host, port, workers, _scheme(settings))
     for child in children:
         child.join()
     shutil.rmtree(metrics_dir, ignore_errors=True)

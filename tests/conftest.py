@@ -32,7 +32,7 @@ from proxy.gateway.state import GATEWAY
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.store.connection import connect
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
-from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
+from proxy.tools.mock import RECEIVED, MockOptions, build_mock_app
 
 ADMIN_KEY = "sk-test-admin-0123456789"
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,10 @@ def redis_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from redis_topologies import RedisClusterTopology, RedisSentinelTopology, running
 
     base = tmp_path_factory.mktemp(TEST_TOPOLOGY)
-    kinds = {"cluster": RedisClusterTopology, "sentinel": RedisSentinelTopology}
+    kinds: dict[str, type[RedisClusterTopology | RedisSentinelTopology]] = {
+        "cluster": RedisClusterTopology,
+        "sentinel": RedisSentinelTopology,
+    }
     with running(kinds[TEST_TOPOLOGY](base)) as started:
         yield started
 
@@ -357,6 +360,16 @@ async def proxy_processes(config: Path, count: int = 2) -> AsyncIterator[list[st
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.fixture
+async def two_processes(
+    tmp_path: Path, redis_url: str, mock_upstream: TestServer
+) -> AsyncIterator[list[str]]:
+    """Two ``llm-proxy serve`` processes on the test Redis and mock upstream: their URLs."""
+    config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
+    async with proxy_processes(config) as urls:
+        yield urls
 
 
 _NUMERIC = (

@@ -12,6 +12,7 @@ deadline, never a fixed sleep.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -119,7 +120,7 @@ class RedisClusterTopology:
         for replica, master in zip(replicas, masters, strict=True):
             master_id = command(master, "CLUSTER", "MYID")
             poll(
-                lambda r=replica, m=master_id: command(r, "CLUSTER", "REPLICATE", m),
+                functools.partial(command, replica, "CLUSTER", "REPLICATE", master_id),
                 10,
                 "a replica to attach",
             )
@@ -287,7 +288,8 @@ class RedisSentinelTopology:
                     or state["flags"] != "master"
                 ):
                     return False
-            return client(master).info("replication")["connected_slaves"] >= 2
+            attached: int = client(master).info("replication")["connected_slaves"]
+            return attached >= 2
 
         poll(healthy, within, "sentinels watching a master with two replicas")
 

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark's own processes, end to end
+
 BENCH = Path(__file__).parent / "bench" / "run_bench.py"
 
 

@@ -20,21 +20,24 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import FakeClock, Proxy, budget, eventually
+from helpers import claude_messages, user_messages
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
 from proxy.catalog.pricing import cost_nano, reserve_cost_nano
 from proxy.catalog.tokenizer import count_prompt
 from proxy.dialects.claude_bound import prompt_bound
-from proxy.gateway.admission import Admitted, ClampTerms
 from proxy.gateway.state import GATEWAY
-from proxy.store.keys import Identity
+from proxy.ledger.admission import Admitted, ClampTerms
+from proxy.ledger.api_keys import Identity
 
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 DAY = "2026-11-24"
 NANO = 10**9
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+PROMPT = "say something nice about budgets"
+MESSAGES = user_messages(PROMPT)
+CLAUDE_MESSAGES = claude_messages(PROMPT)
 MODEL_MAX = 1000  # gpt-4o's configured max_output_tokens in the test settings
 LOWEST = 16
 ANSWER = 20  # the mock's answer, when the cap allows it
@@ -67,7 +70,7 @@ async def chat(
     try:
         raw = await p.openai(key).chat.completions.with_raw_response.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"x-mock-output-tokens": str(ANSWER), **(headers or {})},
             **extra,
         )
@@ -224,7 +227,7 @@ async def test_a_clamped_stream_still_gets_its_usage_chunk_kept_from_the_client(
     await put(p, f"/apikey/{kid}", budget(limit=300, clamp=True))
     stream = await p.openai(key).chat.completions.create(
         model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         max_tokens=900,
         stream=True,
         extra_headers={"x-mock-output-tokens": str(ANSWER)},
@@ -244,16 +247,16 @@ async def test_claude_requests_clamp_max_tokens(
     claude: Proxy = await start_proxy(clock=FakeClock(NOON), **sections)
     kid, key = await claude.create_key("acme")
     route = claude.app[GATEWAY].routes[CLAUDE]
-    bound = prompt_bound({"model": CLAUDE, "max_tokens": 1, "messages": MESSAGES}, 200_000)
+    bound = prompt_bound({"model": CLAUDE, "max_tokens": 1, "messages": CLAUDE_MESSAGES}, 200_000)
     line = reserve_cost_nano(route.price, bound, 100)
     limit = Decimal(line) / NANO
     assert Decimal(str(float(limit))) == limit
     await put(claude, f"/apikey/{kid}", budget(limit_kind="cost", limit=float(limit)))
     client = async_client(claude, key)
     with pytest.raises(anthropic.RateLimitError):
-        await client.messages.create(model=CLAUDE, max_tokens=4096, messages=MESSAGES)
+        await client.messages.create(model=CLAUDE, max_tokens=4096, messages=CLAUDE_MESSAGES)
     raw = await client.messages.with_raw_response.create(
-        model=CLAUDE, max_tokens=4096, messages=MESSAGES, extra_headers=CLAMP
+        model=CLAUDE, max_tokens=4096, messages=CLAUDE_MESSAGES, extra_headers=CLAMP
     )
     assert raw.headers["x-budget-clamped-max-tokens"] == "100"
     assert claude.received()[-1].body["max_tokens"] == 100

@@ -9,27 +9,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from conftest import (
-    ADMIN_KEY,
     FakeClock,
     Proxy,
     budget,
     eventually,
-    proxy_processes,
-    write_config,
 )
+from helpers import admin_call, chat_json, create_key_on, metered_chat, mock_output, user_messages
 
 from proxy.catalog.pricing import cost_nano, resolve_price
 from proxy.catalog.tokenizer import count_prompt, get_encoding
@@ -38,7 +34,7 @@ from proxy.gateway.state import GATEWAY
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 ERROR_FIELDS = {"message", "type", "code", "param"}
 BUDGET_DETAIL_FIELDS = {
     "scope",
@@ -95,14 +91,7 @@ async def put(proxy: Proxy, path: str, body: dict[str, Any], key: str | None = N
 
 async def ask(proxy: Proxy, key: str, max_tokens: int) -> int:
     """An admitted request; returns the tokens it used (prompt + max_tokens, exactly)."""
-    answer = await proxy.openai(key).chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        max_tokens=max_tokens,
-        extra_headers={"x-mock-output-tokens": str(max_tokens)},
-    )
-    assert answer.usage is not None and answer.usage.completion_tokens == max_tokens
-    return answer.usage.total_tokens
+    return await metered_chat(proxy.openai(key), "gpt-4o", MESSAGES, max_tokens)
 
 
 async def refused(proxy: Proxy, key: str, max_tokens: int = 1) -> openai.RateLimitError:
@@ -110,7 +99,7 @@ async def refused(proxy: Proxy, key: str, max_tokens: int = 1) -> openai.RateLim
     with pytest.raises(openai.RateLimitError) as caught:
         await proxy.openai(key).chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             max_tokens=max_tokens,
             extra_headers={"x-mock-output-tokens": str(max_tokens)},
         )
@@ -210,7 +199,7 @@ async def test_the_sdk_does_not_retry_a_budget_refusal(noon: Proxy) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
         await client.chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             max_tokens=5,
         )
     assert caught.value.code == "budget_exceeded"
@@ -553,8 +542,8 @@ async def calibrate(
     org, read back from the spend the proxy wrote."""
     prompt = await count_prompt(get_encoding("o200k_base"), "chat/completions", body)
     cap = body["max_tokens"]
-    _, key = await create_key(session, url, "calibration")
-    status, answer, _ = await post_chat(session, url, key, body, {})
+    _, key = await create_key_on(session, url, "calibration")
+    status, answer = await chat_json(session, url, key, body, mock_output(body["max_tokens"]))
     assert status == 200, answer
     cost, tokens = await spend_of(store, "calibration", "o", month_now())
     usage = answer["usage"]
@@ -568,44 +557,6 @@ def month_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m")
 
 
-async def create_key(
-    session: aiohttp.ClientSession, url: str, org: str, role: str = "member"
-) -> tuple[str, str]:
-    async with session.post(
-        url + "/api/v1/keys",
-        json={"org_id": org, "role": role},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    ) as response:
-        body = await response.json()
-        assert response.status == 201, body
-        return body["id"], body["key"]
-
-
-async def admin(
-    session: aiohttp.ClientSession, url: str, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
-    async with session.request(
-        method, url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
-    ) as response:
-        return response.status, await response.json(content_type=None)
-
-
-async def post_chat(
-    session: aiohttp.ClientSession,
-    url: str,
-    key: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-) -> tuple[int, Any, Any]:
-    all_headers = {
-        "Authorization": f"Bearer {key}",
-        "x-mock-output-tokens": str(body["max_tokens"]),
-        **headers,
-    }
-    async with session.post(url + "/v1/chat/completions", json=body, headers=all_headers) as r:
-        return r.status, await r.json(content_type=None), r.headers
-
-
 def n_fit_limit(n: int, reserve: int, used: int) -> int:
     """The largest-safe line that admits exactly ``n`` requests whatever the interleaving:
     the n-th fits even after n-1 settled, the (n+1)-th never fits, and n settled requests
@@ -613,15 +564,6 @@ def n_fit_limit(n: int, reserve: int, used: int) -> int:
     line = max(n * used, (n - 1) * used + reserve)
     assert line < (n + 1) * reserve, "reservation and usage differ too much for an exact test"
     return line
-
-
-@pytest.fixture
-async def two_processes(
-    tmp_path: Path, redis_url: str, mock_upstream: TestServer
-) -> AsyncIterator[list[str]]:
-    config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
-    async with proxy_processes(config) as urls:
-        yield urls
 
 
 N = 10
@@ -633,7 +575,7 @@ CONCURRENT = 200
 async def test_exactly_n_admitted_under_200_concurrent_requests_on_two_processes(
     two_processes: list[str], store: aioredis.Redis, kind: str
 ) -> None:
-    body = {
+    body: dict[str, Any] = {
         "model": "gpt-4o-mini",
         "messages": MESSAGES,
         "max_tokens": 40,
@@ -643,17 +585,17 @@ async def test_exactly_n_admitted_under_200_concurrent_requests_on_two_processes
     async with aiohttp.ClientSession(connector=connector) as session:
         url_a, url_b = two_processes
         cal = await calibrate(session, url_a, store, body)
-        keys = [await create_key(session, url_a, org), await create_key(session, url_b, org)]
+        keys = [await create_key_on(session, url_a, org), await create_key_on(session, url_b, org)]
         if kind == "tokens":
             line = n_fit_limit(N, cal.reserve_tokens, cal.used_tokens)
             spec = budget(period="monthly", limit=line)
-            status, b = await admin(session, url_a, "PUT", f"{BASE}/org/{org}", spec)
+            status, b = await admin_call(session, url_a, "PUT", f"{BASE}/org/{org}", spec)
         else:
             line = n_fit_limit(N, cal.reserve_cost, cal.used_cost)
             limit = Decimal(line) / NANO
             assert Decimal(str(float(limit))) == limit
             spec = budget(period="monthly", limit_kind="cost", limit=float(limit), owner="cluster")
-            status, b = await admin(session, url_b, "PUT", f"{BASE}/apikey/{keys[0][0]}", spec)
+            status, b = await admin_call(session, url_b, "PUT", f"{BASE}/apikey/{keys[0][0]}", spec)
             keys = [keys[0]]  # the budget is the key's own: send everything with that key
         assert status == 200, b
         await store.config_resetstat()
@@ -661,9 +603,8 @@ async def test_exactly_n_admitted_under_200_concurrent_requests_on_two_processes
         async def one(i: int) -> tuple[int, Any, str]:
             url = two_processes[i % 2]
             _, key = keys[i % len(keys)]
-            status, answer, _ = await post_chat(
-                session, url, key, body, {"x-mock-latency-ms": "300"}
-            )
+            latency = mock_output(body["max_tokens"], {"x-mock-latency-ms": "300"})
+            status, answer = await chat_json(session, url, key, body, latency)
             return status, answer, url
 
         results = await asyncio.gather(*(one(i) for i in range(CONCURRENT)))

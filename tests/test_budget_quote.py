@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import FakeClock, Proxy, budget
+from helpers import claude_messages, user_messages
 from test_anthropic_api import MODEL as CLAUDE
 from test_anthropic_api import async_client, claude_sections, root
 
@@ -24,7 +25,8 @@ from proxy.gateway.state import GATEWAY
 QUOTE = "/api/v1/llm/budgets/quote"
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+PROMPT = "say something nice about budgets"
+MESSAGES = user_messages(PROMPT)
 
 
 @pytest.fixture
@@ -174,10 +176,13 @@ async def test_a_claude_quote_agrees_with_the_messages_route(
 ) -> None:
     claude: Proxy = await start_proxy(clock=FakeClock(NOON), **claude_sections(root(mock_upstream)))
     kid, key = await claude.create_key("acme")
-    body = {"model": CLAUDE, "max_tokens": 300, "messages": MESSAGES}
+    messages = claude_messages(PROMPT)
+    body = {"model": CLAUDE, "max_tokens": 300, "messages": messages}
     await claude.admin("PUT", f"{BASE}/apikey/{kid}", budget(limit=250))
     q = await quote(claude, {"api_key_id": kid, "endpoint": "messages", "request": body})
     assert q["decision"] == "refuse" and q["response"]["body"]["type"] == "error"
     with pytest.raises(anthropic.RateLimitError) as caught:
-        await async_client(claude, key).messages.create(**body)  # type: ignore[arg-type]
+        await async_client(claude, key).messages.create(
+            model=CLAUDE, max_tokens=300, messages=messages
+        )
     assert caught.value.body == q["response"]["body"]

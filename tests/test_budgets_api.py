@@ -17,14 +17,15 @@ from typing import Any, NamedTuple
 import pytest
 import redis.asyncio as aioredis
 from conftest import FakeClock, Proxy
+from helpers import metered_chat, user_messages
 
-from proxy.store.windows import windows_at
+from proxy.ledger.windows import windows_at
 
 BASE = "/api/v1/llm/budgets"
 NANO = 1_000_000_000
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 DAY, WEEK, MONTH = "2026-11-24", "2026-W48", "2026-11"
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 BUDGET_FIELDS = {
     "id",
     "scope",
@@ -156,14 +157,7 @@ async def raw(proxy: Proxy, method: str, path: str, data: bytes, key: str) -> tu
 
 async def chat(proxy: Proxy, key: Key, max_tokens: int = 100) -> int:
     """One admitted request that uses exactly ``prompt + max_tokens`` tokens; returns them."""
-    answer = await proxy.openai(key.secret).chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        max_tokens=max_tokens,
-        extra_headers={"x-mock-output-tokens": str(max_tokens)},
-    )
-    assert answer.usage is not None and answer.usage.completion_tokens == max_tokens
-    return answer.usage.total_tokens
+    return await metered_chat(proxy.openai(key.secret), "gpt-4o", MESSAGES, max_tokens)
 
 
 @pytest.fixture

@@ -13,16 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, REPO, Proxy, start_proxy_process, write_config
+from helpers import chat_status, user_messages
 
 from proxy.store.embedded_redis import free_port
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
+HELLO = {"model": "gpt-4o-mini", "messages": MESSAGES}
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -40,19 +41,6 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
-
-
-async def chat_status(url: str, key: str) -> int:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            url + "/v1/chat/completions",
-            json={"model": "gpt-4o-mini", "messages": MESSAGES},
-            headers={"Authorization": f"Bearer {key}"},
-        ) as response,
-    ):
-        await response.read()
-        return response.status
 
 
 async def test_help_lists_the_commands() -> None:
@@ -103,6 +91,7 @@ async def test_serve_refuses_an_unpriced_model_cleanly(tmp_path: Path) -> None:
     assert "bad configuration" in err and "models.1.price" in err
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> None:
     admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
     code, out, err = await run_cli(
@@ -113,7 +102,7 @@ async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> 
     assert created["org_id"] == "acme" and created["name"] == "from-cli"
     assert created["limits"]["rpm"] == 2
     key, kid = created["key"], created["id"]
-    assert await chat_status(proxy.url, key) == 200
+    assert await chat_status(None, proxy.url, key, HELLO) == 200
 
     code, out, _ = await run_cli("keys", "list", "--org", "acme", *admin)
     assert code == 0
@@ -126,7 +115,7 @@ async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> 
 
     code, out, _ = await run_cli("keys", "revoke", kid, *admin)
     assert code == 0 and json.loads(out)["revoked"] is True
-    assert await chat_status(proxy.url, key) == 401
+    assert await chat_status(None, proxy.url, key, HELLO) == 401
 
     code, out, _ = await run_cli("org-limits", "acme", "--set", "--rpm", "7", *admin)
     assert code == 0 and json.loads(out)["limits"]["rpm"] == 7
@@ -166,6 +155,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 async def test_serve_with_embedded_redis_starts_serves_and_stops_cleanly(
     tmp_path: Path, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,7 +169,7 @@ async def test_serve_with_embedded_redis_starts_serves_and_stops_cleanly(
     running = await start_proxy_process(config, log)  # returns once /readyz answers 200
     ready_after = time.monotonic() - started
     try:
-        while (status := await chat_status(running.url, ADMIN_KEY)) != 200:
+        while (status := await chat_status(None, running.url, ADMIN_KEY, HELLO)) != 200:
             assert time.monotonic() - started < 30, f"no successful request: {status}"
             await asyncio.sleep(0.02)
         first_request_after = time.monotonic() - started
@@ -217,6 +207,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 async def test_demo_prints_a_working_key_and_snippets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -284,7 +275,7 @@ async def spend_some(proxy: Proxy) -> tuple[dict[str, str], int]:
         model = "gpt-4o" if n % 2 else "gpt-4o-mini"
         done = await client.chat.completions.create(
             model=model,
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"X-On-Behalf-Of": f"user-{n % 3}"},
         )
         assert done.usage is not None
@@ -294,6 +285,7 @@ async def spend_some(proxy: Proxy) -> tuple[dict[str, str], int]:
     return keys, total
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_usage_prints_a_table_with_totals_and_json_and_csv_for_scripts(
     proxy: Proxy,
 ) -> None:
@@ -343,6 +335,7 @@ async def test_usage_prints_a_table_with_totals_and_json_and_csv_for_scripts(
     assert code == 1 and "HTTP 403" in err
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_budgets_commands_print_tables(proxy: Proxy) -> None:
     keys, _ = await spend_some(proxy)
     kid = next(iter(keys))
@@ -356,7 +349,7 @@ async def test_budgets_commands_print_tables(proxy: Proxy) -> None:
     assert header.split()[:3] == ["id", "scope", "scope"] and set(rule) <= {"-", " "}
     assert row.split()[1:3] == ["apikey", kid] and "alert@1%" in row
     # A request crosses the alert line: an event.
-    await proxy.openai(keys[kid]).chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    await proxy.openai(keys[kid]).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     code, out, err = await run_cli("budgets", "events", "apikey", kid, *admin)
     assert code == 0, err
     assert "threshold_alert" in out and out.splitlines()[0].split()[:2] == ["created", "at"]

@@ -27,9 +27,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import REPO, Proxy
+from helpers import sdk_chat, user_messages
 from playwright.async_api import Browser, Page, Request, Route, async_playwright, expect
 
-pytestmark = pytest.mark.timeout(900)  # the first test may install Chromium
+# Browser tests: slow, and the first may install Chromium.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "console"
 CHROMIUM_ARGS = [
@@ -140,11 +142,8 @@ async def open_console(browser: Browser, proxy: Proxy, name: str) -> Console:
 
 
 async def chat(client: openai.AsyncOpenAI, tokens: int = 50) -> None:
-    await client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=tokens,
-        extra_headers={"x-mock-output-tokens": str(tokens)},
+    await sdk_chat(
+        client, "gpt-4o-mini", user_messages("hello"), output_tokens=tokens, max_tokens=tokens
     )
 
 

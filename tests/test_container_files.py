@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from conftest import REPO, start_proxy_process, write_config
 
 from proxy.cli import build_parser, cmd_serve
 from proxy.config import load_settings
 from proxy.store.embedded_redis import free_port
-from tests.conftest import REPO, start_proxy_process, write_config
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - what a container must listen on
 SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)", re.IGNORECASE)
@@ -194,6 +194,7 @@ def test_healthcheck_asks_readyz_with_python(final: Stage) -> None:
     assert not any("curl" in part or "wget" in part for part in command)
 
 
+@pytest.mark.slow
 async def test_healthcheck_command_passes_only_when_ready(
     final: Stage, tmp_path: Path, redis_url: str, mock_upstream: TestServer
 ) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from proxy.errors import ApiError
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited
 from proxy.gateway.decisions import (
     admitted_headers,
     budget_error,
@@ -23,7 +22,8 @@ from proxy.gateway.decisions import (
     rate_limited_error,
     request_window_ms,
 )
-from proxy.store.windows import windows_at
+from proxy.ledger.admission import Admitted, BudgetRefused, RateLimited
+from proxy.ledger.windows import windows_at
 
 RATE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit")
 

@@ -38,7 +38,7 @@ def test_google_paths_take_googles_shape_and_vertex_claude_anthropics() -> None:
 
 
 def test_lookup_by_name_and_every_dialect_is_complete() -> None:
-    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic", "gemini"]
+    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic", "bedrock", "gemini"]
     for dialect in DIALECTS:
         assert by_name(dialect.name) is dialect
         assert set(dialect.endpoint_kinds) == set(dialect.endpoints)

@@ -153,6 +153,7 @@ async def test_async_start_stop(tmp_path: Path) -> None:
     assert not srv.running
 
 
+@pytest.mark.slow
 def test_server_does_not_outlive_interpreter(tmp_path: Path) -> None:
     """A proxy that exits normally without calling stop() must not leak redis-server."""
     script = textwrap.dedent(

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,34 +18,24 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from conftest import (
-    ADMIN_KEY,
     FakeClock,
     Proxy,
     budget,
     eventually,
-    proxy_processes,
-    write_config,
 )
-from test_budget_enforcement import (
-    calibrate,
-    create_key,
-    mini_price,
-    month_now,
-    n_fit_limit,
-    post_chat,
-)
+from helpers import admin_call, chat_json, create_key_on, mock_output, user_messages
+from test_budget_enforcement import calibrate, mini_price, month_now, n_fit_limit
 
 from proxy.catalog.pricing import cost_nano
 from proxy.catalog.tokenizer import count_prompt
 from proxy.gateway.state import GATEWAY
-from proxy.store.end_users import end_user_tag
+from proxy.ledger.keys import end_user_tag
 
 BASE = "/api/v1/llm/budgets"
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 DAY, WEEK = "2026-11-24", "2026-W48"
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 POLICY = "/api/v1/orgs/{org}/end-user-policy"
 
 
@@ -78,7 +67,7 @@ async def send(
     try:
         answer = await p.openai(key).chat.completions.with_raw_response.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             max_tokens=max_tokens,
             extra_headers=all_headers,
         )
@@ -510,7 +499,8 @@ async def test_end_user_concurrency_and_tokens_per_minute(
     tag = end_user_tag("heidi")
 
     async def in_flight() -> bool:
-        return await store.hget(prefix("acme") + f"infl:{tag}", "n") == "1"
+        held: str | None = await store.hget(prefix("acme") + f"infl:{tag}", "n")
+        return held == "1"
 
     await eventually(in_flight, what="heidi's first request in flight")
     status, body, _ = await send(p, key, "heidi")
@@ -527,34 +517,17 @@ async def test_end_user_concurrency_and_tokens_per_minute(
 # --- concurrency across processes -------------------------------------------------------
 
 
-@pytest.fixture
-async def two_processes(
-    tmp_path: Path, redis_url: str, mock_upstream: TestServer
-) -> AsyncIterator[list[str]]:
-    config = write_config(tmp_path / "proxy.toml", str(mock_upstream.make_url("/v1")), redis_url)
-    async with proxy_processes(config) as urls:
-        yield urls
-
-
 USERS = 50
 IN_FLIGHT = 20
 N = 3
 VIP_N = 5
 
 
-async def admin(
-    session: aiohttp.ClientSession, url: str, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    async with session.request(method, url + path, json=body, headers=headers) as response:
-        return response.status, await response.json(content_type=None)
-
-
 @pytest.mark.slow
 async def test_exactly_n_per_end_user_with_1000_in_flight_on_two_processes(
     two_processes: list[str], store: aioredis.Redis
 ) -> None:
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 40}
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 40}
     org = "resale"
     users = [f"user-{i:02d}" for i in range(USERS)]
     vip = users[0]
@@ -562,29 +535,26 @@ async def test_exactly_n_per_end_user_with_1000_in_flight_on_two_processes(
     async with aiohttp.ClientSession(connector=connector) as session:
         url_a, url_b = two_processes
         cal = await calibrate(session, url_a, store, body)
-        _, key = await create_key(session, url_a, org)
+        _, key = await create_key_on(session, url_a, org)
         line = n_fit_limit(N, cal.reserve_tokens, cal.used_tokens)
         vip_line = n_fit_limit(VIP_N, cal.reserve_tokens, cal.used_tokens)
         thresholds = [{"pct": 50, "action": "alert"}, {"pct": 100, "action": "block"}]
         spec = budget(period="monthly", limit=line, thresholds=thresholds)
-        status, default = await admin(
+        status, default = await admin_call(
             session, url_a, "PUT", f"{BASE}/external-user-default?org_id={org}", spec
         )
         assert status == 200, default
         spec = budget(period="monthly", limit=vip_line, thresholds=thresholds)
-        status, explicit = await admin(
+        status, explicit = await admin_call(
             session, url_b, "PUT", f"{BASE}/external-user/{vip}?org_id={org}", spec
         )
         assert status == 200, explicit
 
         async def one(i: int) -> tuple[str, int, Any]:
             user = users[i % USERS]
-            status, answer, _ = await post_chat(
-                session,
-                two_processes[i % 2],
-                key,
-                body,
-                {"X-On-Behalf-Of": user, "x-mock-latency-ms": "300"},
+            headers = {"X-On-Behalf-Of": user, "x-mock-latency-ms": "300"}
+            status, answer = await chat_json(
+                session, two_processes[i % 2], key, body, mock_output(body["max_tokens"], headers)
             )
             return user, status, answer
 
@@ -626,7 +596,7 @@ async def test_exactly_n_per_end_user_with_1000_in_flight_on_two_processes(
         assert [k async for k in store.scan_iter(p + "infl:*")] == []
 
         # Events: the default's crossings, one per end user, each naming its end user.
-        status, events = await admin(
+        status, events = await admin_call(
             session, url_a, "GET", f"{BASE}/external-user-default/events?org_id={org}"
         )
         assert status == 200
@@ -635,15 +605,16 @@ async def test_exactly_n_per_end_user_with_1000_in_flight_on_two_processes(
         alerted = {target for target, kind in fired if kind == "threshold_alert"}
         assert alerted == set(users[1:])  # vip's default is replaced by vip's own budget
         assert {e["budget_id"] for e in events["data"]} == {default["id"]}
-        status, events = await admin(
+        status, events = await admin_call(
             session, url_a, "GET", f"{BASE}/external-user/{vip}/events?org_id={org}"
         )
         assert {e["target_id"] for e in events["data"]} == {vip}
 
         # Deleting vip's explicit org budget restores the default for vip alone: over it.
-        status, _ = await admin(
+        status, _ = await admin_call(
             session, url_a, "DELETE", f"{BASE}/external-user/{vip}?org_id={org}&owner=org"
         )
         assert status == 200
-        status, answer, _ = await post_chat(session, url_b, key, body, {"X-On-Behalf-Of": vip})
+        headers = mock_output(body["max_tokens"], {"X-On-Behalf-Of": vip})
+        status, answer = await chat_json(session, url_b, key, body, headers)
         assert status == 429 and answer["error"]["budget"]["scope"] == "external_user_default"

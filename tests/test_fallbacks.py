@@ -19,7 +19,7 @@ from conftest import Proxy, eventually, usage_record
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.providers.fallback import Candidate, CoolDowns
 from proxy.store.embedded_redis import free_port
-from proxy.tools.mock_upstream import RECEIVED, MockOptions, build_mock_app
+from proxy.tools.mock import RECEIVED, MockOptions, build_mock_app
 
 ORG = "acme"
 P = "bp:{o:acme}:"

@@ -34,6 +34,7 @@ from conftest import (
     usage_record,
     write_config,
 )
+from helpers import user_messages
 from prometheus_client import REGISTRY
 
 from proxy.app import create_app
@@ -43,11 +44,11 @@ from proxy.config import MeteringConfig, ModelConfig
 from proxy.gateway.lease_sweeper import sweep_once
 from proxy.gateway.settle_spool import QUARANTINE_NAME
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis, free_port
-from proxy.store.keys import Identity
-from proxy.store.windows import windows_at
 
-MESSAGES = [{"role": "user", "content": "tell me a long story"}]
+MESSAGES = user_messages("tell me a long story")
 
 
 def prefix(org: str) -> str:
@@ -254,7 +255,7 @@ async def test_a_proxy_stopped_during_an_outage_loses_no_usage(
             asks = [asyncio.create_task(ask()) for _ in range(n)]
 
             async def all_leased() -> bool:
-                return await store.zcard("bp:{o:acme}:leases") == n
+                return int(await store.zcard("bp:{o:acme}:leases")) == n
 
             await eventually(all_leased, what="every request admitted")
             await store.aclose()
@@ -309,6 +310,7 @@ def quarantined() -> float:
     return REGISTRY.get_sample_value("llm_proxy_settles_quarantined_total") or 0.0
 
 
+@pytest.mark.slow
 async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
     tmp_path: Path, own_redis: EmbeddedRedis, mock_upstream: TestServer, monkeypatch: Any
 ) -> None:
@@ -350,7 +352,7 @@ async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
             well = asyncio.create_task(ask("well"))
 
             async def well_leased() -> bool:
-                return await store.zcard("bp:{o:well}:leases") == 1
+                return int(await store.zcard("bp:{o:well}:leases")) == 1
 
             await eventually(well_leased, what="the healthy request's lease")
             await store.aclose()
@@ -360,7 +362,7 @@ async def test_a_poison_settle_is_quarantined_and_the_rest_are_replayed(
             store = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
 
             async def healthy_settled() -> bool:
-                return await store.xlen("bp:{o:well}:usage") == 1
+                return int(await store.xlen("bp:{o:well}:usage")) == 1
 
             await eventually(healthy_settled, within=15, what="the healthy settle replayed")
             assert (await spend(store, "well", f"k:{keys['well'][0]}", time.time()))[1] == (

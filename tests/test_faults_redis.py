@@ -25,14 +25,15 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, eventually, start_proxy_process, usage_record, write_config
+from helpers import user_messages
 
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 pytestmark = pytest.mark.slow
 
-MESSAGES = [{"role": "user", "content": "keep going"}]
+MESSAGES = user_messages("keep going")
 P = "bp:{o:acme}:"
 
 
@@ -89,6 +90,11 @@ async def until(check: Callable[[], bool], what: str, within: float = 30) -> Non
     await eventually(ok, within=within, what=what)
 
 
+async def until_count(load: Load, status: int, at_least: int, what: str) -> None:
+    """Until ``load`` has had ``at_least`` answers of ``status``."""
+    await until(lambda: load.count(status) >= at_least, what)
+
+
 @pytest.fixture
 async def aof_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "redis", persist=True)
@@ -139,16 +145,16 @@ async def test_redis_stopped_paused_and_killed_under_load_loses_nothing(
             ]  # fmt: skip
             for name, fault, recover in faults:
                 served = load.count(200)
-                await until(lambda s=served: load.count(200) >= s + 20, f"load before {name}")
+                await until_count(load, 200, served + 20, f"load before {name}")
                 refused = load.count(503)
                 started = time.monotonic()
                 await fault()
-                await until(lambda r=refused: load.count(503) >= r + 5, f"503s after {name}")
+                await until_count(load, 503, refused + 5, f"503s after {name}")
                 await recover()
                 if name != "SIGSTOP":
                     await always_fsync(aof_redis)
                 served = load.count(200)
-                await until(lambda s=served: load.count(200) >= s + 20, f"service after {name}")
+                await until_count(load, 200, served + 20, f"service after {name}")
                 print(f"\n{name}: served again {time.monotonic() - started:.2f} s after the fault")
             load.stop.set()
             await asyncio.gather(*clients)

@@ -33,8 +33,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from proxy.app import BOOTSTRAP_KEY_ID, BOOTSTRAP_ORG
+from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
 from proxy.store.embedded_redis import EmbeddedRedis, find_redis_server, free_port
-from proxy.store.keys import KeyCreate, KeyStore, digest
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from google import genai
 from google.genai import errors, types
 from google_setup import models, reported_cost, service_account_file, upstreams
 
-from proxy.tools.mock_google import GOOGLE
-from proxy.tools.mock_upstream import REPORTED
+from proxy.tools.mock import REPORTED
+from proxy.tools.mock.google import GOOGLE
 
 P = "bp:{o:acme}:"
 CONTENTS = "hello there general kenobi"
@@ -108,7 +108,7 @@ async def test_every_method_sync_and_async_with_books_exact(
     assert all(r["model"] in (model, embed) and r["reported"] for r in rows)
     assert {r["user"] for r in rows} == {"user-42"}
     assert {r["cost_nano"] for r in rows if r["endpoint"] == "countTokens"} == {0}
-    reported = list(gproxy.mock.app[REPORTED])
+    reported = [*gproxy.mock.app[REPORTED]]
     assert len(reported) == 6  # countTokens reports nothing, and is charged nothing
     assert sum(r["cost_nano"] for r in rows) == reported_cost(reported)
     assert sum(r["out"] for r in rows) == sum(u.completion_tokens for u in reported)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from conftest import FakeClock, Proxy, budget, eventually, free_port, usage_record
+from conftest import FakeClock, Proxy, budget, eventually, usage_record
 from google_setup import PRICE, models, service_account_file, upstreams
 
 from proxy.catalog.pricing import cost_nano, price_from_config, reserve_cost_nano
@@ -26,6 +26,7 @@ from proxy.dialects.gemini_bound import IMAGE_MIN, prompt_bound
 from proxy.dialects.gemini_usage import usage_of
 from proxy.errors import ApiError
 from proxy.gateway.state import GATEWAY
+from proxy.store.embedded_redis import free_port
 
 P = "bp:{o:acme}:"
 TEXT = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}

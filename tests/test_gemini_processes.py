@@ -19,7 +19,7 @@ from google import genai
 from google.genai import errors, types
 
 from proxy.dialects.gemini_bound import prompt_bound
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 N = 6
 MAX_OUT = 40
@@ -85,6 +85,7 @@ async def test_exactly_n_of_n_plus_4_admitted_over_two_processes(
         first = await generate(client(two[0], calibration["key"]))
         assert not isinstance(first, Exception), first
         sent = mock_upstream.app[RECEIVED][-1].body
+        assert sent is not None
         reserve = prompt_bound(sent, 1_000_000) + MAX_OUT
         used = first.usage_metadata.total_token_count
         # Room for exactly N worst cases: all N+4 are admitted before any settles (the mock

@@ -82,10 +82,9 @@ async def test_each_documented_google_config_works_against_the_mock(
             region="us-east5", project_id="p", access_token=key, base_url=proxy.url
         )
         again = await asyncio.to_thread(
-            vertex.messages.create,
-            model=model,
-            max_tokens=5,
-            messages=[{"role": "user", "content": "hi"}],
+            lambda: vertex.messages.create(
+                model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
         )
         assert again.usage.output_tokens == 5
     else:

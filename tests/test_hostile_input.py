@@ -48,7 +48,7 @@ from yarl import URL
 from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import build_routes
 from proxy.config import load_settings
-from proxy.tools.mock_upstream import RECEIVED, REPORTED
+from proxy.tools.mock import RECEIVED, REPORTED
 
 SEED = int(os.environ.get("HOSTILE_SEED", "20261201"))
 REQUESTS = int(os.environ.get("HOSTILE_REQUESTS", "4000"))
@@ -358,6 +358,7 @@ def _reported_cost(config: Path, mock: TestServer) -> tuple[int, int, int]:
     return cost, tokens, len(mock.app[REPORTED])
 
 
+@pytest.mark.slow
 async def test_hostile_input_breaks_nothing(hostile: Hostile, store: aioredis.Redis) -> None:
     base = hostile.proxy.url
     orgs = ["h2", "fz-keys"]

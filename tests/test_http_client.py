@@ -1,4 +1,4 @@
-"""``proxy.providers.http_client`` against real sockets: hand-written HTTP/1.1 answers from
+"""``proxy.providers.http`` against real sockets: hand-written HTTP/1.1 answers from
 servers started on 127.0.0.1, so framing, keep-alive, back-pressure and timeout
 edge cases are exact.
 
@@ -24,8 +24,7 @@ import pytest
 import trustme
 import uvloop
 
-from proxy.providers.http_client import (
-    _HIGH_WATER,
+from proxy.providers.http import (
     Client,
     Origin,
     Target,
@@ -33,6 +32,7 @@ from proxy.providers.http_client import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.providers.http.parser import _HIGH_WATER
 
 _MAX_READ = 256 * 1024
 """The most one socket read hands the protocol (asyncio's and uvloop's read size)."""

@@ -210,7 +210,8 @@ async def test_connections_past_max_connections_get_503_json(
 ) -> None:
     proxy = await start_proxy(server={"max_connections": 8, "header_timeout_seconds": 30})
     held = [await _open(proxy.url) for _ in range(8)]
-    refused = await exchange(proxy.url, request("GET", "/healthz"))
+    # Not /healthz: past the cap a few connections are still kept for health checks.
+    refused = await exchange(proxy.url, request("GET", "/v1/models"))
     error = assert_openai_error(refused.json(), 503, refused.status)
     assert error["code"] == "too_many_connections"
     for _, writer in held:
@@ -240,6 +241,7 @@ def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.slow
 async def test_three_hundred_slow_clients_are_all_shed_and_healthz_answers_throughout(
     tmp_path: Path, mock_upstream: TestServer, redis_url: str
 ) -> None:
@@ -306,8 +308,10 @@ async def test_three_hundred_slow_clients_are_all_shed_and_healthz_answers_throu
             assert time.monotonic() - started < 10
             assert max(probes) < 1.0, probes  # /healthz never waited behind the slow clients
             for reader, writer in slow:
-                data = await asyncio.wait_for(reader.read(), 10)  # answered (408) or closed
-                assert data == b"" or b" 408 " in data.split(b"\r\n", 1)[0], data[:100]
+                # Answered (408; or 429 past the key's max_bodies_per_key) or closed.
+                data = await asyncio.wait_for(reader.read(), 10)
+                status_line = data.split(b"\r\n", 1)[0]
+                assert data == b"" or b" 408 " in status_line or b" 429 " in status_line, data[:100]
                 writer.close()
     finally:
         await asyncio.to_thread(running.stop)

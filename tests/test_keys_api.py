@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import Proxy
+from helpers import chat_status, user_messages
 
 from proxy.gateway.state import GATEWAY
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
+HELLO = {"model": "gpt-4o", "messages": MESSAGES}
 ERROR_FIELDS = {"message", "type", "code", "param"}
 
 
@@ -27,17 +29,6 @@ def assert_error(body: Any, type_: str, code: str | None = None, param: str | No
     if code is not None:
         assert body["error"]["code"] == code, body
     assert body["error"]["param"] == param, body
-
-
-async def chat(proxy: Proxy, key: str) -> int:
-    """Status of one small chat completion with this key."""
-    async with proxy.session.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "gpt-4o", "messages": MESSAGES},
-        headers={"Authorization": f"Bearer {key}"},
-    ) as response:
-        await response.read()
-        return response.status
 
 
 async def all_redis_text(store: aioredis.Redis) -> str:
@@ -85,7 +76,7 @@ async def test_plaintext_is_shown_once_and_only_its_digest_is_stored(
     assert created["role"] == "member" and created["status"] == "active"
     assert created["models"] == ["gpt-4o"] and created["limits"]["rpm"] == 10
     # The key works...
-    assert await chat(proxy, plaintext) == 200
+    assert await chat_status(proxy.session, proxy.url, plaintext, HELLO) == 200
     # ...and is never shown again.
     status, fetched = await proxy.admin("GET", f"/api/v1/keys/{created['id']}")
     assert status == 200 and "key" not in fetched
@@ -103,7 +94,8 @@ async def test_plaintext_is_shown_once_and_only_its_digest_is_stored(
 
 async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
     kid, key = await proxy.create_key("acme", name="old", models=["gpt-4o-mini"])
-    assert await chat(proxy, key) == 403  # gpt-4o is not among its models
+    # gpt-4o is not among its models.
+    assert await chat_status(proxy.session, proxy.url, key, HELLO) == 403
     status, updated = await proxy.admin(
         "PATCH",
         f"/api/v1/keys/{kid}",
@@ -115,8 +107,8 @@ async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
     status, fetched = await proxy.admin("GET", f"/api/v1/keys/{kid}")
     assert fetched == updated
     # The changes apply to the very next requests: model now allowed, then the rpm limit bites.
-    assert await chat(proxy, key) == 200
-    assert await chat(proxy, key) == 429
+    assert await chat_status(proxy.session, proxy.url, key, HELLO) == 200
+    assert await chat_status(proxy.session, proxy.url, key, HELLO) == 429
     # As an org admin now, the key may list its org's keys.
     status, _ = await proxy.admin("GET", "/api/v1/keys", key=key)
     assert status == 200
@@ -126,7 +118,7 @@ async def test_update_changes_name_role_models_and_limits(proxy: Proxy) -> None:
     )
     assert status == 200
     assert cleared["models"] is None and cleared["limits"]["rpm"] is None
-    assert await chat(proxy, key) == 200
+    assert await chat_status(proxy.session, proxy.url, key, HELLO) == 200
 
 
 @pytest.mark.parametrize(
@@ -180,14 +172,14 @@ async def test_revoked_key_stops_at_once_for_llm_and_within_2s_for_admin_everywh
     llm_side: Proxy = await start_proxy()
     kid, key = await first.create_key("acme", role="org_admin")
     for proxy in (first, admin_side, llm_side):
-        assert await chat(proxy, key) == 200
+        assert await chat_status(proxy.session, proxy.url, key, HELLO) == 200
         assert (await proxy.admin("GET", "/api/v1/keys", key=key))[0] == 200
     status, body = await first.admin("DELETE", f"/api/v1/keys/{kid}")
     assert (status, body["revoked"]) == (200, True)
     revoked_at = time.monotonic()
     # LLM requests: refused at once everywhere (the admit script reads the key's status).
-    assert await chat(llm_side, key) == 401
-    assert await chat(first, key) == 401
+    assert await chat_status(llm_side.session, llm_side.url, key, HELLO) == 401
+    assert await chat_status(first.session, first.url, key, HELLO) == 401
     # Admin calls: at once where the revoke happened, within 2 s (cache TTL) elsewhere.
     status, body = await first.admin("GET", "/api/v1/keys", key=key)
     assert status == 401
@@ -241,7 +233,7 @@ async def test_org_admin_cannot_reach_another_org(
     # Org b's key is untouched and still works.
     status, record = await proxy.admin("GET", f"/api/v1/keys/{b_member_id}")
     assert (record["name"], record["status"]) == ("b member", "active")
-    assert await chat(proxy, b_member) == 200
+    assert await chat_status(proxy.session, proxy.url, b_member, HELLO) == 200
 
 
 async def test_org_admin_manages_its_own_org_but_never_mints_cluster_admins(
@@ -294,7 +286,8 @@ async def test_members_may_only_read_their_own_key(
         status, answer = await proxy.admin(method, path, body, key=a_member)
         assert status == 403, (method, path, answer)
         assert_error(answer, "permission_error", "forbidden")
-    assert await chat(proxy, a_member) == 200  # still active, limits unchanged
+    # Still active, limits unchanged.
+    assert await chat_status(proxy.session, proxy.url, a_member, HELLO) == 200
 
 
 async def test_cluster_admin_sees_every_org(
@@ -335,12 +328,14 @@ async def test_org_limits_are_set_by_cluster_admins_and_enforced(
     status, body = await proxy.admin("GET", "/api/v1/orgs/a/limits", key=a_admin)
     assert body["limits"]["rpm"] == 2
     # Two requests a minute for the whole org a, whichever key sends them; org b unaffected.
-    assert [await chat(proxy, k) for k in (a_member, a_admin, a_member)] == [200, 200, 429]
-    assert await chat(proxy, b_member) == 200
+    in_turn = (a_member, a_admin, a_member)
+    statuses = [await chat_status(proxy.session, proxy.url, k, HELLO) for k in in_turn]
+    assert statuses == [200, 200, 429]
+    assert await chat_status(proxy.session, proxy.url, b_member, HELLO) == 200
     # PUT replaces: fields left out are removed.
     status, body = await proxy.admin("PUT", "/api/v1/orgs/a/limits", {"tpm": 100000})
     assert body["limits"] == {**empty, "tpm": 100000}
-    assert await chat(proxy, a_member) == 200
+    assert await chat_status(proxy.session, proxy.url, a_member, HELLO) == 200
 
 
 @pytest.mark.parametrize(
@@ -410,7 +405,7 @@ async def test_concurrent_patch_and_delete_never_corrupt_the_index(
         assert patch[0] in (200, 400), patch  # 400 key_revoked when the DELETE came first
         # Revoked, and no trace of it left in the index: the key is refused cleanly.
         assert await store.exists(digest_key(key)) == 0, (trial, change)
-        assert await chat(proxy, key) == 401
+        assert await chat_status(proxy.session, proxy.url, key, HELLO) == 401
         status, body = await proxy.admin("GET", f"/api/v1/keys/{kid}")
         assert (status, body["status"]) == (200, "revoked")
 
@@ -461,7 +456,7 @@ async def test_a_malformed_index_entry_is_a_401_never_a_500(
 ) -> None:
     key = "sk-bp-malformed-index-entry"
     await store.hset(digest_key(key), mapping=index)
-    assert await chat(proxy, key) == 401
+    assert await chat_status(proxy.session, proxy.url, key, HELLO) == 401
     status, body = await proxy.admin("GET", "/api/v1/keys", key=key)
     assert status == 401, body
     assert_error(body, "authentication_error", "invalid_api_key")
@@ -519,6 +514,8 @@ async def test_a_burst_of_first_requests_with_one_key_looks_it_up_once(
         return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
 
     before = await lookups()
-    statuses = await asyncio.gather(*(chat(proxy, key) for _ in range(50)))
+    statuses = await asyncio.gather(
+        *(chat_status(proxy.session, proxy.url, key, HELLO) for _ in range(50))
+    )
     assert statuses == [200] * 50
     assert await lookups() - before <= 2  # one, or two if the 1 s cache expired meanwhile

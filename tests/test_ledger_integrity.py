@@ -15,13 +15,14 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from conftest import Proxy, eventually, usage_record
+from helpers import user_messages
 
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.gateway.lease_sweeper import sweep_once
 from proxy.gateway.state import GATEWAY
 
 P = "bp:{o:acme}:"
-MESSAGES = [{"role": "user", "content": "hello there"}]
+MESSAGES = user_messages("hello there")
 
 
 async def no_reservation_left(store: aioredis.Redis) -> None:
@@ -56,7 +57,7 @@ async def test_an_empty_embedding_input_settles_and_the_org_keeps_working(
     # Long after any lease could have expired, every key of the org is still served.
     proxy.clock.advance(3600)
     other = proxy.openai((await proxy.create_key())[1])
-    chat = await other.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    chat = await other.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert chat.usage is not None and chat.usage.total_tokens > 0
     await no_reservation_left(store)
 
@@ -85,7 +86,7 @@ async def test_a_free_model_settles_and_is_recorded_at_zero_cost(
             async for _ in chunks:
                 pass
         else:
-            await client.chat.completions.create(model="local-llama", messages=MESSAGES)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="local-llama", messages=MESSAGES)
     await no_reservation_left(store)
     records = [usage_record(f) for _, f in await store.xrange(P + "usage")]
     assert len(records) == 2 and all(r["cost_nano"] == 0 and r["out"] > 0 for r in records)
@@ -102,7 +103,7 @@ async def test_an_unreadable_lease_is_set_aside_not_in_the_way(
     await store.hset(P + "lease:req_bad3", mapping={"k": kid, "c": "1e+17", "t": "1e400"})
     await store.zadd(P + "leases", {"req_bad1": 0, "req_bad2": 0, "req_bad3": now_ms - 1})
     client = proxy.openai(key)
-    chat = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    chat = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert chat.usage is not None
     await no_reservation_left(store)
     # Kept for an operator, with the reason, out of the expiry index.
@@ -122,7 +123,7 @@ async def test_corrupt_in_flight_counters_are_rebuilt_from_the_live_leases(
     await store.hset(P + "infl:o", mapping={"n": "x", "c": "-0", "t": "1e+17"})
     await store.hset(P + f"infl:k:{kid}", mapping={"n": "7"})  # would refuse at concurrency 1
     client = proxy.openai(key)
-    chat = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    chat = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert chat.usage is not None
     await no_reservation_left(store)
 
@@ -179,7 +180,7 @@ async def test_huge_integers_are_a_400_naming_the_param_and_consume_nothing(
     # Six refusals later the rpm=5 key still has its whole minute: nothing was consumed.
     client = proxy.openai(key)
     for _ in range(5):
-        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     await no_reservation_left(store)
 
 
@@ -224,7 +225,7 @@ async def test_the_openai_sdk_gets_a_bad_request_error_for_a_huge_cap(
 async def test_admission_refuses_out_of_range_reservations_itself(proxy: Proxy) -> None:
     """Defence in depth: a caller that skipped the request checks cannot push an inexact
     number into the script either."""
-    from proxy.store.keys import Identity
+    from proxy.ledger.api_keys import Identity
 
     gw = proxy.app[GATEWAY]
     with pytest.raises(ValueError):

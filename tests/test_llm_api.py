@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, Proxy, eventually, make_settings, usage_record
+from helpers import sdk_chat, sdk_stream, streamed_content, user_messages
 
 from proxy.app import create_app
 from proxy.catalog.pricing import Price, cost_nano
@@ -24,8 +25,8 @@ from proxy.catalog.tokenizer import count_prompt
 from proxy.config import ModelConfig, PriceConfig, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import free_port
-from proxy.store.windows import windows_at
 
 ORG = "acme"
 P = "bp:{o:acme}:"
@@ -33,7 +34,7 @@ UPSTREAM_SECRET = "sk-upstream-secret"
 # gpt-4o has a price in the test config; gpt-4o-mini comes from the genai-prices snapshot.
 GPT_4O = Price(2_500_000_000, 1_250_000_000, 10_000_000_000, "config")
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
-MESSAGES = [{"role": "user", "content": "say something nice about budgets"}]
+MESSAGES = user_messages("say something nice about budgets")
 CHAT_PATH = "/v1/chat/completions"
 # Mock prompt tokens for MESSAGES: words + 4 per message + 3.
 MOCK_PROMPT = 5 + 4 + 3
@@ -141,11 +142,7 @@ async def test_buffered_chat_is_forwarded_and_metered_exactly(
 ) -> None:
     kid, key = member
     client = proxy.openai(key)
-    answer = await client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        extra_headers={"x-mock-output-tokens": "7"},
-    )
+    answer = await sdk_chat(client, "gpt-4o", MESSAGES, output_tokens=7)
     assert answer.choices[0].message.content == " the of and to in is it"
     assert answer.usage is not None
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (MOCK_PROMPT, 7)
@@ -163,10 +160,8 @@ async def test_cached_tokens_are_priced_at_the_cached_rate(
 ) -> None:
     kid, key = member
     client = proxy.openai(key)
-    answer = await client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        extra_headers={"x-mock-cached-tokens": "8", "x-mock-output-tokens": "5"},
+    answer = await sdk_chat(
+        client, "gpt-4o", MESSAGES, output_tokens=5, headers={"x-mock-cached-tokens": "8"}
     )
     assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
     assert answer.usage.prompt_tokens_details.cached_tokens == 8
@@ -182,21 +177,16 @@ async def test_database_priced_model_streamed_with_cached_tokens(
 ) -> None:
     kid, key = member
     assert proxy.app[GATEWAY].routes["gpt-4o-mini"].price == GPT_4O_MINI
-    client = proxy.openai(key)
-    stream = await client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        stream=True,
+    chunks = await sdk_stream(
+        proxy.openai(key),
+        "gpt-4o-mini",
+        MESSAGES,
+        output_tokens=30,
+        headers={"x-mock-cached-tokens": "6"},
         stream_options={"include_usage": True},
-        extra_headers={"x-mock-cached-tokens": "6", "x-mock-output-tokens": "30"},
     )
-    text, usage = "", None
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            text += chunk.choices[0].delta.content
-        if chunk.usage is not None:
-            usage = chunk.usage
-    assert len(text.split()) == 30
+    usage = chunks[-1].usage
+    assert len(streamed_content(chunks).split()) == 30
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (MOCK_PROMPT, 30)
     await wait_settled(store, proxy, kid)
     cost = cost_nano(GPT_4O_MINI, MOCK_PROMPT, 30, cached_input_tokens=6)
@@ -204,47 +194,32 @@ async def test_database_priced_model_streamed_with_cached_tokens(
     await assert_spend(store, proxy, kid, cost, MOCK_PROMPT + 30)
 
 
-async def test_streamed_chat_without_include_usage_hides_the_usage_chunk(
-    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
+@pytest.mark.parametrize(
+    ("stream_options", "tokens"),
+    [(None, 12), ({"include_usage": False}, 4)],
+    ids=["no-stream-options", "include-usage-false"],
+)
+async def test_streamed_chat_that_did_not_ask_for_usage_hides_the_usage_chunk(
+    proxy: Proxy,
+    member: tuple[str, str],
+    store: aioredis.Redis,
+    stream_options: dict[str, bool] | None,
+    tokens: int,
 ) -> None:
     kid, key = member
-    client = proxy.openai(key)
-    stream = await client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        stream=True,
-        extra_headers={"x-mock-output-tokens": "12"},
-    )
-    chunks = [chunk async for chunk in stream]
+    params: dict[str, Any] = {} if stream_options is None else {"stream_options": stream_options}
+    chunks = await sdk_stream(proxy.openai(key), "gpt-4o", MESSAGES, output_tokens=tokens, **params)
     assert all(chunk.usage is None for chunk in chunks)
     assert all(chunk.choices for chunk in chunks), "a choice-less usage chunk leaked through"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert len(text.split()) == 12
+    assert len(streamed_content(chunks).split()) == tokens
     sent = proxy.received()[-1]
     assert sent.body["stream_options"] == {"include_usage": True}
     await wait_settled(store, proxy, kid)
     # Charged from the upstream's (hidden) usage, not from an estimate.
-    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 12), MOCK_PROMPT + 12)
+    cost = cost_nano(GPT_4O, MOCK_PROMPT, tokens)
+    await assert_spend(store, proxy, kid, cost, MOCK_PROMPT + tokens)
     [record] = await usage_records(store)
     assert record["reported"] is True
-
-
-async def test_streamed_chat_with_include_usage_false_hides_the_usage_chunk(
-    proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
-) -> None:
-    kid, key = member
-    stream = await proxy.openai(key).chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        stream=True,
-        stream_options={"include_usage": False},
-        extra_headers={"x-mock-output-tokens": "4"},
-    )
-    chunks = [chunk async for chunk in stream]
-    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
-    assert proxy.received()[-1].body["stream_options"] == {"include_usage": True}
-    await wait_settled(store, proxy, kid)
-    await assert_spend(store, proxy, kid, cost_nano(GPT_4O, MOCK_PROMPT, 4), MOCK_PROMPT + 4)
 
 
 async def test_streamed_chat_with_stream_options_null_is_charged_the_reported_usage(
@@ -276,15 +251,10 @@ async def test_streamed_chat_with_include_usage_gets_the_usage_chunk(
     proxy: Proxy, member: tuple[str, str], store: aioredis.Redis
 ) -> None:
     kid, key = member
-    client = proxy.openai(key)
-    stream = await client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_headers={"x-mock-output-tokens": "3"},
+    usage_please = {"include_usage": True}
+    chunks = await sdk_stream(
+        proxy.openai(key), "gpt-4o", MESSAGES, output_tokens=3, stream_options=usage_please
     )
-    chunks = [chunk async for chunk in stream]
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (MOCK_PROMPT, 3)
@@ -365,11 +335,7 @@ async def test_both_path_prefixes_and_aliases(
     kid, key = member
     llm = openai.AsyncOpenAI(base_url=f"{proxy.url}/api/v1/llm", api_key=key, max_retries=0)
     proxy.clients.append(llm)
-    answer = await llm.chat.completions.create(
-        model="gpt-4o-latest",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        extra_headers={"x-mock-output-tokens": "2"},
-    )
+    answer = await sdk_chat(llm, "gpt-4o-latest", MESSAGES, output_tokens=2)
     assert answer.choices[0].message.content == " the of"
     # The alias is resolved to the upstream model name before forwarding.
     assert proxy.received()[-1].body["model"] == "gpt-4o"
@@ -441,13 +407,8 @@ async def test_upstream_gets_its_own_credential_never_the_clients(
     assert UPSTREAM_SECRET not in json.dumps(body)
     assert all(UPSTREAM_SECRET not in v for v in response_headers.values())
     # The streamed path too.
-    stream = await proxy.openai(key).chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        stream=True,
-        extra_headers={"x-mock-output-tokens": "2"},
-    )
-    raw = [chunk.model_dump_json() async for chunk in stream]
+    chunks = await sdk_stream(proxy.openai(key), "gpt-4o", MESSAGES, output_tokens=2)
+    raw = [chunk.model_dump_json() for chunk in chunks]
     assert all(UPSTREAM_SECRET not in chunk for chunk in raw)
     assert proxy.received()[-1].headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"
 
@@ -520,7 +481,9 @@ async def hang_up_mid_stream(url: str, key: str, body: dict[str, Any], after: in
 async def assert_charged_for_partial_stream(
     store: aioredis.Redis, proxy_clock: float, app: web.Application, kid: str, body: Any
 ) -> dict[str, Any]:
-    record = await eventually(lambda: _first_record(store), what="settle after hang-up")
+    record: dict[str, Any] = await eventually(
+        lambda: _first_record(store), what="settle after hang-up"
+    )
     assert record["reported"] is False  # the upstream never got to send its usage
     prompt = await count_prompt(app[GATEWAY].routes["gpt-4o"].encoding, "chat/completions", body)
     assert record["in"] == prompt
@@ -602,19 +565,9 @@ async def test_upstream_without_usage_is_counted_with_tiktoken(
     client = proxy.openai(key)
     headers = {"x-mock-omit-usage": "1", "x-mock-output-tokens": "23"}
     if stream:
-        chunks = await client.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            extra_headers=headers,
-        )
-        text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        text = streamed_content(await sdk_stream(client, "gpt-4o", MESSAGES, headers=headers))
     else:
-        answer = await client.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            extra_headers=headers,
-        )
+        answer = await sdk_chat(client, "gpt-4o", MESSAGES, headers=headers)
         assert answer.usage is None
         text = answer.choices[0].message.content or ""
     assert len(text.split()) == 23  # each mock word is one token
@@ -637,12 +590,8 @@ async def test_on_behalf_of_is_recorded_with_the_usage(
 ) -> None:
     kid, key = member
     client = proxy.openai(key)
-    await client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
-        extra_headers={"X-On-Behalf-Of": "end-user-42"},
-    )
-    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    await sdk_chat(client, "gpt-4o", MESSAGES, headers={"X-On-Behalf-Of": "end-user-42"})
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     records = await usage_records(store)
     assert [r["user"] for r in records] == ["end-user-42", None]
     assert all(r["kid"] == kid for r in records)
@@ -820,16 +769,16 @@ async def test_openai_client_raises_the_matching_exceptions(
     with pytest.raises(openai.AuthenticationError) as auth_error:
         await proxy.openai("sk-bp-wrong").chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
         )
     assert auth_error.value.code == "invalid_api_key"
     with pytest.raises(openai.NotFoundError) as not_found:
-        await client.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="nope", messages=MESSAGES)
     assert not_found.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             max_tokens=0,
         )
     assert bad.value.param == "max_tokens"
@@ -867,23 +816,22 @@ async def test_upstream_errors_pass_through_and_cost_nothing(
     assert (record["status"], record["cost_nano"]) == (upstream_status, 0)
 
 
-async def test_upstream_errors_reach_the_openai_client_as_exceptions(
-    proxy: Proxy, member: tuple[str, str]
-) -> None:
-    _, key = member
-    client = proxy.openai(key)
-    for status, exc_type in (
+@pytest.mark.parametrize(
+    ("status", "exc_type"),
+    [
         (429, openai.RateLimitError),
         (500, openai.InternalServerError),
         (400, openai.BadRequestError),
-    ):
-        with pytest.raises(exc_type) as caught:
-            await client.chat.completions.create(
-                model="gpt-4o",
-                messages=MESSAGES,  # type: ignore[arg-type]
-                extra_headers={"x-mock-status": str(status)},
-            )
-        assert caught.value.status_code == status
+    ],
+)
+async def test_upstream_errors_reach_the_openai_client_as_exceptions(
+    proxy: Proxy, member: tuple[str, str], status: int, exc_type: type[openai.APIStatusError]
+) -> None:
+    _, key = member
+    headers = {"x-mock-status": str(status)}
+    with pytest.raises(exc_type) as caught:
+        await sdk_chat(proxy.openai(key), "gpt-4o", MESSAGES, headers=headers)
+    assert caught.value.status_code == status
 
 
 async def test_streamed_request_upstream_error_passes_through(
@@ -891,12 +839,7 @@ async def test_streamed_request_upstream_error_passes_through(
 ) -> None:
     kid, key = member
     with pytest.raises(openai.InternalServerError) as caught:
-        await proxy.openai(key).chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            extra_headers={"x-mock-status": "503"},
-        )
+        await sdk_stream(proxy.openai(key), "gpt-4o", MESSAGES, headers={"x-mock-status": "503"})
     assert caught.value.status_code == 503
     assert caught.value.message.endswith("mock injected error 503")
     await charged_zero(store, proxy, kid)
@@ -910,7 +853,7 @@ async def test_upstream_breaking_mid_stream_is_charged_for_what_was_relayed(
     with contextlib.suppress(openai.APIError):
         stream = await proxy.openai(key).chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             stream=True,
             extra_headers={"x-mock-fail-after-chunks": "5", "x-mock-output-tokens": "20"},
         )
@@ -932,7 +875,7 @@ async def test_upstream_breaking_mid_stream_is_an_error_for_the_client(
     _, key = member
     stream = await proxy.openai(key).chat.completions.create(
         model="gpt-4o",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
         extra_headers={"x-mock-fail-after-chunks": "5", "x-mock-output-tokens": "20"},
     )
@@ -1057,7 +1000,7 @@ async def test_unreachable_upstream_is_502_and_costs_nothing(
     with pytest.raises(openai.InternalServerError) as caught:
         await proxy.openai(key).chat.completions.create(
             model="ghost",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
         )
     assert caught.value.status_code == 502
     # The healthy model still works on the same proxy.

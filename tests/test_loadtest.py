@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
 
 from proxy.catalog.tokenizer import count_chat_prompt, get_encoding
 from proxy.cli import build_parser
@@ -32,8 +33,7 @@ from proxy.tools.loadtest import (
     run_loadtest,
     synthetic_prompt,
 )
-from proxy.tools.mock_upstream import MockOptions, build_mock_app
-from tests.conftest import ADMIN_KEY, REPO, Proxy, eventually, start_proxy_process, write_config
+from proxy.tools.mock import MockOptions, build_mock_app
 
 TOKENS_PER_REQUEST = 32 + 16
 
@@ -166,6 +166,7 @@ async def run_cli(*argv: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_runs_for_a_duration_and_writes_json(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer
 ) -> None:
@@ -188,6 +189,7 @@ async def test_cli_runs_for_a_duration_and_writes_json(
     assert "reconcile  MATCH over 2 key(s)" in out
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_rejects_bad_options_before_sending() -> None:
     for argv, message in (
         (["--key", "k", "--stream-ratio", "1.5"], "--stream-ratio"),
@@ -306,6 +308,7 @@ def test_rate_must_be_positive_and_bounded() -> None:
     assert Plan(url="http://x", keys=keys, duration=None, requests=3600, rate=1.0).rate == 1.0
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_rejects_bad_rates_before_sending() -> None:
     for rate, message in (
         ("0", "--rate must be in (0, 100000]"),
@@ -318,6 +321,7 @@ async def test_cli_rejects_bad_rates_before_sending() -> None:
         assert out == ""
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own, several seconds
 async def test_cli_shows_progress_while_it_runs(proxy: Proxy) -> None:
     _, key = await proxy.create_key()
     code, out, err = await run_cli(

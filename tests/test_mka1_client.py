@@ -56,6 +56,7 @@ def results(page: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for bucket in page["data"] for r in bucket["results"]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_the_mka1_client_parses_every_usage_and_pricing_answer(
     proxy: Proxy, mka1_python: Path

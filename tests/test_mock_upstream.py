@@ -19,7 +19,7 @@ import tiktoken_ext.openai_public as openai_public
 from aiohttp.test_utils import TestClient
 from tiktoken.load import load_tiktoken_bpe
 
-from proxy.tools.mock_upstream import (
+from proxy.tools.mock import (
     RECEIVED,
     WORDS,
     MockOptions,

@@ -329,6 +329,7 @@ def _with_examples(document: dict[str, Any], seeded: dict[str, str]) -> dict[str
     return document
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer

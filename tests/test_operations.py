@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import helpers
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
@@ -34,19 +35,19 @@ from conftest import (
     usage_record,
     write_config,
 )
-from multidict import CIMultiDict
+from helpers import auth, post_chat, user_messages
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.catalog.pricing import Price, cost_nano
 from proxy.serving import freeze_startup_objects
-from proxy.tools.mock_upstream import WORDS
+from proxy.tools.mock import WORDS
 
 UPSTREAM_SECRET = "sk-upstream-secret"
 # gpt-4o has this price in the test config (see conftest.make_settings).
 GPT_4O = Price(2_500_000_000, 1_250_000_000, 10_000_000_000, "config")
 PROMPT = "zebra quokka marmalade telescope"
-MESSAGES = [{"role": "user", "content": PROMPT}]
+MESSAGES = user_messages(PROMPT)
 # The mock's prompt count: words + 4 per message + 3.
 MOCK_PROMPT = 4 + 4 + 3
 END_USER = "end-user-7f3a9c"
@@ -58,30 +59,8 @@ ACCESS = "llm_proxy.access"
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 def chat_body(output_tokens: int = 5, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": output_tokens}
-    if stream:
-        body["stream"] = True
-    body.update(extra)
-    return body
-
-
-async def post_chat(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    key: str,
-    body: dict[str, Any],
-    headers: dict[str, str] | None = None,
-) -> tuple[int, bytes, CIMultiDict[str]]:
-    """(status, raw body, headers); a stream is read to its end."""
-    async with session.post(
-        base_url + "/v1/chat/completions", json=body, headers={**auth(key), **(headers or {})}
-    ) as response:
-        return response.status, await response.read(), response.headers.copy()
+    return helpers.chat_body("gpt-4o", MESSAGES, output_tokens, stream, **extra)
 
 
 def streamed_text(raw: bytes) -> tuple[str, bool]:
@@ -502,6 +481,7 @@ async def test_one_json_log_line_per_request_with_correct_values_and_no_secrets(
 # --- 3. graceful shutdown --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sigterm_lets_a_stream_finish_refuses_new_connections_and_settles(
     tmp_path: Path, redis_url: str, mock_upstream: TestServer, store: aioredis.Redis
 ) -> None:
@@ -612,6 +592,7 @@ async def two_workers(
         await asyncio.to_thread(running.stop)
 
 
+@pytest.mark.slow
 async def test_two_workers_share_one_port_one_set_of_limits_and_metrics(
     two_workers: ProxyProcess, mock_upstream: TestServer
 ) -> None:
@@ -653,6 +634,7 @@ async def test_two_workers_share_one_port_one_set_of_limits_and_metrics(
     assert code == 0, two_workers.log.read_text()
 
 
+@pytest.mark.slow
 async def test_two_workers_write_the_access_log(two_workers: ProxyProcess) -> None:
     url, log = two_workers.url, two_workers.log
     connector = aiohttp.TCPConnector(force_close=True)

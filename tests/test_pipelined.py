@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import trustme
+from conftest import TEST_TOPOLOGY
 from redis_topologies import client, command, pause, poll, resume
 
 from proxy.config import RedisConfig
@@ -27,7 +28,6 @@ from proxy.store.pipelined import (
     ReplicaTimeout,
     SingleNode,
 )
-from tests.conftest import TEST_TOPOLOGY
 
 ONE_SERVER = pytest.mark.skipif(
     TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"

@@ -15,12 +15,12 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import helpers
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -34,15 +34,16 @@ from conftest import (
     start_proxy_process,
     write_config,
 )
+from helpers import Reply, auth, post_chat, user_messages
 
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
 ORG = "acme"
 OTHER_ORG = "globex"
 P = "bp:{o:acme}:"
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
-MESSAGES = [{"role": "user", "content": "hello there"}]
+MESSAGES = user_messages("hello there")
 # Midday UTC: far from the end of every spend window, so budget answers carry no Retry-After.
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400}
@@ -60,27 +61,8 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 # --- helpers -------------------------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: Mapping[str, str]
-    body: Any
-
-    @property
-    def error(self) -> dict[str, Any]:
-        error: dict[str, Any] = self.body["error"]
-        return error
-
-
-def auth(key: str, **extra: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}", **extra}
-
-
 def chat_body(max_tokens: int = 10, stream: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens}
-    if stream:
-        body["stream"] = True
-    return body
+    return helpers.chat_body(MODEL, MESSAGES, max_tokens, stream)
 
 
 async def chat(
@@ -91,27 +73,19 @@ async def chat(
     max_tokens: int = 10,
     headers: Mapping[str, str] | None = None,
     stream: bool = False,
-) -> Answer:
-    async with session.post(
-        base_url + CHAT,
-        json=chat_body(max_tokens, stream),
-        headers=auth(key, **(headers or {})),
-    ) as response:
-        if response.content_type == "application/json":
-            body: Any = await response.json()
-        else:
-            body = await response.text()
-        return Answer(response.status, response.headers, body)
+) -> Reply:
+    """This module's request: ``MODEL``, ``MESSAGES``, ``max_tokens``."""
+    return await post_chat(session, base_url, key, chat_body(max_tokens, stream), headers)
 
 
 async def burst(
     session: aiohttp.ClientSession, base_url: str, key: str, n: int, **kwargs: Any
-) -> list[Answer]:
+) -> list[Reply]:
     """``n`` requests at once."""
     return list(await asyncio.gather(*(chat(session, base_url, key, **kwargs) for _ in range(n))))
 
 
-def statuses(answers: list[Answer]) -> Counter[int]:
+def statuses(answers: list[Reply]) -> Counter[int]:
     return Counter(answer.status for answer in answers)
 
 
@@ -620,7 +594,7 @@ async def test_a_stream_the_upstream_broke_reaches_the_client_broken(
     client = proxy.openai(key)
     stream = await client.chat.completions.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
         extra_headers={"x-mock-fail-after-chunks": "2"},
     )
@@ -829,10 +803,10 @@ async def test_openai_client_sees_rate_limit_error_with_the_proxys_message(
     _, key = await proxy.create_key(ORG, limits={"rpm": 2})
     client = proxy.openai(key)
     for _ in range(2):
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
 
     with pytest.raises(openai.RateLimitError) as caught:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     err = caught.value
     assert err.status_code == 429
     assert err.code == "rate_limit_exceeded"
@@ -852,12 +826,12 @@ async def test_openai_client_retries_a_per_second_refusal_and_succeeds(
     counter = AttemptCounter(clock)
     client = counter.client(proxy, key, max_retries=2)
 
-    await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     clock.now = START + 0.75
     counter.attempts = 0
     raw = await client.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
     )
     # First attempt: 429 with retry-after-ms 250 and x-should-retry true; the SDK waited that
     # long (the hook moved the proxy's clock by it) and its retry got in.
@@ -871,11 +845,11 @@ async def test_openai_client_does_not_retry_a_per_day_refusal(start_proxy: Start
     _, key = await proxy.create_key(ORG, limits={"rpd": 1})
     counter = AttemptCounter()
     client = counter.client(proxy, key, max_retries=2)
-    await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     counter.attempts = 0
 
     with pytest.raises(openai.RateLimitError) as caught:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert counter.attempts == 1  # refused once, never retried
     headers = caught.value.response.headers
     assert headers["x-should-retry"] == "false"
@@ -903,7 +877,7 @@ async def test_openai_client_does_not_retry_budget_exhaustion(start_proxy: Start
     with pytest.raises(openai.RateLimitError) as caught:
         await client.chat.completions.create(
             model=MODEL,
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             max_tokens=400,
         )
     assert counter.attempts == 1

@@ -9,11 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import Proxy
+from helpers import chat_json
 from redis_topologies import RedisClusterTopology, client, command, running
 
-from proxy.store.connection import org_prefix
-from proxy.store.windows import windows_at
-from tests.conftest import Proxy
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.windows import windows_at
+
+pytestmark = pytest.mark.slow  # a Redis cluster of its own
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -28,13 +31,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterTo
 def redis_url(cluster: RedisClusterTopology) -> str:
     cluster.flushall()
     return cluster.url
-
-
-async def post_chat(proxy: Proxy, key: str) -> tuple[int, Any]:
-    async with proxy.session.post(
-        proxy.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
-    ) as response:
-        return response.status, await response.json()
 
 
 def slot_keys(node: Any, slot: int) -> list[str]:
@@ -67,7 +63,7 @@ async def test_a_call_follows_its_slot_to_a_new_master(
     proxy: Proxy, cluster: RedisClusterTopology
 ) -> None:
     _, key = await proxy.create_key("mover")
-    status, first = await post_chat(proxy, key)
+    status, first = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert status == 200
     prefix = org_prefix("mover")
     source = cluster.master_of(prefix)
@@ -76,7 +72,8 @@ async def test_a_call_follows_its_slot_to_a_new_master(
     begin_migration(cluster, slot, source, target)
     finish_migration(cluster, slot, source, target)
 
-    status, second = await post_chat(proxy, key)  # the hot path's map still says source
+    # The hot path's map still says source.
+    status, second = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert status == 200, second
     assert slot_keys(source, slot) == []
     used = first["usage"]["total_tokens"] + second["usage"]["total_tokens"]
@@ -92,7 +89,7 @@ async def test_a_slot_half_migrated_refuses_rather_than_splits_the_books(
     node's partial copy of the org (here: no key record, so a 401, or spend read as 0). The
     call is refused (503) instead, and served again once the slot has moved."""
     _, key = await proxy.create_key("migrating")
-    status, first = await post_chat(proxy, key)
+    status, first = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert status == 200
     prefix = org_prefix("migrating")
     source = cluster.master_of(prefix)
@@ -100,12 +97,12 @@ async def test_a_slot_half_migrated_refuses_rather_than_splits_the_books(
     slot = client(source).cluster("KEYSLOT", prefix)
     begin_migration(cluster, slot, source, target)
 
-    status, body = await post_chat(proxy, key)
+    status, body = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert (status, body["error"]["code"]) == (503, "store_unavailable")
     assert slot_keys(target, slot) == []  # nothing was written on the importing node
 
     finish_migration(cluster, slot, source, target)
-    status, second = await post_chat(proxy, key)
+    status, second = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert status == 200, second
     used = first["usage"]["total_tokens"] + second["usage"]["total_tokens"]
     assert org_tokens(target, "migrating") == used
@@ -117,9 +114,9 @@ async def test_scripts_are_loaded_on_a_master_that_lacks_them(
 ) -> None:
     """As on a replica promoted by a failover, whose script cache is empty."""
     _, key = await proxy.create_key("forgetful")
-    assert (await post_chat(proxy, key))[0] == 200
+    assert (await chat_json(proxy.session, proxy.url, key, CHAT))[0] == 200
     master = cluster.master_of(org_prefix("forgetful"))
     command(master, "SCRIPT", "FLUSH")
     for _ in range(3):
-        status, body = await post_chat(proxy, key)
+        status, body = await chat_json(proxy.session, proxy.url, key, CHAT)
         assert status == 200, body

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import Proxy, eventually
 from redis_topologies import (
     RedisClusterTopology,
     RedisSentinelTopology,
@@ -40,11 +41,11 @@ from redis_topologies import (
 )
 
 from proxy.gateway.state import GATEWAY
-from proxy.store.connection import Redis, digest_key, org_prefix
+from proxy.ledger.api_keys import digest
+from proxy.ledger.keys import digest_key, org_prefix
+from proxy.ledger.windows import windows_at
+from proxy.store.client import Redis
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.keys import digest
-from proxy.store.windows import windows_at
-from tests.conftest import Proxy, eventually
 
 pytestmark = pytest.mark.slow
 

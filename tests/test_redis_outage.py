@@ -18,13 +18,16 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_KEY, eventually, make_settings
+from helpers import user_messages
 
 from proxy.app import create_app
+from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
-from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import RECEIVED
+from proxy.tools.mock import RECEIVED
 
-MESSAGES = [{"role": "user", "content": "are you there"}]
+pytestmark = pytest.mark.slow  # a Redis of their own, crashed and restarted
+
+MESSAGES = user_messages("are you there")
 CHAT = {"model": "gpt-4o", "messages": MESSAGES}
 
 
@@ -99,7 +102,7 @@ async def test_redis_down_is_503_then_recovers_without_restart(outage: Outage) -
     kid, key = await outage.create_key()
     client = openai.AsyncOpenAI(base_url=outage.url + "/v1", api_key=key, max_retries=0)
     try:
-        first = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        first = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert first.usage is not None
         assert (await outage.get("/readyz"))[0] == 200
         forwarded = len(outage.mock.app[RECEIVED])
@@ -117,7 +120,7 @@ async def test_redis_down_is_503_then_recovers_without_restart(outage: Outage) -
             }
         }
         with pytest.raises(openai.InternalServerError) as caught:
-            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert caught.value.status_code == 503
         # Refused, not passed through unmetered: the upstream saw nothing.
         assert len(outage.mock.app[RECEIVED]) == forwarded
@@ -134,7 +137,7 @@ async def test_redis_down_is_503_then_recovers_without_restart(outage: Outage) -
             return (await outage.get("/readyz"))[0] == 200
 
         await eventually(ready, within=10, what="/readyz back to 200")
-        second = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        second = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert second.usage is not None
         # Only the two answered requests were charged; the refused ones cost nothing.
         _, tokens = await key_spend(outage.redis.url, kid)
@@ -150,7 +153,7 @@ async def test_settle_deferred_by_a_crash_lands_after_recovery(outage: Outage) -
     try:
         stream = await client.chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             stream=True,
             stream_options={"include_usage": True},
             extra_headers={"x-mock-output-tokens": "30", "x-mock-chunk-delay-ms": "10"},

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import Proxy, eventually
+from helpers import chat_json
 from redis_topologies import (
     RedisClusterTopology,
     RedisSentinelTopology,
@@ -25,12 +27,14 @@ from redis_topologies import (
     running,
 )
 
-from proxy.gateway.admission import ADMIT, SETTLE
-from proxy.store.connection import Redis, org_prefix
-from proxy.store.windows import windows_at
-from tests.conftest import Proxy, eventually
+from proxy.ledger.keys import org_prefix
+from proxy.ledger.scripts import ADMIT, SETTLE
+from proxy.ledger.windows import windows_at
+from proxy.store.client import Redis
 
 Topology = RedisClusterTopology | RedisSentinelTopology
+pytestmark = pytest.mark.slow  # a Redis cluster and a sentinel set of their own
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 
@@ -52,13 +56,6 @@ def redis_url(topology: Topology) -> str:
     return topology.url
 
 
-async def post_chat(proxy: Proxy, key: str) -> tuple[int, Any]:
-    async with proxy.session.post(
-        proxy.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
-    ) as response:
-        return response.status, await response.json()
-
-
 async def daily_tokens(store: Redis, org: str, scope: str) -> int:
     window = windows_at(time.time()).daily
     return int(await store.hget(f"{org_prefix(org)}spend:{scope}:{window}", "t") or 0)
@@ -68,7 +65,7 @@ async def test_keys_auth_and_admin_api(proxy: Proxy, store: Redis) -> None:
     orgs = [f"org{n}" for n in range(6)]
     keys = {org: await proxy.create_key(org, name=f"k-{org}") for org in orgs}
     for org, (kid, key) in keys.items():
-        status, body = await post_chat(proxy, key)
+        status, body = await chat_json(proxy.session, proxy.url, key, CHAT)
         assert status == 200, body
         status, listed = await proxy.admin("GET", f"/api/v1/keys?org_id={org}")
         assert status == 200 and [k["id"] for k in listed["data"]] == [kid]
@@ -77,7 +74,7 @@ async def test_keys_auth_and_admin_api(proxy: Proxy, store: Redis) -> None:
     assert (status, patched["name"]) == (200, "renamed")
     status, _ = await proxy.admin("DELETE", f"/api/v1/keys/{kid}")
     assert status == 200
-    status, body = await post_chat(proxy, key)
+    status, body = await chat_json(proxy.session, proxy.url, key, CHAT)
     assert status == 401, body
     # The org set (its own slot) lists every org that got a key.
     assert set(orgs) <= await store.smembers("bp:orgs")
@@ -90,7 +87,7 @@ async def test_org_limits_put_and_enforced(proxy: Proxy, store: Redis) -> None:
     status, body = await proxy.admin("PUT", "/api/v1/orgs/limited/limits", {"rpm": 3})
     assert status == 200, body
     assert (await proxy.admin("GET", "/api/v1/orgs/limited/limits"))[1]["limits"]["rpm"] == 3
-    statuses = [(await post_chat(proxy, key))[0] for _ in range(4)]
+    statuses = [(await chat_json(proxy.session, proxy.url, key, CHAT))[0] for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
     assert "limited" in await store.smembers("bp:orgs")
 
@@ -110,7 +107,7 @@ async def test_budget_blocks_without_overshoot_and_reports_exact_spend(
     used = 0
     refused = None
     for _ in range(40):
-        status, body = await post_chat(proxy, key)
+        status, body = await chat_json(proxy.session, proxy.url, key, CHAT)
         if status != 200:
             refused = (status, body["error"]["code"])
             break
@@ -128,7 +125,7 @@ async def test_budget_blocks_without_overshoot_and_reports_exact_spend(
     # Deleting is one MULTI within the org's slot.
     status, _ = await proxy.admin("DELETE", "/api/v1/llm/budgets/org/budgeted")
     assert status == 200
-    assert (await post_chat(proxy, key))[0] == 200
+    assert (await chat_json(proxy.session, proxy.url, key, CHAT))[0] == 200
 
 
 @pytest.fixture
@@ -167,7 +164,7 @@ async def test_webhooks_delivered_from_every_orgs_outbox(
         }
         status, body = await proxy.admin("PUT", f"/api/v1/llm/budgets/org/{org}", budget)
         assert status == 200, body
-        assert (await post_chat(proxy, key))[0] == 200
+        assert (await chat_json(proxy.session, proxy.url, key, CHAT))[0] == 200
 
     async def all_delivered() -> bool:
         return len(hits) == len(orgs)
@@ -189,7 +186,7 @@ async def test_many_orgs_concurrently_books_exact(proxy: Proxy, store: Redis) ->
     async def traffic(org: str) -> int:
         total = 0
         for _ in range(5):
-            status, body = await post_chat(proxy, keys[org][1])
+            status, body = await chat_json(proxy.session, proxy.url, keys[org][1], CHAT)
             assert status == 200, body
             total += body["usage"]["total_tokens"]
         return total
@@ -220,7 +217,7 @@ async def test_orgs_spread_over_every_shard(proxy: Proxy, topology: Topology, st
     orgs = [f"spread{n}" for n in range(12)]
     for org in orgs:
         _, key = await proxy.create_key(org)
-        assert (await post_chat(proxy, key))[0] == 200
+        assert (await chat_json(proxy.session, proxy.url, key, CHAT))[0] == 200
     holders = {topology.master_of(org_prefix(org)).port for org in orgs}
     assert len(holders) == 3  # 12 orgs land on all three shards (checked for these names)
     for org in orgs:

@@ -24,6 +24,7 @@ import socket
 import struct
 import termios
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +42,20 @@ from conftest import (
     usage_record,
     write_config,
 )
+from helpers import user_messages
 
 from proxy.catalog.pricing import Price, cost_nano
-from proxy.providers import http_client
-from proxy.providers.http_client import Client, Target, Timeouts
-from proxy.store.windows import windows_at
-from proxy.tools.mock_upstream import EXCHANGES, MockExchange
+from proxy.ledger.windows import windows_at
+from proxy.providers.http import Client, Target, Timeouts
+from proxy.providers.http import parser as http_parser
+from proxy.tools.mock import EXCHANGES, MockExchange
 
 pytestmark = pytest.mark.slow
 
 ORG = "acme"
 P = "bp:{o:acme}:"
 GPT_4O_MINI = Price(150_000_000, 75_000_000, 600_000_000, "genai-prices")
-MESSAGES = [{"role": "user", "content": "tell me a long story"}]
+MESSAGES = user_messages("tell me a long story")
 MOCK_PROMPT = 5 + 4 + 3  # the mock's own prompt count: words + 4 per message + 3
 TOTAL_SECONDS = 3.0
 # How long "at once" may take on a loaded 2-core machine: far below every timeout in play.
@@ -75,7 +77,8 @@ class Served:
         return int(self.proxy.url.rsplit(":", 1)[1])
 
     def exchanges(self) -> list[MockExchange]:
-        return list(self.mock.app[EXCHANGES])
+        exchanges: deque[MockExchange] = self.mock.app[EXCHANGES]
+        return list(exchanges)
 
     async def slot_held(self) -> bool:
         """The key's concurrency slot and the org's lease set, as admit/settle keep them."""
@@ -169,7 +172,8 @@ async def wait_exchange(served: Served) -> MockExchange:
         found = served.exchanges()
         return found[-1] if found else None
 
-    return await eventually(started, what="the request to reach the upstream")
+    found: MockExchange = await eventually(started, what="the request to reach the upstream")
+    return found
 
 
 async def words_delivered_once_blocked(exchange: MockExchange) -> int:
@@ -394,7 +398,7 @@ async def test_salvage_takes_what_the_socket_holds_while_reading_is_paused(
     """An unread answer pauses the connection past its high-water mark (256 KiB; 8 KiB here,
     so that the rest surely fits in the socket); the rest waits in the kernel. salvage()
     takes all of it at once, exactly as much as had arrived."""
-    monkeypatch.setattr(http_client, "_HIGH_WATER", 8192)
+    monkeypatch.setattr(http_parser, "_HIGH_WATER", 8192)
     client = Client(Timeouts(connect=2, read=5, total=10))
     try:
         response = await client.post(raw_upstream.target, [], b"{}")

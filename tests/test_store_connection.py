@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TEST_TOPOLOGY
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.config import ConfigError, RedisConfig, load_settings
 from proxy.store import topology
 from proxy.store.connection import connect
-from tests.conftest import TEST_TOPOLOGY
 
 ONE_SERVER = pytest.mark.skipif(
     TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"

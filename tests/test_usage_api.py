@@ -17,16 +17,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import FakeClock, Proxy
+from helpers import user_messages
 
 from proxy.catalog.pricing import cost_nano
-from proxy.gateway.admission import Admitted
 from proxy.gateway.lease_sweeper import sweep_once
 from proxy.gateway.settle_spool import SettleRequest
 from proxy.gateway.state import GATEWAY
-from proxy.store.keys import Identity
-from proxy.store.windows import windows_at
+from proxy.ledger.admission import Admitted
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.windows import windows_at
 
-MESSAGES = [{"role": "user", "content": "tell me about rate limits"}]
+MESSAGES = user_messages("tell me about rate limits")
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 REPORT_OF = {
     "chat/completions": "completions",
@@ -135,7 +136,7 @@ async def mixed_load(proxy: Proxy) -> tuple[list[Charge], dict[str, str], int]:
                 usage = None
                 answer = await client.chat.completions.create(
                     model=model,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     stream=True,
                     stream_options={"include_usage": True},
                     extra_headers=headers,
@@ -145,7 +146,7 @@ async def mixed_load(proxy: Proxy) -> tuple[list[Charge], dict[str, str], int]:
             else:
                 done = await client.chat.completions.create(
                     model=model,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     extra_headers=headers,
                 )
                 usage = done.usage
@@ -252,16 +253,16 @@ async def test_reports_equal_the_priced_usage_and_the_budget_gauge_in_every_grou
     # Costs: every grouping, one and several dimensions at once.
     dims_all = ["model", "api_key_id", "team_id", "external_user_id", "org_id"]
     for size in (1, 2, 5):
-        for dims in itertools.combinations(dims_all, size):
-            body = await costs(proxy, start, end, group_by=list(dims))
-            assert body["object"] == "usage.costs" and body["group_by"] == list(dims)
+        for combo in itertools.combinations(dims_all, size):
+            body = await costs(proxy, start, end, group_by=list(combo))
+            assert body["object"] == "usage.costs" and body["group_by"] == list(combo)
             assert body["total_cost_nano"] == str(total)
             assert sum(int(r["cost_nano"]) for r in body["data"]) == total
-            got = {tuple(r[d] for d in dims): int(r["cost_nano"]) for r in body["data"]}
-            assert got == expected_groups(charges, list(dims)), dims
+            got = {tuple(r[d] for d in combo): int(r["cost_nano"]) for r in body["data"]}
+            assert got == expected_groups(charges, list(combo)), combo
             for row in body["data"]:
                 assert set(dims_all) <= set(row)
-                assert all(row[d] is None for d in dims_all if d not in dims)
+                assert all(row[d] is None for d in dims_all if d not in combo)
                 assert row["cost"] == int(row["cost_nano"]) / 1e9
     # No group_by: by model; one org; an end user through X-On-Behalf-Of.
     body = await costs(proxy, start, end)
@@ -343,7 +344,7 @@ async def test_reports_equal_the_priced_usage_and_the_budget_gauge_in_every_grou
                         assert d in r and (d in dims or r[d] is None)
                     assert r["user_id"] is None
                 if dims == ["model"] and width == "1d":
-                    by_model = Counter()
+                    by_model: Counter[str] = Counter()
                     for r in results:
                         by_model[r["model"]] += r["num_model_requests"]
                     assert by_model == Counter(c.model for c in mine)
@@ -544,7 +545,7 @@ def settle(
     user: str = "",
     at: float | None = None,
 ) -> SettleRequest:
-    record = {
+    record: dict[str, str | int | None] = {
         "rid": rid,
         "kid": who.key_id,
         "user": user,
@@ -736,7 +737,7 @@ async def test_concurrent_settles_from_many_requests_add_up(start_proxy: Any) ->
     async def one(n: int) -> int:
         done = await client.chat.completions.create(
             model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             extra_headers={"x-mock-output-tokens": str(1 + n % 9), "X-On-Behalf-Of": f"u{n % 7}"},
         )
         assert done.usage is not None
@@ -795,7 +796,8 @@ async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy)
             proxy, "/api/v1/llm/usage/requests", org_id="acme", limit=1000, **params
         )
         assert status == 200, body
-        return body["data"]
+        data: list[dict[str, Any]] = body["data"]
+        return data
 
     assert len(await listed(api_key_id=member)) == sum(c.key_id == member for c in acme)
     assert len(await listed(external_user_id="alice")) == sum(c.user == "alice" for c in acme)

@@ -23,8 +23,8 @@ from google_setup import LOCATION, PROJECT, models, reported_cost, service_accou
 from proxy.config import ModelConfig, Settings, UpstreamConfig
 from proxy.gateway.state import GATEWAY
 from proxy.providers import vertex_auth
-from proxy.tools.mock_google import GOOGLE
-from proxy.tools.mock_upstream import REPORTED
+from proxy.tools.mock import REPORTED
+from proxy.tools.mock.google import GOOGLE
 
 P = "bp:{o:acme}:"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there general kenobi"}]

@@ -29,13 +29,14 @@ import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
+from helpers import sdk_chat, user_messages
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
-from proxy.admin.webhooks import TargetRefused, resolve_target
+from proxy.admin.webhooks.target import TargetRefused, resolve_target
 from proxy.store.embedded_redis import free_port
 from proxy.store.secret_box import SecretBox, SecretKeyError, SecretUnavailable
-from tests.conftest import ADMIN_KEY, FakeClock, Proxy, start_proxy_process, write_config
 
 FAST: dict[str, Any] = {
     "allow_private_targets": ["127.0.0.0/8"],
@@ -47,14 +48,13 @@ FAST: dict[str, Any] = {
     "claim_timeout_seconds": 5.0,
 }
 SECRET = "s3cret-ключ-🔑"  # raw UTF-8, not base64: the key is its UTF-8 bytes
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+HI = user_messages("hi")
+CHAT = {"model": "gpt-4o-mini", "messages": HI, "max_tokens": 16}
 
 
 async def chat(client: openai.AsyncOpenAI) -> int:
     """One small chat request (the body of ``CHAT``); returns the tokens it used."""
-    answer = await client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=16
-    )
+    answer = await sdk_chat(client, "gpt-4o-mini", HI, max_tokens=16)
     assert answer.usage is not None
     return answer.usage.total_tokens
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from proxy.store.windows import (
+from proxy.ledger.windows import (
     PERIODS,
     WINDOW_GRACE_SECONDS,
     WindowCache,

@@ -8,10 +8,10 @@ from typing import Annotated
 
 from pydantic import AfterValidator, WithJsonSchema
 
-from proxy.errors import bad_request, forbidden, not_found
+from proxy.errors import bad_request, not_found
+from proxy.ledger.api_keys import Identity, KeyRecord, KeyStore
+from proxy.ledger.keys import valid_id
 from proxy.openapi import ORG_ID_PATTERN
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity, KeyRecord, KeyStore
 
 ORG_ID_RULE = "1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
 
@@ -36,19 +36,8 @@ def org_id_param(value: str, param: str) -> str:
     return value
 
 
-def require_admin(identity: Identity) -> None:
-    if identity.role == "member":
-        raise forbidden("This endpoint needs an org_admin or cluster_admin key.")
-
-
 def sees_org(identity: Identity, org_id: str) -> bool:
     return identity.role == "cluster_admin" or identity.org_id == org_id
-
-
-async def visible_orgs(keys: KeyStore, identity: Identity) -> list[str]:
-    if identity.role == "cluster_admin":
-        return await keys.orgs()
-    return [identity.org_id]
 
 
 async def find_key(keys: KeyStore, identity: Identity, key_id: str) -> KeyRecord:

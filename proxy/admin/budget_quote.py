@@ -16,19 +16,21 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.admin.access import find_key, require_admin
+from proxy.admin.access import find_key
+from proxy.admin.auth import caller_of
 from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
 from proxy.errors import ApiError, parse_body
 from proxy.gateway import pipeline
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import admitted_headers, nano_to_major, period_of
 from proxy.gateway.request_context import new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.admission import Admitted, BudgetRefused, RateLimited
+from proxy.ledger.api_keys import Identity, KeyRecord
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import budget_key_id, budget_owner, budget_scope
+from proxy.ledger.windows import rfc3339
 from proxy.openapi import Reply, operation
-from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
-from proxy.store.keys import Identity, KeyRecord
-from proxy.store.windows import rfc3339
 
 Endpoint = Literal[
     "chat/completions",
@@ -142,12 +144,12 @@ def _binding(
     scope = budget_scope(field)
     window = decision.budget_window
     period = period_of(window)
-    scope_id = {"apikey": field[2:].rpartition(":")[0], "external_user": end_user or ""}
+    scope_id = {"apikey": budget_key_id(field), "external_user": end_user or ""}
     return {
         "kind": "budget",
         "scope": scope,
         "scope_id": scope_id.get(scope, org_id),
-        "owner": field.rsplit(":", 1)[1],
+        "owner": budget_owner(field),
         "period": period,
         "window": window,
         "limit_kind": "cost" if unit == "c" else "tokens",
@@ -181,10 +183,8 @@ def _refused(answer: dict[str, Any], error: ApiError, dialect: Dialect) -> web.R
 )
 async def quote(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
     spec = parse_body(QuoteInput, await read_json(request))
-    record = await find_key(gw.keys, caller, spec.api_key_id)
+    record = await find_key(gw.keys, caller_of(request), spec.api_key_id)
     identity = _identity(record)
     dialect: Dialect = (
         ANTHROPIC

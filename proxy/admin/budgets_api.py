@@ -16,14 +16,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import find_key, org_id_param, sees_org
+from proxy.admin.auth import caller_of
+from proxy.admin.budget_shapes import BudgetInput, shown
 from proxy.admin.schemas import Budget, BudgetDeleted, BudgetEventList, BudgetList
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.budgets import END_USER_SCOPES, BudgetRecord, Owner
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import Scope
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.budgets import END_USER_SCOPES, BudgetInput, Owner, Scope
-from proxy.store.end_users import MAX_END_USER_ID, valid_end_user
-from proxy.store.keys import Identity
 
 _EVENTS_DEFAULT, _EVENTS_MAX = 100, 1000
 
@@ -131,7 +134,7 @@ def _scope_handlers(scope: Scope, id_name: str | None) -> dict[str, Any]:
 
     async def target(request: web.Request, write: bool) -> tuple[Gateway, Identity, str, str]:
         gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
+        caller = caller_of(request)
         scope_id = _scope_id(request, scope, id_name)
         org_id = await _target(gw, caller, scope, scope_id, write, request)
         return gw, caller, org_id, scope_id or org_id
@@ -148,8 +151,8 @@ def _scope_handlers(scope: Scope, id_name: str | None) -> dict[str, Any]:
     async def get(request: web.Request) -> web.Response:
         gw, _, org_id, scope_id = await target(request, write=False)
         windows = gw.admission.windows(gw.clock())
-        data = await gw.budgets.list_budgets(org_id, windows, scope, scope_id)
-        return web.json_response({"object": "list", "data": data})
+        records = await gw.budgets.list_budgets(org_id, windows, scope, scope_id)
+        return web.json_response({"object": "list", "data": _shown(records, org_id)})
 
     @operation(
         f"Create or replace a budget of {what}",
@@ -168,8 +171,8 @@ def _scope_handlers(scope: Scope, id_name: str | None) -> dict[str, Any]:
         spec = parse_body(BudgetInput, await read_json(request))
         _may_write_owner(caller, spec.owner)
         now = gw.clock()
-        budget = await gw.budgets.put(org_id, scope, scope_id, spec, gw.admission.windows(now), now)
-        return web.json_response(budget)
+        record = await gw.budgets.put(org_id, scope, scope_id, spec, gw.admission.windows(now), now)
+        return web.json_response(shown(record, org_id))
 
     @operation(
         f"Delete a budget of {what}",
@@ -219,18 +222,23 @@ def _scope_handlers(scope: Scope, id_name: str | None) -> dict[str, Any]:
 )
 async def list_all(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
+    caller = caller_of(request)
     windows = gw.admission.windows(gw.clock())
     store = gw.budgets
     if caller.role == "member":
-        data = await store.list_budgets(caller.org_id, windows, "apikey", caller.key_id)
+        records = await store.list_budgets(caller.org_id, windows, "apikey", caller.key_id)
+        data = _shown(records, caller.org_id)
     elif caller.role == "org_admin":
-        data = await store.list_budgets(caller.org_id, windows)
+        data = _shown(await store.list_budgets(caller.org_id, windows), caller.org_id)
     else:
         data = []
         for org_id in await gw.keys.orgs():
-            data.extend(await store.list_budgets(org_id, windows))
+            data.extend(_shown(await store.list_budgets(org_id, windows), org_id))
     return web.json_response({"object": "list", "data": data})
+
+
+def _shown(records: list[BudgetRecord], org_id: str) -> list[dict[str, Any]]:
+    return [shown(record, org_id) for record in records]
 
 
 def add_routes(app: web.Application) -> None:

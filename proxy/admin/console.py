@@ -22,11 +22,15 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import not_found
-from proxy.openapi import Reply, document, operation
+from proxy.openapi import Reply, operation
+from proxy.openapi_document import document
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 DOCUMENT: web.AppKey[dict[str, dict[str, Any]]] = web.AppKey("openapi_document", dict)
 """Holds the document once built, under ``"doc"``."""
+DOCUMENTED = web.AppKey("documented_app", web.Application)
+"""The application whose routes the document lists: the main one, which the admin app (where
+these pages are served) is mounted under."""
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -129,7 +133,7 @@ async def openapi_json(request: web.Request) -> web.Response:
     that validate its requests and describe its answers."""
     cache = request.app[DOCUMENT]
     if "doc" not in cache:  # the router is frozen while serving: built once
-        cache["doc"] = document(request.app)
+        cache["doc"] = document(request.app[DOCUMENTED])
     response = web.json_response(cache["doc"])
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

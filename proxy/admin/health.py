@@ -1,17 +1,18 @@
 """Liveness and readiness: ``/healthz`` says the process runs; ``/readyz`` that it can admit
-(Redis answers and the admission scripts are loaded), so load balancers route around it
-while Redis is away."""
+and settle — Redis answers, takes writes (not at ``maxmemory``) and has the admission scripts,
+and the settle spool can hold a settle — so load balancers route around a process that would
+answer 503 to every call or lose the usage of the next outage."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.admin.schemas import Health, Readiness
-from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
+from proxy.admin import readiness_checks
+from proxy.admin.schemas import Health, Readiness, Unready
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE
 from proxy.openapi import Reply, operation
-from proxy.store.budgets import PUT_BUDGET
 
 SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 
@@ -29,7 +30,12 @@ async def healthz(request: web.Request) -> web.Response:
     auth="none",
     answers=(
         Reply(200, "Redis answers and the admission scripts are loaded.", Readiness),
-        Reply(503, "Redis cannot be reached: route around this process.", Readiness),
+        Reply(
+            503,
+            "Redis cannot be reached or refuses writes, or the settle spool cannot hold a "
+            "settle: route around this process.",
+            Unready,
+        ),
     ),
 )
 async def readyz(request: web.Request) -> web.Response:
@@ -40,9 +46,20 @@ async def readyz(request: web.Request) -> web.Response:
             for script in SCRIPTS:
                 await script.load(gw.redis)
     except (RedisError, OSError) as exc:
+        spool = await readiness_checks.spool_fault(gw.admission.deferred.spool)
         return web.json_response(
-            {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"}, status=503
+            {
+                "status": "unavailable",
+                "redis": f"unreachable: {type(exc).__name__}",
+                "spool": spool or "ok",
+            },
+            status=503,
         )
+    refused = await readiness_checks.refuses_writes(gw.redis)
+    spool = await readiness_checks.spool_fault(gw.admission.deferred.spool)
+    if refused or spool:
+        body = {"status": "unavailable", "redis": refused or "ok", "spool": spool or "ok"}
+        return web.json_response(body, status=503)
     return web.json_response({"status": "ready", "redis": "ok"})
 
 

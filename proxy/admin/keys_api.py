@@ -14,7 +14,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import OrgId, find_key, org_id_param, require_admin, sees_org
+from proxy.admin.access import OrgId, find_key, sees_org
+from proxy.admin.auth import caller_of, org_in_path, path_org
 from proxy.admin.schemas import (
     ApiKey,
     ApiKeyCreated,
@@ -27,9 +28,9 @@ from proxy.admin.schemas import (
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.ledger.api_keys import LIMIT_FIELDS, Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
+from proxy.ledger.end_users import EndUserPolicies, EndUserPolicy
 from proxy.openapi import Reply, operation, parse_query
-from proxy.store.end_users import EndUserPolicies, EndUserPolicy
-from proxy.store.keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 
 _NOT_FOUND = {404: "No such key, or it belongs to another org."}
 _ORG_NOT_FOUND = {404: "No such org, or another org than the caller's."}
@@ -45,6 +46,22 @@ def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
     """A cluster admin's key is beyond an org admin's reach even inside the org."""
     if caller.role == "org_admin" and record.role == "cluster_admin":
         raise forbidden("Org admins cannot change or revoke cluster_admin keys.")
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    """The API's ``ApiKey``: every limit named, null where unset; never the digest."""
+    return {
+        "object": "api_key",
+        "id": record.id,
+        "org_id": record.org_id,
+        "name": record.name,
+        "role": record.role,
+        "status": record.status,
+        "models": record.models,
+        "limits": {name: record.limits.get(name) for name in LIMIT_FIELDS},
+        "created_at": record.created_at,
+        "key_prefix": record.prefix,
+    }
 
 
 def _known_models(gw: Gateway, models: list[str]) -> list[str]:
@@ -71,8 +88,7 @@ def _known_models(gw: Gateway, models: list[str]) -> list[str]:
 )
 async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     spec = parse_body(KeyCreate, await read_json(request))
     if spec.models is not None:
         spec.models = _known_models(gw, spec.models)
@@ -85,7 +101,7 @@ async def create_key(request: web.Request) -> web.Response:
     elif spec.org_id is None:
         raise bad_request("'org_id' is required for keys created by a cluster admin.", "org_id")
     record, plaintext = await gw.keys.create(spec, org_id)
-    return web.json_response({**record.public(), "key": plaintext}, status=201)
+    return web.json_response({**key_json(record), "key": plaintext}, status=201)
 
 
 @operation(
@@ -98,8 +114,7 @@ async def create_key(request: web.Request) -> web.Response:
 )
 async def list_keys(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     wanted = parse_query(KeyListQuery, request.query).org_id
     if caller.role == "cluster_admin":
         orgs = [wanted] if wanted else await gw.keys.orgs()
@@ -109,7 +124,7 @@ async def list_keys(request: web.Request) -> web.Response:
         orgs = [caller.org_id]
     data: list[dict[str, Any]] = []
     for org_id in orgs:
-        data.extend(record.public() for record in await gw.keys.list_org(org_id))
+        data.extend(key_json(record) for record in await gw.keys.list_org(org_id))
     return web.json_response({"object": "list", "data": data})
 
 
@@ -123,16 +138,14 @@ async def list_keys(request: web.Request) -> web.Response:
 )
 async def get_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    record = await find_key(gw.keys, caller, request.match_info["keyId"])
-    return web.json_response(record.public())
+    record = await find_key(gw.keys, caller_of(request), request.match_info["keyId"])
+    return web.json_response(key_json(record))
 
 
 async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyRecord]:
     """The key named in the path, if the caller may change it."""
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     record = await find_key(gw.keys, caller, request.match_info["keyId"])
     _org_admin_may_manage(caller, record)
     return gw, caller, record
@@ -165,7 +178,7 @@ async def update_key(request: web.Request) -> web.Response:
     gw.auth.forget()
     if updated is None:
         raise bad_request("A revoked key cannot be changed.", code="key_revoked")
-    return web.json_response(updated.public())
+    return web.json_response(key_json(updated))
 
 
 @operation(
@@ -189,12 +202,11 @@ async def revoke_key(request: web.Request) -> web.Response:
     answers=Reply(200, "Every limit, null where none is set.", OrgLimits),
     errors=_ORG_NOT_FOUND,
 )
+@org_in_path("orgId")
 async def get_org_limits(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    org_id = org_id_param(request.match_info["orgId"], "orgId")
-    require_admin(caller)
-    if not sees_org(caller, org_id):
+    org_id = path_org(request)
+    if not sees_org(caller_of(request), org_id):
         raise not_found(f"No org '{org_id}'.")
     limits = await gw.keys.get_org_limits(org_id)
     return web.json_response({"org_id": org_id, "limits": Limits(**limits).model_dump()})
@@ -208,12 +220,11 @@ async def get_org_limits(request: web.Request) -> web.Response:
     answers=Reply(200, "The limits as stored; fields left out are removed.", OrgLimits),
     errors={**_ORG_NOT_FOUND, 403: "Only cluster admins set org limits."},
 )
+@org_in_path("orgId")
 async def put_org_limits(request: web.Request) -> web.Response:
     """Cluster admins only: an org's limits protect the cluster from the org."""
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    org_id = org_id_param(request.match_info["orgId"], "orgId")
-    require_admin(caller)
+    caller, org_id = caller_of(request), path_org(request)
     if not sees_org(caller, org_id):
         raise not_found(f"No org '{org_id}'.")
     if caller.role != "cluster_admin":
@@ -231,7 +242,7 @@ async def put_org_limits(request: web.Request) -> web.Response:
 )
 async def whoami(request: web.Request) -> web.Response:
     """The console scopes itself by it (an org admin's console shows that org only)."""
-    caller = await request.app[GATEWAY].auth.identify(request)
+    caller = caller_of(request)
     identity = {"key_id": caller.key_id, "org_id": caller.org_id, "role": caller.role}
     return web.json_response({"object": "identity", **identity})
 
@@ -242,10 +253,8 @@ def _policy_json(org_id: str, policy: EndUserPolicy) -> dict[str, Any]:
 
 async def _policy_org(request: web.Request) -> tuple[Gateway, str]:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    org_id = org_id_param(request.match_info["orgId"], "orgId")
-    require_admin(caller)
-    if not sees_org(caller, org_id):
+    org_id = path_org(request)
+    if not sees_org(caller_of(request), org_id):
         raise not_found(f"No org '{org_id}'.")
     return gw, org_id
 
@@ -257,6 +266,7 @@ async def _policy_org(request: web.Request) -> tuple[Gateway, str]:
     answers=Reply(200, "What the org asks of its end users' requests.", OrgEndUserPolicy),
     errors=_ORG_NOT_FOUND,
 )
+@org_in_path("orgId")
 async def get_end_user_policy(request: web.Request) -> web.Response:
     gw, org_id = await _policy_org(request)
     policy = await EndUserPolicies(gw.redis).get(org_id)
@@ -274,6 +284,7 @@ async def get_end_user_policy(request: web.Request) -> web.Response:
     "every end user's spend is kept, and the rate limits of each end user. Org admins set "
     "their own org's; it takes effect with the org's next request.",
 )
+@org_in_path("orgId")
 async def put_end_user_policy(request: web.Request) -> web.Response:
     """Replaces the whole policy; takes effect with the org's next request."""
     gw, org_id = await _policy_org(request)

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import require_admin
+from proxy.admin.auth import caller_of
 from proxy.admin.schemas import Currency, PriceList
 from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.errors import ApiError, OpenAIError, not_found
@@ -92,7 +92,6 @@ _TAG = "pricing"
 )
 async def list_prices(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    require_admin(await gw.auth.identify(request))
     wanted = request.query.get("model")
     if wanted:
         try:
@@ -116,9 +115,7 @@ async def list_prices(request: web.Request) -> web.Response:
     operation_id="listOrgModelPrices",
 )
 async def list_org_prices(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     org_id = request.match_info["orgId"]
     if caller.role != "cluster_admin" and org_id != caller.org_id:
         raise not_found(f"No org '{org_id[:64]}'.")
@@ -134,7 +131,6 @@ async def list_org_prices(request: web.Request) -> web.Response:
 )
 async def currency(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    require_admin(await gw.auth.identify(request))
     return web.json_response({"currency": gw.settings.metering.currency})
 
 
@@ -145,8 +141,6 @@ async def currency(request: web.Request) -> web.Response:
     answers=Reply(405, "Prices are set in the configuration file.", OpenAIError),
 )
 async def read_only(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    require_admin(await gw.auth.identify(request))
     raise ApiError(
         405,
         "Prices live in the proxy's configuration file ([[models]] price, [metering] "

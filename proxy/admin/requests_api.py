@@ -17,15 +17,16 @@ import re
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import require_admin
+from proxy.admin.auth import caller_of
 from proxy.admin.schemas import RecentRequests
-from proxy.admin.usage_api import BASE, end_users, seconds
+from proxy.admin.usage_api import BASE
+from proxy.admin.usage_params import end_users, seconds
 from proxy.errors import bad_request, forbidden
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.keys import valid_id
+from proxy.ledger.usage_records import RecordFilter, recent, valid_stream_id
 from proxy.openapi import Reply, operation
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity
-from proxy.store.usage_records import RecordFilter, recent, valid_stream_id
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _SCAN_FACTOR = 10
@@ -82,9 +83,7 @@ class RequestsQuery(BaseModel):
 )
 async def list_requests(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
-    org_id = _org(request, caller)
+    org_id = _org(request, caller_of(request))
     limit = _limit(request)
     page = request.query.get("page")
     if page is not None and not valid_stream_id(page):

@@ -4,7 +4,8 @@ Each model states exactly the JSON a handler sends today, field for field and in
 handlers build plain dicts; the contract tests and the schemathesis run check every answer
 against these schemas, which forbid unknown fields). The budget shapes are the MKA1 budget
 contract (``docs/spec/budgets-api.md``). Request models live beside the code that validates
-with them (``proxy.store.keys``, ``proxy.store.budgets``, the API modules' query models).
+with them (``proxy.ledger.api_keys``, ``proxy.admin.budget_shapes``, the API modules' query
+models).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proxy.admin.budget_shapes import Threshold
 from proxy.config import Role
-from proxy.store.budgets import Owner, Scope, Threshold
-from proxy.store.keys import Limits
-from proxy.store.windows import Period
+from proxy.ledger.api_keys import Limits
+from proxy.ledger.budgets import Owner
+from proxy.ledger.keys import Scope
+from proxy.ledger.windows import Period
 
 DIGITS = r"^[0-9]+$"
 DeliveryStatus = Literal["pending", "delivered", "failed"]
@@ -197,6 +200,11 @@ class Health(Strict):
 class Readiness(Strict):
     status: Literal["ready", "unavailable"]
     redis: str
+
+
+class Unready(Readiness):
+    spool: str
+    """``ok``, or why the settle spool cannot hold a settle (``unwritable: …``)."""
 
 
 # --- usage and cost reports (docs/spec/usage-api.md) ---------------------------------------

@@ -15,29 +15,35 @@ that end user's usage.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import itertools
 import json
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.access import require_admin
+from proxy.admin.auth import caller_of
 from proxy.admin.schemas import UsageCosts, UsagePage
+from proxy.admin.usage_params import (
+    DIGITS,
+    MAX_SECONDS,
+    Cursor,
+    boolean,
+    decode_cursor,
+    encode_cursor,
+    end_users,
+    group_by,
+    org_ids,
+    seconds,
+    values,
+)
 from proxy.catalog.pricing import NANO
 from proxy.errors import bad_request, forbidden
-from proxy.gateway.pipeline import on_behalf_of
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.openapi import Reply, operation
-from proxy.store.connection import valid_id
-from proxy.store.keys import Identity
-from proxy.store.usage import (
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.usage import (
     REPORT_ENDPOINTS,
     WIDTHS,
     Counts,
@@ -49,15 +55,13 @@ from proxy.store.usage import (
     buckets,
     cover,
 )
+from proxy.openapi import Reply, operation
 
 BASE = "/api/v1/llm/usage"
 COST_DIMENSIONS = ("model", "api_key_id", "team_id", "external_user_id", "org_id")
 BUCKET_DIMENSIONS = ("user_id", "api_key_id", "org_id", "model")
 LIMITS: dict[Width, tuple[int, int]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 """Buckets per page, default and maximum (OpenAI's Usage API figures)."""
-_MAX_SECONDS = 10**11
-"""Later than the year 5000: a timestamp this large was sent in milliseconds."""
-_DIGITS = re.compile(r"^[0-9]{1,20}$")
 
 
 @dataclass(frozen=True)
@@ -87,65 +91,14 @@ REPORTS = {
 }
 
 
-# --- query parameters ------------------------------------------------------------------------
-
-
-def values(request: web.Request, name: str) -> list[str]:
-    """A param sent once (``name=v``) or repeated (``name=a&name=b``)."""
-    return request.query.getall(name, [])
-
-
-def seconds(request: web.Request, name: str, required: bool) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        if required:
-            raise bad_request(f"'{name}' is required (Unix time in seconds).", param=name)
-        return None
-    if not _DIGITS.match(raw):
-        raise bad_request(f"'{name}' must be a Unix time in whole seconds.", param=name)
-    value = int(raw)
-    if value >= _MAX_SECONDS:
-        raise bad_request(f"'{name}' must be in seconds, not milliseconds.", param=name)
-    return value
-
-
-def group_by(request: web.Request, allowed: Sequence[str], default: list[str]) -> list[str]:
-    chosen = values(request, "group_by")
-    for name in chosen:
-        if name not in allowed:
-            raise bad_request(
-                f"'group_by' takes {', '.join(allowed)}; got '{name}'.", param="group_by"
-            )
-    if not chosen:
-        return default
-    return list(dict.fromkeys(chosen))
-
-
-def boolean(request: web.Request, name: str) -> bool | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    lowered = raw.strip().lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise bad_request(f"'{name}' must be true or false.", param=name)
-
-
-def _org_ids(request: web.Request, name: str) -> list[str]:
-    found = values(request, name)
-    for org_id in found:
-        if not valid_id(org_id):
-            raise bad_request(f"'{name}': '{org_id[:64]}' is not an org id.", param=name)
-    return found
+# --- permissions and output ------------------------------------------------------------------
 
 
 async def report_orgs(
     gw: Gateway, caller: Identity, named: list[str], all_orgs: bool | None
 ) -> list[str]:
-    """The orgs a report covers, after the permission rules (module docstring)."""
-    require_admin(caller)
+    """The orgs a report covers, after the permission rules (module docstring); the caller
+    is an org or cluster admin (the routes are declared ``admin``)."""
     if caller.role != "cluster_admin":
         if any(org_id != caller.org_id for org_id in named) or all_orgs:
             raise forbidden("Only cluster admins can read other orgs' usage.")
@@ -155,16 +108,6 @@ async def report_orgs(
     if all_orgs is False:
         return [caller.org_id]
     return await gw.keys.orgs()
-
-
-def end_users(request: web.Request, given: list[str]) -> frozenset[str] | None:
-    """The end-user filter: ``X-On-Behalf-Of`` restricts a read to that end user."""
-    acting_for = on_behalf_of(request)
-    if acting_for is None:
-        return frozenset(given) if given else None
-    if given and acting_for not in given:
-        return frozenset()
-    return frozenset({acting_for})
 
 
 def nano_string(value: int) -> str:
@@ -184,9 +127,10 @@ _WHO = {403: "Members, or another org than the caller's (cluster admins may name
 class CostsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    start_time: int = Field(ge=0, lt=_MAX_SECONDS, description="Unix seconds, inclusive.")
-    end_time: int = Field(ge=0, lt=_MAX_SECONDS, description="Unix seconds, exclusive.")
+    start_time: int = Field(ge=0, lt=MAX_SECONDS, description="Unix seconds, inclusive.")
+    end_time: int = Field(ge=0, lt=MAX_SECONDS, description="Unix seconds, exclusive.")
     org_id: list[str] | None = Field(None, description="Cluster admins: the orgs to count.")
+    all_orgs: str | None = Field(None, description="true or false (cluster admins).")
     group_by: list[CostDimension] | None = Field(
         None, description='Default ["model"]; the answer\'s group_by says which.'
     )
@@ -195,9 +139,9 @@ class CostsQuery(BaseModel):
 class BucketQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    start_time: int = Field(ge=0, lt=_MAX_SECONDS, description="Unix seconds, inclusive.")
+    start_time: int = Field(ge=0, lt=MAX_SECONDS, description="Unix seconds, inclusive.")
     end_time: int | None = Field(
-        None, ge=0, lt=_MAX_SECONDS, description="Unix seconds, exclusive (default: now)."
+        None, ge=0, lt=MAX_SECONDS, description="Unix seconds, exclusive (default: now)."
     )
     bucket_width: Width = "1d"
     limit: int | None = Field(
@@ -242,17 +186,16 @@ _QUERIES: dict[str, type[BucketQuery]] = {
 )
 async def costs(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    caller = await gw.auth.identify(request)
-    require_admin(caller)
+    caller = caller_of(request)
     start = seconds(request, "start_time", required=True)
     end = seconds(request, "end_time", required=True)
     assert start is not None and end is not None
     if end <= start:
         raise bad_request("'end_time' must be after 'start_time'.", param="end_time")
-    org_param = _org_ids(request, "org_id")
+    org_param = org_ids(request, "org_id")
     grouping = group_by(request, COST_DIMENSIONS, ["model"])
     selection = Selection(end_users=end_users(request, []))
-    orgs = await report_orgs(gw, caller, org_param, None)
+    orgs = await report_orgs(gw, caller, org_param, boolean(request, "all_orgs"))
     spans = cover(start, end, gw.clock(), gw.settings.usage)
     found = await UsageCounters(gw.redis).read(orgs, spans)
     combos = (item for per_span in found.values() for item in per_span.items())
@@ -290,12 +233,6 @@ def _cost_row(group: Group, grouping: list[str]) -> dict[str, Any]:
 # --- bucketed reports ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Cursor:
-    next_start: int
-    end: int
-
-
 def _query_digest(request: web.Request, report: Report) -> str:
     """What a cursor belongs to: the same report, scope and filters."""
     items = sorted(
@@ -305,32 +242,12 @@ def _query_digest(request: web.Request, report: Report) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def encode_cursor(cursor: Cursor, digest: str) -> str:
-    raw = f"v1.{cursor.next_start}.{cursor.end}.{digest}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(token: str, digest: str) -> Cursor:
-    """Opaque to clients, validated here: a cursor from another query (or made up) is a 400."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, start, end, given = raw.split(".")
-        cursor = Cursor(int(start), int(end))
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise bad_request("'page' is not a cursor this endpoint returned.", param="page") from None
-    if version != "v1" or given != digest:
-        raise bad_request(
-            "'page' belongs to another query: repeat the query it came from.", param="page"
-        )
-    return cursor
-
-
 def _limit(request: web.Request, width: Width) -> int:
     default, most = LIMITS[width]
     raw = request.query.get("limit")
     if raw is None or raw == "":
         return default
-    if not _DIGITS.match(raw) or not 1 <= int(raw) <= most:
+    if not DIGITS.match(raw) or not 1 <= int(raw) <= most:
         raise bad_request(
             f"'limit' must be an integer from 1 to {most} for bucket_width {width}.",
             param="limit",
@@ -371,15 +288,14 @@ def bucketed(report: Report) -> Any:
     )
     async def handler(request: web.Request) -> web.Response:
         gw = request.app[GATEWAY]
-        caller = await gw.auth.identify(request)
-        require_admin(caller)
+        caller = caller_of(request)
         start = seconds(request, "start_time", required=True)
         assert start is not None
         width = _width(request)
         limit = _limit(request, width)
         grouping = group_by(request, report.dimensions, [])
         selection = _selection(request, report)
-        named = _org_ids(request, "org_ids")
+        named = org_ids(request, "org_ids")
         orgs = await report_orgs(gw, caller, named, boolean(request, "all_orgs"))
         digest = _query_digest(request, report)
         end = seconds(request, "end_time", required=False)

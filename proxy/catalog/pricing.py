@@ -217,6 +217,19 @@ def with_long_context_tier(price: Price, model_ref: str, provider_id: str) -> Pr
     return _with_tier(price, _in_force(model, datetime.now(UTC)))
 
 
+def known_model_id(model_ref: str, provider_id: str = "openai") -> str | None:
+    """The price database's own id for the model a name refers to (it matches loosely:
+    ``claude-haiku-4-5-20251001`` is ``claude-haiku-4-5``), or None when it knows none. A set
+    bounded by the database, whatever names clients send."""
+    try:
+        _provider, model = data_snapshot.get_snapshot().find_provider_model(
+            model_ref, None, provider_id, None
+        )
+    except LookupError:
+        return None
+    return str(model.id)
+
+
 def resolve_price(
     model: ModelConfig,
     metering: MeteringConfig,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tiktoken
 
 from proxy.catalog.pricing import (
     Price,
+    known_model_id,
     resolve_price,
     with_cache_writes,
     with_long_context_tier,
@@ -49,6 +50,11 @@ class ModelRoute:
     context_window: int = 1_000_000
     priced_at: float = 0.0
     """When this process resolved the price (start-up, or a pattern's first use of the name)."""
+    counted_as: str = ""
+    """The model name in metric labels and usage counters, from a set bounded by configuration
+    and the price database, never by clients: the configured name; for a name a pattern
+    matched, the price database's id of that model, or the pattern when its price is
+    configured (any name would match it)."""
 
     @property
     def upstream(self) -> UpstreamConfig:
@@ -139,7 +145,7 @@ def _candidates(settings: Settings, model: ModelConfig, upstream_model: str) -> 
         if upstream.kind == "azure":
             deployment = model.deployment or upstream_model
             candidates.append(Candidate(upstream, deployment, deployment, choice.weight))
-        elif upstream.kind in ("gemini", "vertex"):  # the model is in the path
+        elif upstream.kind in ("bedrock", "gemini", "vertex"):  # the model is in the path
             candidates.append(Candidate(upstream, upstream_model, upstream_model, choice.weight))
         else:
             candidates.append(Candidate(upstream, upstream_model, "", choice.weight))
@@ -151,7 +157,7 @@ def _assemble(
 ) -> ModelRoute:
     candidates = _candidates(settings, model, upstream_model)
     dialect = candidates[0].upstream.dialect
-    if dialect == "anthropic":
+    if dialect == "anthropic" or (dialect == "bedrock" and "anthropic." in upstream_model):
         price = with_cache_writes(price)
     if dialect == "gemini":
         # Gemini's reservation bounds the prompt against the tier's start (200k tokens), so
@@ -170,6 +176,7 @@ def _assemble(
         entry=model.name,
         context_window=model.context_window,
         priced_at=time.time(),
+        counted_as=model.name,
     )
 
 
@@ -190,4 +197,7 @@ def _matched_route(settings: Settings, model: ModelConfig, name: str) -> ModelRo
     price = resolve_price(model, settings.metering, provider, name=name)
     if price is None:
         raise UnpricedModel(name, model.name)
-    return _assemble(settings, model, name, name, price)
+    route = _assemble(settings, model, name, name, price)
+    if price.source == "genai-prices":
+        route = replace(route, counted_as=known_model_id(name, provider) or model.name)
+    return route

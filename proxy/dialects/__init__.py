@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from proxy.dialects.anthropic import ANTHROPIC
 from proxy.dialects.base import Dialect
+from proxy.dialects.bedrock import BEDROCK
 from proxy.dialects.gemini import GEMINI
 from proxy.dialects.openai import OPENAI
 
-DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, GEMINI)
+DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, BEDROCK, GEMINI)
 DEFAULT: Dialect = OPENAI
 """The shape of every error no dialect claims by path: OpenAI's, the proxy's own."""
 
@@ -42,6 +43,7 @@ def for_path(path: str) -> Dialect:
 
 __all__ = [
     "ANTHROPIC",
+    "BEDROCK",
     "DEFAULT",
     "DIALECTS",
     "GEMINI",

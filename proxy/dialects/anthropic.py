@@ -29,9 +29,11 @@ from proxy.dialects.base import (
     Reservation,
     RouteDocs,
     StreamEnds,
+    StreamFraming,
     StreamMeter,
     Usage,
     bearer,
+    sse_framing,
 )
 from proxy.dialects.claude_bound import prompt_bound
 from proxy.errors import bad_request, unauthorized
@@ -105,6 +107,7 @@ _ENDS = StreamEnds(
     b'upstream did not finish in time; the answer is incomplete."}}\n\n',
 )
 """Stream ends the ``anthropic`` SDKs raise on (an ``error`` event, never ``message_stop``)."""
+_FRAMING = sse_framing(_ENDS)
 
 _DOCS = RouteDocs(
     title="Anthropic",
@@ -160,7 +163,6 @@ class AnthropicDialect:
     prefixes = PREFIXES
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over Anthropic's Messages API: use POST /v1/messages"
-    stream_ends = _ENDS
     error_model = AnthropicError
     docs = _DOCS
 
@@ -182,12 +184,15 @@ class AnthropicDialect:
             )
         return key
 
-    def model_name(self, body: Mapping[str, Any], path: Mapping[str, str]) -> object:
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
         """Vertex's paths name the model (``AnthropicVertex`` takes it out of the body)."""
-        return path.get("model") or body.get("model")
+        return params.get("model") or body.get("model")
 
     def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
         return endpoint
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        return _FRAMING
 
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
@@ -234,7 +239,13 @@ class AnthropicDialect:
         return json.dumps(changed, separators=(",", ":")).encode(), False
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
         if endpoint != "messages":
             return Usage(0, 0)  # count_tokens is relayed, never charged
@@ -277,6 +288,11 @@ class AnthropicDialect:
         """Anthropic's shape has no code or param: its ``error.type`` follows the status."""
         error = {"type": error_type(status), "message": message, **(details or {})}
         return json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode()
+
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        return status, None
 
 
 ANTHROPIC = AnthropicDialect()

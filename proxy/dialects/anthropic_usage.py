@@ -159,7 +159,7 @@ def buffered_usage(prompt_tokens: int, output_cap: int, data: bytes) -> Usage:
     return Usage(prompt_tokens, min(generated, output_cap), reported=False)
 
 
-def _stream_usage(prompt_tokens: int, output_cap: int, tracker: StreamUsage) -> Usage:
+def stream_usage(prompt_tokens: int, output_cap: int, tracker: StreamUsage) -> Usage:
     """The upstream's own counts once its final ``message_delta`` arrived; before that, upper
     bounds of what it may bill: the input bound until ``message_start`` reported the input,
     and the bytes of the deltas relayed (at most ``max_tokens``) for the output."""
@@ -189,6 +189,6 @@ class StreamMeter:
         return block
 
     def usage(self) -> Usage:
-        return _stream_usage(self._prompt_tokens, self._output_cap, self._tracker)
+        return stream_usage(self._prompt_tokens, self._output_cap, self._tracker)
 
 

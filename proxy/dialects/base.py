@@ -8,7 +8,7 @@ record, so dialects sit below the gateway and a new one is a module, not a chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from proxy.catalog.pricing import Price, cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.config import DialectName
+from proxy.providers.upstream import EVENT_ENDS, complete_events
 
 MAX_OUTPUT_CAP = 1_000_000_000
 """No model generates a billion tokens in one answer; a larger cap only overflows the books."""
@@ -110,6 +111,28 @@ class StreamEnds:
     timeout: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StreamFraming:
+    """How a streamed answer is framed: server-sent events for most, AWS's binary event
+    stream for Bedrock, a JSON array for Gemini without ``?alt=sse``. The relay cuts what it
+    reads into whole frames with ``split`` before the meter sees them, so no dialect parses a
+    frame split across reads, and ends a broken stream with ``ends``, in the same framing."""
+
+    content_type: str
+    """The media type of a streamed answer, upstream's and client's alike."""
+    split: Callable[[bytes], tuple[bytes, bytes]]
+    """Whole frames at the start of a buffer, and the unfinished rest."""
+    ends: StreamEnds
+    whole_if_ends: tuple[bytes, ...] = ()
+    """Endings that prove a buffer holds whole frames (SSE's blank line): most reads end on
+    one, and skip ``split``; empty: always split."""
+
+
+def sse_framing(ends: StreamEnds) -> StreamFraming:
+    """Server-sent events, ended by a dialect's own error events."""
+    return StreamFraming("text/event-stream", complete_events, ends, EVENT_ENDS)
+
+
 @dataclass(frozen=True)
 class RouteDocs:
     """How the OpenAPI document describes a dialect's endpoints (data, so dialects need not
@@ -170,9 +193,6 @@ class Dialect(Protocol):
         ...
 
     @property
-    def stream_ends(self) -> StreamEnds: ...
-
-    @property
     def error_model(self) -> type[BaseModel]:
         """The error body, for the OpenAPI document."""
         ...
@@ -181,9 +201,9 @@ class Dialect(Protocol):
     def docs(self) -> RouteDocs: ...
 
     def routes(self) -> tuple[tuple[str, str], ...]:
-        """``(path, endpoint)`` of every POST route (aiohttp path patterns: a dialect whose
-        API names the model in the path, like Gemini's ``models/{model}:generateContent``,
-        matches it as ``{model}``)."""
+        """``(path, endpoint)`` of every POST route, prefixes included (aiohttp path patterns:
+        an API that names the model in the path matches it as a parameter, Gemini's
+        ``models/{model}:generateContent``, Bedrock's ``model/{modelId}/converse``)."""
         ...
 
     def claims(self, path: str) -> bool:
@@ -193,17 +213,25 @@ class Dialect(Protocol):
         ...
 
     def api_key(self, request: Inbound) -> str:
-        """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
+        """The client's proxy key (from its headers, or its query: Gemini's ``?key=``);
+        raises a 401 ``ApiError`` when it sent none."""
         ...
 
-    def model_name(self, body: Mapping[str, Any], path: Mapping[str, str]) -> object:
-        """The model a request names: in its body, or in its path (``path``: the route's
-        matched parts, empty for a quote)."""
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
+        """The model a request names: the body's ``model``, or a path parameter (``params``:
+        the route's matched parts, empty for a quote); the gateway validates that it is a
+        non-empty string it knows."""
         ...
 
     def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
         """What the upstream is asked for (``proxy.providers.kinds.url``): the endpoint, or
         a form of it the request's query chooses (Gemini's ``?alt=sse``)."""
+        ...
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        """How a streamed answer to that upstream endpoint is framed and ended: SSE
+        (``SSE_FRAMING``-like) for most, AWS's event stream for Bedrock, Google's JSON array
+        for Gemini's ``streamGenerateContent`` without ``?alt=sse``."""
         ...
 
     async def reserve(
@@ -228,9 +256,16 @@ class Dialect(Protocol):
         ...
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
-        """The usage of a whole 200 answer: as reported, else counted or bounded."""
+        """The usage of a whole 200 answer: as reported (in the body, or in the upstream's
+        ``headers`` for APIs that report it there), else counted or bounded."""
         ...
 
     def stream_meter(
@@ -269,10 +304,12 @@ class Dialect(Protocol):
         """An error in the dialect's shape, so each SDK raises its own exception classes."""
         ...
 
-
-def body_model(body: Mapping[str, Any], path: Mapping[str, str]) -> object:
-    """``Dialect.model_name`` of a dialect whose requests name the model in the body."""
-    return body.get("model")
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        """The status an error is answered with and headers its shape needs (Bedrock's
+        ``x-amzn-ErrorType``); most dialects: ``(status, None)``."""
+        ...
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -289,3 +326,8 @@ def event_data(event: bytes) -> bytes | None:
         return None
     parts = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
+
+
+def body_model(params: Mapping[str, str], body: dict[str, Any]) -> object:
+    """``requested_model`` of the dialects whose body names the model."""
+    return body.get("model")

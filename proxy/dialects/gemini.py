@@ -12,7 +12,8 @@ counted inside ``maxOutputTokens`` (Gemini 2.5 and 3 stop at that ceiling with t
 answer together, googleapis/python-genai#2062), so ``thinkingBudget`` — a hint the model may
 exceed — adds nothing. ``countTokens`` passes admission with nothing reserved and is never
 charged; the embedding methods reserve their input. ``:streamGenerateContent?alt=sse`` is
-relayed as events; without ``alt=sse`` Google answers one JSON array, relayed whole.
+relayed as events; without ``alt=sse`` Google streams one JSON array, relayed element by
+element as each completes (``json_array``), metered as it passes.
 Errors take Google's shape (``error.status`` follows the HTTP status), so ``google-genai``
 raises its ``ClientError`` / ``ServerError``.
 """
@@ -26,15 +27,17 @@ from typing import Any, Literal
 from proxy.catalog.pricing import reserve_cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.config import DialectName
-from proxy.dialects import gemini_errors, gemini_usage
+from proxy.dialects import gemini_errors, gemini_usage, json_array
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     Inbound,
     Reservation,
     RouteDocs,
+    StreamFraming,
     StreamMeter,
     Usage,
     bearer,
+    sse_framing,
 )
 from proxy.dialects.gemini_bound import prompt_bound
 from proxy.errors import bad_request, unauthorized
@@ -68,6 +71,8 @@ ERROR_PREFIXES = tuple(
 )
 """Google's paths answer in Google's shape (``claims`` leaves ``/v1/models/{id}`` to the
 OpenAI catalogue and Vertex's Claude paths to Anthropic's dialect)."""
+_SSE = sse_framing(gemini_errors.STREAM_ENDS)
+_ARRAY = StreamFraming("application/json", json_array.split, gemini_errors.ARRAY_ENDS)
 
 _DOCS = RouteDocs(
     title="Gemini",
@@ -129,7 +134,6 @@ class GeminiDialect:
     served_at = (
         "it is served over Google's Gemini API: use POST /v1beta/models/{model}:generateContent"
     )
-    stream_ends = gemini_errors.STREAM_ENDS
     error_model = gemini_errors.GoogleError
     docs = _DOCS
 
@@ -160,15 +164,19 @@ class GeminiDialect:
             )
         return key
 
-    def model_name(self, body: Mapping[str, Any], path: Mapping[str, str]) -> object:
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
         """The path's model; a quote (no path) names it in the body, as ``models/…`` or not."""
-        model = path.get("model") or body.get("model")
+        model = params.get("model") or body.get("model")
         return model.removeprefix("models/") if isinstance(model, str) else model
 
     def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
         if endpoint == "streamGenerateContent" and request.query.get("alt") == "sse":
             return "streamGenerateContent?alt=sse"
         return endpoint
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        """Google's JSON array for ``streamGenerateContent`` without ``?alt=sse``."""
+        return _ARRAY if upstream_endpoint == "streamGenerateContent" else _SSE
 
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
@@ -233,7 +241,13 @@ class GeminiDialect:
         return json.dumps(changed, separators=(",", ":")).encode(), False
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
         return gemini_usage.buffered_usage(endpoint, prompt_tokens, output_cap, data)
 
@@ -268,6 +282,11 @@ class GeminiDialect:
         details: Mapping[str, Any] | None,
     ) -> bytes:
         return gemini_errors.error_body(status, message, type, code, param, details)
+
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        return status, None  # Google's shape carries its status in the body too
 
 
 GEMINI = GeminiDialect()

@@ -66,6 +66,22 @@ STREAM_ENDS = StreamEnds(
 """A chunk ``google-genai`` raises on (an ``error`` object), never a normal end."""
 
 
+def _array_error(code: int, message: str) -> bytes:
+    error = {"code": code, "message": message, "status": status_name(code)}
+    return b",\r\n" + json.dumps({"error": error}).encode() + b"\r\n]"
+
+
+ARRAY_ENDS = StreamEnds(
+    broken=_array_error(
+        502, "The upstream stream broke off before it ended; the answer is incomplete."
+    ),
+    timeout=_array_error(504, "The upstream did not finish in time; the answer is incomplete."),
+)
+"""The streamed JSON array's ends: a last element with an ``error`` object, and the array
+closed, so a client parsing the whole array sees the error (a stream broken before its first
+element leaves ``[,`` — no valid array, never a complete one)."""
+
+
 def error_body(
     status: int,
     message: str,

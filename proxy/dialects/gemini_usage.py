@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from proxy.dialects import json_array
 from proxy.dialects.base import Usage, event_data
 from proxy.providers.upstream import split_events
 
@@ -97,10 +98,11 @@ def buffered_usage(endpoint: str, prompt_tokens: int, output_cap: int, data: byt
 
 
 class StreamMeter:
-    """An ``alt=sse`` stream passes byte for byte; each chunk's cumulative usage is noted,
-    and the text it carries measured, so a stream cut short is charged an upper bound."""
+    """A stream passes byte for byte — ``alt=sse`` events, or the JSON array's elements as
+    each completes (told apart by the first byte: ``[``); each chunk's cumulative usage is
+    noted, and the text it carries measured, so a stream cut short is charged an upper bound."""
 
-    __slots__ = ("_finished", "_generated", "_meta", "_output_cap", "_prompt_tokens")
+    __slots__ = ("_array", "_finished", "_generated", "_meta", "_output_cap", "_prompt_tokens")
 
     def __init__(self, prompt_tokens: int, output_cap: int) -> None:
         self._prompt_tokens = prompt_tokens
@@ -108,20 +110,32 @@ class StreamMeter:
         self._meta: dict[str, Any] | None = None
         self._generated = 0
         self._finished = False
+        self._array: bool | None = None
 
     def relay(self, block: bytes) -> bytes:
+        if self._array is None:
+            start = block.lstrip()
+            if not start:
+                return block
+            self._array = start.startswith(b"[")
+        for chunk in json_array.elements(block) if self._array else self._events(block):
+            self._meta = _meta(chunk) or self._meta
+            self._generated += _text_bytes(chunk)
+            self._finished = self._finished or _finished(chunk)
+        return block
+
+    @staticmethod
+    def _events(block: bytes) -> list[Any]:
+        chunks = []
         for event in split_events(block):
             payload = event_data(event)
             if not payload:
                 continue
             try:
-                chunk = json.loads(payload)
+                chunks.append(json.loads(payload))
             except ValueError:
                 continue
-            self._meta = _meta(chunk) or self._meta
-            self._generated += _text_bytes(chunk)
-            self._finished = self._finished or _finished(chunk)
-        return block
+        return chunks
 
     def usage(self) -> Usage:
         if self._meta is None:

@@ -26,10 +26,12 @@ from proxy.dialects.base import (
     Reservation,
     RouteDocs,
     StreamEnds,
+    StreamFraming,
     StreamMeter,
     Usage,
     bearer,
     body_model,
+    sse_framing,
 )
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
@@ -52,6 +54,7 @@ _ENDS = StreamEnds(
     b'incomplete.","type":"server_error","code":"upstream_timeout","param":null}}\n\n',
 )
 """Stream ends the OpenAI SDKs raise APIError on (an error event, and no [DONE])."""
+_FRAMING = sse_framing(_ENDS)
 
 
 def _positive_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
@@ -189,7 +192,6 @@ class OpenAIDialect:
     prefixes = PREFIXES
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
-    stream_ends = _ENDS
     error_model = OpenAIError
     docs = _DOCS
 
@@ -225,15 +227,24 @@ class OpenAIDialect:
             output_rate=route.price.output_nano_per_m,
         )
 
-    model_name = staticmethod(body_model)
+    requested_model = staticmethod(body_model)
 
     def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
         return endpoint
 
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        return _FRAMING
+
     upstream_body = staticmethod(upstream_body)
 
     def buffered_usage(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, output_cap: int, data: bytes
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        output_cap: int,
+        data: bytes,
+        headers: Mapping[str, str],
     ) -> Usage:
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
@@ -268,6 +279,11 @@ class OpenAIDialect:
         details: Mapping[str, Any] | None,
     ) -> bytes:
         return error_body(message, type, code, param, details)
+
+    def error_wire(
+        self, status: int, type: str, code: str | None
+    ) -> tuple[int, Mapping[str, str] | None]:
+        return status, None
 
 
 OPENAI = OpenAIDialect()

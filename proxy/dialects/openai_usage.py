@@ -96,7 +96,11 @@ class StreamMeter:
     """
 
     def __init__(
-        self, endpoint: str, route: ModelRoute, prompt_tokens: int, strip_usage: bool = False
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        prompt_tokens: int,
+        strip_usage: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.route = route
@@ -144,8 +148,10 @@ class StreamMeter:
     def usage(self) -> Usage:
         if self.reported is not None:
             return self.reported
-        text = "".join(self._texts())
-        output = count_text(self.route.encoding, text) if text else 0
+        # Each delta on its own, as the upstream generated it: joined, " hel" + "lo" is one
+        # token, and the charge would fall below the chunks the client received.
+        encoding = self.route.encoding
+        output = sum(count_text(encoding, text) for text in self._texts() if text)
         return Usage(input_tokens=self.prompt_tokens, output_tokens=output, reported=False)
 
     def _texts(self) -> Iterator[str]:

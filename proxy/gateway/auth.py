@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxy.dialects.base import bearer
 from proxy.errors import unauthorized
-from proxy.store.keys import Identity, KeyStore, digest
+from proxy.ledger.api_keys import Identity, KeyStore, digest
 
 _CACHE_MAX = 100_000
 

@@ -20,8 +20,9 @@ from typing import Literal
 
 from proxy.dialects.base import Dialect
 from proxy.errors import ApiError, bad_request
-from proxy.gateway.admission import Admitted, BudgetRefused, RateLimited, budget_scope
-from proxy.store.windows import Period, Windows, rfc3339
+from proxy.ledger.admission import Admitted, BudgetRefused, RateLimited
+from proxy.ledger.keys import budget_key_id, budget_scope
+from proxy.ledger.windows import Period, Windows, rfc3339
 
 _WINDOW_SECONDS = {"rps": 1, "rpm": 60, "rph": 3600, "rpd": 86400, "tpm": 60}
 _REQUEST_WINDOWS_MS = (1000, 60_000, 3_600_000, 86_400_000)
@@ -227,7 +228,7 @@ def budget_error(
     scope = decision.scope
     owner = "operator ceiling (owner cluster)" if decision.owner == "cluster" else "self-budget"
     scope_id = {
-        "apikey": decision.field[2:].rpartition(":")[0],
+        "apikey": budget_key_id(decision.field),
         "external_user": end_user or "",
     }.get(scope, org_id)
     which = {
@@ -293,4 +294,19 @@ def end_user_required() -> ApiError:
         "This organization requires every request to name its end user in X-On-Behalf-Of.",
         param="X-On-Behalf-Of",
         code="on_behalf_of_required",
+    )
+
+
+def end_users_capped(cap: int, retry_after: float) -> ApiError:
+    """Retry-After: when the month (UTC) rolls over and the count starts afresh; ids already
+    seen this month are still served meanwhile."""
+    return ApiError(
+        429,
+        f"This organization has named {cap} distinct end users in X-On-Behalf-Of this month, "
+        "its cap (limits.max_end_users_per_month); requests for end users already seen this "
+        "month are still served.",
+        type="rate_limit_error",
+        code="end_user_limit",
+        param="X-On-Behalf-Of",
+        headers={"Retry-After": str(max(int(retry_after) + 1, 1)), "x-should-retry": "false"},
     )

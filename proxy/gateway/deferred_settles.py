@@ -16,12 +16,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.gateway import metrics
-from proxy.gateway.settle_spool import SettleRequest, SettleSpool
+from proxy.gateway.settle_spool import SettleRequest, SettleSpool, SpoolWriteError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,10 @@ _STORE_STATES = (
 def store_unavailable(exc: BaseException) -> bool:
     """Whether a failure is Redis being away (retry everything later) rather than this item."""
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        return True
+    # redis-py turns some of these replies into their own classes and drops the prefix
+    # ("OOM command not allowed..." arrives as "command not allowed..."): match the class.
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError | BusyLoadingError):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_STORE_STATES)
 
@@ -74,17 +84,43 @@ class DeferredSettles:
         return len(self._items)
 
     async def add(self, req: SettleRequest, error: BaseException) -> None:
-        """Kept on disk before this returns: from here on the usage survives the process."""
-        await self.spool.keep(req)
-        log.warning(
-            "settle of %s deferred (%s); kept in %s", req.request_id, error, self.spool.path
-        )
+        """Kept on disk before this returns: from here on the usage survives the process.
+        When the disk refuses it, the settle is still retried from memory (the upstream has
+        answered; failing the client would not unspend it), but that is said: counted in
+        ``llm_proxy_settles_unspooled_total``, logged as an error, and ``/readyz`` reports the
+        spool until an append succeeds again."""
+        try:
+            await self.spool.keep(req)
+        except SpoolWriteError as disk:
+            metrics.SETTLES_UNSPOOLED.inc()
+            log.error(
+                "settle of %s deferred (%s) but NOT kept on disk (%s): held in memory only, "
+                "lost if this process stops before Redis takes it",
+                req.request_id,
+                error,
+                disk,
+            )
+        else:
+            log.warning(
+                "settle of %s deferred (%s); kept in %s", req.request_id, error, self.spool.path
+            )
         self._queue([req])
 
     async def adopt_orphans(self) -> int:
         """Settles left on disk by processes that are gone (see ``SettleSpool.adopt``)."""
         adopted = await self.spool.adopt()
-        self._queue(adopted)
+        # Replayed before this returns: the sweeper that adopted them sweeps next, and a lease
+        # whose usage is on disk is settled at that usage, not reclaimed at its reservation.
+        for index, req in enumerate(adopted):
+            try:
+                await self._write(req)
+            except (RedisError, OSError):
+                self._queue(adopted[index:])  # retried (or quarantined) on the usual schedule
+                break
+            await self.spool.done(req.request_id)
+        else:
+            if adopted and not self._items:
+                await self.spool.empty()
         return len(adopted)
 
     def _queue(self, reqs: list[SettleRequest]) -> None:
@@ -141,8 +177,23 @@ class DeferredSettles:
             )
             log.warning("settle of %s refused (attempt %d): %s", rid, pending.attempts, exc)
             return
+        try:
+            path = await self.spool.quarantine(pending.req, str(exc))
+        except OSError as disk:
+            # Kept, and retried at the slowest pace: losing it would under-charge, and a
+            # dead retry task would strand every settle behind it.
+            pending.next_at = time.monotonic() + _ITEM_DELAY_MAX
+            metrics.SETTLES_UNSPOOLED.inc()
+            log.error(
+                "settle of %s refused %d times (%s) and could not be set aside (%s): held in "
+                "memory and retried",
+                rid,
+                pending.attempts,
+                exc,
+                disk,
+            )
+            return
         del self._items[rid]
-        path = await self.spool.quarantine(pending.req, str(exc))
         metrics.SETTLES_QUARANTINED.inc()
         metrics.SETTLES_PENDING.set(len(self._items))
         log.error(

@@ -3,12 +3,11 @@ settle records."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from proxy.catalog.routes import ModelRoute
 from proxy.dialects.base import Usage
-from proxy.store.keys import Identity
+from proxy.ledger.api_keys import Identity
 
 
 @dataclass
@@ -25,7 +24,6 @@ class Exchange:
     status: int = 0
     client_gone: bool = False
     upstream_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     upstream: str = ""
     """The upstream that served (the first of the model's list unless a fallback did)."""
     output_cap: int = 0
@@ -33,3 +31,11 @@ class Exchange:
     """What the upstream is asked for (``Dialect.upstream_endpoint``)."""
     clamped_cap: int | None = None
     """The lowered output cap per choice the upstream gets, when the request was clamped."""
+    cost_nano: int = 0
+    """What settle charged (the usage priced)."""
+    upstream_error: str | None = None
+    """``timeout``, ``connect``, ``broken_body``, ``broken_stream``: how the upstream failed."""
+    fallback_from: str | None = None
+    """The upstreams tried before the one that served, comma-separated."""
+    answered: bool = False
+    """The whole answer was written to the client (a client closing after it is no 499)."""

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from proxy.dialects.base import Dialect, Reservation
 from proxy.gateway import relay
-from proxy.gateway.admission import Admitted
 from proxy.gateway.decisions import admitted_headers, with_dialect_limits
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
+from proxy.ledger.admission import Admitted
 from proxy.providers import fallback
 
 
@@ -51,7 +51,8 @@ async def forward(
         exchange.status = upstream.status
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
-        if relay.is_stream(served):
+        framing = dialect.stream_framing(exchange.upstream_endpoint)
+        if relay.is_stream(served, framing.content_type):
             meter = dialect.stream_meter(
                 endpoint,
                 exchange.route,
@@ -60,7 +61,7 @@ async def forward(
                 bodies[served.candidate.model][1],
             )
             return await relay.relay_stream(
-                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at
+                request, exchange, upstream, headers, meter, sent_at, framing
             )
         data = await relay.read_buffered(exchange, served, sent_at, dialect)
         return web.Response(status=upstream.status, body=data, headers=headers)

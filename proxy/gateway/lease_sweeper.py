@@ -4,8 +4,8 @@ Admission reclaims expired leases of its own org on the way (bounded per call), 
 whose only traffic came through a proxy that died would keep that proxy's reservations and
 concurrency slots until its next request. Every proxy process runs this loop; one of them at a
 time (a short Redis lock) walks every org and reclaims what has expired — releasing it and
-charging its whole reservation (``lease.lua``). The same tick adopts settle spool files left by
-processes that are gone, so their usage is replayed without waiting for a restart.
+charging its whole reservation (``ledger/lua/reclaims.lua``). The same tick adopts settle spool
+files left by processes that are gone, so their usage is replayed without waiting for a restart.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 
 from proxy.gateway import metrics
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.store.connection import ORGS_KEY, org_prefix
+from proxy.ledger.keys import ORGS_KEY, SWEEPER_LOCK, org_key
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "bp:sweeper"
+LOCK_KEY = SWEEPER_LOCK
 _SCAN_BATCH = 200
 
 
@@ -53,8 +53,8 @@ async def _sweep_batch(gw: Gateway, orgs: list[str]) -> tuple[int, int]:
     now_ms = int(gw.clock() * 1000)
     pipe = gw.redis.pipeline(transaction=False)
     for org_id in orgs:
-        pipe.zrangebyscore(org_prefix(org_id) + "leases", "-inf", now_ms, start=0, num=1)
-        pipe.zcard(org_prefix(org_id) + "leases:stuck")
+        pipe.zrangebyscore(org_key(org_id, "leases"), "-inf", now_ms, start=0, num=1)
+        pipe.zcard(org_key(org_id, "stuck"))
     answers = await pipe.execute()
     reclaimed = set_aside_total = 0
     for index, org_id in enumerate(orgs):

@@ -38,12 +38,19 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     """The handler of one endpoint of a dialect, declared for the OpenAPI document."""
     docs = dialect.docs
     answers = [Reply(200, "The upstream's answer.", schema={"type": "object"})]
-    if endpoint in docs.streamed:
+    media = dialect.stream_framing(endpoint).content_type
+    if endpoint in docs.streamed and media == "application/json":  # Gemini's streamed array
+        answers[0] = Reply(
+            200, "The upstream's answer, relayed element by element.", schema={"type": "array"}
+        )
+    elif endpoint in docs.streamed:
         answers.append(
             Reply(
                 200,
-                "With `stream: true`: the upstream's events, relayed as they arrive.",
-                media="text/event-stream",
+                "With `stream: true`: the upstream's events, relayed as they arrive."
+                if media == "text/event-stream"
+                else "The upstream's event stream, relayed as it arrives.",
+                media=media,
                 schema=SSE_EVENT,
             )
         )
@@ -61,7 +68,7 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await pipeline.handle(request, endpoint, dialect)
 
-    handler.__name__ = docs.handler_prefix + endpoint.replace("/", "_")
+    handler.__name__ = docs.handler_prefix + endpoint.replace("/", "_").replace("-", "_")
     return handler
 
 

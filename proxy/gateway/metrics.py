@@ -1,5 +1,8 @@
 """Prometheus metrics. Labels never carry keys, prompts or end-user ids: only endpoint,
-model, status, decision, org and upstream, whose sets are bounded by configuration.
+model, status, decision, org and upstream, whose sets are bounded by configuration. The model
+label is never the name a client chose (``ModelRoute.counted_as``): the configured name, or for
+a name a pattern matched the price database's id of that model (a bounded set), or the pattern
+itself — so clients cannot grow ``/metrics`` by inventing names.
 
 With several workers (``serve --workers N``) the processes share a
 ``PROMETHEUS_MULTIPROC_DIR`` so any one of them answers for all.
@@ -68,6 +71,11 @@ SETTLES_PENDING = Gauge(
 SETTLES_QUARANTINED = Counter(
     "llm_proxy_settles_quarantined_total",
     "Settles Redis kept refusing, set aside in the spool's quarantine file",
+)
+SETTLES_UNSPOOLED = Counter(
+    "llm_proxy_settles_unspooled_total",
+    "Settles Redis did not take that the spool could not write either (disk full, read-only):"
+    " held in memory only",
 )
 LEASES_RECLAIMED = Counter(
     "llm_proxy_leases_reclaimed_total",

@@ -14,7 +14,6 @@ the client goes away mid-stream — in a ``finally`` that cancellation cannot sk
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -27,35 +26,42 @@ from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.dialects import Dialect, by_name
 from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.admission import (
-    Admitted,
-    BudgetRefused,
-    ClampTerms,
-    Decision,
-    EndUserRequired,
-    RateLimited,
-    Revoked,
-)
 from proxy.gateway.body import read_json
 from proxy.gateway.decisions import (
     budget_error,
     dialect_refusal_headers,
     end_user_required,
+    end_users_capped,
     rate_limited_error,
 )
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.forward import forward
-from proxy.gateway.request_context import OUTCOME, new_request_id
+from proxy.gateway.request_context import OUTCOME, Outcome, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
-from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
-from proxy.store.keys import Identity
+from proxy.ledger.admission import (
+    Admitted,
+    BudgetRefused,
+    ClampTerms,
+    Decision,
+    EndUserRequired,
+    EndUsersCapped,
+    RateLimited,
+    Revoked,
+)
+from proxy.ledger.api_keys import Identity
+from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
+from proxy.ledger.keys import end_user_tag
+from proxy.ledger.records import UsageRecord
 
 
 def on_behalf_of(request: web.Request) -> str | None:
-    value = request.headers.get("X-On-Behalf-Of")
-    if value is None:
+    given = request.headers.getall("X-On-Behalf-Of", ())
+    if not given:
         return None
+    if len(given) > 1:  # which one would be charged? Refused, as a doubled identity is.
+        raise bad_request("X-On-Behalf-Of must be sent once.", param="X-On-Behalf-Of")
+    value = given[0]
     if not valid_end_user(value):
         raise bad_request(
             f"X-On-Behalf-Of must be 1-{MAX_END_USER_ID} printable characters.",
@@ -81,12 +87,13 @@ async def prepare(
     endpoint: str,
     body: dict[str, Any],
     headers: Mapping[str, str],
-    path: Mapping[str, str] = MappingProxyType({}),
+    params: Mapping[str, str] = MappingProxyType({}),
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
-    endpoint, so a quote is priced exactly as the request itself would be (``path``: the
-    route's matched parts, where a dialect's API names the model)."""
-    route = model_route(gw, dialect.model_name(body, path), identity, dialect, endpoint)
+    endpoint, so a quote is priced exactly as the request itself would be. ``params``: the
+    route's path parameters (a model named in the path; none for a quote)."""
+    model = dialect.requested_model(params, body)
+    route = model_route(gw, model, identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
     lowest = gw.settings.budgets.clamp_min_output_tokens
@@ -109,7 +116,7 @@ async def decide(
         reservation.tokens,
         reservation.cost_nano,
         prompt_tokens=reservation.prompt_tokens,
-        model=prepared.route.name,
+        model=prepared.route.counted_as,  # counters: a bounded name, never a client's
         endpoint=endpoint,
         end_user=end_user,
         end_user_tag=end_user_tag(end_user) if end_user is not None else "",
@@ -141,6 +148,9 @@ def refusal(
         )
     if isinstance(decision, EndUserRequired):
         return end_user_required()
+    if isinstance(decision, EndUsersCapped):
+        now = gw.clock()
+        return end_users_capped(decision.cap, gw.admission.windows(now).monthly_end - now)
     if isinstance(decision, Revoked):
         return unauthorized("Incorrect API key provided (unknown or revoked).")
     return None
@@ -192,20 +202,18 @@ def model_route(
 
 async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    started = time.perf_counter()
-    outcome: dict[str, Any] = {"endpoint": endpoint, "decision": "auth"}
-    request[OUTCOME] = outcome
+    outcome = request[OUTCOME] = Outcome(endpoint)
     identity = await gw.auth.identify_key(dialect.api_key(request))
-    outcome.update(key_id=identity.key_id, org_id=identity.org_id, decision="invalid")
-    outcome["on_behalf_of"] = end_user = on_behalf_of(request)
-    body = await read_json(request)
+    outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
+    outcome.on_behalf_of = end_user = on_behalf_of(request)
+    body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(
         gw, dialect, identity, endpoint, body, request.headers, request.match_info
     )
     route, reservation = prepared.route, prepared.reservation
-    outcome["model"] = route.name
-    request_id = new_request_id()
-    outcome["request_id"] = request_id
+    outcome.model = route.name
+    outcome.model_label = route.counted_as  # bounded: never a name a client invented
+    outcome.request_id = request_id = new_request_id()
     exchange = Exchange(identity, request_id, endpoint, route, reservation.prompt_tokens, end_user)
     exchange.upstream = route.upstream.name
     exchange.output_cap = reservation.output_tokens
@@ -219,22 +227,27 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
         # nothing (nothing was forwarded), instead of leaving it to the lease's expiry; when
         # nothing was reserved the settle finds no lease and does nothing.
         exchange.client_gone = True
-        await settle(gw, exchange, outcome)
+        gw.settles.finish(settle(gw, exchange))
         raise
-    outcome["decision"] = "admitted"
-    outcome["overhead_before_ms"] = (time.perf_counter() - started) * 1000
+    outcome.decision = "admitted"
+    outcome.exchange = exchange
     if decision.clamped_cap is not None:
         exchange.clamped_cap = decision.clamped_cap
         exchange.output_cap = decision.clamped_cap * reservation.choices
-        outcome["clamped_max_tokens"] = decision.clamped_cap
+        outcome.clamped_max_tokens = decision.clamped_cap
     lease = gw.admission.keep_alive(identity.org_id, request_id)
     try:
         return await forward(request, gw, dialect, exchange, body, reservation, decision)
     finally:
         lease.cancel()
-        # Not shielded: the settle command is queued on the Redis connection before this
-        # coroutine can be interrupted, so even a cancelled handler's request is settled.
-        await settle(gw, exchange, outcome)
+        try:
+            await settle(gw, exchange)
+        except asyncio.CancelledError:
+            # The client left while the settle waited (Redis slow or down): the settle is run
+            # again in a task of its own, which no client can cancel, so the usage reaches
+            # Redis or the spool; settles are idempotent, so one that had landed is a no-op.
+            gw.settles.finish(settle(gw, exchange))
+            raise
 
 
 async def _admit(
@@ -242,7 +255,7 @@ async def _admit(
     identity: Identity,
     request_id: str,
     prepared: Prepared,
-    outcome: dict[str, Any],
+    outcome: Outcome,
     dialect: Dialect,
     endpoint: str,
     end_user: str | None,
@@ -250,52 +263,45 @@ async def _admit(
     try:
         decision = await decide(gw, identity, request_id, endpoint, prepared, end_user)
     except (RedisError, OSError):
-        outcome["decision"] = "store_unavailable"
+        outcome.decision = "store_unavailable"
         raise store_unavailable() from None
     if isinstance(decision, Admitted):
         return decision
     if isinstance(decision, RateLimited):
-        outcome["decision"] = f"rate_limit_{decision.limit_name}"
+        outcome.decision = f"rate_limit_{decision.limit_name}"
     elif isinstance(decision, BudgetRefused):
-        outcome["decision"] = "budget"
+        outcome.decision = "budget"
     elif isinstance(decision, Revoked):
-        outcome["decision"] = "auth"
+        outcome.decision = "auth"
         gw.auth.forget()
+    elif isinstance(decision, EndUsersCapped):
+        outcome.decision = "end_user_limit"
     error = refusal(gw, decision, dialect, identity, end_user, prepared.reservation)
     assert error is not None
     raise error
 
 
-async def settle(gw: Gateway, exchange: Exchange, outcome: dict[str, Any]) -> None:
+async def settle(gw: Gateway, exchange: Exchange) -> None:
     usage = exchange.usage or Usage(0, 0, reported=False)
-    cost = usage.cost_nano(exchange.route.price)
-    record: dict[str, str | int | None] = {
-        "rid": exchange.request_id,
-        "kid": exchange.identity.key_id,
-        "user": exchange.on_behalf_of,
-        "model": exchange.route.name,
-        "endpoint": exchange.endpoint,
-        "in": usage.input_tokens,
-        "out": usage.output_tokens,
-        "cached": usage.cached_tokens,
-        "cache_write": usage.cache_write_tokens,
-        "cache_write_1h": usage.cache_write_1h_tokens,
-        "reasoning": usage.reasoning_tokens,
-        "cost_nano": cost,
-        "reported": int(usage.reported),
-        "status": exchange.status,
-        "client_gone": int(exchange.client_gone),
-        "upstream": exchange.upstream,
-    }
-    outcome.update(
-        status_upstream=exchange.status,
+    exchange.cost_nano = cost = usage.cost_nano(exchange.route.price)
+    record = UsageRecord(
+        rid=exchange.request_id,
+        kid=exchange.identity.key_id,
+        user=exchange.on_behalf_of,
+        model=exchange.route.name,
+        endpoint=exchange.endpoint,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
         cost_nano=cost,
-        upstream_ms=exchange.upstream_ms,
+        reported=usage.reported,
+        status=exchange.status,
         client_gone=exchange.client_gone,
         upstream=exchange.upstream,
-        **exchange.extra,
+        usage_model=exchange.route.counted_as,
     )
     await gw.admission.settle(
         gw.admission.settle_request(

@@ -10,6 +10,8 @@ them together); what they share is here, so every route keeps the same promises:
   relayed or not, buffered here or still in the socket (``Response.salvage``).
 - ``timeouts.total_seconds`` bounds the whole exchange, from sending upstream to the last
   byte written to the client (``_Deadline``).
+- Upstream credentials an upstream echoes are masked in every header and body relayed
+  (``proxy.providers.redact``).
 - A stream the upstream breaks off, or that runs out of time, ends with the dialect's error
   event, never with its normal end, so a client cannot mistake it for a complete answer.
 """
@@ -25,16 +27,15 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.dialects.base import Dialect, StreamEnds, StreamMeter, Usage
+from proxy.dialects.base import Dialect, StreamFraming, StreamMeter, Usage
 from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
 from proxy.providers import fallback
-from proxy.providers.http_client import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.http import Response, UpstreamError, UpstreamTimeout
+from proxy.providers.redact import REDACTOR
 from proxy.providers.upstream import (
-    EVENT_ENDS,
     client_headers,
-    complete_events,
     upstream_broken,
     upstream_timeout,
 )
@@ -57,7 +58,7 @@ async def send(
             request.headers,
         )
     except ApiError as exc:
-        exchange.extra["upstream_error"] = "timeout" if exc.status == 504 else "connect"
+        exchange.upstream_error = "timeout" if exc.status == 504 else "connect"
         raise
     except asyncio.CancelledError:
         # Gone before the upstream's first byte: the call is closed, nothing was received.
@@ -65,21 +66,22 @@ async def send(
         raise
     exchange.upstream = served.candidate.upstream.name
     if served.skipped:
-        exchange.extra["fallback_from"] = ",".join(served.skipped)
+        exchange.fallback_from = ",".join(served.skipped)
     return served
 
 
 def answer_headers(served: fallback.Served, extra: dict[str, str]) -> CIMultiDict[str]:
-    headers = client_headers(served.response.headers)
+    headers = REDACTOR.headers(client_headers(served.response.headers))
     headers.update(extra)
     headers["x-upstream"] = served.candidate.upstream.name
     return headers
 
 
-def is_stream(served: fallback.Served) -> bool:
+def is_stream(served: fallback.Served, content_type: str) -> bool:
+    """A 200 in the dialect's stream media type (``StreamFraming.content_type``)."""
     upstream = served.response
     return upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(
-        "text/event-stream"
+        content_type
     )
 
 
@@ -96,28 +98,33 @@ async def read_buffered(
         async for chunk in upstream.iter_chunks():
             parts.append(chunk)
     except UpstreamTimeout as exc:
-        exchange.extra["upstream_error"] = "timeout"
+        exchange.upstream_error = "timeout"
         raise upstream_timeout(served.candidate.upstream) from exc
     except UpstreamError as exc:
-        exchange.extra["upstream_error"] = "broken_body"
+        exchange.upstream_error = "broken_body"
         raise upstream_broken(served.candidate.upstream) from exc
     except asyncio.CancelledError:
         # A buffered answer's usage comes at its end: it counts if all of it had arrived.
         exchange.client_gone = True
         parts.append(upstream.salvage())
         if upstream.complete and upstream.status == 200:
-            exchange.usage = _usage_of(dialect, exchange, b"".join(parts))
+            exchange.usage = _usage_of(dialect, exchange, upstream, b"".join(parts))
         raise
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
     if upstream.status == 200:
-        exchange.usage = _usage_of(dialect, exchange, data)
-    return data
+        exchange.usage = _usage_of(dialect, exchange, upstream, data)
+    return REDACTOR.data(data)
 
 
-def _usage_of(dialect: Dialect, exchange: Exchange, data: bytes) -> Usage:
+def _usage_of(dialect: Dialect, exchange: Exchange, upstream: Response, data: bytes) -> Usage:
     return dialect.buffered_usage(
-        exchange.endpoint, exchange.route, exchange.prompt_tokens, exchange.output_cap, data
+        exchange.endpoint,
+        exchange.route,
+        exchange.prompt_tokens,
+        exchange.output_cap,
+        data,
+        upstream.headers,
     )
 
 
@@ -145,6 +152,11 @@ class _Deadline:
 
 
 _DONE = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
+_TEXT = ("text/", "application/json")
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 async def relay_stream(
@@ -153,14 +165,20 @@ async def relay_stream(
     upstream: Response,
     headers: Any,
     meter: StreamMeter,
-    ends: StreamEnds,
     sent_at: float,
+    framing: StreamFraming,
 ) -> web.StreamResponse:
-    """Events are written as they arrive; an event split across reads waits for its end.
-    ``sent_at``: when the request went upstream (the wait for its first bytes is the
-    upstream's time, not the proxy's)."""
+    """Events are written as they arrive; an event split across reads waits for its end
+    (``framing``: the dialect's for this answer — SSE, binary, a JSON array's elements — whose
+    ``ends`` end a stream that cannot end normally). ``sent_at``: when the request went
+    upstream (the wait for its first bytes is the upstream's time, not the proxy's)."""
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
+    response.content_type = framing.content_type
+    whole_if_ends, split = framing.whole_if_ends, framing.split
+    # Text frames are searched for upstream credentials; a binary frame (Bedrock's event
+    # stream) cannot be edited without breaking its CRCs, and is relayed as it came.
+    redact = REDACTOR.data if framing.content_type.startswith(_TEXT) else _as_is
+    ends = framing.ends
     deadline = _Deadline(request)
     upstream.on_deadline(deadline)
     pending = b""  # the start of an event whose end has not arrived yet
@@ -170,9 +188,9 @@ async def relay_stream(
         async for chunk in upstream.iter_chunks():
             if pending:
                 chunk, pending = pending + chunk, b""
-            if not chunk.endswith(EVENT_ENDS):
-                chunk, pending = complete_events(chunk)
-            data = meter.relay(chunk) if chunk else b""
+            if not whole_if_ends or not chunk.endswith(whole_if_ends):
+                chunk, pending = split(chunk)
+            data = redact(meter.relay(chunk)) if chunk else b""
             if deadline.passed:
                 continue  # counted; past the deadline the client gets only the timeout event
             if last is not None:
@@ -184,12 +202,13 @@ async def relay_stream(
                 else:
                     await response.write(data)
         if pending.strip():
-            data = meter.relay(pending)
+            data = redact(meter.relay(pending))
             last = last + data if last else data
         pending = b""
         if deadline.passed:  # the answer was cut: never a normal end for it
             raise UpstreamTimeout("the exchange did not finish in time")
         await response.write_eof(last or b"")
+        exchange.answered = True
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client left, or was cut off at the deadline. Count everything the upstream had
         # delivered, also what was never relayed (buffered here, or still in the socket);
@@ -199,15 +218,16 @@ async def relay_stream(
         if rest:
             meter.relay(rest)
         if deadline.passed:
-            exchange.extra["upstream_error"] = "timeout"
+            exchange.upstream_error = "timeout"
         if isinstance(exc, asyncio.CancelledError):
             raise
     except UpstreamError as exc:
         timed_out = isinstance(exc, UpstreamTimeout)
-        exchange.extra["upstream_error"] = "timeout" if timed_out else "broken_stream"
+        exchange.upstream_error = "timeout" if timed_out else "broken_stream"
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write(ends.timeout if timed_out else ends.broken)
             await response.write_eof()
+            exchange.answered = True
     finally:
         exchange.upstream_ms = (time.perf_counter() - sent_at) * 1000
         exchange.usage = meter.usage()

@@ -11,13 +11,13 @@ import json
 import logging
 import sys
 import time
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.gateway import metrics
-from proxy.gateway.request_context import OUTCOME, REQUEST_ID, new_request_id
+from proxy.gateway.exchange import Exchange
+from proxy.gateway.request_context import OUTCOME, REQUEST_ID, Outcome, new_request_id
 
 ACCESS_LOGGER = "llm_proxy.access"
 log = logging.getLogger(ACCESS_LOGGER)
@@ -69,67 +69,76 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
         status = response.status
         return response
     except asyncio.CancelledError:
-        # The client went away before its answer was complete, or was cut off at the
-        # exchange's deadline (timeouts.total_seconds).
-        timed_out = (request.get(OUTCOME) or {}).get("upstream_error") == "timeout"
-        status = 504 if timed_out else CLIENT_CLOSED
+        # The client went away, or was cut off at the exchange's deadline
+        # (timeouts.total_seconds). One that left after taking the whole answer got a 200.
+        exchange = _exchange(request.get(OUTCOME))
+        if exchange is not None and exchange.upstream_error == "timeout":
+            status = 504
+        elif exchange is not None and exchange.answered:
+            status = 200
+        else:
+            status = CLIENT_CLOSED
         raise
     finally:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        outcome: dict[str, Any] = request.get(OUTCOME) or {}
-        if outcome:
+        outcome = request.get(OUTCOME)
+        if outcome is not None:
             _record_metrics(outcome, status, elapsed_ms)
         if log.isEnabledFor(logging.INFO):
             _log_line(request, outcome, status, elapsed_ms)
 
 
-def _record_metrics(outcome: dict[str, Any], status: int, elapsed_ms: float) -> None:
-    endpoint = outcome["endpoint"]
-    model = outcome.get("model", "")
-    decision = outcome.get("decision", "")
-    upstream_ms = outcome.get("upstream_ms", 0.0)
-    overhead_ms = max(elapsed_ms - upstream_ms, 0.0)
+def _exchange(outcome: Outcome | None) -> Exchange | None:
+    return None if outcome is None else outcome.exchange
+
+
+def _record_metrics(outcome: Outcome, status: int, elapsed_ms: float) -> None:
+    endpoint = outcome.endpoint
+    model = outcome.model_label or outcome.model or ""
+    exchange = outcome.exchange
+    upstream_ms = exchange.upstream_ms if exchange is not None else 0.0
     metrics.child(metrics.REQUESTS, endpoint, model, str(status)).inc()
-    metrics.child(metrics.DECISIONS, decision).inc()
-    metrics.child(metrics.OVERHEAD, endpoint).observe(overhead_ms / 1000)
-    if decision == "admitted":
-        org = outcome.get("org_id", "")
-        metrics.child(metrics.UPSTREAM_TIME, model).observe(upstream_ms / 1000)
-        metrics.child(metrics.TOKENS, model, org, "input").inc(outcome.get("input_tokens", 0))
-        metrics.child(metrics.TOKENS, model, org, "output").inc(outcome.get("output_tokens", 0))
-        metrics.child(metrics.COST, model, org).inc(outcome.get("cost_nano", 0))
-        upstream_status = outcome.get("status_upstream", 0)
-        error = outcome.get("upstream_error")
-        if error or upstream_status >= 500:
-            metrics.UPSTREAM_ERRORS.labels(
-                outcome.get("upstream", ""), error or f"http_{upstream_status}"
-            ).inc()
+    metrics.child(metrics.DECISIONS, outcome.decision).inc()
+    metrics.child(metrics.OVERHEAD, endpoint).observe(max(elapsed_ms - upstream_ms, 0.0) / 1000)
+    if exchange is None:
+        return
+    org = outcome.org_id or ""
+    usage = exchange.usage
+    metrics.child(metrics.UPSTREAM_TIME, model).observe(upstream_ms / 1000)
+    metrics.child(metrics.TOKENS, model, org, "input").inc(usage.input_tokens if usage else 0)
+    metrics.child(metrics.TOKENS, model, org, "output").inc(usage.output_tokens if usage else 0)
+    metrics.child(metrics.COST, model, org).inc(exchange.cost_nano)
+    error = exchange.upstream_error
+    if error or exchange.status >= 500:
+        metrics.UPSTREAM_ERRORS.labels(exchange.upstream, error or f"http_{exchange.status}").inc()
 
 
 def _log_line(
-    request: web.Request, outcome: dict[str, Any], status: int, elapsed_ms: float
+    request: web.Request, outcome: Outcome | None, status: int, elapsed_ms: float
 ) -> None:
-    upstream_ms = outcome.get("upstream_ms", 0.0)
+    exchange = _exchange(outcome)
+    usage = exchange.usage if exchange is not None else None
+    upstream_ms = exchange.upstream_ms if exchange is not None else 0.0
     line = {
         "ts": round(time.time(), 3),
         "request_id": request[REQUEST_ID],
-        "accounting_id": outcome.get("request_id"),
+        "accounting_id": outcome.request_id if outcome else None,
         "method": request.method,
         "path": request.path,
-        "key_id": outcome.get("key_id"),
-        "org_id": outcome.get("org_id"),
-        "on_behalf_of": outcome.get("on_behalf_of"),
-        "model": outcome.get("model"),
-        "upstream": outcome.get("upstream"),
-        "fallback_from": outcome.get("fallback_from"),
+        "key_id": outcome.key_id if outcome else None,
+        "org_id": outcome.org_id if outcome else None,
+        "on_behalf_of": outcome.on_behalf_of if outcome else None,
+        "model": outcome.model if outcome else None,
+        "upstream": exchange.upstream if exchange else None,
+        "fallback_from": exchange.fallback_from if exchange else None,
         "status": status,
-        "decision": outcome.get("decision"),
-        "input_tokens": outcome.get("input_tokens"),
-        "output_tokens": outcome.get("output_tokens"),
-        "cost_nano": outcome.get("cost_nano"),
-        "clamped_max_tokens": outcome.get("clamped_max_tokens"),
+        "decision": outcome.decision if outcome else None,
+        "input_tokens": (usage.input_tokens if usage else 0) if exchange else None,
+        "output_tokens": (usage.output_tokens if usage else 0) if exchange else None,
+        "cost_nano": exchange.cost_nano if exchange else None,
+        "clamped_max_tokens": outcome.clamped_max_tokens if outcome else None,
         "overhead_ms": round(max(elapsed_ms - upstream_ms, 0.0), 3),
         "upstream_ms": round(upstream_ms, 3) if outcome else None,
-        "client_gone": outcome.get("client_gone") or None,
+        "client_gone": (exchange.client_gone or None) if exchange else None,
     }
     log.info(json.dumps({k: v for k, v in line.items() if v is not None}))

@@ -10,6 +10,12 @@ Format: one JSON object per line, ``{"settle": {...}}`` when deferred and ``{"do
 when written; a file whose owner is alive is locked (``flock``), so only orphans are adopted.
 Items that keep failing for a reason other than Redis being away are moved to
 ``quarantine.jsonl`` in the same directory: kept for an operator, never blocking the rest.
+
+A spool that cannot hold a settle (a full disk, a read-only mount) must be noticed before it is
+needed: ``check()`` writes, fsyncs and removes a probe at start-up (the proxy refuses to start
+without it) and ``/readyz`` asks again while an append has failed. An append shares one write
+and one fsync among the settles waiting for it, so when that write fails every one of them is
+told (``SpoolWriteError``), never only the caller that happened to do the write.
 """
 
 from __future__ import annotations
@@ -30,6 +36,28 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_NAME = "quarantine.jsonl"
 _PATTERN = "settles-*.jsonl"
+_PROBE = b'{"probe":"' + b"x" * 512 + b'"}\n'
+"""About the size of one settle line: a disk with less room than this cannot hold one."""
+
+
+class SpoolUnwritable(OSError):
+    """The spool directory cannot durably hold a settle; the message says where and why."""
+
+
+class SpoolWriteError(OSError):
+    """A shared append failed: the settles it carried are not on disk."""
+
+
+class _Batch:
+    """Lines waiting for one shared write; each waiter learns that write's result."""
+
+    __slots__ = ("error", "lines", "sync", "written")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.sync = False
+        self.written = False
+        self.error: OSError | None = None
 
 
 @dataclass(slots=True)
@@ -80,8 +108,10 @@ class SettleSpool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._file: IO[bytes] | None = None
-        self._buffer: list[bytes] = []
+        self._batch: _Batch | None = None
         self._lock = asyncio.Lock()
+        self.failing: OSError | None = None
+        """The last append's failure, until an append (or a ``check()``) succeeds again."""
 
     @property
     def path(self) -> Path | None:
@@ -91,47 +121,91 @@ class SettleSpool:
         if self._file is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             name = f"settles-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-            handle = (self.directory / name).open("a+b")
+            handle = (self.directory / name).open("a+b", buffering=0)
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._file = handle
         return self._file
 
-    def _write(self, data: bytes) -> None:
-        handle = self._open()
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    def _write(self, data: bytes, sync: bool) -> None:
+        """Unbuffered, so a failed write leaves nothing behind in memory to reach the file
+        later; a short or failed write is cut back to the last whole line."""
+        fd = self._open().fileno()
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
 
-    async def _append(self, line: bytes) -> None:
-        """Durable when it returns. Concurrent callers share one write and one fsync."""
-        self._buffer.append(line)
+    async def _append(self, line: bytes, sync: bool) -> None:
+        """Durable (when ``sync``) once it returns; raises ``SpoolWriteError`` when the shared
+        write that carried this line failed. Concurrent callers share one write and fsync."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+        batch.lines.append(line)
+        batch.sync = batch.sync or sync
         async with self._lock:
-            if not self._buffer:
-                return  # an earlier holder of the lock wrote this line with its own
-            data, self._buffer = b"".join(self._buffer), []
-            await asyncio.to_thread(self._write, data)
+            if not batch.written:
+                if self._batch is batch:
+                    self._batch = None
+                batch.written = True
+                try:
+                    await asyncio.to_thread(self._write, b"".join(batch.lines), batch.sync)
+                except OSError as exc:
+                    batch.error = exc
+                    self.failing = exc
+                else:
+                    self.failing = None
+        if batch.error is not None:
+            raise SpoolWriteError(
+                batch.error.errno,
+                f"cannot append to the settle spool {self.path or self.directory}: "
+                f"{batch.error.strerror or batch.error}",
+            ) from batch.error
 
     async def keep(self, req: SettleRequest) -> None:
-        await self._append(_line({"settle": req.to_json()}))
+        await self._append(_line({"settle": req.to_json()}), sync=True)
 
     async def done(self, request_id: str) -> None:
         """Not fsynced: losing a ``done`` line only means a harmless (idempotent) replay."""
-        self._buffer.append(_line({"done": request_id}))
-        async with self._lock:
-            if self._buffer:
-                data, self._buffer = b"".join(self._buffer), []
-                await asyncio.to_thread(self._write_unsynced, data)
-
-    def _write_unsynced(self, data: bytes) -> None:
-        handle = self._open()
-        handle.write(data)
-        handle.flush()
+        with contextlib.suppress(SpoolWriteError):
+            await self._append(_line({"done": request_id}), sync=False)
 
     async def empty(self) -> None:
         """Nothing pending: start the file afresh so it does not grow with every outage."""
         async with self._lock:
-            if self._file is not None and not self._buffer:
+            if self._file is not None and self._batch is None:
                 await asyncio.to_thread(self._file.truncate, 0)
+
+    def check(self) -> None:
+        """Raises ``SpoolUnwritable`` unless the directory takes a settle-sized line durably:
+        created if missing, a probe file written, fsynced and removed (blocking: run it in a
+        thread once the loop runs)."""
+        probe = self.directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                with probe.open("wb") as handle:
+                    handle.write(_PROBE)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+        except OSError as exc:
+            raise SpoolUnwritable(
+                exc.errno,
+                f"the settle spool directory {self.directory} cannot hold a settle "
+                f"({exc.strerror or exc}); free space or fix its permissions, or set "
+                "[limits] spool_dir",
+            ) from exc
+        self.failing = None
 
     async def quarantine(self, req: SettleRequest, reason: str) -> Path:
         path = self.directory / QUARANTINE_NAME

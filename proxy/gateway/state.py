@@ -8,14 +8,16 @@ from aiohttp import web
 
 from proxy.catalog.routes import ModelTable
 from proxy.config import Settings
-from proxy.gateway.admission import Admission
 from proxy.gateway.auth import Authenticator
+from proxy.gateway.body import BodiesInFlight
+from proxy.gateway.detached import DetachedSettles
+from proxy.ledger.admission import Admission
+from proxy.ledger.api_keys import KeyStore
+from proxy.ledger.budgets import BudgetStore
+from proxy.ledger.windows import Clock
 from proxy.providers.fallback import CoolDowns
 from proxy.providers.upstream import UpstreamClient
-from proxy.store.budgets import BudgetStore
-from proxy.store.connection import Redis
-from proxy.store.keys import KeyStore
-from proxy.store.windows import Clock
+from proxy.store.client import Redis
 
 
 @dataclass
@@ -31,6 +33,10 @@ class Gateway:
     clock: Clock
     cooldowns: CoolDowns = field(default_factory=CoolDowns)
     """Upstreams that failed recently, tried last in a model's fallback list."""
+    bodies: BodiesInFlight = field(default_factory=lambda: BodiesInFlight(8))
+    """Request bodies still arriving, per key (``server.max_bodies_per_key``)."""
+    settles: DetachedSettles = field(default_factory=DetachedSettles)
+    """Settles whose request was cancelled (its client left) while they ran."""
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

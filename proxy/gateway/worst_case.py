@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from proxy.dialects.base import Reservation
 from proxy.errors import bad_request
-from proxy.gateway.admission import ClampTerms
+from proxy.ledger.admission import ClampTerms
 
 CLAMP_HEADER = "x-budget-clamp"
 MAX_EXACT = 2**53 - 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from proxy.config import UpstreamConfig
 from proxy.errors import ApiError
-from proxy.providers.http_client import Response, UpstreamConnectError
+from proxy.providers.http import Response, UpstreamConnectError
 from proxy.providers.upstream import UpstreamClient
 
 

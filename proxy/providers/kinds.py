@@ -12,16 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.config import UpstreamConfig
-from proxy.providers import anthropic, azure, google
+from proxy.providers import anthropic, azure, bedrock, google
 
 
 def url(upstream: UpstreamConfig, endpoint: str, deployment: str) -> str:
-    """``deployment``: Azure's deployment, or the model a Google upstream's path names.
-    (Vertex's URL also depends on the body: ``google.vertex_target``.)"""
+    """``deployment``: Azure's deployment, the Bedrock model id, or the model a Google
+    upstream's path names (Vertex's URL also depends on the body: ``google.vertex_target``)."""
     if upstream.kind == "anthropic":
         return anthropic.url(upstream, endpoint)
     if upstream.kind == "azure":
         return azure.url(upstream, endpoint, deployment)
+    if upstream.kind == "bedrock":
+        return bedrock.url(upstream, endpoint, deployment)
     if upstream.kind == "gemini":
         return google.gemini_url(upstream, endpoint, deployment)
     return f"{upstream.base_url}/{endpoint}"
@@ -35,6 +37,8 @@ def credential_headers(
         return anthropic.credential_headers(upstream, client_headers)
     if upstream.kind == "azure":
         return azure.credential_headers(upstream)
+    if upstream.kind == "bedrock":
+        return bedrock.credential_headers(upstream)
     if upstream.kind == "gemini":
         return google.gemini_credential(upstream)
     if upstream.kind == "vertex":

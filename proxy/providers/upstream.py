@@ -11,8 +11,8 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
-from proxy.providers import google, kinds
-from proxy.providers.http_client import (
+from proxy.providers import bedrock, google, kinds
+from proxy.providers.http import (
     Client,
     Response,
     Target,
@@ -29,6 +29,16 @@ FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset({"accept", "user-agent", "openai-beta"}),
     "azure": frozenset({"accept", "user-agent", "openai-beta"}),
     "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}),
+    "bedrock": frozenset(
+        {
+            "accept",
+            "user-agent",
+            "x-amzn-bedrock-guardrailidentifier",
+            "x-amzn-bedrock-guardrailversion",
+            "x-amzn-bedrock-trace",
+            "x-amzn-bedrock-performanceconfig-latency",
+        }
+    ),
     "gemini": frozenset({"accept", "user-agent"}),
     "vertex": frozenset({"accept", "user-agent", "anthropic-beta"}),
 }
@@ -43,6 +53,9 @@ NEVER_FORWARDED = frozenset(
         "anthropic-api-key",
         "x-goog-api-key",
         "anthropic-version",  # set per upstream (kinds.credential_headers)
+        "x-amz-date",  # a client's SigV4 signature: the proxy signs for its upstream itself
+        "x-amz-security-token",
+        "x-amz-content-sha256",
         "cookie",
         "openai-organization",
         "openai-project",
@@ -137,8 +150,12 @@ def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
     return headers
 
 
+_MAX_TARGETS = 4096
+"""Parsed upstream URLs kept; a path may carry a client-chosen model id, so it is bounded."""
+
+
 class UpstreamClient:
-    """Every upstream's pooled keep-alive connections (``proxy.providers.http_client``)."""
+    """Every upstream's pooled keep-alive connections (``proxy.providers.http``)."""
 
     def __init__(self, timeouts: TimeoutConfig) -> None:
         self._timeouts = Timeouts(
@@ -177,7 +194,11 @@ class UpstreamClient:
             address = kinds.url(upstream, endpoint, deployment)
         target = self._targets.get(address)
         if target is None:
+            if len(self._targets) >= _MAX_TARGETS:  # Bedrock: a model id in every path
+                self._targets.clear()
             target = self._targets[address] = Target.parse(address)
+        if upstream.kind == "bedrock":  # signed last: over the final body and headers
+            sent = bedrock.sign(upstream, address, body, sent)
         try:
             return await self._client.post(target, sent, body)
         except UpstreamTimeout as exc:

@@ -1,2 +1,3 @@
-"""Redis: the connection, the scripts, and the records the request path reads (keys,
-budgets, spend windows). Every key of one org carries the org's hash tag."""
+"""Redis connections and topologies (single, Sentinel, Cluster), the pipelined hot path, the
+embedded Redis, the typed client interface (``client``) and the script runner (``scripts``).
+What is stored, and under which names, is ``proxy.ledger``'s."""

@@ -1,9 +1,4 @@
-"""Redis clients, key naming and Lua script loading.
-
-Everything one admission touches carries the org's hash tag (``bp:{o:<org>}:``), so the same
-scripts work on one Redis, under Sentinel and on a cluster. Only the key-digest index and the
-org set are global (they are read before the org is known); on a cluster they live in slots of
-their own, and nothing writes them in one transaction with an org's keys.
+"""Redis clients (key names are ``proxy.ledger.keys``'s, scripts ``proxy.store.scripts``).
 
 Two clients per process: redis-py (pooled) for key look-ups, the admin APIs, webhooks and
 script loading, and the pipelined hot path (``proxy.store.pipelined``) for admit and settle.
@@ -12,13 +7,10 @@ The URL decides the kind of both (``proxy.store.topology``).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import ssl
 from collections.abc import Iterable
-from importlib import resources
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -31,31 +23,14 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 
 from proxy.config import RedisConfig
 from proxy.store import topology
+from proxy.store.client import Redis
 from proxy.store.cluster import ClusterRouter
 from proxy.store.pipelined import Link, PipelinedConnection, Router, SingleNode
+from proxy.store.scripts import LuaScript
 from proxy.store.sentinel import SentinelRouter
-
-ORGS_KEY = "bp:orgs"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-
-Redis: TypeAlias = Any  # redis.asyncio.Redis or RedisCluster (decode_responses=True)
-
-
-def valid_id(value: str) -> bool:
-    """Ids become part of Redis key names; a narrow alphabet keeps tags and separators intact."""
-    return bool(_ID_PATTERN.match(value))
-
-
-def org_prefix(org_id: str) -> str:
-    return f"bp:{{o:{org_id}}}:"
-
-
-def digest_key(digest: str) -> str:
-    return f"bp:kd:{digest}"
 
 
 def _retry() -> Retry:
@@ -156,9 +131,9 @@ def connect(config: RedisConfig, url: str) -> Redis:
             **common,
         )
         master.sentinel = sentinel
-        return master
+        return cast(Redis, master)
     if topo.kind == "cluster":
-        return _Cluster(
+        cluster = _Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in topo.nodes],
             username=topo.username,
             password=topo.password,
@@ -170,11 +145,13 @@ def connect(config: RedisConfig, url: str) -> Redis:
             max_connections=config.max_connections,
             **common,
         )
+        return cast(Redis, cluster)
     if topo.nodes:  # TCP, not a unix socket
         common["connection_class"] = _SSLConnection if topo.tls else _Connection
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url, retry=_retry(), max_connections=config.max_connections, **common
     )
+    return cast(Redis, client)
 
 
 def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
@@ -239,34 +216,3 @@ def hot_path(config: RedisConfig, url: str) -> PipelinedConnection | None:
     else:
         router = SingleNode(data_link(*topo.nodes[0]))
     return PipelinedConnection(router, LuaScript.sources)
-
-
-class LuaScript:
-    """A script made of ``.lua`` files of the ``proxy`` package (paths relative to it, e.g.
-    ``gateway/admit.lua``, each beside the Python that calls it), called by SHA (EVALSHA).
-
-    Files listed first are libraries (local functions) the last one uses; Redis has no
-    include, so they are concatenated into one script body.
-    """
-
-    sources: ClassVar[dict[str, str]] = {}
-    """Every script by SHA: the hot path loads one on a node that lacks it (a promoted
-    replica, a restarted server) without a round trip through redis-py."""
-
-    def __init__(self, *files: str) -> None:
-        package = resources.files("proxy")
-        self.source = "\n".join(package.joinpath(name).read_text() for name in files)
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis's id
-        self.name = files[-1].rsplit("/", 1)[-1]
-        LuaScript.sources[self.sha] = self.source
-
-    async def load(self, client: Redis) -> None:
-        """On a cluster, redis-py sends SCRIPT LOAD to every master."""
-        await client.script_load(self.source)
-
-    async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)

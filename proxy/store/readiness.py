@@ -14,7 +14,7 @@ import logging
 
 from redis.exceptions import BusyLoadingError, RedisError
 
-from proxy.store.connection import Redis
+from proxy.store.client import Redis
 
 log = logging.getLogger(__name__)
 

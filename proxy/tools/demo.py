@@ -17,11 +17,11 @@ import os
 from aiohttp import web
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
+from proxy.ledger.api_keys import KeyCreate, KeyStore
 from proxy.serving import private_redis, running_site, serve_worker, use_uvloop
 from proxy.store.connection import connect
 from proxy.store.embedded_redis import RedisServerNotFound, find_redis_server, free_port
-from proxy.store.keys import KeyCreate, KeyStore
-from proxy.tools.mock_upstream import MockOptions, build_mock_app
+from proxy.tools.mock import MockOptions, build_mock_app
 
 DEMO_ORG = "demo"
 _MOCK_KEY_ENV = "LLM_PROXY_DEMO_UPSTREAM_KEY"

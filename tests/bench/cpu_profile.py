@@ -93,7 +93,10 @@ def summarise(raw: Path, top: int = 25) -> dict[str, object]:
                 if name not in seen:
                     seen.add(name)
                     proxy_inclusive[name] += count
-    share = lambda n: round(n / total * 100, 1) if total else 0.0  # noqa: E731
+
+    def share(n: int) -> float:
+        return round(n / total * 100, 1) if total else 0.0
+
     return {
         "samples": total,
         "self_pct_by_component": {k: share(v) for k, v in by_component.most_common()},

@@ -64,6 +64,7 @@ from typing import Any
 
 import aiohttp
 import redis
+from redis import Redis
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -196,7 +197,7 @@ class Target:
     """The LLM keys the load spreads over (a proxy target); the mock and pass-through take any."""
     redis: dict[str, int] = field(default_factory=dict)
     """Name → pid of every Redis process behind a proxy target (masters and replicas)."""
-    redis_stats: dict[str, redis.Redis] = field(default_factory=dict)
+    redis_stats: dict[str, Redis] = field(default_factory=dict)
     """Name → client of each master whose command statistics count this target's calls."""
 
     @property

@@ -30,13 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # after PYTHONPATH: another version's tree wins when given
 
+from proxy.admin.budget_shapes import BudgetInput  # noqa: E402
 from proxy.config import RedisConfig  # noqa: E402
-from proxy.gateway.admission import Admission  # noqa: E402
 from proxy.gateway.settle_spool import SettleSpool  # noqa: E402
-from proxy.store.budgets import BudgetInput, BudgetStore  # noqa: E402
+from proxy.ledger.admission import Admission  # noqa: E402
+from proxy.ledger.api_keys import Identity, KeyCreate, KeyStore, Limits  # noqa: E402
+from proxy.ledger.budgets import BudgetStore  # noqa: E402
 from proxy.store.connection import connect  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis  # noqa: E402
-from proxy.store.keys import Identity, KeyCreate, KeyStore, Limits  # noqa: E402
 
 HUGE = 10**12
 ORG = "bench"
@@ -68,7 +69,7 @@ async def measure(scenario: str, calls: int) -> dict[str, Any]:
         await budgets.put(ORG, "apikey", record.id, cost, windows, now)
         await budgets.put(ORG, "org", ORG, tokens, windows, now)
         if scenario == "tracked":
-            from proxy.store.end_users import EndUserPolicies, EndUserPolicy
+            from proxy.ledger.end_users import EndUserPolicies, EndUserPolicy
 
             await budgets.put(ORG, "external_user_default", ORG, cost, windows, now)
             await EndUserPolicies(client).put(ORG, EndUserPolicy(limits=limits))
@@ -78,9 +79,9 @@ async def measure(scenario: str, calls: int) -> dict[str, Any]:
         stats.config_resetstat()
         started = cpu_seconds(server.pid or 0)
         for i, rid in enumerate(rids):
-            extra: dict[str, str] = {}
+            extra: dict[str, Any] = {}
             if scenario != "plain":
-                from proxy.store.end_users import end_user_tag
+                from proxy.ledger.keys import end_user_tag
 
                 user = f"user-{i % 1000}"
                 extra = {"end_user": user, "end_user_tag": end_user_tag(user)}

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -30,10 +31,10 @@ sys.path.insert(0, str(REPO))
 import redis.asyncio as aioredis  # noqa: E402
 
 from proxy import config  # noqa: E402
-from proxy.gateway.admission import Admission  # noqa: E402
 from proxy.gateway.settle_spool import SettleSpool  # noqa: E402
+from proxy.ledger.admission import Admission  # noqa: E402
+from proxy.ledger.api_keys import Identity  # noqa: E402
 from proxy.store.embedded_redis import EmbeddedRedis  # noqa: E402
-from proxy.store.keys import Identity  # noqa: E402
 
 ORG = "bench"
 
@@ -46,7 +47,9 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         redis = aioredis.Redis.from_url(server.url, decode_responses=True)
         try:
             at = float(int(time.time()) // 60 * 60 + 1)  # one minute, one hour, one day
-            extra = {"usage": usage} if "usage" in inspect.signature(Admission).parameters else {}
+            extra: dict[str, Any] = {}
+            if "usage" in inspect.signature(Admission).parameters:
+                extra["usage"] = usage
             admission = Admission(
                 redis, {}, 120.0, lambda: at, SettleSpool(Path(scratch) / "spool"), **extra
             )
@@ -65,9 +68,11 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
                         who, rid, 200, 5000, prompt_tokens=100, model=model,
                         endpoint="chat/completions", end_user=user,
                     )  # fmt: skip
-                    record = {"rid": rid, "kid": kid, "user": user, "model": model,
-                              "endpoint": "chat/completions", "in": 100, "out": 50,
-                              "cached": 20, "cost_nano": 4321}  # fmt: skip
+                    record: dict[str, str | int | None] = {
+                        "rid": rid, "kid": kid, "user": user, "model": model,
+                        "endpoint": "chat/completions", "in": 100, "out": 50,
+                        "cached": 20, "cost_nano": 4321,
+                    }  # fmt: skip
                     await admission.settle(admission.settle_request(who, rid, 150, 4321, record))
 
             await asyncio.gather(*(one(n) for n in range(min(2000, args.requests))))  # warm-up
