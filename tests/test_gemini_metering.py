@@ -1,11 +1,14 @@
 """Gemini's metering: the worst case (``maxOutputTokens`` x ``candidateCount``, the prompt's
 tokenizer-less bound, media), ``usageMetadata`` field by field, long-context tiers from the
-price database, a stream cut short, clamping and the quote endpoint on this dialect."""
+price database, a stream cut short (as events or as Google's JSON array, relayed element by
+element), clamping and the quote endpoint on this dialect."""
 
 from __future__ import annotations
 
 import base64
+import json
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ from google_setup import PRICE, models, service_account_file, upstreams
 from proxy.catalog.pricing import cost_nano, price_from_config, reserve_cost_nano
 from proxy.catalog.routes import build_routes
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.dialects import GEMINI
+from proxy.dialects import GEMINI, json_array
 from proxy.dialects.base import Usage
 from proxy.dialects.gemini_bound import IMAGE_MIN, prompt_bound
 from proxy.dialects.gemini_usage import usage_of
@@ -228,3 +231,51 @@ async def test_a_pattern_falls_back_from_a_dead_upstream_and_is_priced_from_the_
     [row] = await rows(store, 1)
     assert row["model"] == "gemini-2.5-flash-lite" and row["reported"]
     assert row["cost_nano"] == cost_nano(route.price, row["in"], row["out"])
+
+
+def test_a_streamed_array_splits_into_whole_elements_wherever_reads_end() -> None:
+    elements = [{"candidates": [{"content": {"parts": [{"text": ' a "}]{[,\\'}]}}]}, {"n": [1, {}]}]
+    stream = b"[" + b",\r\n".join(json.dumps(e).encode() for e in elements) + b"\r\n]"
+    for cut in range(len(stream) + 1):
+        pending, seen = b"", []
+        for read in (stream[:cut], stream[cut:]):
+            whole, pending = json_array.split(pending + read)
+            seen += json_array.elements(whole)
+            assert pending == b"" or pending.lstrip(b",\r\n[").startswith(b"{"), (cut, pending)
+        assert seen == elements and pending == b"", cut
+
+
+async def test_a_streamed_array_is_relayed_element_by_element(gp: Proxy) -> None:
+    _, key = await gp.create_key("acme")
+    headers = {"x-goog-api-key": key, "x-mock-output-tokens": "3", "x-mock-chunk-delay-ms": "400"}
+    started = time.monotonic()
+    async with gp.session.post(
+        f"{gp.url}{PATH}:streamGenerateContent", json=TEXT, headers=headers
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+        received = b""
+        while not json_array.elements(json_array.split(received)[0]):
+            received += await response.content.readany()
+        first = time.monotonic() - started
+        received += await response.read()
+        whole = time.monotonic() - started
+    assert whole - first >= 1.0  # three more chunks, 400 ms apart, came after the first
+    assert len(json.loads(received)) == 4
+
+
+async def test_a_streamed_array_cut_short_ends_in_an_error_element_and_is_charged_what_was_relayed(
+    gp: Proxy, store: aioredis.Redis
+) -> None:
+    _, key = await gp.create_key("acme")
+    body = {**TEXT, "generationConfig": {"maxOutputTokens": 40}}
+    status, data, _ = await post(
+        gp, f"{PATH}:streamGenerateContent", body, key, **{"x-mock-fail-after-chunks": "3"}
+    )
+    chunks = json.loads(data)  # the array is closed, its last element the error
+    assert status == 200 and len(chunks) == 4 and chunks[-1]["error"]["status"] == "UNAVAILABLE"
+    [row] = await rows(store, 1)
+    assert not row["reported"]
+    assert row["in"] == 1 + 2 + 2  # the prompt as the chunks reported it
+    assert row["out"] == len(" the of and")  # the bytes of the three words relayed
+    assert row["cost_nano"] == cost_nano(price_from_config(PRICE), row["in"], row["out"])

@@ -114,11 +114,6 @@ class Google:
             ("POST", "/token/ttl/{ttl:\\d+}", self.token),
         ]
 
-    def record(
-        self, method: str, path: str, headers: dict[str, str], body: Any, query: dict[str, str]
-    ) -> None:
-        self.mock.received.append(ReceivedRequest(method, path, headers, body, query))
-
     def report(
         self, path: str, model: str, prompt: int, output: int, cached: int, thoughts: int
     ) -> None:
@@ -132,7 +127,8 @@ class Google:
         except ValueError:
             body = None
         parsed = body if isinstance(body, dict) else None
-        self.record(request.method, request.path, headers, parsed, dict(request.query))
+        received = ReceivedRequest(request.method, request.path, headers, parsed, {**request.query})
+        self.mock.received.append(received)
         latency = _int(headers, "x-mock-latency-ms")
         if latency:
             await asyncio.sleep(latency / 1000)
@@ -284,7 +280,7 @@ class Google:
 
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
-        self.record(request.method, request.path, {}, None, {})
+        self.mock.received.append(ReceivedRequest(request.method, request.path, {}, None))
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" or not form.get(
             "assertion"
         ):
@@ -306,13 +302,8 @@ def _field(body: dict[str, Any], name: str) -> int | None:
 
 
 def _candidate(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
-    candidate: dict[str, Any] = {
-        "content": {"parts": [{"text": text}], "role": "model"},
-        "index": index,
-    }
-    if finish is not None:
-        candidate["finishReason"] = finish
-    return candidate
+    candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "index": index}
+    return candidate if finish is None else {**candidate, "finishReason": finish}
 
 
 GOOGLE: web.AppKey[Google] = web.AppKey("mock_google", Google)
