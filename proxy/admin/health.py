@@ -1,6 +1,7 @@
 """Liveness and readiness: ``/healthz`` says the process runs; ``/readyz`` that it can admit
-(Redis answers and the admission scripts are loaded), so load balancers route around it
-while Redis is away."""
+(Redis answers, the admission scripts are loaded and, with ``durability = "replicated"``, enough
+replicas have finished their first sync), so load balancers route around it while Redis is away
+or a replica is still syncing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from proxy.gateway.admission import ADMIT, RECLAIM, SETTLE
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import Reply, operation
 from proxy.store.budgets import PUT_BUDGET
+from proxy.store.server_info import replication_shortfall
 
 SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 
@@ -29,7 +31,12 @@ async def healthz(request: web.Request) -> web.Response:
     auth="none",
     answers=(
         Reply(200, "Redis answers and the admission scripts are loaded.", Readiness),
-        Reply(503, "Redis cannot be reached: route around this process.", Readiness),
+        Reply(
+            503,
+            "Redis cannot be reached, or (durability = replicated) no replica has finished "
+            "its first sync: route around this process.",
+            Readiness,
+        ),
     ),
 )
 async def readyz(request: web.Request) -> web.Response:
@@ -39,10 +46,15 @@ async def readyz(request: web.Request) -> web.Response:
         if not all(loaded):
             for script in SCRIPTS:
                 await script.load(gw.redis)
+        shortfall = None
+        if gw.settings.redis.durability == "replicated":
+            shortfall = await replication_shortfall(gw.redis, gw.settings.redis.replicas)
     except (RedisError, OSError) as exc:
         return web.json_response(
             {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"}, status=503
         )
+    if shortfall is not None:
+        return web.json_response({"status": "unavailable", "redis": shortfall}, status=503)
     return web.json_response({"status": "ready", "redis": "ok"})
 
 

@@ -39,6 +39,7 @@ from proxy.gateway.request_context import OUTCOME, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.store.end_users import MAX_END_USER_ID, end_user_tag, valid_end_user
 from proxy.store.keys import Identity
+from proxy.store.server_info import unavailable_reason
 
 # A model serves the endpoints of its kind only (an embedding model on chat answered 200).
 _KIND_ENDPOINTS = {
@@ -351,9 +352,9 @@ async def _admit(
 ) -> Admitted:
     try:
         decision = await decide(gw, identity, request_id, endpoint, prepared, end_user)
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         outcome["decision"] = "store_unavailable"
-        raise store_unavailable() from None
+        raise store_unavailable(unavailable_reason(exc)) from None
     if isinstance(decision, Admitted):
         return decision
     if isinstance(decision, RateLimited):
