@@ -30,7 +30,7 @@ from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.windows import windows_at
 from proxy.tools.mock_upstream import RECEIVED
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 MESSAGES = [{"role": "user", "content": "keep going"}]
 P = "bp:{o:acme}:"

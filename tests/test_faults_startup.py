@@ -36,7 +36,7 @@ from proxy.app import BOOTSTRAP_KEY_ID, BOOTSTRAP_ORG
 from proxy.store.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 from proxy.store.keys import KeyCreate, KeyStore, digest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 OLD_ADMIN_KEY = "sk-test-admin-old-0123456789"
 NEW_ADMIN_KEY = ADMIN_KEY

@@ -29,6 +29,8 @@ from proxy.store.pipelined import (
 )
 from tests.conftest import TEST_TOPOLOGY
 
+pytestmark = pytest.mark.redis
+
 ONE_SERVER = pytest.mark.skipif(
     TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"
 )

@@ -15,6 +15,8 @@ from proxy.store.connection import org_prefix
 from proxy.store.windows import windows_at
 from tests.conftest import Proxy
 
+pytestmark = pytest.mark.redis
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 

@@ -46,7 +46,7 @@ from proxy.store.keys import digest
 from proxy.store.windows import windows_at
 from tests.conftest import Proxy, eventually
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 ORG = "acme"
 PREFIX = org_prefix(ORG)

@@ -24,6 +24,8 @@ from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.store.windows import windows_at
 from proxy.tools.mock_upstream import RECEIVED
 
+pytestmark = pytest.mark.redis
+
 MESSAGES = [{"role": "user", "content": "are you there"}]
 CHAT = {"model": "gpt-4o", "messages": MESSAGES}
 

@@ -30,6 +30,8 @@ from proxy.store.connection import Redis, org_prefix
 from proxy.store.windows import windows_at
 from tests.conftest import Proxy, eventually
 
+pytestmark = pytest.mark.redis
+
 Topology = RedisClusterTopology | RedisSentinelTopology
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
