@@ -11,6 +11,7 @@ this is what is missing, rather than a bare "store unavailable".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -19,7 +20,13 @@ from redis.asyncio.cluster import RedisCluster
 from proxy.store.connection import Redis
 from proxy.store.pipelined import ReplicaTimeout
 
-__all__ = ["replication_shortfall", "running_version", "server_version", "unavailable_reason"]
+__all__ = [
+    "Shortfall",
+    "replication_shortfall",
+    "running_version",
+    "server_version",
+    "unavailable_reason",
+]
 
 
 def server_version(info: Mapping[str, Any]) -> str:
@@ -52,7 +59,16 @@ def _in_sync(info: Mapping[str, Any]) -> int:
     return online
 
 
-async def replication_shortfall(client: Redis, needed: int) -> str | None:
+@dataclass(frozen=True)
+class Shortfall:
+    """Masters whose replicas cannot acknowledge a ``WAIT`` yet. ``everywhere``: all of them
+    (nothing can be admitted); on a cluster, orgs on the other shards are still served."""
+
+    detail: str
+    everywhere: bool
+
+
+async def replication_shortfall(client: Redis, needed: int) -> Shortfall | None:
     """Why ``WAIT`` for ``needed`` replicas cannot succeed now, or None if it can.
 
     One ``INFO replication`` on the master (on a cluster, on every master): a readiness probe's
@@ -70,10 +86,11 @@ async def replication_shortfall(client: Redis, needed: int) -> str | None:
     ]
     if not short:
         return None
-    return (
-        "; ".join(short)
-        + ' (durability = "replicated" admits nothing until one has finished its first sync)'
+    detail = "; ".join(short) + (
+        f' (durability = "replicated" admits nothing there until {needed} replica(s) have '
+        "finished their first sync)"
     )
+    return Shortfall(detail, everywhere=len(short) == len(per_node))
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
