@@ -65,11 +65,23 @@ def command(node: EmbeddedRedis, *args: Any) -> Any:
 
 
 def replicas_in_sync(master: EmbeddedRedis) -> int:
-    """Replicas that finished their first sync and stream writes (``state=online``); a
-    connected one may still be waiting for its snapshot (``wait_bgsave``, ``send_bulk``)."""
+    """Replicas that finished their first sync and stream writes: ``state=online`` on the
+    master (a connected one may still wait for its snapshot: ``wait_bgsave``, ``send_bulk``)
+    and ``master_link_status:up`` on the replica (Valkey 9 marks a replica online once the
+    snapshot is sent, about a second before the replica has loaded it and acknowledges)."""
     info = client(master).info("replication")
     count = int(info.get("connected_slaves", 0))
-    return sum(1 for i in range(count) if info.get(f"slave{i}", {}).get("state") == "online")
+    replicas = [info.get(f"slave{i}", {}) for i in range(count)]
+    return sum(
+        1
+        for replica in replicas
+        if replica.get("state") == "online" and _link_up(int(replica.get("port", 0)))
+    )
+
+
+def _link_up(port: int) -> bool:
+    with redis.Redis(host=HOST, port=port, socket_timeout=2, decode_responses=True) as c:
+        return bool(c.info("replication").get("master_link_status") == "up")
 
 
 def wait_in_sync(master: EmbeddedRedis, replicas: int, within: float = 15) -> None:
