@@ -16,7 +16,7 @@ test-fast: $(VENV)/bin/python
 
 # Exactly the README's test command, which CI (.ci/run) runs too.
 test:
-	python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest -q && .venv/bin/ruff check proxy tests && .venv/bin/mypy
+	python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && scripts/with-redis.sh bundled .venv/bin/python -m pytest -q && scripts/with-redis.sh debian .venv/bin/python -m pytest -q -m redis && .venv/bin/ruff check proxy tests && .venv/bin/mypy
 
 docs: $(VENV)/bin/python
 	$(VENV)/bin/mkdocs build --strict

@@ -61,9 +61,12 @@ class ServerConfig(_Strict):
     body_deadline_seconds: float = Field(120.0, gt=0)
     """Longest a request body may take to arrive in full, however steadily it trickles in
     (``body_timeout_seconds`` only bounds each pause)."""
-    max_bodies_per_key: int = Field(8, ge=1)
+    max_bodies_per_key: int = Field(64, ge=1)
     """Request bodies one key may have still arriving at once, per process; past it 429, so
-    one key's slow uploads cannot hold every connection."""
+    one key's slow uploads cannot hold every connection. A body that came whole with its head
+    is not counted, but on a busy process dozens of one heavy client's bodies can be mid-read
+    at once (48 in flight did it here): the default leaves them room and still keeps one key's
+    trickling uploads to a fraction of ``max_connections``."""
     keepalive_timeout_seconds: float = Field(75.0, gt=0)
     """Idle keep-alive connections are closed after this."""
     max_connections: int | None = Field(None, ge=1)

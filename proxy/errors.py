@@ -155,10 +155,11 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, type="authentication_error", code="invalid_api_key")
 
 
-def store_unavailable() -> ApiError:
+def store_unavailable(reason: str | None = None) -> ApiError:
+    """``reason`` replaces "is unavailable" when more is known (e.g. no replica in sync)."""
     return ApiError(
         503,
-        "The limit store (Redis) is unavailable; the request was not forwarded.",
+        f"The limit store (Redis) {reason or 'is unavailable'}; the request was not forwarded.",
         type="server_error",
         code="store_unavailable",
     )

@@ -37,7 +37,8 @@ from proxy.http_protocol import ConnectionLimits, GuardedAppRunner
 from proxy.process_lifetime import die_with_parent
 from proxy.store.connection import connect
 from proxy.store.data_dir import DataDirLock
-from proxy.store.embedded_redis import EmbeddedRedis
+from proxy.store.embedded_redis import EmbeddedRedis, find_redis_server
+from proxy.store.server_info import running_version
 from proxy.tls import reload_tls, tls_context
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,20 @@ def redis_url_for(settings: Settings) -> Iterator[str]:
     lock = DataDirLock.acquire(data_dir)
     try:
         # Redis inherits the lock: the directory stays locked until Redis, too, has exited.
-        embedded = EmbeddedRedis(data_dir, keep_fds=(lock.fd,))
+        # The log names the binary and the version that runs: people start the proxy on
+        # whichever redis-server is first on PATH (Debian's 7.x, the bundled 6.2, Valkey).
+        binary = find_redis_server()
+        embedded = EmbeddedRedis(data_dir, binary=binary, keep_fds=(lock.fd,))
         embedded.start(timeout=settings.redis.startup_wait_seconds)
         if embedded.pid is not None:
             lock.note_child("redis", embedded.pid)
-        log.info("embedded redis-server on %s (data in %s)", embedded.url, data_dir)
+        log.info(
+            "embedded redis-server on %s (data in %s): %s, %s",
+            embedded.url,
+            data_dir,
+            running_version(embedded.url),
+            binary,
+        )
         try:
             yield embedded.url
         finally:

@@ -7,6 +7,10 @@
 Timeouts are short so that a failover takes seconds: a cluster node is failed after 1 s
 without an answer, a sentinel calls a master down after 1 s. Every wait is a poll against a
 deadline, never a fixed sleep.
+
+Works alike on Redis 6.2 (the bundled binary), 7.x and Valkey: every server that may become a
+master gets ``REPLICATION_ARGS``, and "healthy" means every replica has finished its first sync
+(``state=online``), not merely connected.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from proxy.store.embedded_redis import EmbeddedRedis, free_port
 HOST = "127.0.0.1"
 NODE_TIMEOUT_MS = 1000
 SERVICE = "llmproxy"
+REPLICATION_ARGS = ("--repl-diskless-sync-delay", "0")
+"""Redis 7 defaults to diskless sync with a 5 s delay (to gather replicas for one transfer):
+a freshly attached replica then has nothing for 5 s and ``WAIT`` answers 0, so a
+``durability = "replicated"`` proxy refuses everything meanwhile. 6.2 syncs at once by default
+(disk-based); the option exists in both."""
 
 
 def poll(check: Callable[[], Any], within: float, what: str, every: float = 0.05) -> Any:
@@ -54,6 +63,30 @@ def client(node: EmbeddedRedis, **kwargs: Any) -> redis.Redis:
 def command(node: EmbeddedRedis, *args: Any) -> Any:
     with client(node) as c:
         return c.execute_command(*args)
+
+
+def replicas_in_sync(master: EmbeddedRedis) -> int:
+    """Replicas that finished their first sync and stream writes: ``state=online`` on the
+    master (a connected one may still wait for its snapshot: ``wait_bgsave``, ``send_bulk``)
+    and ``master_link_status:up`` on the replica (Valkey 9 marks a replica online once the
+    snapshot is sent, about a second before the replica has loaded it and acknowledges)."""
+    info = client(master).info("replication")
+    count = int(info.get("connected_slaves", 0))
+    replicas = [info.get(f"slave{i}", {}) for i in range(count)]
+    return sum(
+        1
+        for replica in replicas
+        if replica.get("state") == "online" and _link_up(int(replica.get("port", 0)))
+    )
+
+
+def _link_up(port: int) -> bool:
+    with redis.Redis(host=HOST, port=port, socket_timeout=2, decode_responses=True) as c:
+        return bool(c.info("replication").get("master_link_status") == "up")
+
+
+def wait_in_sync(master: EmbeddedRedis, replicas: int, within: float = 15) -> None:
+    poll(lambda: replicas_in_sync(master) >= replicas, within, f"{replicas} replica(s) in sync")
 
 
 def pause(node: EmbeddedRedis) -> None:
@@ -96,6 +129,7 @@ class RedisClusterTopology:
             # Shards whose master is up keep serving while another shard fails over (the
             # default stops the whole cluster until every slot has a live master again).
             "--cluster-require-full-coverage", "no",
+            *REPLICATION_ARGS,
         ]  # fmt: skip
         self.nodes = [
             EmbeddedRedis(base / f"node{i}", cluster_port(), persist=False, extra_args=args)
@@ -140,11 +174,7 @@ class RedisClusterTopology:
             for node in self.live():
                 if "cluster_state:ok" not in command(node, "CLUSTER", "INFO"):
                     return False
-            for master in self.masters():
-                info = client(master).info("replication")
-                if info.get("connected_slaves", 0) < 1:
-                    return False
-            return True
+            return all(replicas_in_sync(master) >= 1 for master in self.masters())
 
         poll(healthy, within, "a healthy cluster")
 
@@ -215,7 +245,9 @@ class RedisSentinelTopology:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.servers = [EmbeddedRedis(base / "master", persist=False)]
+        self.servers = [
+            EmbeddedRedis(base / "master", persist=False, extra_args=REPLICATION_ARGS)
+        ]
         self.sentinels: list[EmbeddedRedis] = []
 
     @property
@@ -230,11 +262,11 @@ class RedisSentinelTopology:
             replica = EmbeddedRedis(
                 self.base / f"replica{index}",
                 persist=False,
-                extra_args=["--replicaof", HOST, str(master.port)],
+                extra_args=[*REPLICATION_ARGS, "--replicaof", HOST, str(master.port)],
             )
             replica.start()
             self.servers.append(replica)
-        poll(lambda: client(master).info("replication")["connected_slaves"] == 2, 10, "replicas")
+        wait_in_sync(master, 2)
         for index in range(3):
             directory = self.base / f"sentinel{index}"
             directory.mkdir(parents=True, exist_ok=True)
@@ -288,8 +320,7 @@ class RedisSentinelTopology:
                     or state["flags"] != "master"
                 ):
                     return False
-            attached: int = client(master).info("replication")["connected_slaves"]
-            return attached >= 2
+            return replicas_in_sync(master) >= 2
 
         poll(healthy, within, "sentinels watching a master with two replicas")
 

@@ -31,7 +31,7 @@ from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.tools.mock import RECEIVED
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 MESSAGES = user_messages("keep going")
 P = "bp:{o:acme}:"

@@ -36,7 +36,7 @@ from proxy.app import BOOTSTRAP_KEY_ID, BOOTSTRAP_ORG
 from proxy.ledger.api_keys import KeyCreate, KeyStore, digest
 from proxy.store.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 OLD_ADMIN_KEY = "sk-test-admin-old-0123456789"
 NEW_ADMIN_KEY = ADMIN_KEY
@@ -208,13 +208,14 @@ def _alive(pid: int) -> bool:
 
 
 def _redis_servers_on(data_dir: Path) -> list[int]:
-    """Running redis-server processes working in ``data_dir`` (Redis chdirs to --dir)."""
+    """Running redis-server (or Valkey's valkey-server) processes working in ``data_dir``
+    (Redis chdirs to --dir)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if (entry / "comm").read_text().strip() != "redis-server":
+            if (entry / "comm").read_text().strip() not in ("redis-server", "valkey-server"):
                 continue
             if Path(os.readlink(entry / "cwd")) == data_dir.resolve() and _alive(int(entry.name)):
                 found.append(int(entry.name))

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 import trustme
 from conftest import TEST_TOPOLOGY
-from redis_topologies import client, command, pause, poll, resume
+from redis_topologies import REPLICATION_ARGS, client, command, pause, resume, wait_in_sync
 
 from proxy.config import RedisConfig
 from proxy.store.connection import hot_path
@@ -28,6 +28,8 @@ from proxy.store.pipelined import (
     ReplicaTimeout,
     SingleNode,
 )
+
+pytestmark = pytest.mark.redis
 
 ONE_SERVER = pytest.mark.skipif(
     TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"
@@ -110,7 +112,7 @@ async def test_a_script_missing_on_the_node_is_loaded_there(
 
 @pytest.fixture
 def master_and_replica(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
-    master = EmbeddedRedis(tmp_path / "master", persist=False)
+    master = EmbeddedRedis(tmp_path / "master", persist=False, extra_args=REPLICATION_ARGS)
     replica = EmbeddedRedis(
         tmp_path / "replica", persist=False, extra_args=["--replicaof", "127.0.0.1", "0"]
     )
@@ -118,11 +120,7 @@ def master_and_replica(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, Embedded
     replica.start()
     try:
         command(replica, "REPLICAOF", "127.0.0.1", master.port)
-        poll(
-            lambda: client(master).info("replication")["connected_slaves"] == 1,
-            10,
-            "the replica to attach",
-        )
+        wait_in_sync(master, 1)
         yield master, replica
     finally:
         resume(replica)

@@ -18,6 +18,8 @@ from proxy.ledger.windows import windows_at
 
 pytestmark = pytest.mark.slow  # a Redis cluster of its own
 
+pytestmark = pytest.mark.redis
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 

@@ -47,7 +47,7 @@ from proxy.ledger.windows import windows_at
 from proxy.store.client import Redis
 from proxy.store.embedded_redis import EmbeddedRedis
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 ORG = "acme"
 PREFIX = org_prefix(ORG)

@@ -25,7 +25,7 @@ from proxy.ledger.windows import windows_at
 from proxy.store.embedded_redis import EmbeddedRedis
 from proxy.tools.mock import RECEIVED
 
-pytestmark = pytest.mark.slow  # a Redis of their own, crashed and restarted
+pytestmark = [pytest.mark.slow, pytest.mark.redis]  # a Redis of their own, crashed and restarted
 
 MESSAGES = user_messages("are you there")
 CHAT = {"model": "gpt-4o", "messages": MESSAGES}

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from conftest import Proxy, eventually
 from helpers import chat_json
 from redis_topologies import (
+    HOST,
     RedisClusterTopology,
     RedisSentinelTopology,
     client,
@@ -31,6 +32,8 @@ from proxy.ledger.keys import org_prefix
 from proxy.ledger.scripts import ADMIT, SETTLE
 from proxy.ledger.windows import windows_at
 from proxy.store.client import Redis
+
+pytestmark = pytest.mark.redis
 
 Topology = RedisClusterTopology | RedisSentinelTopology
 pytestmark = pytest.mark.slow  # a Redis cluster and a sentinel set of their own
@@ -223,3 +226,43 @@ async def test_orgs_spread_over_every_shard(proxy: Proxy, topology: Topology, st
     for org in orgs:
         master = topology.master_of(org_prefix(org))
         assert client(master).exists(org_prefix(org) + "usage") == 1
+
+
+async def test_replicated_readiness_counts_replicas_in_sync(
+    start_proxy: Any, topology: Topology
+) -> None:
+    """With ``durability = "replicated"`` a master without a synced replica admits nothing:
+    under Sentinel the process is not ready; on a cluster only that shard's orgs are refused,
+    so the process stays ready and says which shard."""
+    proxy: Proxy = await start_proxy(redis={"url": topology.url, "durability": "replicated"})
+
+    async def ready() -> tuple[int, Any]:
+        async with proxy.session.get(proxy.url + "/readyz") as response:
+            return response.status, await response.json()
+
+    assert await ready() == (200, {"status": "ready", "redis": "ok"})
+    if isinstance(topology, RedisClusterTopology):
+        master, replica = topology.shards()[0]
+        stopped = [replica]
+        expected = (200, f"ok except 0 of 1 replica(s) in sync on {HOST}:{master.port} (")
+    else:
+        stopped = topology.replicas()
+        expected = (503, "0 of 1 replica(s) in sync (")
+    for node in stopped:
+        node.stop()
+    try:
+        status, body = await eventually(
+            lambda: _changed(ready), within=10, what="readiness to see the replica gone"
+        )
+        assert (status, body["redis"][: len(expected[1])]) == expected, body
+        assert "first sync" in body["redis"]
+    finally:
+        for node in stopped:
+            node.start()
+        await asyncio.to_thread(topology.wait_healthy)
+    assert await ready() == (200, {"status": "ready", "redis": "ok"})
+
+
+async def _changed(ready: Any) -> tuple[int, Any] | None:
+    status, body = await ready()
+    return None if body["redis"] == "ok" else (status, body)

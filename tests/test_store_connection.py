@@ -17,6 +17,8 @@ from proxy.config import ConfigError, RedisConfig, load_settings
 from proxy.store import topology
 from proxy.store.connection import connect
 
+pytestmark = pytest.mark.redis
+
 ONE_SERVER = pytest.mark.skipif(
     TEST_TOPOLOGY != "single", reason="talks to the test Redis as one server"
 )

@@ -1,7 +1,8 @@
 """Liveness and readiness: ``/healthz`` says the process runs; ``/readyz`` that it can admit
 and settle — Redis answers, takes writes (not at ``maxmemory``) and has the admission scripts,
-and the settle spool can hold a settle — so load balancers route around a process that would
-answer 503 to every call or lose the usage of the next outage."""
+with ``durability = "replicated"`` enough replicas have finished their first sync, and the settle
+spool can hold a settle — so load balancers route around a process that would answer 503 to
+every call or lose the usage of the next outage."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from proxy.admin.schemas import Health, Readiness, Unready
 from proxy.gateway.state import GATEWAY
 from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE
 from proxy.openapi import Reply, operation
+from proxy.store.server_info import replication_shortfall
 
 SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
 
@@ -32,8 +34,9 @@ async def healthz(request: web.Request) -> web.Response:
         Reply(200, "Redis answers and the admission scripts are loaded.", Readiness),
         Reply(
             503,
-            "Redis cannot be reached or refuses writes, or the settle spool cannot hold a "
-            "settle: route around this process.",
+            "Redis cannot be reached or refuses writes, (durability = replicated) no replica "
+            "has finished its first sync, or the settle spool cannot hold a settle: route "
+            "around this process.",
             Unready,
         ),
     ),
@@ -45,6 +48,9 @@ async def readyz(request: web.Request) -> web.Response:
         if not all(loaded):
             for script in SCRIPTS:
                 await script.load(gw.redis)
+        shortfall = None
+        if gw.settings.redis.durability == "replicated":
+            shortfall = await replication_shortfall(gw.redis, gw.settings.redis.replicas)
     except (RedisError, OSError) as exc:
         spool = await readiness_checks.spool_fault(gw.admission.deferred.spool)
         return web.json_response(
@@ -60,6 +66,10 @@ async def readyz(request: web.Request) -> web.Response:
     if refused or spool:
         body = {"status": "unavailable", "redis": refused or "ok", "spool": spool or "ok"}
         return web.json_response(body, status=503)
+    if shortfall is not None and shortfall.everywhere:
+        return web.json_response({"status": "unavailable", "redis": shortfall.detail}, status=503)
+    if shortfall is not None:  # a cluster: orgs on the other shards are served
+        return web.json_response({"status": "ready", "redis": f"ok except {shortfall.detail}"})
     return web.json_response({"status": "ready", "redis": "ok"})
 
 

@@ -53,6 +53,7 @@ from proxy.ledger.api_keys import Identity
 from proxy.ledger.end_users import MAX_END_USER_ID, valid_end_user
 from proxy.ledger.keys import end_user_tag
 from proxy.ledger.records import UsageRecord
+from proxy.store.server_info import unavailable_reason
 
 
 def on_behalf_of(request: web.Request) -> str | None:
@@ -262,9 +263,9 @@ async def _admit(
 ) -> Admitted:
     try:
         decision = await decide(gw, identity, request_id, endpoint, prepared, end_user)
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         outcome.decision = "store_unavailable"
-        raise store_unavailable() from None
+        raise store_unavailable(unavailable_reason(exc)) from None
     if isinstance(decision, Admitted):
         return decision
     if isinstance(decision, RateLimited):

@@ -33,7 +33,7 @@ class Gateway:
     clock: Clock
     cooldowns: CoolDowns = field(default_factory=CoolDowns)
     """Upstreams that failed recently, tried last in a model's fallback list."""
-    bodies: BodiesInFlight = field(default_factory=lambda: BodiesInFlight(8))
+    bodies: BodiesInFlight = field(default_factory=lambda: BodiesInFlight(64))
     """Request bodies still arriving, per key (``server.max_bodies_per_key``)."""
     settles: DetachedSettles = field(default_factory=DetachedSettles)
     """Settles whose request was cancelled (its client left) while they ran."""
