@@ -21,10 +21,10 @@ from google import genai
 from google.genai import errors, types
 from google_setup import models, reported_cost, service_account_file, upstreams
 
+from proxy.ledger.keys import org_key
 from proxy.tools.mock import REPORTED
 from proxy.tools.mock.google import GOOGLE
 
-P = "bp:{o:acme}:"
 CONTENTS = "hello there general kenobi"
 
 
@@ -49,10 +49,10 @@ def client(proxy: Proxy, key: str, **headers: str) -> genai.Client:
 
 async def records(store: aioredis.Redis, count: int) -> list[dict[str, Any]]:
     async def settled() -> bool:
-        return int(await store.xlen(P + "usage")) >= count
+        return int(await store.xlen(org_key("acme", "usage"))) >= count
 
     await eventually(settled, what="settle")
-    return [usage_record(fields) for _, fields in await store.xrange(P + "usage")]
+    return [usage_record(fields) for _, fields in await store.xrange(org_key("acme", "usage"))]
 
 
 def _sync_calls(c: genai.Client, model: str, embed: str) -> list[Any]:
@@ -208,7 +208,7 @@ async def test_a_budget_refusal_is_a_client_error_429_naming_the_budget_and_not_
     assert caught.value.status == "RESOURCE_EXHAUSTED"
     assert "budget" in (caught.value.message or "").lower()
     assert not gproxy.received()  # refused before the upstream, and asked once only
-    assert int(await store.xlen(P + "usage")) == 0
+    assert int(await store.xlen(org_key("acme", "usage"))) == 0
 
 
 async def test_errors_take_googles_shape(gproxy: Proxy) -> None:
@@ -248,8 +248,8 @@ async def test_huge_caps_are_a_400_naming_the_param_and_charge_nothing(
     assert response.status == 400, error
     [name] = config
     assert error["details"][0]["metadata"]["param"] == f"generationConfig.{name}"
-    assert not gproxy.received() and int(await store.xlen(P + "usage")) == 0
-    assert await store.zcard(P + "leases") == 0
+    assert not gproxy.received() and int(await store.xlen(org_key("acme", "usage"))) == 0
+    assert await store.zcard(org_key("acme", "leases")) == 0
 
 
 async def test_key_in_the_query_is_never_logged_nor_forwarded(

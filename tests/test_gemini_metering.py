@@ -29,9 +29,9 @@ from proxy.dialects.gemini_bound import IMAGE_MIN, prompt_bound
 from proxy.dialects.gemini_usage import usage_of
 from proxy.errors import ApiError
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.keys import org_key
 from proxy.store.embedded_redis import free_port
 
-P = "bp:{o:acme}:"
 TEXT = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
 PATH = "/v1beta/models/gemini-2.5-flash"
 
@@ -170,10 +170,10 @@ async def post(p: Proxy, path: str, body: Any, key: str, **headers: str) -> tupl
 
 async def rows(store: aioredis.Redis, count: int) -> list[dict[str, Any]]:
     async def settled() -> bool:
-        return int(await store.xlen(P + "usage")) >= count
+        return int(await store.xlen(org_key("acme", "usage"))) >= count
 
     await eventually(settled, what="settle")
-    return [usage_record(fields) for _, fields in await store.xrange(P + "usage")]
+    return [usage_record(fields) for _, fields in await store.xrange(org_key("acme", "usage"))]
 
 
 async def test_a_stream_cut_short_is_charged_what_was_relayed(

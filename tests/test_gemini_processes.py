@@ -19,6 +19,7 @@ from google import genai
 from google.genai import errors, types
 
 from proxy.dialects.gemini_bound import prompt_bound
+from proxy.ledger.keys import ORG_TAG, org_key
 from proxy.tools.mock import RECEIVED
 
 N = 6
@@ -104,11 +105,10 @@ async def test_exactly_n_of_n_plus_4_admitted_over_two_processes(
         assert (exc.code, exc.status) == (429, "RESOURCE_EXHAUSTED")
         assert "budget" in (exc.message or "").lower()
         assert "burst" in json.dumps(exc.details)
-    p = "bp:{o:burst}:"
-    assert await store.xlen(p + "usage") == N
+    assert await store.xlen(org_key("burst", "usage")) == N
     spend = {}
-    async for name in store.scan_iter(p + "spend:o:*"):
+    async for name in store.scan_iter(org_key("burst", "spend", ORG_TAG, "*")):
         if name.count("-") == 1 and "W" not in name:
             spend = await store.hgetall(name)
     assert int(spend["t"]) == N * used <= line
-    assert await store.zcard(p + "leases") == 0
+    assert await store.zcard(org_key("burst", "leases")) == 0

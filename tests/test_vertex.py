@@ -22,11 +22,11 @@ from google_setup import LOCATION, PROJECT, models, reported_cost, service_accou
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
 from proxy.gateway.state import GATEWAY
+from proxy.ledger.keys import org_key
 from proxy.providers import vertex_auth
 from proxy.tools.mock import REPORTED
 from proxy.tools.mock.google import GOOGLE
 
-P = "bp:{o:acme}:"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there general kenobi"}]
 
 
@@ -54,10 +54,10 @@ async def vp(
 
 async def records(store: aioredis.Redis, count: int) -> list[dict[str, Any]]:
     async def settled() -> bool:
-        return int(await store.xlen(P + "usage")) >= count
+        return int(await store.xlen(org_key("acme", "usage"))) >= count
 
     await eventually(settled, what="settle")
-    return [usage_record(fields) for _, fields in await store.xrange(P + "usage")]
+    return [usage_record(fields) for _, fields in await store.xrange(org_key("acme", "usage"))]
 
 
 def _sync(proxy: Proxy, key: str) -> tuple[Any, str, int]:
