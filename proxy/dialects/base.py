@@ -230,7 +230,7 @@ class Dialect(Protocol):
 
     def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
         """How a streamed answer to that upstream endpoint is framed and ended: SSE
-        (``SSE_FRAMING``-like) for most, AWS's event stream for Bedrock, Google's JSON array
+        (``sse_framing``) for most, AWS's event stream for Bedrock, Google's JSON array
         for Gemini's ``streamGenerateContent`` without ``?alt=sse``."""
         ...
 
