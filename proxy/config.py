@@ -18,18 +18,21 @@ from proxy.store import topology
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "proxy.toml"
 
-ProviderKind = Literal["openai", "anthropic", "azure", "bedrock"]
+ProviderKind = Literal["openai", "anthropic", "azure", "bedrock", "gemini", "vertex"]
 """How the proxy speaks to an upstream: OpenAI's API (also Gemini's compatible endpoint, Groq,
-Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, Azure OpenAI's paths, or AWS
-Bedrock's runtime API (SigV4-signed)."""
-DialectName = Literal["openai", "anthropic", "bedrock"]
+Together, Fireworks, vLLM, Ollama...), Anthropic's Messages API, Azure OpenAI's paths, AWS
+Bedrock's runtime API (SigV4-signed), the Gemini API, or Vertex AI (Gemini or Claude, by
+``publisher``)."""
+DialectName = Literal["openai", "anthropic", "bedrock", "gemini"]
 """The wire dialect a client speaks to the proxy (``proxy.dialects``); ``openai`` and ``azure``
-upstreams both serve the first."""
+upstreams both serve the first, ``gemini`` and Vertex's ``google`` publisher the last."""
 _PRICE_PROVIDERS: dict[str, str] = {
     "openai": "openai",
     "anthropic": "anthropic",
     "azure": "azure",
     "bedrock": "aws",
+    "gemini": "google",
+    "vertex": "google",
 }
 Role = Literal["cluster_admin", "org_admin", "member"]
 
@@ -210,6 +213,15 @@ class UpstreamConfig(_Strict):
     """Anthropic only: the ``anthropic-version`` sent when the client sent none."""
     region: str = Field("", pattern=r"^([a-z]{2}(-[a-z]+)+-\d{1,2})?$")
     """Bedrock only (required there): the AWS region requests are signed for."""
+    project: str | None = None
+    """Vertex only: the Google Cloud project (required for ``kind = "vertex"``)."""
+    location: str = "us-central1"
+    """Vertex only: the region (``global`` included) in the model's path."""
+    publisher: Literal["google", "anthropic"] = "google"
+    """Vertex only: whose models it serves — Gemini (``google``, Gemini's API) or Claude
+    (``anthropic``, Anthropic's Messages API over ``:rawPredict``)."""
+    credentials_file: str | None = None
+    """Vertex only: a service-account JSON file; unset, Application Default Credentials."""
     price_provider: str | None = None
     """Provider id in the price database (``google``, ``groq``, ``together``…); default by kind."""
     cooldown_seconds: float = Field(30.0, ge=0)
@@ -251,15 +263,25 @@ class UpstreamConfig(_Strict):
     def credential(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    @model_validator(mode="after")
+    def _vertex_project(self) -> UpstreamConfig:
+        if self.kind == "vertex" and not self.project:
+            raise ValueError("kind = 'vertex' needs project (the Google Cloud project id)")
+        return self
+
     @property
     def dialect(self) -> DialectName:
         if self.kind in ("anthropic", "bedrock"):
             return self.kind
-        return "openai"
+        if self.kind == "vertex" and self.publisher == "anthropic":
+            return "anthropic"
+        return "gemini" if self.kind in ("gemini", "vertex") else "openai"
 
     @property
     def price_provider_id(self) -> str:
-        return self.price_provider or _PRICE_PROVIDERS[self.kind]
+        if self.price_provider:
+            return self.price_provider
+        return "anthropic" if self.dialect == "anthropic" else _PRICE_PROVIDERS[self.kind]
 
 
 class UpstreamChoice(_Strict):
@@ -408,7 +430,8 @@ class Settings(_Strict):
             if len({kinds[c.name].dialect for c in choices}) > 1:
                 raise ValueError(
                     f"models.{index}.upstream: a client speaks one API, so one model's "
-                    "upstreams are either all Anthropic, all Bedrock or all OpenAI/Azure"
+                    "upstreams are all Anthropic (direct or Vertex), all Bedrock, all Gemini "
+                    "(direct or Vertex) or all OpenAI/Azure"
                 )
             if len({c.name for c in choices}) != len(choices):
                 raise ValueError(f"models.{index}.upstream: an upstream is listed twice")

@@ -46,7 +46,7 @@ from proxy.errors import bad_request
 H = TypeVar("H", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 
-Auth = Literal["admin", "key", "anthropic", "metrics", "none"]
+Auth = Literal["admin", "key", "anthropic", "gemini", "metrics", "none"]
 """``admin``: a bearer key of an org or cluster admin (members get 403); ``key``: any bearer
 key; ``anthropic``: a key as ``x-api-key`` or bearer; ``metrics``: the metrics token, or none
 from loopback; ``none``: public. On the admin application the declaration is also the guard:

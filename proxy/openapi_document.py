@@ -23,6 +23,7 @@ _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
     "admin": [{"bearerAuth": []}],
     "key": [{"bearerAuth": []}],
     "anthropic": [{"bearerAuth": []}, {"anthropicKey": []}],
+    "gemini": [{"bearerAuth": []}, {"googApiKey": []}, {"googKeyQuery": []}],
     "metrics": [{}, {"metricsToken": []}],
     "none": [],
 }
@@ -122,7 +123,7 @@ def _errors(spec: Operation, path: str, has_body: bool) -> dict[int, str]:
         errors[413] = "The request body is larger than `server.max_body_bytes`."
     if spec.query is not None:
         errors.setdefault(400, "Invalid query: the message names the parameter (`param`).")
-    if spec.auth in ("admin", "key", "anthropic"):
+    if spec.auth in ("admin", "key", "anthropic", "gemini"):
         errors[401] = "The key is missing, unknown or revoked."
     if spec.auth == "admin":
         errors[403] = "The key is not an org or cluster admin key, or may not do this."
@@ -235,6 +236,18 @@ def document(app: web.Application, server_url: str | None = None) -> dict[str, A
                     "description": "The same key, as Anthropic clients send it (Messages "
                     "routes only).",
                 },
+                "googApiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-goog-api-key",
+                    "description": "The same key, as `google-genai` sends it (Gemini routes).",
+                },
+                "googKeyQuery": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "key",
+                    "description": "The same key as `?key=` (Gemini routes; never logged).",
+                },
                 "metricsToken": {
                     "type": "http",
                     "scheme": "bearer",
@@ -274,6 +287,8 @@ _TAGS = {
     "llm": "OpenAI-compatible LLM routes, metered and admitted. Bodies are relayed to the "
     "upstream; answers and upstream errors come back as the upstream gave them.",
     "anthropic": "Anthropic's Messages API, metered and admitted the same way.",
+    "gemini": "Google's Gemini API (and Vertex AI's paths for it), metered and admitted the "
+    "same way.",
     "operations": "Health, readiness and metrics.",
     "console": "The operator console, this document and its viewer.",
 }

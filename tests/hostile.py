@@ -13,6 +13,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+import hostile_google
+
 LLM_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 PREFIXES = ("/v1", "/api/v1/llm")
 CHAT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4o-latest")
@@ -115,6 +117,7 @@ class Generator:
     def probes(self, n: int) -> list[Probe]:
         kinds = (
             (self.llm, 50),
+            (self.gemini, 12),
             (self.admin_keys, 10),
             (self.org_limits, 5),
             (self.budgets, 10),
@@ -186,6 +189,9 @@ class Generator:
         return self._probe(
             "POST", path, headers=headers, body=data, llm=True, mock_status=mock_status, note=note
         )
+
+    def gemini(self) -> Probe:
+        return hostile_google.probe(self)
 
     def _llm_body(self, endpoint: str) -> tuple[dict[str, Any], bytes | None, str]:
         rng = self.rng

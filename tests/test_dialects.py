@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from proxy.dialects import ANTHROPIC, DEFAULT, DIALECTS, OPENAI, by_name, for_path
+from proxy.dialects import ANTHROPIC, DEFAULT, DIALECTS, GEMINI, OPENAI, by_name, for_path
 from proxy.errors import ApiError
 
 
@@ -19,8 +19,26 @@ def test_error_shape_follows_the_path() -> None:
     assert DEFAULT is OPENAI
 
 
+def test_google_paths_take_googles_shape_and_vertex_claude_anthropics() -> None:
+    vertex = "/v1/projects/p/locations/l/publishers"
+    for path in (
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1/models/gemini-2.5-flash:streamGenerateContent",
+        "/api/v1/llm/v1beta/models/x:countTokens",
+        f"{vertex}/google/models/gemini-2.5-pro:generateContent",
+        "/v1beta1/projects/p/locations/l/publishers/google/models/m:embedContent",
+        "/v1beta/anything",
+    ):
+        assert for_path(path) is GEMINI, path
+    claude = "/projects/p/locations/l/publishers/anthropic/models/c"
+    for path in (f"/v1{claude}:rawPredict", f"{claude}:streamRawPredict"):
+        assert for_path(path) is ANTHROPIC, path
+    for path in ("/v1/models/gpt-4o", "/v1/models/ft:gpt-4o:org::id", "/v1/models"):
+        assert for_path(path) is OPENAI, path
+
+
 def test_lookup_by_name_and_every_dialect_is_complete() -> None:
-    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic", "bedrock"]
+    assert [dialect.name for dialect in DIALECTS] == ["openai", "anthropic", "bedrock", "gemini"]
     for dialect in DIALECTS:
         assert by_name(dialect.name) is dialect
         assert set(dialect.endpoint_kinds) == set(dialect.endpoints)

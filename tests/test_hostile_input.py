@@ -41,6 +41,7 @@ from conftest import (
     usage_record,
 )
 from hostile import Generator, Keys, Probe
+from hostile_google import check_error, is_google_path
 from raw_http import exchange
 from yarl import URL
 
@@ -116,6 +117,21 @@ name = "text-embedding-3-small"
 upstream = "mock"
 encoding = "cl100k_base"
 kind = "embedding"
+[[upstreams]]
+name = "gemini"
+kind = "gemini"
+base_url = "{upstream.removesuffix("/v1")}/v1beta"
+api_key_env = "TEST_UPSTREAM_KEY"
+forward_headers = ["x-mock-output-tokens", "x-mock-status", "x-mock-latency-ms"]
+[[models]]
+name = "gemini-2.5-flash"
+upstream = "gemini"
+max_output_tokens = 1000
+[[models]]
+name = "gemini-embedding-001"
+upstream = "gemini"
+kind = "embedding"
+price = {{ input = 0.15, output = 0 }}
 """
     )
     return path
@@ -283,7 +299,10 @@ def _check_answer(outcome: Outcome, secrets: list[str]) -> None:
     assert status != 500, where
     if status >= 500:  # only what the mock was told to answer, relayed
         assert probe.llm and status == probe.mock_status, where
-    if status >= 400:
+    if status >= 400 and is_google_path(probe.path):
+        assert outcome.headers.get("content-type", "").startswith("application/json"), where
+        check_error(json.loads(outcome.body), where)
+    elif status >= 400:
         assert outcome.headers.get("content-type", "").startswith("application/json"), where
         body = json.loads(outcome.body)
         assert isinstance(body, dict) and set(body) == {"error"}, where
@@ -373,8 +392,8 @@ async def test_hostile_input_breaks_nothing(hostile: Hostile, store: aioredis.Re
 
     # The upstream never saw a key the proxy issued, in any header.
     for sent in hostile.mock.app[RECEIVED]:
-        for value in sent.headers.values():
-            assert not any(secret in value for secret in secrets), sent.headers
+        for value in [*sent.headers.values(), *sent.query.values(), sent.path]:
+            assert not any(secret in value for secret in secrets), sent
 
     # Every key index entry is whole; the proxy logged no traceback and no key.
     async for name in store.scan_iter("bp:kd:*"):

@@ -23,11 +23,17 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]
 
 
-def provider_blocks() -> dict[str, dict[str, Any]]:
-    """The providers page's configurations, by upstream name."""
+def provider_blocks(google: bool = False) -> dict[str, dict[str, Any]]:
+    """The providers page's configurations, by upstream name: those whose clients speak
+    OpenAI's or Anthropic's API directly, or (``google``) the Gemini and Vertex AI ones,
+    driven with Google's SDK in ``test_google_docs.py``."""
     section = PAGE.read_text().split("\n## Fallbacks\n", 1)[0]
     blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", section, re.S)]
-    return {block["upstreams"][0]["name"]: block for block in blocks}
+    return {
+        block["upstreams"][0]["name"]: block
+        for block in blocks
+        if (block["upstreams"][0].get("kind") in ("gemini", "vertex")) == google
+    }
 
 
 BLOCKS = provider_blocks()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.access import find_key
 from proxy.admin.auth import caller_of
-from proxy.dialects import ANTHROPIC, OPENAI, Dialect
+from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
 from proxy.errors import ApiError, parse_body
 from proxy.gateway import pipeline
 from proxy.gateway.body import read_json
@@ -32,7 +32,19 @@ from proxy.ledger.keys import budget_key_id, budget_owner, budget_scope
 from proxy.ledger.windows import rfc3339
 from proxy.openapi import Reply, operation
 
-Endpoint = Literal["chat/completions", "completions", "embeddings", "responses", "messages"]
+Endpoint = Literal[
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "generateContent",
+    "streamGenerateContent",
+    "embedContent",
+    "batchEmbedContents",
+]
+"""Gemini's methods take the model from the request body here (``"model": "gemini-…"``):
+a quote has no path."""
 
 
 class QuoteInput(BaseModel):
@@ -174,7 +186,13 @@ async def quote(request: web.Request) -> web.Response:
     spec = parse_body(QuoteInput, await read_json(request))
     record = await find_key(gw.keys, caller_of(request), spec.api_key_id)
     identity = _identity(record)
-    dialect: Dialect = ANTHROPIC if spec.endpoint == "messages" else OPENAI
+    dialect: Dialect = (
+        ANTHROPIC
+        if spec.endpoint == "messages"
+        else GEMINI
+        if spec.endpoint in GEMINI.endpoints
+        else OPENAI
+    )
     end_user = spec.external_user_id
     answer: dict[str, Any] = {
         "object": "budget.quote",

@@ -32,6 +32,7 @@ __all__ = [
     "reserve_cost_nano",
     "resolve_price",
     "with_cache_writes",
+    "with_long_context_tier",
 ]
 
 NANO = 10**9
@@ -53,6 +54,15 @@ class Price:
     """Anthropic cache writes (5-minute lifetime); None where the provider has none."""
     cache_write_1h_nano_per_m: int | None = None
     """Anthropic cache writes with a 1-hour lifetime."""
+    tier_above: int = 0
+    tier: Price | None = None
+    """Long-context rates (Gemini's above 200k prompt tokens): every token of a request whose
+    prompt has more than ``tier_above`` tokens is billed at the tier's rates."""
+
+    def for_prompt(self, prompt_tokens: int) -> Price:
+        """The rates a request with this many prompt tokens is billed at."""
+        tier = self.tier
+        return tier if tier is not None and prompt_tokens > self.tier_above else self
 
     @property
     def dearest_input_nano_per_m(self) -> int:
@@ -121,8 +131,9 @@ def _in_force(model: gp.ModelInfo, now: datetime) -> list[gp.ModelPrice]:
 def _highest(candidates: list[gp.ModelPrice], key: str) -> Decimal | None:
     """Time-of-day prices (peak/off-peak) collapse to the highest: the price is fixed at start-up,
     so it must not depend on the hour nor under-charge. Tiered (long-context) prices use their
-    base tier: e.g. gpt-5.4 prompts above 272k tokens are under-priced; configure ``price`` for a
-    conservative figure."""
+    base tier here (``with_long_context_tier`` adds the tier for Gemini's routes; on the others,
+    e.g. gpt-5.4 prompts above 272k tokens are under-priced; configure ``price`` for a
+    conservative figure)."""
     values = []
     for prices in candidates:
         value = getattr(prices, key, None)
@@ -130,6 +141,38 @@ def _highest(candidates: list[gp.ModelPrice], key: str) -> Decimal | None:
         if isinstance(value, Decimal):
             values.append(value)
     return max(values, default=None)
+
+
+def _tier(candidates: list[gp.ModelPrice], key: str) -> tuple[int, Decimal] | None:
+    """The first tier of a tiered price (start, rate), the highest across ``candidates``."""
+    found: list[tuple[int, Decimal]] = []
+    for prices in candidates:
+        value = getattr(prices, key, None)
+        if isinstance(value, gp.TieredPrices) and value.tiers:
+            found.append((value.tiers[0].start, value.tiers[0].price))
+    return max(found, key=operator.itemgetter(1), default=None)
+
+
+def _with_tier(price: Price, candidates: list[gp.ModelPrice]) -> Price:
+    """``price`` with the database's long-context tier, when it has one (the start of the
+    first tier of any token kind; rates without a tier keep their base)."""
+    keys = ("input_mtok", "output_mtok", "cache_read_mtok")
+    tiers = {key: _tier(candidates, key) for key in keys}
+    starts = [tier[0] for tier in tiers.values() if tier is not None]
+    if not starts:
+        return price
+
+    def rate(key: str, base: int) -> int:
+        tier = tiers[key]
+        return base if tier is None else _to_nano(tier[1])
+
+    tier = replace(
+        price,
+        input_nano_per_m=rate("input_mtok", price.input_nano_per_m),
+        output_nano_per_m=rate("output_mtok", price.output_nano_per_m),
+        cached_input_nano_per_m=rate("cache_read_mtok", price.cached_input_nano_per_m),
+    )
+    return replace(price, tier_above=min(starts), tier=tier)
 
 
 def lookup_price(model_ref: str, provider_id: str = "openai") -> Price | None:
@@ -149,7 +192,7 @@ def lookup_price(model_ref: str, provider_id: str = "openai") -> Price | None:
     write_mtok = _highest(candidates, "cache_write_mtok")
     write_1h_mtok = _highest(candidates, "cache_write_1h_mtok")
     input_nano = _to_nano(input_mtok)
-    return Price(
+    price = Price(
         input_nano_per_m=input_nano,
         cached_input_nano_per_m=input_nano if cached_mtok is None else _to_nano(cached_mtok),
         output_nano_per_m=0 if output_mtok is None else _to_nano(output_mtok),
@@ -157,6 +200,21 @@ def lookup_price(model_ref: str, provider_id: str = "openai") -> Price | None:
         cache_write_nano_per_m=None if write_mtok is None else _to_nano(write_mtok),
         cache_write_1h_nano_per_m=None if write_1h_mtok is None else _to_nano(write_1h_mtok),
     )
+    return price
+
+
+def with_long_context_tier(price: Price, model_ref: str, provider_id: str) -> Price:
+    """``price`` (from the database) with the database's long-context tier of ``model_ref``,
+    when it has one: for dialects whose reservation bounds the prompt against the tier."""
+    if price.source != "genai-prices":
+        return price
+    try:
+        _provider, model = data_snapshot.get_snapshot().find_provider_model(
+            model_ref, None, provider_id, None
+        )
+    except LookupError:
+        return price
+    return _with_tier(price, _in_force(model, datetime.now(UTC)))
 
 
 def known_model_id(model_ref: str, provider_id: str = "openai") -> str | None:

@@ -17,7 +17,13 @@ from dataclasses import dataclass, replace
 
 import tiktoken
 
-from proxy.catalog.pricing import Price, known_model_id, resolve_price, with_cache_writes
+from proxy.catalog.pricing import (
+    Price,
+    known_model_id,
+    resolve_price,
+    with_cache_writes,
+    with_long_context_tier,
+)
 from proxy.catalog.tokenizer import get_encoding
 from proxy.config import ConfigError, DialectName, ModelConfig, Settings, UpstreamConfig
 from proxy.providers.fallback import Candidate
@@ -139,7 +145,7 @@ def _candidates(settings: Settings, model: ModelConfig, upstream_model: str) -> 
         if upstream.kind == "azure":
             deployment = model.deployment or upstream_model
             candidates.append(Candidate(upstream, deployment, deployment, choice.weight))
-        elif upstream.kind == "bedrock":  # the model id is part of the path
+        elif upstream.kind in ("bedrock", "gemini", "vertex"):  # the model is in the path
             candidates.append(Candidate(upstream, upstream_model, upstream_model, choice.weight))
         else:
             candidates.append(Candidate(upstream, upstream_model, "", choice.weight))
@@ -153,6 +159,11 @@ def _assemble(
     dialect = candidates[0].upstream.dialect
     if dialect == "anthropic" or (dialect == "bedrock" and "anthropic." in upstream_model):
         price = with_cache_writes(price)
+    if dialect == "gemini":
+        # Gemini's reservation bounds the prompt against the tier's start (200k tokens), so
+        # its long-context rates can be charged; elsewhere the base rates stay what is charged.
+        ref = name if model.is_pattern else (model.price_ref or upstream_model)
+        price = with_long_context_tier(price, ref, candidates[0].upstream.price_provider_id)
     return ModelRoute(
         name=name,
         upstreams=tuple(candidates),

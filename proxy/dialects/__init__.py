@@ -11,15 +11,18 @@ from __future__ import annotations
 from proxy.dialects.anthropic import ANTHROPIC
 from proxy.dialects.base import Dialect
 from proxy.dialects.bedrock import BEDROCK
+from proxy.dialects.gemini import GEMINI
 from proxy.dialects.openai import OPENAI
 
-DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, BEDROCK)
+DIALECTS: tuple[Dialect, ...] = (OPENAI, ANTHROPIC, BEDROCK, GEMINI)
 DEFAULT: Dialect = OPENAI
 """The shape of every error no dialect claims by path: OpenAI's, the proxy's own."""
 
 _BY_NAME: dict[str, Dialect] = {dialect.name: dialect for dialect in DIALECTS}
 _BY_PREFIX = tuple((prefix, dialect) for dialect in DIALECTS for prefix in dialect.error_prefixes)
-_ERROR_PREFIXES = tuple(prefix for prefix, _ in _BY_PREFIX)
+_ERROR_PREFIXES = tuple(dict.fromkeys(prefix for prefix, _ in _BY_PREFIX))
+"""Each once (Vertex's ``/v1/projects/`` is claimed by two dialects): the one test every
+request's path gets."""
 
 
 def by_name(name: str) -> Dialect:
@@ -28,11 +31,12 @@ def by_name(name: str) -> Dialect:
 
 
 def for_path(path: str) -> Dialect:
-    """The dialect whose shape a path's errors take: the one claiming its prefix, else the
-    default (one ``startswith`` for the default's paths)."""
+    """The dialect whose shape a path's errors take: the one claiming its prefix (and the
+    path, where dialects share a prefix), else the default (one ``startswith`` for the
+    default's paths)."""
     if path.startswith(_ERROR_PREFIXES):
         for prefix, dialect in _BY_PREFIX:
-            if path.startswith(prefix):
+            if path.startswith(prefix) and dialect.claims(path):
                 return dialect
     return DEFAULT
 
@@ -42,6 +46,7 @@ __all__ = [
     "BEDROCK",
     "DEFAULT",
     "DIALECTS",
+    "GEMINI",
     "OPENAI",
     "Dialect",
     "by_name",

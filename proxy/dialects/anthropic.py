@@ -25,14 +25,15 @@ from proxy.config import DialectName
 from proxy.dialects import anthropic_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
-    SSE_FRAMING,
+    Inbound,
     Reservation,
     RouteDocs,
     StreamEnds,
+    StreamFraming,
     StreamMeter,
     Usage,
     bearer,
-    body_model,
+    sse_framing,
 )
 from proxy.dialects.claude_bound import prompt_bound
 from proxy.errors import bad_request, unauthorized
@@ -41,8 +42,27 @@ ENDPOINTS = ("messages", "messages/count_tokens")
 """Paths under ``/v1/`` of the proxy and of the upstream."""
 PREFIXES = ("/v1", "/api/v1/llm", "/api/v1/llm/v1")
 """``/api/v1/llm/v1`` is where an Anthropic SDK given ``base_url=…/api/v1/llm`` sends."""
-ERROR_PREFIXES = tuple(f"{prefix}/messages" for prefix in PREFIXES)
-"""The Messages routes and anything under them answer in Anthropic's shape (also a 404)."""
+VERTEX_PREFIXES = ("", "/v1", "/api/v1/llm", "/api/v1/llm/v1")
+"""Where Vertex AI's Claude paths are served: ``AnthropicVertex(base_url=<proxy>)`` and
+``base_url=<proxy>/v1`` (Vertex's own base URL ends in ``/v1``)."""
+_VERTEX_PATH = "/projects/{project}/locations/{location}/publishers/anthropic/models/"
+_VERTEX_ROUTES = tuple(
+    (f"{prefix}{_VERTEX_PATH}{model}:{method}", endpoint)
+    for prefix in VERTEX_PREFIXES
+    for model, method, endpoint in (
+        ("count-tokens", "rawPredict", "messages/count_tokens"),  # before {model}: first match
+        ("{model}", "rawPredict", "messages"),
+        ("{model}", "streamRawPredict", "messages"),
+    )
+)
+"""Vertex AI's shape of the Messages API (what ``AnthropicVertex`` sends): the model in the
+path, ``stream`` in the body, ``anthropic_version`` in the body; served as ``messages``."""
+ERROR_PREFIXES = (
+    *(f"{prefix}/messages" for prefix in PREFIXES),
+    *(f"{prefix}/projects/" for prefix in VERTEX_PREFIXES),
+)
+"""The Messages routes and anything under them answer in Anthropic's shape (also a 404), and
+so do Vertex's Claude paths (``claims``: those with ``publishers/anthropic``)."""
 
 # Anthropic's documented error types by status; any other 4xx is an invalid_request_error and
 # any other 5xx an api_error.
@@ -87,6 +107,7 @@ _ENDS = StreamEnds(
     b'upstream did not finish in time; the answer is incomplete."}}\n\n',
 )
 """Stream ends the ``anthropic`` SDKs raise on (an ``error`` event, never ``message_stop``)."""
+_FRAMING = sse_framing(_ENDS)
 
 _DOCS = RouteDocs(
     title="Anthropic",
@@ -142,24 +163,36 @@ class AnthropicDialect:
     prefixes = PREFIXES
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over Anthropic's Messages API: use POST /v1/messages"
-    stream_ends = _ENDS
-    stream_framing = SSE_FRAMING
     error_model = AnthropicError
     docs = _DOCS
 
-    def route_path(self, endpoint: str) -> str:
-        return endpoint
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return (
+            *((f"{prefix}/{e}", e) for prefix in PREFIXES for e in ENDPOINTS),
+            *_VERTEX_ROUTES,
+        )
 
-    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
-        return body_model(params, body)
+    def claims(self, path: str) -> bool:
+        return "/projects/" not in path or "/publishers/anthropic/" in path
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
+    def api_key(self, request: Inbound) -> str:
+        headers = request.headers
         key = headers.get("x-api-key", "").strip() or bearer(headers)
         if not key:
             raise unauthorized(
                 "Missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'."
             )
         return key
+
+    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
+        """Vertex's paths name the model (``AnthropicVertex`` takes it out of the body)."""
+        return params.get("model") or body.get("model")
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        return endpoint
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        return _FRAMING
 
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
@@ -193,12 +226,16 @@ class AnthropicDialect:
         clamped_cap: int | None,
     ) -> tuple[bytes, bool]:
         """The client's bytes as they came unless the model's name or a clamped
-        ``max_tokens`` must change; a Messages stream's usage is never removed."""
+        ``max_tokens`` must change; a Messages stream's usage is never removed. The body is
+        always Anthropic's own (``model`` in it, no ``anthropic_version``, which a Vertex
+        client sends): a Vertex upstream rewrites it (``proxy.providers.vertex``)."""
         if clamped_cap is None:
-            if body.get("model") == model:
+            if body.get("model") == model and "anthropic_version" not in body:
                 return raw, False
-            return json.dumps({**body, "model": model}, separators=(",", ":")).encode(), False
-        changed = {**body, "max_tokens": clamped_cap, "model": model}
+            changed = {**body, "model": model}
+        else:
+            changed = {**body, "max_tokens": clamped_cap, "model": model}
+        changed.pop("anthropic_version", None)
         return json.dumps(changed, separators=(",", ":")).encode(), False
 
     def buffered_usage(

@@ -22,7 +22,7 @@ from proxy.providers.upstream import EVENT_ENDS, complete_events
 MAX_OUTPUT_CAP = 1_000_000_000
 """No model generates a billion tokens in one answer; a larger cap only overflows the books."""
 
-KeyAuth = Literal["key", "anthropic"]
+KeyAuth = Literal["key", "anthropic", "gemini"]
 """How the OpenAPI document describes where a dialect's clients put their key."""
 
 
@@ -44,6 +44,8 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
     def cost_nano(self, price: Price) -> int:
+        if price.tier is not None and self.input_tokens > price.tier_above:
+            price = price.tier  # long-context rates (Gemini's, above 200k prompt tokens)
         return cost_nano(
             price,
             self.input_tokens,
@@ -79,6 +81,17 @@ class Reservation:
         return self.prompt_tokens + self.output_tokens
 
 
+class Inbound(Protocol):
+    """What a dialect may read of a client's request (an aiohttp ``web.Request`` is one):
+    passed whole, so a dialect that reads only headers costs nothing for the rest."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def query(self) -> Mapping[str, str]: ...
+
+
 class StreamMeter(Protocol):
     def relay(self, block: bytes) -> bytes:
         """Notes a block of whole events; returns the part of it the client receives."""
@@ -100,20 +113,24 @@ class StreamEnds:
 
 @dataclass(frozen=True, slots=True)
 class StreamFraming:
-    """How a dialect's streamed answers are framed: server-sent events for most, AWS's binary
-    event stream for Bedrock. The relay cuts what it reads into whole frames with ``split``
-    before the meter sees them, so no dialect parses a frame split across reads."""
+    """How a streamed answer is framed: server-sent events for most, AWS's binary event
+    stream for Bedrock, a JSON array for Gemini without ``?alt=sse``. The relay cuts what it
+    reads into whole frames with ``split`` before the meter sees them, so no dialect parses a
+    frame split across reads, and ends a broken stream with ``ends``, in the same framing."""
 
     content_type: str
     """The media type of a streamed answer, upstream's and client's alike."""
     split: Callable[[bytes], tuple[bytes, bytes]]
     """Whole frames at the start of a buffer, and the unfinished rest."""
+    ends: StreamEnds
     whole_if_ends: tuple[bytes, ...] = ()
     """Endings that prove a buffer holds whole frames (SSE's blank line): most reads end on
     one, and skip ``split``; empty: always split."""
 
 
-SSE_FRAMING = StreamFraming("text/event-stream", complete_events, EVENT_ENDS)
+def sse_framing(ends: StreamEnds) -> StreamFraming:
+    """Server-sent events, ended by a dialect's own error events."""
+    return StreamFraming("text/event-stream", complete_events, ends, EVENT_ENDS)
 
 
 @dataclass(frozen=True)
@@ -176,14 +193,6 @@ class Dialect(Protocol):
         ...
 
     @property
-    def stream_ends(self) -> StreamEnds: ...
-
-    @property
-    def stream_framing(self) -> StreamFraming:
-        """SSE (``SSE_FRAMING``) but for dialects with a framing of their own."""
-        ...
-
-    @property
     def error_model(self) -> type[BaseModel]:
         """The error body, for the OpenAPI document."""
         ...
@@ -191,18 +200,38 @@ class Dialect(Protocol):
     @property
     def docs(self) -> RouteDocs: ...
 
-    def route_path(self, endpoint: str) -> str:
-        """Where an endpoint is mounted under each prefix (an aiohttp path template: the
-        endpoint itself, or with path parameters, e.g. Bedrock's ``model/{modelId}/converse``)."""
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        """``(path, endpoint)`` of every POST route, prefixes included (aiohttp path patterns:
+        an API that names the model in the path matches it as a parameter, Gemini's
+        ``models/{model}:generateContent``, Bedrock's ``model/{modelId}/converse``)."""
         ...
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
-        """The client's proxy key; raises a 401 ``ApiError`` when it sent none."""
+    def claims(self, path: str) -> bool:
+        """Whether an error on a path under one of ``error_prefixes`` takes this dialect's
+        shape (prefixes two dialects share, like Vertex's ``/v1/projects/``, are told apart
+        here); called only when a prefix matched."""
+        ...
+
+    def api_key(self, request: Inbound) -> str:
+        """The client's proxy key (from its headers, or its query: Gemini's ``?key=``);
+        raises a 401 ``ApiError`` when it sent none."""
         ...
 
     def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
-        """The model a request names (the body's ``model``, or a path parameter); the gateway
-        validates that it is a non-empty string it knows."""
+        """The model a request names: the body's ``model``, or a path parameter (``params``:
+        the route's matched parts, empty for a quote); the gateway validates that it is a
+        non-empty string it knows."""
+        ...
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        """What the upstream is asked for (``proxy.providers.kinds.url``): the endpoint, or
+        a form of it the request's query chooses (Gemini's ``?alt=sse``)."""
+        ...
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        """How a streamed answer to that upstream endpoint is framed and ended: SSE
+        (``sse_framing``) for most, AWS's event stream for Bedrock, Google's JSON array
+        for Gemini's ``streamGenerateContent`` without ``?alt=sse``."""
         ...
 
     async def reserve(

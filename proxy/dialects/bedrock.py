@@ -26,6 +26,7 @@ from proxy.config import DialectName
 from proxy.dialects import bedrock_request as req
 from proxy.dialects import bedrock_usage, eventstream
 from proxy.dialects.base import (
+    Inbound,
     Reservation,
     RouteDocs,
     StreamEnds,
@@ -71,7 +72,7 @@ _ENDS = StreamEnds(
     ),
 )
 """Exception frames botocore raises as ``ModelStreamErrorException`` (both streams model it)."""
-FRAMING = StreamFraming(eventstream.CONTENT_TYPE, eventstream.split)
+FRAMING = StreamFraming(eventstream.CONTENT_TYPE, eventstream.split, _ENDS)
 
 _DOCS = RouteDocs(
     title="Bedrock",
@@ -124,18 +125,28 @@ class BedrockDialect:
     prefixes = PREFIXES
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over AWS Bedrock's runtime API: use POST /model/{modelId}/converse"
-    stream_ends = _ENDS
-    stream_framing = FRAMING
     error_model = BedrockError
     docs = _DOCS
 
-    def route_path(self, endpoint: str) -> str:
-        return f"model/{{modelId}}/{endpoint}"
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            (f"{prefix}/model/{{modelId}}/{e}", e) for prefix in PREFIXES for e in ENDPOINTS
+        )
+
+    def claims(self, path: str) -> bool:
+        return True
 
     def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
         return req.model_id(params.get("modelId"))
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        return endpoint
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        return FRAMING
+
+    def api_key(self, request: Inbound) -> str:
+        headers = request.headers
         key = bearer(headers)
         if key:
             return key

@@ -22,14 +22,16 @@ from proxy.config import DialectName
 from proxy.dialects import openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
-    SSE_FRAMING,
+    Inbound,
     Reservation,
     RouteDocs,
     StreamEnds,
+    StreamFraming,
     StreamMeter,
     Usage,
     bearer,
     body_model,
+    sse_framing,
 )
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
@@ -52,6 +54,7 @@ _ENDS = StreamEnds(
     b'incomplete.","type":"server_error","code":"upstream_timeout","param":null}}\n\n',
 )
 """Stream ends the OpenAI SDKs raise APIError on (an error event, and no [DONE])."""
+_FRAMING = sse_framing(_ENDS)
 
 
 def _positive_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
@@ -189,19 +192,17 @@ class OpenAIDialect:
     prefixes = PREFIXES
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
-    stream_ends = _ENDS
-    stream_framing = SSE_FRAMING
     error_model = OpenAIError
     docs = _DOCS
 
-    def route_path(self, endpoint: str) -> str:
-        return endpoint
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple((f"{prefix}/{e}", e) for prefix in PREFIXES for e in ENDPOINTS)
 
-    def requested_model(self, params: Mapping[str, str], body: dict[str, Any]) -> object:
-        return body_model(params, body)
+    def claims(self, path: str) -> bool:
+        return True
 
-    def api_key(self, headers: Mapping[str, str]) -> str:
-        key = bearer(headers)
+    def api_key(self, request: Inbound) -> str:
+        key = bearer(request.headers)
         if key is None:
             raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
         return key
@@ -225,6 +226,14 @@ class OpenAIDialect:
             input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
             output_rate=route.price.output_nano_per_m,
         )
+
+    requested_model = staticmethod(body_model)
+
+    def upstream_endpoint(self, endpoint: str, request: Inbound) -> str:
+        return endpoint
+
+    def stream_framing(self, upstream_endpoint: str) -> StreamFraming:
+        return _FRAMING
 
     upstream_body = staticmethod(upstream_body)
 

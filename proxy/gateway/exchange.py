@@ -27,6 +27,8 @@ class Exchange:
     upstream: str = ""
     """The upstream that served (the first of the model's list unless a fallback did)."""
     output_cap: int = 0
+    upstream_endpoint: str = ""
+    """What the upstream is asked for (``Dialect.upstream_endpoint``)."""
     clamped_cap: int | None = None
     """The lowered output cap per choice the upstream gets, when the request was clamped."""
     cost_nano: int = 0

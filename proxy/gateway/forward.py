@@ -31,6 +31,7 @@ async def forward(
     ``exchange.usage`` (also when the client or the upstream breaks off)."""
     raw = await request.read()
     endpoint, stream, clamped_cap = exchange.endpoint, reservation.stream, exchange.clamped_cap
+    exchange.upstream_endpoint = dialect.upstream_endpoint(endpoint, request)
     bodies: dict[str, tuple[bytes, bool]] = {}
 
     def body_for(candidate: fallback.Candidate) -> bytes:
@@ -50,7 +51,7 @@ async def forward(
         exchange.status = upstream.status
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
-        framing = dialect.stream_framing
+        framing = dialect.stream_framing(exchange.upstream_endpoint)
         if relay.is_stream(served, framing.content_type):
             meter = dialect.stream_meter(
                 endpoint,
@@ -60,7 +61,7 @@ async def forward(
                 bodies[served.candidate.model][1],
             )
             return await relay.relay_stream(
-                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at, framing
+                request, exchange, upstream, headers, meter, sent_at, framing
             )
         data = await relay.read_buffered(exchange, served, sent_at, dialect)
         return web.Response(status=upstream.status, body=data, headers=headers)

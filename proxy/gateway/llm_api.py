@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from proxy.catalog.routes import UnpricedModel
 from proxy.dialects import DIALECTS, OPENAI, Dialect
 from proxy.errors import ApiError
-from proxy.gateway import pipeline
+from proxy.gateway import gemini_models, pipeline
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import SSE_EVENT, Reply, operation
 
@@ -38,8 +38,12 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     """The handler of one endpoint of a dialect, declared for the OpenAPI document."""
     docs = dialect.docs
     answers = [Reply(200, "The upstream's answer.", schema={"type": "object"})]
-    if endpoint in docs.streamed:
-        media = dialect.stream_framing.content_type
+    media = dialect.stream_framing(endpoint).content_type
+    if endpoint in docs.streamed and media == "application/json":  # Gemini's streamed array
+        answers[0] = Reply(
+            200, "The upstream's answer, relayed element by element.", schema={"type": "array"}
+        )
+    elif endpoint in docs.streamed:
         answers.append(
             Reply(
                 200,
@@ -75,6 +79,8 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     answers=Reply(200, "The configured models and aliases this key may use.", ModelList),
 )
 async def list_models(request: web.Request) -> web.Response:
+    if gemini_models.asked_by_google(request):  # google-genai lists under /v1 too
+        return await gemini_models.list_models(request)
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
     data = [
@@ -94,6 +100,8 @@ async def list_models(request: web.Request) -> web.Response:
 )
 async def retrieve_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): one model this key may use."""
+    if gemini_models.asked_by_google(request):
+        return await gemini_models.get_model(request)
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
     name = request.match_info["model"]
@@ -115,10 +123,10 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
-        for prefix in dialect.prefixes:
-            for endpoint in dialect.endpoints:
-                path = f"{prefix}/{dialect.route_path(endpoint)}"
-                app.router.add_post(path, llm_handler(dialect, endpoint))
-            if dialect is OPENAI:  # the catalogue is served in OpenAI's shape, beside its routes
-                app.router.add_get(f"{prefix}/models", list_models)
-                app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+        handlers = {endpoint: llm_handler(dialect, endpoint) for endpoint in dialect.endpoints}
+        for path, endpoint in dialect.routes():
+            app.router.add_post(path, handlers[endpoint])
+    for prefix in OPENAI.prefixes:  # the catalogue in OpenAI's shape, beside its routes
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+    gemini_models.add_routes(app)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -87,12 +88,12 @@ async def prepare(
     endpoint: str,
     body: dict[str, Any],
     headers: Mapping[str, str],
-    params: Mapping[str, str] | None = None,
+    params: Mapping[str, str] = MappingProxyType({}),
 ) -> Prepared:
     """Model, reservation and clamp terms of a request: shared by the LLM routes and the quote
     endpoint, so a quote is priced exactly as the request itself would be. ``params``: the
-    route's path parameters (a model named in the path)."""
-    model = dialect.requested_model(params or {}, body)
+    route's path parameters (a model named in the path; none for a quote)."""
+    model = dialect.requested_model(params, body)
     route = model_route(gw, model, identity, dialect, endpoint)
     reservation = await dialect.reserve(headers, endpoint, body, route)
     check_reservation(reservation.tokens, reservation.cost_nano, reservation.cap_param)
@@ -203,7 +204,7 @@ def model_route(
 async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     outcome = request[OUTCOME] = Outcome(endpoint)
-    identity = await gw.auth.identify_key(dialect.api_key(request.headers))
+    identity = await gw.auth.identify_key(dialect.api_key(request))
     outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
     outcome.on_behalf_of = end_user = on_behalf_of(request)
     body = await read_json(request, identity.key_id, gw.bodies)

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.dialects.base import Dialect, StreamEnds, StreamFraming, StreamMeter, Usage
+from proxy.dialects.base import Dialect, StreamFraming, StreamMeter, Usage
 from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
@@ -53,7 +53,7 @@ async def send(
             gw.upstream,
             gw.cooldowns,
             exchange.route.upstreams,
-            exchange.endpoint,
+            exchange.upstream_endpoint or exchange.endpoint,
             body_for,
             request.headers,
         )
@@ -152,6 +152,7 @@ class _Deadline:
 
 
 _DONE = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
+_TEXT = ("text/", "application/json")
 
 
 def _as_is(data: bytes) -> bytes:
@@ -164,19 +165,20 @@ async def relay_stream(
     upstream: Response,
     headers: Any,
     meter: StreamMeter,
-    ends: StreamEnds,
     sent_at: float,
     framing: StreamFraming,
 ) -> web.StreamResponse:
     """Events are written as they arrive; an event split across reads waits for its end
-    (``framing``: the dialect's, SSE or binary). ``sent_at``: when the request went upstream
-    (the wait for its first bytes is the upstream's time, not the proxy's)."""
+    (``framing``: the dialect's for this answer — SSE, binary, a JSON array's elements — whose
+    ``ends`` end a stream that cannot end normally). ``sent_at``: when the request went
+    upstream (the wait for its first bytes is the upstream's time, not the proxy's)."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = framing.content_type
     whole_if_ends, split = framing.whole_if_ends, framing.split
     # Text frames are searched for upstream credentials; a binary frame (Bedrock's event
     # stream) cannot be edited without breaking its CRCs, and is relayed as it came.
-    redact = REDACTOR.data if framing.content_type.startswith("text/") else _as_is
+    redact = REDACTOR.data if framing.content_type.startswith(_TEXT) else _as_is
+    ends = framing.ends
     deadline = _Deadline(request)
     upstream.on_deadline(deadline)
     pending = b""  # the start of an event whose end has not arrived yet

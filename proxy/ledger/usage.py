@@ -45,14 +45,18 @@ REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
             "converse-stream",
             "invoke",
             "invoke-with-response-stream",
+            # Gemini's (proxy.dialects.gemini)
+            "generateContent",
+            "streamGenerateContent",
         }
     ),
-    "embeddings": frozenset({"embeddings"}),
+    "embeddings": frozenset({"embeddings", "embedContent", "batchEmbedContents"}),
     "responses": frozenset({"responses"}),
 }
-"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages and
-Bedrock's Converse and InvokeModel are chat completions; ``messages/count_tokens`` is free and
-in no bucketed report, only in costs)."""
+"""Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages, Bedrock's
+Converse and InvokeModel and Gemini's generateContent are chat completions;
+``messages/count_tokens`` and ``countTokens`` are free and in no bucketed report, only in
+costs)."""
 
 _READ_BATCH = 500
 

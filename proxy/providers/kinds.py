@@ -4,7 +4,7 @@ the answer) passes through as the client's API defines it.
 
 ``openai`` covers every OpenAI-compatible server: OpenAI itself, Gemini's OpenAI-compatible
 endpoint, Groq/Together/Fireworks, vLLM and Ollama (an upstream without ``api_key_env`` sends
-no credential at all).
+no credential at all). ``gemini`` and ``vertex`` are Google's (``proxy.providers.google``).
 """
 
 from __future__ import annotations
@@ -12,17 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.config import UpstreamConfig
-from proxy.providers import anthropic, azure, bedrock
+from proxy.providers import anthropic, azure, bedrock, google
 
 
 def url(upstream: UpstreamConfig, endpoint: str, deployment: str) -> str:
-    """``deployment``: Azure's deployment, or the Bedrock model id (part of their paths)."""
+    """``deployment``: Azure's deployment, the Bedrock model id, or the model a Google
+    upstream's path names (Vertex's URL also depends on the body: ``google.vertex_target``)."""
     if upstream.kind == "anthropic":
         return anthropic.url(upstream, endpoint)
     if upstream.kind == "azure":
         return azure.url(upstream, endpoint, deployment)
     if upstream.kind == "bedrock":
         return bedrock.url(upstream, endpoint, deployment)
+    if upstream.kind == "gemini":
+        return google.gemini_url(upstream, endpoint, deployment)
     return f"{upstream.base_url}/{endpoint}"
 
 
@@ -36,6 +39,10 @@ def credential_headers(
         return azure.credential_headers(upstream)
     if upstream.kind == "bedrock":
         return bedrock.credential_headers(upstream)
+    if upstream.kind == "gemini":
+        return google.gemini_credential(upstream)
+    if upstream.kind == "vertex":
+        return []  # an access token, added by ``UpstreamClient.send`` (it may need a refresh)
     credential = upstream.credential()
     return [("Authorization", f"Bearer {credential}")] if credential else []
 

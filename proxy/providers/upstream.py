@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import ApiError
-from proxy.providers import bedrock, kinds
+from proxy.providers import bedrock, google, kinds
 from proxy.providers.http import (
     Client,
     Response,
@@ -20,6 +20,7 @@ from proxy.providers.http import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.providers.vertex_auth import VertexTokens
 
 # Request headers go upstream by an allow-list: only what the upstream's API reads. A deny-list
 # let a client's proxy key through in whatever header its SDK uses for another provider
@@ -38,6 +39,8 @@ FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
             "x-amzn-bedrock-performanceconfig-latency",
         }
     ),
+    "gemini": frozenset({"accept", "user-agent"}),
+    "vertex": frozenset({"accept", "user-agent", "anthropic-beta"}),
 }
 # Never forwarded, whatever an operator's ``forward_headers`` pattern matches: credentials,
 # the client's own provider account, hop-by-hop and framing headers the proxy sets itself.
@@ -162,6 +165,8 @@ class UpstreamClient:
         )
         self._client: Client | None = None
         self._targets: dict[str, Target] = {}
+        self.tokens = VertexTokens()
+        """Vertex upstreams' access tokens (per process, each fetched once per lifetime)."""
 
     async def start(self) -> None:
         self._client = Client(self._timeouts)
@@ -178,15 +183,20 @@ class UpstreamClient:
         headers: Mapping[str, str],
         deployment: str = "",
     ) -> Response:
-        """``deployment`` names the Azure deployment (part of the path of dated API versions)."""
+        """``deployment`` names the Azure deployment (part of the path of dated API versions),
+        or the model of a Google upstream (part of its path)."""
         assert self._client is not None, "UpstreamClient.start() not called"
-        address = kinds.url(upstream, endpoint, deployment)
+        sent = upstream_headers(headers, upstream)
+        if upstream.kind == "vertex":
+            address, body = google.vertex_target(upstream, endpoint, deployment, body)
+            sent.append(("Authorization", f"Bearer {await self.tokens.ensure(upstream)}"))
+        else:
+            address = kinds.url(upstream, endpoint, deployment)
         target = self._targets.get(address)
         if target is None:
             if len(self._targets) >= _MAX_TARGETS:  # Bedrock: a model id in every path
                 self._targets.clear()
             target = self._targets[address] = Target.parse(address)
-        sent = upstream_headers(headers, upstream)
         if upstream.kind == "bedrock":  # signed last: over the final body and headers
             sent = bedrock.sign(upstream, address, body, sent)
         try:

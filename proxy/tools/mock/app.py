@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.tools.mock.anthropic import Anthropic
 from proxy.tools.mock.bedrock import Bedrock
 from proxy.tools.mock.core import Mock
+from proxy.tools.mock.google import GOOGLE, Google
 from proxy.tools.mock.openai import OpenAI
 from proxy.tools.mock.openai_responses import Responses
 from proxy.tools.mock.records import (
@@ -60,12 +61,14 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # 
     app[RECEIVED] = received
     app[REPORTED] = reported
     app[EXCHANGES] = collections.deque(maxlen=RECEIVED_MAXLEN)
+    app[GOOGLE] = google = Google(mock)
     routes = [
         *OpenAI(mock).routes(),
         *Responses(mock).routes(),
         ("GET", "/v1/models", mock.models),
         *Anthropic(mock).routes(),
         *Bedrock(mock).routes(),
+        *google.routes(),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
