@@ -133,6 +133,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             SettleSpool(settings.spool_directory()),
             hot_path=hot_path(settings.redis, redis_url),
             usage=settings.usage,
+            batch_settles=settings.limits.batch_settles,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,

@@ -11,10 +11,10 @@ from redis.exceptions import RedisError
 from proxy.admin import readiness_checks
 from proxy.admin.schemas import Health, Readiness, Unready
 from proxy.gateway.state import GATEWAY
-from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE
+from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE, SETTLE_BATCH
 from proxy.openapi import Reply, operation
 
-SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
+SCRIPTS = (ADMIT, SETTLE, SETTLE_BATCH, RECLAIM, PUT_BUDGET)
 
 
 @operation(
