@@ -106,7 +106,7 @@ class Admission:
         self.clock = clock
         self._windows = WindowCache()
         self.deferred = DeferredSettles(self._settle_now, spool)
-        self.batches = SettleBatcher(self._settle_now, self._settle_many) if batch_settles else None
+        self.batches = SettleBatcher(self._settle_now, self.settle_batch) if batch_settles else None
 
     async def admit(
         self,
@@ -236,9 +236,10 @@ class Admission:
         _SETTLE_TIME.observe(time.perf_counter() - started)
         return max(int(result), 0)
 
-    async def _settle_many(self, org_id: str, reqs: list[SettleRequest]) -> list[int | str | bytes]:
+    async def settle_batch(self, org_id: str, reqs: list[SettleRequest]) -> list[int | str | bytes]:
         """One call for many settles of one org (``lua/settle_batch.lua``): per item, what
-        ``_settle_now`` returns, or the message of an item Redis refused."""
+        ``_settle_now`` returns, or the message of an item Redis refused. Raises what the call
+        raised; the batch may then have landed, and is safe to send again."""
         items = [self._settle_args(req) for req in reqs]
         started = time.perf_counter()
         results = await SETTLE_BATCH.run(
