@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
-from proxy.gateway.settle_spool import SettleRequest
+if TYPE_CHECKING:  # the spool's record type only: the ledger does not import the gateway
+    from proxy.gateway.settle_spool import SettleRequest
 
 MAX_BATCH = 32
 """Settles per call at most: bounds the time one script holds Redis (about 40 µs a settle)."""
 
-RunOne = Callable[[SettleRequest], Awaitable[int]]
-RunMany = Callable[[str, list[SettleRequest]], Awaitable[list[int | str | bytes]]]
+RunOne = Callable[["SettleRequest"], Awaitable[int]]
+RunMany = Callable[[str, list["SettleRequest"]], Awaitable[list[int | str | bytes]]]
 
 
 class SettleBatcher:
