@@ -1,5 +1,6 @@
-"""SettleBatcher without Redis: when settles go alone, when together, and what a waiter that
-leaves, a failed call and an item Redis refused do to the others."""
+"""SettleBatcher without Redis: settles of one org handed over in one loop turn go together, a
+later turn's go in a call of their own (never waiting for an earlier call), and what a waiter
+that leaves, a failed call and an item Redis refused do to the others."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from redis.exceptions import ResponseError
 
 from proxy.gateway.settle_spool import SettleRequest
 from proxy.ledger.settle_batches import SettleBatcher
+
+
+async def turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 def req(rid: str, org: str = "o1") -> SettleRequest:
@@ -44,27 +50,27 @@ class FakeRedis:
         return [b"settle: bad" if r.request_id in self.refuse else 1 for r in reqs]
 
 
-async def test_a_lone_settle_goes_at_once_and_later_ones_wait_for_it_together() -> None:
+async def test_one_turns_settles_go_together_and_never_wait_for_an_earlier_call() -> None:
     redis = FakeRedis()
     batcher = SettleBatcher(redis.one, redis.many, max_batch=3)
     redis.hold.clear()
     first = asyncio.ensure_future(batcher.settle(req("r1")))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await turns()
     assert redis.calls == [("o1", ["r1"])]
     rest = [asyncio.ensure_future(batcher.settle(req(f"r{i}"))) for i in range(2, 7)]
     other_org = asyncio.ensure_future(batcher.settle(req("x1", org="o2")))
-    await asyncio.sleep(0)
+    await turns()
+    # Sent while r1's call is still unanswered: nothing waits for an earlier call.
+    assert redis.calls == [
+        ("o1", ["r1"]),
+        ("o1", ["r2", "r3", "r4"]),  # at most max_batch to a call, in arrival order
+        ("o1", ["r5", "r6"]),
+        ("o2", ["x1"]),
+    ]
     redis.hold.set()
     assert await first == 0
     assert await asyncio.gather(*rest) == [1] * 5
     assert await other_org == 0
-    assert redis.calls == [
-        ("o1", ["r1"]),
-        ("o2", ["x1"]),
-        ("o1", ["r2", "r3", "r4"]),  # at most max_batch to a call, in arrival order
-        ("o1", ["r5", "r6"]),
-    ]
     assert batcher.calls == 4 and len(batcher) == 0
 
 
@@ -73,10 +79,10 @@ async def test_a_waiter_that_leaves_does_not_cancel_the_batch() -> None:
     batcher = SettleBatcher(redis.one, redis.many)
     redis.hold.clear()
     first = asyncio.ensure_future(batcher.settle(req("r1")))
-    await asyncio.sleep(0)
+    await turns()
     leaving = asyncio.ensure_future(batcher.settle(req("r2")))
     staying = asyncio.ensure_future(batcher.settle(req("r3")))
-    await asyncio.sleep(0)
+    await turns()
     leaving.cancel()
     redis.hold.set()
     assert await first == 0 and await staying == 1
@@ -89,9 +95,9 @@ async def test_a_failed_call_fails_every_item_and_a_refused_item_only_itself() -
     batcher = SettleBatcher(redis.one, redis.many)
     redis.hold.clear()
     first = asyncio.ensure_future(batcher.settle(req("r1")))
-    await asyncio.sleep(0)
+    await turns()
     batch = [asyncio.ensure_future(batcher.settle(req(f"r{i}"))) for i in (2, 3)]
-    await asyncio.sleep(0)
+    await turns()
     redis.fail = RedisConnectionError("gone")
     redis.hold.set()
     for waiter in (first, *batch):
@@ -101,10 +107,10 @@ async def test_a_failed_call_fails_every_item_and_a_refused_item_only_itself() -
     redis.refuse = {"r5"}
     redis.hold.clear()
     lone = asyncio.ensure_future(batcher.settle(req("r4")))
-    await asyncio.sleep(0)
+    await turns()
     refused = asyncio.ensure_future(batcher.settle(req("r5")))
     fine = asyncio.ensure_future(batcher.settle(req("r6")))
-    await asyncio.sleep(0)
+    await turns()
     redis.hold.set()
     assert await lone == 0 and await fine == 1
     with pytest.raises(ResponseError, match="settle: bad"):
