@@ -152,9 +152,10 @@ class LimitsConfig(_Strict):
     spool_dir: str = ""
     """Where settles Redis did not take are kept until it does (default: <data_dir>/spool)."""
     defaults: dict[Role, RoleLimits] = Field(default_factory=dict)
-    batch_settles: bool = True
-    """Settles of one org that arrive while one of its settles is in flight go to Redis
-    together, in one script call (``proxy.ledger.settle_batches``); false: one call each."""
+    batch_settles: bool = False
+    """Settles of one org handed over in one event-loop turn go to Redis in one script call
+    (``proxy.ledger.settle_batches``): fewer script calls and less Redis CPU per request, for
+    a little latency (docs/benchmark.md); off by default."""
 
     def sweep_interval(self) -> float:
         return self.sweep_seconds or max(self.lease_seconds / 4, 0.2)
