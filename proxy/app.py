@@ -134,6 +134,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
             hot_path=hot_path(settings.redis, redis_url),
             usage=settings.usage,
             end_user_cap=settings.limits.max_end_users_per_month,
+            batch_settles=settings.limits.batch_settles,
         ),
         upstream=UpstreamClient(settings.timeouts),
         routes=routes,

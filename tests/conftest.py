@@ -43,6 +43,10 @@ TEST_TOPOLOGY = os.environ.get("LLM_PROXY_TEST_REDIS", "single")
 (``tests/redis_topologies.py``) instead of one server. Tests that talk to the server as a
 single node themselves (restarts, raw clients) do not apply there."""
 
+TEST_BATCH_SETTLES = os.environ.get("LLM_PROXY_TEST_BATCH_SETTLES", "")
+"""``1`` or ``0`` runs every proxy the tests start with ``[limits] batch_settles`` on or off
+(unset: the configuration's default), so the suites run both ways."""
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
@@ -106,6 +110,8 @@ def make_settings(upstream_url: str, **sections: Any) -> Settings:
     a settle spool of its own (never the working directory's ``.proxy-data``)."""
     limits = dict(sections.pop("limits", {}))
     limits.setdefault("spool_dir", tempfile.mkdtemp(prefix="llm-proxy-spool-"))
+    if TEST_BATCH_SETTLES:
+        limits.setdefault("batch_settles", TEST_BATCH_SETTLES == "1")
     sections["limits"] = limits
     data: dict[str, Any] = {
         "upstreams": [
@@ -258,6 +264,9 @@ def write_config(
         'upstream = "mock"',
         "max_output_tokens = 1000",
     ]
+    if TEST_BATCH_SETTLES:
+        switch = f"batch_settles = {'true' if TEST_BATCH_SETTLES == '1' else 'false'}"
+        extra["limits"] = switch + "\n" + extra.get("limits", "")
     for section, body in extra.items():
         lines += [f"[{section}]", body]
     path.write_text("\n".join(lines) + "\n" + tail)

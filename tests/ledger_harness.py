@@ -9,9 +9,10 @@ modules or a rename of its keys is one edit in one file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -254,6 +255,34 @@ class Ledger:
         assert len(self.admission.deferred) == 0, "a settle was deferred"
         return events
 
+    async def settle_together(
+        self, items: Sequence[tuple[str, str, int, int, int]], *, resend: bool = False
+    ) -> list[int]:
+        """Settles (kid, rid, tokens, cost, inp) of requests finishing at once, as a busy proxy
+        settles them (``SettleBatcher``): handed over within one turn of the event loop, they
+        go in one call (``settle_batch``; ``settle`` for one alone). ``resend``: the batch is
+        sent again as it was, as after a reply lost to a failover (every item a no-op)."""
+        reqs = [
+            self.admission.settle_request(
+                self.identity(kid),
+                rid,
+                tokens,
+                cost,
+                usage_record(rid, kid, tokens, cost, inp, None),
+            )
+            for kid, rid, tokens, cost, inp in items
+        ]
+        batches = self.admission.batches
+        assert batches is not None, "a ledger opened with batch_settles"
+        calls = batches.calls
+        events = list(await asyncio.gather(*(self.admission.settle(req) for req in reqs)))
+        assert batches.calls - calls == 1, "not batched"
+        assert len(self.admission.deferred) == 0, "a settle was deferred"
+        if resend:
+            again = await self.admission.settle_batch(self.org, reqs)
+            assert again == [0] * len(reqs), again
+        return events
+
     async def reclaim(self) -> tuple[int, int, int]:
         return await self.admission.reclaim(self.org)
 
@@ -357,12 +386,13 @@ async def open_ledger(
     lease_seconds: int = 30,
     spool_dir: Path | None = None,
     redis: Any = None,
+    batch_settles: bool = False,
 ) -> Ledger:
     """A ledger on a clean org; ``redis``: a client to reuse (one per event loop)."""
     client = redis if redis is not None else open_client(redis_url)
     clock = Clock(start)
     spool = _SpoolThatFails(spool_dir or Path(tempfile.gettempdir()) / "ledger-tests-spool")
-    admission = Admission(client, {}, lease_seconds, clock, spool)
+    admission = Admission(client, {}, lease_seconds, clock, spool, batch_settles=batch_settles)
     return Ledger(client, admission, BudgetStore(client), KeyStore(client), clock)
 
 

@@ -34,6 +34,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import (
     ADMIN_KEY,
+    TEST_BATCH_SETTLES,
     Proxy,
     ProxyProcess,
     eventually,
@@ -74,6 +75,12 @@ class Hostile:
     mock: TestServer
 
 
+def _batch_settles() -> str:
+    if not TEST_BATCH_SETTLES:
+        return ""
+    return f"batch_settles = {'true' if TEST_BATCH_SETTLES == '1' else 'false'}"
+
+
 def _config(path: Path, upstream: str, redis_url: str) -> Path:
     path.write_text(
         f"""
@@ -90,6 +97,7 @@ url = "{redis_url}"
 bootstrap_key_env = "TEST_PROXY_ADMIN_KEY"
 [limits]
 lease_seconds = 30
+{_batch_settles()}
 [webhooks]
 allow_private_targets = ["127.0.0.0/8"]
 poll_seconds = 0.05

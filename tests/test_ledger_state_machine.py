@@ -92,7 +92,12 @@ class LedgerMachine(RuleBasedStateMachine):
     async def _reset(self) -> Ledger:
         await self.client.flushall()
         ledger = await open_ledger(
-            self.redis_url, START, lease_seconds=LEASE, spool_dir=self.spool, redis=self.client
+            self.redis_url,
+            START,
+            lease_seconds=LEASE,
+            spool_dir=self.spool,
+            redis=self.client,
+            batch_settles=True,
         )
         await ledger.add_key("k1")
         await ledger.add_key("k2")
@@ -122,6 +127,7 @@ class LedgerMachine(RuleBasedStateMachine):
         actions = [
             *(["admit"] * 4 if len(model.open) < MAX_OPEN else []),
             *(["settle"] * 3 if model.open else []),
+            *(["settle together"] * 2 if model.open else []),
             *(["late settle"] * 2 if model.reclaimed else []),
             "replay",
             "budget",
@@ -148,6 +154,8 @@ class LedgerMachine(RuleBasedStateMachine):
             tokens = data.draw(st.integers(0, 2 * lease.tokens + 10), label="tokens")
             cost = data.draw(st.integers(0, 2 * lease.cost + 10), label="cost")
             (self.settle if action == "settle" else self.late_settle)(rid, tokens, cost)
+        elif action == "settle together":
+            self.settle_together(data)
         elif action == "replay":
             self.replay(data)
         elif action == "budget":
@@ -204,6 +212,38 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.charge(lease.tags, self.model.windows(), cost, tokens)
         self.model.count(1, inp, tokens - inp, cost)
         self.model.done.add(rid)
+
+    def settle_together(self, data: Any) -> None:
+        """Requests finishing at once, settled in one batched call (``settle_batch.lua``),
+        maybe with an already settled request among them (a replay: a no-op item), maybe sent
+        twice (a reply lost to a failover): the books are those of the same settles one by
+        one."""
+        pool = sorted(self.model.open)
+        rids = data.draw(
+            st.lists(st.sampled_from(pool), min_size=1, max_size=4, unique=True), label="rids"
+        )
+        items: list[tuple[str, str, int, int, int]] = []
+        for rid in rids:
+            lease = self.model.open[rid]
+            tokens = data.draw(st.integers(0, 2 * lease.tokens + 10), label="tokens")
+            cost = data.draw(st.integers(0, 2 * lease.cost + 10), label="cost")
+            items.append((lease.tags[0][2:], rid, tokens, cost, min(lease.prompt, tokens)))
+        if self.model.done and data.draw(st.booleans(), label="with a replay"):
+            replayed = data.draw(st.sampled_from(sorted(self.model.done)), label="replayed")
+            items.insert(
+                data.draw(st.integers(0, len(items)), label="at"), ("k1", replayed, 77, 7777, 7)
+            )
+        resend = data.draw(st.booleans(), label="resent")
+        events = self.run(self.ledger.settle_together(items, resend=resend))
+        assert all(e >= 0 for e in events)
+        for _kid, rid, tokens, cost, inp in items:
+            if rid not in self.model.open:
+                continue  # the replay: nothing changes
+            lease = self.model.open.pop(rid)
+            self.model.charge(lease.tags, self.model.windows(), cost, tokens)
+            self.model.count(1, inp, tokens - inp, cost)
+            self.model.done.add(rid)
+        event(f"settled {min(len(items), 3)}+ together" + (", resent" if resend else ""))
 
     def late_settle(self, rid: str, tokens: int, cost: int) -> None:
         """The proxy that was thought dead settles after all: the charge becomes actual use."""

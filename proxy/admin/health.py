@@ -12,11 +12,11 @@ from redis.exceptions import RedisError
 from proxy.admin import readiness_checks
 from proxy.admin.schemas import Health, Readiness, Unready
 from proxy.gateway.state import GATEWAY
-from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE
+from proxy.ledger.scripts import ADMIT, PUT_BUDGET, RECLAIM, SETTLE, SETTLE_BATCH
 from proxy.openapi import Reply, operation
 from proxy.store.server_info import replication_shortfall
 
-SCRIPTS = (ADMIT, SETTLE, RECLAIM, PUT_BUDGET)
+SCRIPTS = (ADMIT, SETTLE, SETTLE_BATCH, RECLAIM, PUT_BUDGET)
 
 
 @operation(

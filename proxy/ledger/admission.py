@@ -24,7 +24,14 @@ from proxy.gateway import metrics
 from proxy.gateway.deferred_settles import DeferredSettles
 from proxy.gateway.settle_spool import SettleRequest, SettleSpool
 from proxy.ledger.api_keys import Identity
-from proxy.ledger.args import NO_LIMITS, AdmitArgs, ClampTerms, ReclaimArgs, SettleArgs
+from proxy.ledger.args import (
+    NO_LIMITS,
+    AdmitArgs,
+    ClampTerms,
+    ReclaimArgs,
+    SettleArgs,
+    settle_batch_argv,
+)
 from proxy.ledger.keys import org_key
 from proxy.ledger.outcomes import (
     ALREADY_ADMITTED,
@@ -38,7 +45,8 @@ from proxy.ledger.outcomes import (
     decision_of,
 )
 from proxy.ledger.records import UsageRecord
-from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE
+from proxy.ledger.scripts import ADMIT, RECLAIM, SETTLE, SETTLE_BATCH
+from proxy.ledger.settle_batches import SettleBatcher
 from proxy.ledger.windows import Clock, WindowCache, Windows
 from proxy.store.client import Redis
 from proxy.store.pipelined import ConnectionLost, PipelinedConnection, ReplicaTimeout
@@ -85,6 +93,7 @@ class Admission:
         hot_path: PipelinedConnection | None = None,
         usage: UsageConfig | None = None,
         end_user_cap: int = 0,
+        batch_settles: bool = False,
     ) -> None:
         self.redis = redis
         self._end_user_cap = end_user_cap
@@ -101,6 +110,7 @@ class Admission:
         self.clock = clock
         self._windows = WindowCache()
         self.deferred = DeferredSettles(self._settle_now, spool)
+        self.batches = SettleBatcher(self._settle_now, self.settle_batch) if batch_settles else None
 
     async def admit(
         self,
@@ -215,6 +225,8 @@ class Admission:
         """Returns the number of budget events recorded. A settle Redis does not take is
         spooled to disk before this returns, and retried."""
         try:
+            if self.batches is not None:
+                return await self.batches.settle(req)
             return await self._settle_now(req)
         except (RedisError, OSError) as exc:
             await self.deferred.add(req, exc)
@@ -223,7 +235,26 @@ class Admission:
     async def _settle_now(self, req: SettleRequest) -> int:
         """Spend goes to the windows (and usage buckets) of the moment the request ended, also
         when replayed later; only their expiry is reckoned from now."""
-        args = SettleArgs(
+        args = self._settle_args(req)
+        started = time.perf_counter()
+        result = await SETTLE.run(self.redis, args.keys(), args.argv(), self._hot)
+        _SETTLE_TIME.observe(time.perf_counter() - started)
+        return max(int(result), 0)
+
+    async def settle_batch(self, org_id: str, reqs: list[SettleRequest]) -> list[int | str | bytes]:
+        """One call for many settles of one org (``lua/settle_batch.lua``): per item, what
+        ``_settle_now`` returns, or the message of an item Redis refused. Raises what the call
+        raised; the batch may then have landed, and is safe to send again."""
+        items = [self._settle_args(req) for req in reqs]
+        started = time.perf_counter()
+        results = await SETTLE_BATCH.run(
+            self.redis, items[0].keys(), settle_batch_argv(items), self._hot
+        )
+        _SETTLE_TIME.observe(time.perf_counter() - started)
+        return [max(r, 0) if isinstance(r, int) else r for r in results]
+
+    def _settle_args(self, req: SettleRequest) -> SettleArgs:
+        return SettleArgs(
             org_id=req.org_id,
             at=req.at,
             now=self.clock(),
@@ -235,10 +266,6 @@ class Admission:
             record=req.usage_record,
             usage_policy=self._usage_policy,
         )
-        started = time.perf_counter()
-        result = await SETTLE.run(self.redis, args.keys(), args.argv(), self._hot)
-        _SETTLE_TIME.observe(time.perf_counter() - started)
-        return max(int(result), 0)
 
     async def reclaim(self, org_id: str, limit: int = 100) -> tuple[int, int, int]:
         """One org's expired leases (the sweeper's pass): (reclaimed, set aside now, set
@@ -250,6 +277,9 @@ class Admission:
 
     async def drain(self, grace: float) -> None:
         """At shutdown: give deferred settles a last chance (the spool keeps the rest)."""
+        if self.batches is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.batches.wait_idle(), grace)
         await self.deferred.drain(grace)
 
 

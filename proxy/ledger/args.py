@@ -137,6 +137,16 @@ class SettleArgs:
         ]
 
 
+def settle_batch_argv(items: list[SettleArgs]) -> list[ScriptArg]:
+    """``lua/settle_batch.lua``'s ARGV: the count, then each item's length and its argv."""
+    argv: list[ScriptArg] = [len(items)]
+    for item in items:
+        one = item.argv()
+        argv.append(len(one))
+        argv.extend(one)
+    return argv
+
+
 @dataclass(slots=True)
 class ReclaimArgs:
     org_id: str

@@ -35,7 +35,8 @@ _CHARGES = (*_BOOKS, "usage_counters", "reclaims")
 ADMIT = script(
     *_CHARGES, "rate_limits", "scopes", "budgets", "clamp", "end_user_cap", "admit"
 )
-SETTLE = script(*_CHARGES, "settle")
+SETTLE = script(*_CHARGES, "settle_one", "settle")
+SETTLE_BATCH = script(*_CHARGES, "settle_one", "settle_batch")
 RECLAIM = script(*_CHARGES, "reclaim")
 PUT_BUDGET = script("prelude", "events", "budget_put")
 HASH_SWAP = script("hash_swap")

@@ -158,7 +158,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def proxy_config(path: Path, upstream: str, redis_url: str, durability: str = "async") -> Path:
+def proxy_config(
+    path: Path, upstream: str, redis_url: str, durability: str = "async", batch: bool = True
+) -> Path:
     path.write_text(
         "\n".join(
             [
@@ -169,6 +171,8 @@ def proxy_config(path: Path, upstream: str, redis_url: str, durability: str = "a
                 "[redis]",
                 f'url = "{redis_url}"',
                 f'durability = "{durability}"',
+                "[limits]",
+                f"batch_settles = {'true' if batch else 'false'}",
                 "[auth]",
                 'bootstrap_key_env = "BENCH_ADMIN_KEY"',
                 "[[upstreams]]",
@@ -835,6 +839,15 @@ def render(result: dict[str, Any]) -> str:
             f"{cmp['redis_socket_reads_per_request']} client round trips (socket reads), "
             f"{cmp['redis_script_us_per_request']} µs inside the scripts"
         )
+        for row in scenario["targets"].values():
+            if "redis_per_request" in row:
+                r = row["redis_per_request"]
+                lines.append(
+                    f"  {row['target']}: script calls {r['evalsha']}/request, "
+                    f"{r['script_us']} µs inside scripts/request, Redis CPU "
+                    f"{row['cpu_us_per_request'].get('redis', 0):.0f} µs/request, proxy CPU "
+                    f"{row['cpu_us_per_request']['server']:.0f} µs/request"
+                )
         for name, topo in cmp.get("topologies", {}).items():
             line = (
                 f"  {scenario['targets'][name]['target']}: {topo['throughput_over_single']} of "
@@ -977,7 +990,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 work / "passthrough.log",
             )
         )  # fmt: skip
-        config = proxy_config(work / "proxy.toml", mock_url, redis_server.url)
+        batched = args.batch_settles != "off"
+        config = proxy_config(work / "proxy.toml", mock_url, redis_server.url, batch=batched)
         proxy = stack.enter_context(
             started(
                 [python, "-m", "proxy", "--config", str(config), "--log-level", "WARNING",
@@ -999,6 +1013,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 redis_stats={"redis": redis_client},
             ),
         }  # fmt: skip
+        if args.batch_settles == "both" and not args.memory_minutes:
+            targets["proxy"].label = "(c) llm-proxy batched"
+            targets["proxy_unbatched"] = start_unbatched_target(
+                stack, work, mock_url, redis_server.url, targets["proxy"]
+            )
         if args.cluster_orgs and not args.memory_minutes:
             targets.update(start_cluster_targets(stack, work, mock_url))
         if args.pin:
@@ -1014,7 +1033,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await wait_ready(target.url + target.probe_path, target.process, target.log)
             if target.is_proxy:
                 await wait_ready(target.url + "/readyz", target.process, target.log)
-        targets["proxy"].keys = await provision(targets["proxy"].url, [ORG], args.end_users)
+        orgs = [ORG] if args.orgs <= 1 else [f"{ORG}-k{n}" for n in range(args.orgs)]
+        targets["proxy"].keys = await provision(targets["proxy"].url, orgs, args.end_users)
+        if "proxy_unbatched" in targets:  # the same Redis, so the same keys
+            targets["proxy_unbatched"].keys = targets["proxy"].keys
         if "cluster" in targets:
             orgs = [f"{ORG}-{n}" for n in range(args.cluster_orgs)]
             keys = await provision(targets["cluster"].url, orgs, args.end_users)
@@ -1050,7 +1072,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             paced: dict[str, dict[str, Any]] = {}
             if args.paced_fraction:
                 rate = rows["proxy"]["rps"] * args.paced_fraction
-                for name in ("passthrough", "proxy", *(t for t in CLUSTER_TARGETS if t in rows)):
+                extra = (t for t in ("proxy_unbatched", *CLUSTER_TARGETS) if t in rows)
+                for name in ("passthrough", "proxy", *extra):
                     print(f"{scenario.name}: {targets[name].label} paced...", file=sys.stderr)
                     paced[name] = await bench.paced(targets[name], scenario, rate)
             result["scenarios"][scenario.name] = {
@@ -1071,6 +1094,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name in ("passthrough", "proxy")
                 }
         return result
+
+
+def start_unbatched_target(
+    stack: contextlib.ExitStack[Any], work: Path, mock_url: str, redis_url: str, proxy: Target
+) -> Target:
+    """A second proxy on the same Redis with ``[limits] batch_settles = false``: settles one
+    script call each, as before batching (measured after (c), never at the same time)."""
+    port = free_port()
+    config = proxy_config(work / "proxy-unbatched.toml", mock_url, redis_url, batch=False)
+    log = work / "proxy-unbatched.log"
+    process = stack.enter_context(
+        started(
+            [sys.executable, "-m", "proxy", "--config", str(config), "--log-level",
+             "WARNING", "serve", "--port", str(port), "--workers", "1"],
+            log,
+        )
+    )  # fmt: skip
+    return Target(
+        "(c) settles unbatched", "proxy_unbatched", f"http://127.0.0.1:{port}", process,
+        "/healthz", log, redis=proxy.redis, redis_stats=proxy.redis_stats,
+    )  # fmt: skip
 
 
 def start_cluster_targets(
@@ -1146,6 +1190,19 @@ def main() -> None:
         help="also run (c) on a three-shard Redis Cluster, keys over this many orgs; 0: skip",
     )
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--batch-settles",
+        choices=("on", "off", "both"),
+        default="off",
+        help="(c) with [limits] batch_settles off (the default config), on, or both (a second "
+        "proxy, batched, beside the unbatched one)",
+    )
+    parser.add_argument(
+        "--orgs",
+        type=int,
+        default=1,
+        help="many keys: spread (c)'s load over N orgs, one key each (settles batch per org)",
+    )
     parser.add_argument("--json", dest="json_path", help="write the results here")
     parser.add_argument(
         "--memory-minutes", type=float, default=0, help="instead: RSS under load for N minutes"

@@ -1,6 +1,6 @@
 """What admit and settle cost inside Redis, per call, without HTTP or a load generator.
 
-    python tests/bench/script_cost.py [plain|named|tracked] [--calls 20000]
+    python tests/bench/script_cost.py [plain|named|tracked] [--calls 20000] [--batch N]
 
 Starts its own Redis, provisions what the benchmark's key has (key and org rate limits, a
 cost budget on the key and a token budget on the org), then runs N admits and N settles one at
@@ -8,7 +8,8 @@ a time and reports, from ``INFO commandstats``, Redis's time per EVALSHA (wall t
 the call) and the redis-server process's CPU time per call (from /proc; steadier when other
 processes share the cores). Scenarios: ``plain`` (no end user), ``named`` (each request names
 one of 1,000 end users, in an org without end-user rules), ``tracked`` (the same, with a
-default budget and rate limits for each end user).
+default budget and rate limits for each end user). ``--batch N``: settles go N to a call
+(``settle_batch.lua``), and settle figures are per settle, not per call.
 
 To compare two versions, run it with ``PYTHONPATH`` pointing at each version's source tree.
 """
@@ -48,7 +49,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(scenario: str, calls: int) -> dict[str, Any]:
+async def measure(scenario: str, calls: int, batch: int = 1) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="script-cost-"))
     with EmbeddedRedis(work / "redis", persist=False) as server:
         client = connect(RedisConfig(), server.url)
@@ -92,16 +93,23 @@ async def measure(scenario: str, calls: int) -> dict[str, Any]:
         phases["admit"] = (stats.info("commandstats")["cmdstat_evalsha"], started)
         stats.config_resetstat()
         started = cpu_seconds(server.pid or 0)
-        for rid in rids:
-            request = admission.settle_request(identity, rid, 50, 18_000, {"rid": rid})
-            await admission.settle(request)
+        requests = [
+            admission.settle_request(identity, rid, 50, 18_000, {"rid": rid}) for rid in rids
+        ]
+        if batch <= 1:
+            for request in requests:
+                await admission.settle(request)
+        else:
+            for at in range(0, calls, batch):
+                await admission.settle_batch(ORG, requests[at : at + batch])
         phases["settle"] = (stats.info("commandstats")["cmdstat_evalsha"], started)
         ended = cpu_seconds(server.pid or 0)
         result: dict[str, Any] = {"scenario": scenario, "calls": calls, "keys": stats.dbsize()}
         admit_stats, admit_start = phases["admit"]
         settle_stats, settle_start = phases["settle"]
         result["admit_us"] = round(float(admit_stats["usec_per_call"]), 1)
-        result["settle_us"] = round(float(settle_stats["usec_per_call"]), 1)
+        result["settle_us"] = round(float(settle_stats["usec"]) / calls, 1)
+        result["batch"] = batch
         result["admit_cpu_us"] = round((settle_start - admit_start) / calls * 1e6, 1)
         result["settle_cpu_us"] = round((ended - settle_start) / calls * 1e6, 1)
         await client.aclose()
@@ -115,11 +123,13 @@ def main() -> None:
         "scenario", nargs="?", default="plain", choices=("plain", "named", "tracked")
     )
     parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=1, help="settles per call")
     args = parser.parse_args()
-    r = asyncio.run(measure(args.scenario, args.calls))
+    r = asyncio.run(measure(args.scenario, args.calls, args.batch))
     print(
-        f"{r['scenario']}: admit {r['admit_us']} us in Redis ({r['admit_cpu_us']} us CPU), "
-        f"settle {r['settle_us']} us ({r['settle_cpu_us']} us CPU) per call, "
+        f"{r['scenario']}: admit {r['admit_us']} us in Redis ({r['admit_cpu_us']} us CPU) per "
+        f"call, settle {r['settle_us']} us ({r['settle_cpu_us']} us CPU) per settle, "
+        f"{r['batch']} settles per call, "
         f"{r['calls']} calls, {r['keys']} keys left"
     )
 

@@ -4,9 +4,9 @@ local function append_usage(P, pairs)
   redis.call('XADD', P .. K.usage, 'MAXLEN', '~', USAGE_KEPT, '*', unpack(pairs))
 end
 
--- The same from the script's own arguments (ARGV[from] onwards), without copying them.
-local function append_usage_args(P, from)
-  redis.call('XADD', P .. K.usage, 'MAXLEN', '~', USAGE_KEPT, '*', unpack(ARGV, from))
+-- The same from arguments (args[from] onwards; args defaults to ARGV), without copying them.
+local function append_usage_args(P, from, args)
+  redis.call('XADD', P .. K.usage, 'MAXLEN', '~', USAGE_KEPT, '*', unpack(args or ARGV, from))
 end
 
 -- Usage counters: what the usage and cost reports read (layout and reading in
