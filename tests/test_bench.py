@@ -33,8 +33,11 @@ def test_benchmark_measures_all_three_targets_and_counts_redis_calls(tmp_path: P
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     # Every request was admitted: one admit and one settle each, nothing else scripted —
     # on the single Redis and, summed over the shards, on the cluster.
-    for name in ("proxy", "cluster", "cluster_replicated"):
-        assert short["targets"][name]["redis_per_request"]["evalsha"] == 2.0, name
+    assert short["targets"]["proxy"]["redis_per_request"]["evalsha"] == 2.0
+    # On a cluster a reply that comes late (a WAIT past its timeout on a loaded machine) is
+    # released by one more call, so a few in a thousand may take a third.
+    for name in ("cluster", "cluster_replicated"):
+        assert 2.0 <= short["targets"][name]["redis_per_request"]["evalsha"] <= 2.01, name
     # The cluster rows spread their orgs over all three shards and say what each shard costs.
     for name in ("cluster", "cluster_replicated"):
         shards = short["targets"][name]["redis_shards"]
