@@ -1,5 +1,6 @@
 """OpenAI's API (and every OpenAI-compatible one): ``/v1/chat/completions``, ``completions``,
-``embeddings`` and ``responses``.
+``embeddings``, ``responses`` and ``moderations`` (``openai_routes``: moderations, and the
+routes refused until they are metered).
 
 Keys come as ``Authorization: Bearer``; a request reserves its prompt counted with tiktoken
 plus its output cap (``max_completion_tokens``, ``max_tokens``, ``max_output_tokens``, else the
@@ -31,16 +32,21 @@ from proxy.dialects.base import (
     bearer,
     body_model,
 )
+from proxy.dialects.openai_routes import moderation_texts
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "moderations")
 PREFIXES = ("/v1", "/api/v1/llm")
 _CAP_FIELDS = {
     "chat/completions": ("max_completion_tokens", "max_tokens"),
     "completions": ("max_tokens",),
     "responses": ("max_output_tokens",),
     "embeddings": (),
+    "moderations": (),
 }
+_KINDS = {"embeddings": "embedding", "moderations": "moderation"}
+_UNSTREAMED = frozenset(_KINDS)
+"""Endpoints whose answers are never streamed and generate no output tokens."""
 MAX_CHOICES = 128
 """OpenAI's own maximum for ``n``."""
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -79,7 +85,7 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Output
 
     A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
     our configuration, decides what it generates, and a reservation must never be smaller."""
-    if endpoint == "embeddings":
+    if endpoint in _UNSTREAMED:
         return OutputCap(0, None)
     cap = None
     param = None
@@ -176,7 +182,7 @@ _DOCS = RouteDocs(
         "forwarded with the upstream's own credential, metered and settled."
         for endpoint in ENDPOINTS
     },
-    streamed=frozenset(ENDPOINTS) - {"embeddings"},
+    streamed=frozenset(ENDPOINTS) - _UNSTREAMED,
 )
 
 
@@ -184,7 +190,7 @@ class OpenAIDialect:
     name: DialectName = "openai"
     endpoints = ENDPOINTS
     endpoint_kinds: Mapping[str, str] = {
-        endpoint: "embedding" if endpoint == "embeddings" else "chat" for endpoint in ENDPOINTS
+        endpoint: _KINDS.get(endpoint, "chat") for endpoint in ENDPOINTS
     }
     prefixes = PREFIXES
     error_prefixes: tuple[str, ...] = ()
@@ -213,13 +219,17 @@ class OpenAIDialect:
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
         cap = output_cap(endpoint, body, route)
-        prompt_tokens = await count_prompt(route.encoding, endpoint, body)
+        if endpoint == "moderations":  # counted as the embeddings input of its texts
+            texts = {"input": moderation_texts(body)}
+            prompt_tokens = await count_prompt(route.encoding, "embeddings", texts)
+        else:
+            prompt_tokens = await count_prompt(route.encoding, endpoint, body)
         cost = cost_nano(route.price, prompt_tokens, cap.tokens)
         return Reservation(
             prompt_tokens,
             cap.tokens,
             cost,
-            stream and endpoint != "embeddings",
+            stream and endpoint not in _UNSTREAMED,
             cap.param,
             choices=cap.choices,
             input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.catalog.routes import UnpricedModel
 from proxy.dialects import DIALECTS, OPENAI, Dialect
+from proxy.dialects.openai_routes import UNMETERED, unmetered_refusal
 from proxy.errors import ApiError
 from proxy.gateway import pipeline
 from proxy.gateway.state import GATEWAY
@@ -113,6 +114,28 @@ async def retrieve_model(request: web.Request) -> web.Response:
     return web.json_response(route.listing(name))
 
 
+def unmetered_handler(method: str, path: str) -> Any:
+    """A route of OpenAI's API the proxy cannot meter yet: refused (after the key is checked)
+    in OpenAI's shape, never forwarded and never a 404 that sends the client elsewhere."""
+
+    @operation(
+        f"OpenAI {method} {path} (refused: not metered yet)",
+        tag="llm",
+        auth="key",
+        answers=(),
+        errors={403: "Always: the route is not metered by this proxy (`route_not_metered`)."},
+        description="Refused without reading the body, so nothing reaches the upstream "
+        "outside the budgets.",
+    )
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.app[GATEWAY].auth.identify(request)
+        raise unmetered_refusal(method, request.path)
+
+    name = path.replace("/", "_").replace("{", "").replace("}", "")
+    handler.__name__ = f"unmetered_{method.lower()}_{name}"
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
         for prefix in dialect.prefixes:
@@ -122,3 +145,6 @@ def add_routes(app: web.Application) -> None:
             if dialect is OPENAI:  # the catalogue is served in OpenAI's shape, beside its routes
                 app.router.add_get(f"{prefix}/models", list_models)
                 app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+                for method, path in UNMETERED:
+                    refuse = unmetered_handler(method, path)
+                    app.router.add_route(method, f"{prefix}/{path}", refuse)
