@@ -104,6 +104,16 @@ async def test_moderations_are_metered_exactly_at_the_models_price(
     assert expected[0] > 0 and expected[2] == 0
     assert await costs_of(proxy, kid) == sum(expected)
     assert await store.zcard(P + "leases") == 0
+    now = int(proxy.clock())
+    start = now - now % 86400
+    status, page = await proxy.admin(
+        "GET", f"/api/v1/llm/usage/moderations?start_time={start}&bucket_width=1d"
+    )
+    assert status == 200, page
+    [result] = page["data"][0]["results"]
+    assert result["object"] == "organization.usage.moderations.result"
+    assert result["num_model_requests"] == 3
+    assert result["input_tokens"] == sum(r.prompt_tokens for r in reported)
 
 
 async def test_moderations_validate_input_and_model_kind(proxy: Proxy) -> None:

@@ -3,7 +3,7 @@ them (contract: ``shared/spec/usage-api.md``), from the ledger's usage counters.
 
 - ``GET costs``: one aggregate over ``[start_time, end_time)``, grouped by any of ``model``,
   ``api_key_id``, ``team_id``, ``external_user_id``, ``org_id`` (default ``["model"]``).
-- ``GET completions | embeddings | responses``: OpenAI's Usage API page of time buckets
+- ``GET completions | embeddings | moderations | responses``: OpenAI's Usage API page of time buckets
   (``1m``, ``1h``, ``1d``), grouped, filtered and paged.
 
 Who sees what: admins only (members get 403). An org admin sees their org; naming another org
@@ -81,6 +81,9 @@ REPORTS = {
     ),
     "embeddings": Report(
         "embeddings", "organization.usage.embeddings.result", BUCKET_DIMENSIONS, tokens_out=False
+    ),
+    "moderations": Report(
+        "moderations", "organization.usage.moderations.result", BUCKET_DIMENSIONS, tokens_out=False
     ),
     "responses": Report(
         "responses",
@@ -168,6 +171,7 @@ class ResponsesQuery(BucketQuery):
 _QUERIES: dict[str, type[BucketQuery]] = {
     "completions": BucketQuery,
     "embeddings": BucketQuery,
+    "moderations": BucketQuery,
     "responses": ResponsesQuery,
 }
 
