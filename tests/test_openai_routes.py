@@ -166,7 +166,7 @@ async def test_sdk_calls_to_unmetered_routes_raise_permission_denied(proxy: Prox
     _, key = await proxy.create_key(ORG)
     client = proxy.openai(key)
     with pytest.raises(openai.PermissionDeniedError) as images:
-        await client.images.generate(model="gpt-image-1", prompt="a cat")
+        await client.images.edit(model="gpt-image-1", image=("a.png", b"PNG"), prompt="a cat")
     assert images.value.code == "route_not_metered"
     with pytest.raises(openai.PermissionDeniedError):
         await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"))

@@ -20,7 +20,7 @@ from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
-from proxy.dialects import openai_usage
+from proxy.dialects import openai_images, openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     SSE_FRAMING,
@@ -35,7 +35,14 @@ from proxy.dialects.base import (
 from proxy.dialects.openai_routes import moderation_texts
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "moderations")
+ENDPOINTS = (
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "moderations",
+    "images/generations",
+)
 PREFIXES = ("/v1", "/api/v1/llm")
 _CAP_FIELDS = {
     "chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -43,9 +50,10 @@ _CAP_FIELDS = {
     "responses": ("max_output_tokens",),
     "embeddings": (),
     "moderations": (),
+    "images/generations": (),
 }
-_KINDS = {"embeddings": "embedding", "moderations": "moderation"}
-_UNSTREAMED = frozenset(_KINDS)
+_KINDS = {"embeddings": "embedding", "moderations": "moderation", "images/generations": "image"}
+_UNSTREAMED = frozenset({"embeddings", "moderations"})
 """Endpoints whose answers are never streamed and generate no output tokens."""
 MAX_CHOICES = 128
 """OpenAI's own maximum for ``n``."""
@@ -215,6 +223,8 @@ class OpenAIDialect:
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
+        if endpoint == "images/generations":
+            return openai_images.reserve(body, route)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
@@ -247,6 +257,8 @@ class OpenAIDialect:
         data: bytes,
         headers: Mapping[str, str],
     ) -> Usage:
+        if endpoint == "images/generations":
+            return openai_images.buffered_usage(route, prompt_tokens, output_cap, data)
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
     def stream_meter(
@@ -257,6 +269,8 @@ class OpenAIDialect:
         output_cap: int,
         strip_usage: bool,
     ) -> StreamMeter:
+        if endpoint == "images/generations":
+            return openai_images.StreamMeter(prompt_tokens, output_cap)
         return openai_usage.StreamMeter(endpoint, route, prompt_tokens, strip_usage)
 
     def limit_headers(
