@@ -24,6 +24,7 @@ from proxy.catalog.pricing import cost_nano
 from proxy.catalog.tokenizer import count_text, get_encoding
 from proxy.config import ModelConfig, PriceConfig
 from proxy.gateway.state import GATEWAY
+from proxy.tools.mock.openai_images import PNG_1X1 as PNG
 from proxy.tools.mock.records import REPORTED
 
 P = "bp:{o:acme}:"
@@ -221,3 +222,46 @@ async def test_a_budget_that_fits_n_images_admits_n_of_n_plus_4_over_two_process
     month = datetime.now(UTC).strftime("%Y-%m")
     tokens = await store.hget(f"bp:{{o:{org}}}:spend:o:{month}", "t")
     assert int(tokens) == N * worst
+
+
+async def test_an_image_edit_uploads_its_image_and_is_charged_the_reported_usage(
+    proxy: Proxy, store: aioredis.Redis
+) -> None:
+    _, key = await proxy.create_key("acme")
+    client = proxy.openai(key)
+    png = base64.b64decode(PNG)
+    answer = await client.images.edit(
+        model="gpt-image-1",
+        image=[("a.png", png, "image/png"), ("b.png", png, "image/png")],
+        prompt="make it blue",
+        n=2,
+        extra_headers={"x-mock-output-tokens": "400", "x-mock-image-input-tokens": "323"},
+    )
+    assert len(answer.data or []) == 2
+    assert answer.usage is not None and answer.usage.input_tokens_details.image_tokens == 646
+    [usage] = reported(proxy)
+    [record] = await records(store, 1)
+    assert record["endpoint"] == "images/edits"
+    assert (record["in"], record["out"]) == (usage.prompt_tokens, 800)
+    route = proxy.app[GATEWAY].routes.get("gpt-image-1")
+    assert route is not None
+    assert record["cost_nano"] == cost_nano(route.price, usage.prompt_tokens, 800)
+    # The upload reached the mock as it was sent: a form with both images.
+    [sent] = [r for r in proxy.received() if r.path == "/v1/images/edits"]
+    assert sent.headers["content-type"].startswith("multipart/form-data; boundary=")
+
+
+async def test_an_image_edit_without_an_image_is_refused_before_the_upstream(
+    proxy: Proxy,
+) -> None:
+    _, key = await proxy.create_key("acme")
+    data = aiohttp.FormData(default_to_multipart=True)
+    data.add_field("model", "gpt-image-1")
+    data.add_field("prompt", "x")
+    async with proxy.session.post(
+        proxy.url + "/v1/images/edits", data=data(), headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        body = await response.json()
+        assert response.status == 400, body
+        assert body["error"]["param"] == "image"
+    assert reported(proxy) == []

@@ -159,6 +159,13 @@ class Dialect(Protocol):
         ...
 
     @property
+    def form_endpoints(self) -> frozenset[str]:
+        """Endpoints whose body is ``multipart/form-data`` (``proxy.dialects.form``), read
+        into a dict as JSON bodies are and forwarded under the client's Content-Type; the
+        rest take JSON."""
+        ...
+
+    @property
     def prefixes(self) -> tuple[str, ...]:
         """Path prefixes the endpoints are served under (``/v1``, ``/api/v1/llm``, ...)."""
         ...

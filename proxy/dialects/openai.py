@@ -20,7 +20,7 @@ from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
-from proxy.dialects import openai_images, openai_usage
+from proxy.dialects import form, openai_images, openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     SSE_FRAMING,
@@ -42,7 +42,11 @@ ENDPOINTS = (
     "responses",
     "moderations",
     "images/generations",
+    "images/edits",
+    "images/variations",
 )
+FORM_ENDPOINTS = frozenset({"images/edits", "images/variations"})
+"""Endpoints taking ``multipart/form-data`` (``proxy.dialects.form``)."""
 PREFIXES = ("/v1", "/api/v1/llm")
 _CAP_FIELDS = {
     "chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -50,9 +54,13 @@ _CAP_FIELDS = {
     "responses": ("max_output_tokens",),
     "embeddings": (),
     "moderations": (),
-    "images/generations": (),
 }
-_KINDS = {"embeddings": "embedding", "moderations": "moderation", "images/generations": "image"}
+_IMAGES = frozenset({"images/generations", "images/edits", "images/variations"})
+_KINDS = {
+    "embeddings": "embedding",
+    "moderations": "moderation",
+    **dict.fromkeys(_IMAGES, "image"),
+}
 _UNSTREAMED = frozenset({"embeddings", "moderations"})
 """Endpoints whose answers are never streamed and generate no output tokens."""
 MAX_CHOICES = 128
@@ -132,6 +140,9 @@ def upstream_body(
     """The body sent upstream, and whether the usage chunk must be kept from the client. The
     client's bytes go as they came unless something must change: the model's name, the usage
     option of a stream, or an output cap lowered by clamping."""
+    if endpoint in FORM_ENDPOINTS:  # forwarded as it came, but for the model's name
+        same = body.get("model") == upstream_model
+        return (raw if same else form.replace_field(raw, "model", upstream_model)), False
     strip_usage = False
     same_model = body.get("model") == upstream_model
     changed = not same_model
@@ -201,6 +212,7 @@ class OpenAIDialect:
         endpoint: _KINDS.get(endpoint, "chat") for endpoint in ENDPOINTS
     }
     prefixes = PREFIXES
+    form_endpoints = FORM_ENDPOINTS
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
     stream_ends = _ENDS
@@ -223,8 +235,8 @@ class OpenAIDialect:
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
-        if endpoint == "images/generations":
-            return openai_images.reserve(body, route)
+        if endpoint in _IMAGES:
+            return openai_images.reserve(endpoint, body, route)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
@@ -257,7 +269,7 @@ class OpenAIDialect:
         data: bytes,
         headers: Mapping[str, str],
     ) -> Usage:
-        if endpoint == "images/generations":
+        if endpoint in _IMAGES:
             return openai_images.buffered_usage(route, prompt_tokens, output_cap, data)
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
@@ -269,7 +281,7 @@ class OpenAIDialect:
         output_cap: int,
         strip_usage: bool,
     ) -> StreamMeter:
-        if endpoint == "images/generations":
+        if endpoint in _IMAGES:
             return openai_images.StreamMeter(prompt_tokens, output_cap)
         return openai_usage.StreamMeter(endpoint, route, prompt_tokens, strip_usage)
 

@@ -1,4 +1,6 @@
-"""OpenAI's image generation (``/v1/images/generations``), metered by tokens.
+"""OpenAI's images (``/v1/images/generations``, ``edits`` and ``variations``), metered by
+tokens. Edits and variations upload their images as ``multipart/form-data``: each image
+uploaded is reserved as input at the cap per image (the reported usage settles it).
 
 The image models OpenAI serves today (``gpt-image-1`` and its siblings) report ``usage`` in
 tokens, so a request reserves its prompt (counted) plus ``n`` x the model's output cap per
@@ -15,11 +17,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.catalog.pricing import cost_nano
+from proxy.catalog.pricing import reserve_cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.catalog.tokenizer import count_text
 from proxy.dialects import openai_usage
 from proxy.dialects.base import Reservation, Usage, event_data
+from proxy.dialects.form import FormFile
 from proxy.errors import bad_request
 from proxy.providers.upstream import split_events
 
@@ -34,25 +37,49 @@ def _count(body: dict[str, Any], name: str, low: int, high: int, default: int) -
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 4:
+        value = int(value)  # a form's fields are text
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise bad_request(f"'{name}' must be an integer from {low} to {high}.", param=name)
     return value
 
 
-def reserve(body: dict[str, Any], route: ModelRoute) -> Reservation:
-    """The worst case of an image request: its prompt plus every image at the cap."""
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if isinstance(value, str) and value in ("true", "false"):  # a form's fields are text
+        return value == "true"
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a boolean.", param=name)
+    return value
+
+
+def _input_images(body: dict[str, Any]) -> int:
+    """The images an edit or variation uploads (``image``, ``image[]``, ``mask``)."""
+    count = 0
+    for name in ("image", "image[]", "mask"):
+        value = body.get(name)
+        items = value if isinstance(value, list) else [value]
+        count += sum(1 for item in items if isinstance(item, FormFile))
+    if count == 0:
+        raise bad_request("Upload the image to edit as the 'image' file.", param="image")
+    return count
+
+
+def reserve(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Reservation:
+    """The worst case of an image request: its prompt, each uploaded image (an edit's input,
+    bounded like an image generated) and every image generated at the cap."""
     prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
+    if endpoint != "images/variations" and (not isinstance(prompt, str) or not prompt):
         raise bad_request("'prompt' must be a non-empty string.", param="prompt")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean.", param="stream")
+    stream = _flag(body, "stream")
     images = _count(body, "n", 1, MAX_IMAGES, 1)
     partial = _count(body, "partial_images", 0, MAX_PARTIAL_IMAGES, 0) if stream else 0
     per_image = route.max_output_tokens + partial * PARTIAL_IMAGE_TOKENS
-    prompt_tokens = count_text(route.encoding, prompt)
+    prompt_tokens = count_text(route.encoding, prompt) if isinstance(prompt, str) else 0
+    if endpoint != "images/generations":
+        prompt_tokens += _input_images(body) * route.max_output_tokens
     output = images * per_image
-    cost = cost_nano(route.price, prompt_tokens, output)
+    cost = reserve_cost_nano(route.price, prompt_tokens, output)
     return Reservation(prompt_tokens, output, cost, stream, "n" if images > 1 else None, images)
 
 

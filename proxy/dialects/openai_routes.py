@@ -19,8 +19,6 @@ MODERATION_TEXTS_MAX = 32_768
 array cannot make counting it the expensive part."""
 
 UNMETERED: tuple[tuple[str, str], ...] = (
-    ("POST", "images/edits"),
-    ("POST", "images/variations"),
     ("POST", "audio/speech"),
     ("POST", "audio/transcriptions"),
     ("POST", "audio/translations"),

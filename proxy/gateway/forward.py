@@ -44,7 +44,9 @@ async def forward(
 
     body_for(exchange.route.upstreams[0])  # an invalid body is a 400 before anything is sent
     sent_at = time.perf_counter()
-    served = await relay.send(request, gw, exchange, body_for)
+    form = endpoint in dialect.form_endpoints  # sent under the client's own boundary
+    content_type = request.headers["Content-Type"] if form else "application/json"
+    served = await relay.send(request, gw, exchange, body_for, content_type)
     upstream = served.response
     try:
         exchange.status = upstream.status

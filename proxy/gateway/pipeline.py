@@ -25,7 +25,7 @@ from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.dialects import Dialect, by_name
 from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.body import read_json
+from proxy.gateway.body import read_form, read_json
 from proxy.gateway.decisions import (
     budget_error,
     dialect_refusal_headers,
@@ -200,7 +200,10 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     identity = await gw.auth.identify_key(dialect.api_key(request.headers))
     outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
     outcome.on_behalf_of = end_user = on_behalf_of(request)
-    body = await read_json(request, identity.key_id, gw.bodies)
+    if endpoint in dialect.form_endpoints:
+        body = await read_form(request, identity.key_id, gw.bodies)
+    else:
+        body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(
         gw, dialect, identity, endpoint, body, request.headers, request.match_info
     )

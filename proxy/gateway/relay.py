@@ -46,6 +46,7 @@ async def send(
     gw: Gateway,
     exchange: Exchange,
     body_for: Callable[[fallback.Candidate], bytes],
+    content_type: str = "application/json",
 ) -> fallback.Served:
     """Sends through the model's upstreams (fallbacks included) and notes which one served."""
     try:
@@ -56,6 +57,7 @@ async def send(
             exchange.endpoint,
             body_for,
             request.headers,
+            content_type,
         )
     except ApiError as exc:
         exchange.upstream_error = "timeout" if exc.status == 504 else "connect"

@@ -119,7 +119,9 @@ def _forwarding(kind: str, extra: tuple[str, ...]) -> tuple[frozenset[str], tupl
 
 
 def upstream_headers(
-    client_headers: Mapping[str, str], upstream: UpstreamConfig
+    client_headers: Mapping[str, str],
+    upstream: UpstreamConfig,
+    content_type: str = "application/json",
 ) -> list[tuple[str, str]]:
     names, prefixes = _forwarding(upstream.kind, tuple(upstream.forward_headers))
     headers = []
@@ -129,7 +131,7 @@ def upstream_headers(
             prefixes and lower.startswith(prefixes) and lower not in NEVER_FORWARDED
         ):
             headers.append((name, value))
-    headers.append(("Content-Type", "application/json"))
+    headers.append(("Content-Type", content_type))
     headers.append(("Accept-Encoding", "identity"))
     headers.extend(kinds.credential_headers(upstream, client_headers))
     return headers
@@ -177,6 +179,7 @@ class UpstreamClient:
         body: bytes,
         headers: Mapping[str, str],
         deployment: str = "",
+        content_type: str = "application/json",
     ) -> Response:
         """``deployment`` names the Azure deployment (part of the path of dated API versions)."""
         assert self._client is not None, "UpstreamClient.start() not called"
@@ -186,7 +189,7 @@ class UpstreamClient:
             if len(self._targets) >= _MAX_TARGETS:  # Bedrock: a model id in every path
                 self._targets.clear()
             target = self._targets[address] = Target.parse(address)
-        sent = upstream_headers(headers, upstream)
+        sent = upstream_headers(headers, upstream, content_type)
         if upstream.kind == "bedrock":  # signed last: over the final body and headers
             sent = bedrock.sign(upstream, address, body, sent)
         try:
