@@ -165,11 +165,9 @@ async def test_unmetered_routes_are_refused_in_openais_shape_and_never_forwarded
 async def test_sdk_calls_to_unmetered_routes_raise_permission_denied(proxy: Proxy) -> None:
     _, key = await proxy.create_key(ORG)
     client = proxy.openai(key)
-    with pytest.raises(openai.PermissionDeniedError) as speech:
-        await client.audio.speech.create(model="tts-1", voice="alloy", input="hi")
-    assert speech.value.code == "route_not_metered"
-    with pytest.raises(openai.PermissionDeniedError):
-        await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"))
+    with pytest.raises(openai.PermissionDeniedError) as files:
+        await client.files.create(file=("a.jsonl", b"{}"), purpose="batch")
+    assert files.value.code == "route_not_metered"
     with pytest.raises(openai.PermissionDeniedError):
         await client.batches.retrieve("batch_1")
     with pytest.raises(openai.PermissionDeniedError):

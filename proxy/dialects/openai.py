@@ -20,49 +20,31 @@ from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
-from proxy.dialects import form, openai_images, openai_usage
+from proxy.dialects import form, openai_audio, openai_images, openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     SSE_FRAMING,
     Reservation,
-    RouteDocs,
     StreamEnds,
     StreamMeter,
     Usage,
     bearer,
     body_model,
 )
+from proxy.dialects.openai_endpoints import (
+    AUDIO,
+    CAP_FIELDS,
+    DOCS,
+    ENDPOINTS,
+    FORM_ENDPOINTS,
+    IMAGES,
+    KINDS,
+    PREFIXES,
+    UNSTREAMED,
+)
 from proxy.dialects.openai_routes import moderation_texts
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
-ENDPOINTS = (
-    "chat/completions",
-    "completions",
-    "embeddings",
-    "responses",
-    "moderations",
-    "images/generations",
-    "images/edits",
-    "images/variations",
-)
-FORM_ENDPOINTS = frozenset({"images/edits", "images/variations"})
-"""Endpoints taking ``multipart/form-data`` (``proxy.dialects.form``)."""
-PREFIXES = ("/v1", "/api/v1/llm")
-_CAP_FIELDS = {
-    "chat/completions": ("max_completion_tokens", "max_tokens"),
-    "completions": ("max_tokens",),
-    "responses": ("max_output_tokens",),
-    "embeddings": (),
-    "moderations": (),
-}
-_IMAGES = frozenset({"images/generations", "images/edits", "images/variations"})
-_KINDS = {
-    "embeddings": "embedding",
-    "moderations": "moderation",
-    **dict.fromkeys(_IMAGES, "image"),
-}
-_UNSTREAMED = frozenset({"embeddings", "moderations"})
-"""Endpoints whose answers are never streamed and generate no output tokens."""
 MAX_CHOICES = 128
 """OpenAI's own maximum for ``n``."""
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -101,11 +83,11 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Output
 
     A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
     our configuration, decides what it generates, and a reservation must never be smaller."""
-    if endpoint in _UNSTREAMED:
+    if endpoint in UNSTREAMED:
         return OutputCap(0, None)
     cap = None
     param = None
-    for name in _CAP_FIELDS[endpoint]:
+    for name in CAP_FIELDS[endpoint]:
         value = _positive_int(body, name, MAX_OUTPUT_CAP)
         if value is not None and cap is None:
             cap, param = value, name
@@ -124,7 +106,7 @@ def clamped_body(endpoint: str, body: dict[str, Any], cap: int) -> dict[str, Any
     """The request with its output cap per choice lowered to ``cap``: every cap parameter it
     set, or the endpoint's own one when it set none (chat: ``max_completion_tokens``, which
     OpenAI's reasoning models require)."""
-    names = _CAP_FIELDS[endpoint]
+    names = CAP_FIELDS[endpoint]
     given = [name for name in names if body.get(name) is not None]
     return {**body, **{name: cap for name in given or names[:1]}}
 
@@ -170,46 +152,11 @@ def upstream_body(
     return json.dumps(body, separators=(",", ":")).encode(), strip_usage
 
 
-_BODY = {
-    "type": "object",
-    "required": ["model"],
-    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
-    "additionalProperties": True,
-    "description": "The provider's request body, relayed as sent (see the README for the "
-    "rules the proxy applies: UTF-8 JSON, no duplicate keys, nesting depth).",
-}
-_ERRORS = {
-    400: "Invalid input (`param` names it), or a model this endpoint does not serve.",
-    403: "The key may not use this model.",
-    404: "No such model (`model_not_found`).",
-    429: "A rate limit or budget refused the request before it reached the upstream "
-    "(`Retry-After`, `x-ratelimit-*`; budget refusals say so in `code`).",
-    502: "The upstream could not be reached, or broke off its answer.",
-    504: "The upstream did not answer in time.",
-}
-
-
-_DOCS = RouteDocs(
-    title="OpenAI",
-    tag="llm",
-    auth="key",
-    handler_prefix="llm_",
-    body_schema=_BODY,
-    errors=_ERRORS,
-    descriptions={
-        endpoint: f"OpenAI's `POST /v1/{endpoint}`, admitted (auth, rate limits, budgets), "
-        "forwarded with the upstream's own credential, metered and settled."
-        for endpoint in ENDPOINTS
-    },
-    streamed=frozenset(ENDPOINTS) - _UNSTREAMED,
-)
-
-
 class OpenAIDialect:
     name: DialectName = "openai"
     endpoints = ENDPOINTS
     endpoint_kinds: Mapping[str, str] = {
-        endpoint: _KINDS.get(endpoint, "chat") for endpoint in ENDPOINTS
+        endpoint: KINDS.get(endpoint, "chat") for endpoint in ENDPOINTS
     }
     prefixes = PREFIXES
     form_endpoints = FORM_ENDPOINTS
@@ -218,7 +165,7 @@ class OpenAIDialect:
     stream_ends = _ENDS
     stream_framing = SSE_FRAMING
     error_model = OpenAIError
-    docs = _DOCS
+    docs = DOCS
 
     def route_path(self, endpoint: str) -> str:
         return endpoint
@@ -235,8 +182,10 @@ class OpenAIDialect:
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
-        if endpoint in _IMAGES:
+        if endpoint in IMAGES:
             return openai_images.reserve(endpoint, body, route)
+        if endpoint in AUDIO:
+            return await openai_audio.reserve(endpoint, body, route)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
@@ -251,7 +200,7 @@ class OpenAIDialect:
             prompt_tokens,
             cap.tokens,
             cost,
-            stream and endpoint not in _UNSTREAMED,
+            stream and endpoint not in UNSTREAMED,
             cap.param,
             choices=cap.choices,
             input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
@@ -269,8 +218,10 @@ class OpenAIDialect:
         data: bytes,
         headers: Mapping[str, str],
     ) -> Usage:
-        if endpoint in _IMAGES:
+        if endpoint in IMAGES:
             return openai_images.buffered_usage(route, prompt_tokens, output_cap, data)
+        if endpoint in AUDIO:
+            return openai_audio.buffered_usage(endpoint, route, prompt_tokens, output_cap, data)
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
     def stream_meter(
@@ -281,8 +232,10 @@ class OpenAIDialect:
         output_cap: int,
         strip_usage: bool,
     ) -> StreamMeter:
-        if endpoint in _IMAGES:
+        if endpoint in IMAGES:
             return openai_images.StreamMeter(prompt_tokens, output_cap)
+        if endpoint in AUDIO:
+            return openai_audio.StreamMeter(endpoint, route, prompt_tokens, output_cap)
         return openai_usage.StreamMeter(endpoint, route, prompt_tokens, strip_usage)
 
     def limit_headers(

@@ -19,9 +19,6 @@ MODERATION_TEXTS_MAX = 32_768
 array cannot make counting it the expensive part."""
 
 UNMETERED: tuple[tuple[str, str], ...] = (
-    ("POST", "audio/speech"),
-    ("POST", "audio/transcriptions"),
-    ("POST", "audio/translations"),
     ("GET", "files"),
     ("POST", "files"),
     ("GET", "files/{file_id}"),

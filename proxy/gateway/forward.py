@@ -52,8 +52,11 @@ async def forward(
         exchange.status = upstream.status
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
-        framing = dialect.stream_framing
-        if relay.is_stream(served, framing.content_type):
+        framing, ends = dialect.stream_framing, dialect.stream_ends
+        streamed = relay.is_stream(served, framing.content_type)
+        if not streamed and (binary := relay.binary_framing(served)) is not None:
+            framing, ends, streamed = binary, relay.BINARY_ENDS, True  # audio: never buffered
+        if streamed:
             meter = dialect.stream_meter(
                 endpoint,
                 exchange.route,
@@ -62,7 +65,7 @@ async def forward(
                 bodies[served.candidate.model][1],
             )
             return await relay.relay_stream(
-                request, exchange, upstream, headers, meter, dialect.stream_ends, sent_at, framing
+                request, exchange, upstream, headers, meter, ends, sent_at, framing
             )
         data = await relay.read_buffered(exchange, served, sent_at, dialect)
         return web.Response(status=upstream.status, body=data, headers=headers)

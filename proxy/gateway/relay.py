@@ -87,6 +87,25 @@ def is_stream(served: fallback.Served, content_type: str) -> bool:
     )
 
 
+_BINARY = ("audio/", "image/", "video/", "application/octet-stream")
+BINARY_ENDS = StreamEnds(broken=b"", timeout=b"")
+"""A binary answer has no error frame: one cut short ends with its connection dropped."""
+
+
+def binary_framing(served: fallback.Served) -> StreamFraming | None:
+    """For a 200 in a binary media type (speech's audio): relayed as it arrives, cut nowhere,
+    under the upstream's own media type; None for any other answer."""
+    upstream = served.response
+    media = upstream.headers.get("Content-Type", "")
+    if upstream.status != 200 or not media.startswith(_BINARY):
+        return None
+    return StreamFraming(media, _whole)
+
+
+def _whole(block: bytes) -> tuple[bytes, bytes]:
+    return block, b""
+
+
 async def read_buffered(
     exchange: Exchange,
     served: fallback.Served,
@@ -224,8 +243,12 @@ async def relay_stream(
     except UpstreamError as exc:
         timed_out = isinstance(exc, UpstreamTimeout)
         exchange.upstream_error = "timeout" if timed_out else "broken_stream"
+        end = ends.timeout if timed_out else ends.broken
+        if not end and request.transport is not None:  # binary: never a normal end
+            request.transport.close()
+            return response
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(ends.timeout if timed_out else ends.broken)
+            await response.write(end)
             await response.write_eof()
             exchange.answered = True
     finally:

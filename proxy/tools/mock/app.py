@@ -15,6 +15,7 @@ from proxy.tools.mock.anthropic import Anthropic
 from proxy.tools.mock.bedrock import Bedrock
 from proxy.tools.mock.core import Mock
 from proxy.tools.mock.openai import OpenAI
+from proxy.tools.mock.openai_audio import Audio
 from proxy.tools.mock.openai_images import Images
 from proxy.tools.mock.openai_moderations import Moderations
 from proxy.tools.mock.openai_responses import Responses
@@ -67,6 +68,7 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # 
         *Responses(mock).routes(),
         *Moderations(mock).routes(),
         *Images(mock).routes(),
+        *Audio(mock).routes(),
         ("GET", "/v1/models", mock.models),
         *Anthropic(mock).routes(),
         *Bedrock(mock).routes(),
