@@ -234,3 +234,23 @@ async def test_a_token_transcription_reserves_its_duration_bound(proxy: Proxy) -
         await client.audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.wav", wav(60)))
     await client.audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.wav", wav(59)))
     assert math.ceil(59) * AUDIO_TOKENS_PER_SECOND + 500 < bound
+
+
+async def test_a_form_names_the_model_as_its_upstream_knows_it(start_proxy: Any) -> None:
+    """Only the ``model`` field changes on the way upstream."""
+    aliased = ModelConfig(
+        name="house-whisper",
+        upstream="mock",
+        upstream_model="whisper-1",
+        kind="transcription",
+        price=PriceConfig(input="100", output="0"),
+    )
+    proxy: Proxy = await start_proxy(models=[*MODELS, aliased])
+    _, key = await proxy.create_key("acme")
+    audio = wav(2.0)
+    answer = await proxy.openai(key).audio.transcriptions.create(
+        model="house-whisper", file=("a.wav", audio)
+    )
+    assert answer.text
+    [usage] = reported(proxy)
+    assert (usage.model, usage.prompt_tokens) == ("whisper-1", 2)
