@@ -189,3 +189,15 @@ async def test_a_huge_declared_upload_is_refused_without_reading_it(proxy: Proxy
         f"{proxy.url}/v1/audio/transcriptions", data=never_ending(), headers=headers
     ) as response:
         assert response.status in (403, 413)
+
+
+async def test_a_background_response_is_refused_not_settled_unmetered(proxy: Proxy) -> None:
+    _, key = await proxy.create_key(ORG)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await proxy.openai(key).responses.create(model="gpt-4o-mini", input="hi", background=True)
+    assert (refused.value.code, refused.value.param) == ("background_not_metered", "background")
+    assert not [r for r in proxy.received() if r.path == "/v1/responses"]
+    answer = await proxy.openai(key).responses.create(
+        model="gpt-4o-mini", input="hi", background=False
+    )
+    assert answer.status == "completed"

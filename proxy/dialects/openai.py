@@ -42,7 +42,7 @@ from proxy.dialects.openai_endpoints import (
     PREFIXES,
     UNSTREAMED,
 )
-from proxy.dialects.openai_routes import moderation_texts
+from proxy.dialects.openai_routes import background_refusal, moderation_texts
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
 MAX_CHOICES = 128
@@ -189,6 +189,8 @@ class OpenAIDialect:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
+        if endpoint == "responses" and body.get("background") not in (None, False):
+            raise background_refusal()
         cap = output_cap(endpoint, body, route)
         if endpoint == "moderations":  # counted as the embeddings input of its texts
             texts = {"input": moderation_texts(body)}

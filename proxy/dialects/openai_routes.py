@@ -53,6 +53,18 @@ def unmetered_refusal(method: str, path: str) -> ApiError:
     )
 
 
+def background_refusal() -> ApiError:
+    """``background: true`` answers at once (``queued``) and generates afterwards: settled at
+    that first answer, the generation itself would never be charged."""
+    return ApiError(
+        400,
+        "Background responses ('background': true) are not metered by this proxy yet: send the "
+        "request without it (streamed if it is long).",
+        param="background",
+        code="background_not_metered",
+    )
+
+
 def moderation_texts(body: dict[str, Any]) -> list[str]:
     """The texts a moderation request carries (``input``: a string, strings, or multi-modal
     parts whose text parts count; images are priced by no moderation model)."""
