@@ -38,6 +38,9 @@ class Usage:
     """Anthropic: input written to the prompt cache with the 5-minute lifetime."""
     cache_write_1h_tokens: int = 0
     """Anthropic: input written to the prompt cache with a 1-hour lifetime."""
+    stored_id: str | None = None
+    """The id under which the upstream stored the answer (OpenAI's stored responses), which
+    the key's org alone may read back."""
 
     @property
     def total_tokens(self) -> int:

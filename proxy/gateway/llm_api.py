@@ -14,7 +14,7 @@ from proxy.catalog.routes import UnpricedModel
 from proxy.dialects import DIALECTS, OPENAI, Dialect
 from proxy.dialects.openai_routes import UNMETERED, unmetered_refusal
 from proxy.errors import ApiError
-from proxy.gateway import pipeline
+from proxy.gateway import pipeline, stored
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import SSE_EVENT, Reply, operation
 
@@ -136,6 +136,26 @@ def unmetered_handler(method: str, path: str) -> Any:
     return handler
 
 
+def stored_handler(method: str, tail: str) -> Any:
+    """A stored response, read back by its own org (``proxy.gateway.stored``)."""
+
+    @operation(
+        f"OpenAI {method} responses/{{response_id}}{tail}",
+        tag="llm",
+        auth="key",
+        answers=Reply(200, "The upstream's answer.", schema={"type": "object"}),
+        errors={404: "No response of that id was created by this key's org."},
+        relayed=True,
+        description="Relayed to the upstream that stored the response, for the org that "
+        "created it only; free (the response was charged when it was created).",
+    )
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stored.relay_stored(request, method, tail)
+
+    handler.__name__ = f"stored_response_{method.lower()}{tail.replace('/', '_')}"
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
         for prefix in dialect.prefixes:
@@ -145,6 +165,9 @@ def add_routes(app: web.Application) -> None:
             if dialect is OPENAI:  # the catalogue is served in OpenAI's shape, beside its routes
                 app.router.add_get(f"{prefix}/models", list_models)
                 app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+                for method, tail in stored.ROUTES:
+                    path = prefix + "/responses/{response_id}" + tail
+                    app.router.add_route(method, path, stored_handler(method, tail))
                 for method, path in UNMETERED:
                     refuse = unmetered_handler(method, path)
                     app.router.add_route(method, f"{prefix}/{path}", refuse)

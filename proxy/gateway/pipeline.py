@@ -36,6 +36,7 @@ from proxy.gateway.exchange import Exchange
 from proxy.gateway.forward import forward
 from proxy.gateway.request_context import OUTCOME, Outcome, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.gateway.stored import note_stored
 from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
 from proxy.ledger.admission import (
     Admitted,
@@ -303,3 +304,5 @@ async def settle(gw: Gateway, exchange: Exchange) -> None:
             exchange.identity, exchange.request_id, usage.total_tokens, cost, record
         )
     )
+    if usage.stored_id is not None:  # the org that paid for a stored response may read it
+        await note_stored(gw, exchange.identity.org_id, usage.stored_id, exchange.upstream)

@@ -180,6 +180,7 @@ class UpstreamClient:
         headers: Mapping[str, str],
         deployment: str = "",
         content_type: str = "application/json",
+        method: str = "POST",
     ) -> Response:
         """``deployment`` names the Azure deployment (part of the path of dated API versions)."""
         assert self._client is not None, "UpstreamClient.start() not called"
@@ -193,7 +194,7 @@ class UpstreamClient:
         if upstream.kind == "bedrock":  # signed last: over the final body and headers
             sent = bedrock.sign(upstream, address, body, sent)
         try:
-            return await self._client.post(target, sent, body)
+            return await self._client.post(target, sent, body, method)
         except UpstreamTimeout as exc:
             raise upstream_timeout(upstream) from exc
         except UpstreamError as exc:

@@ -19,6 +19,7 @@ from proxy.tools.mock.openai_audio import Audio
 from proxy.tools.mock.openai_images import Images
 from proxy.tools.mock.openai_moderations import Moderations
 from proxy.tools.mock.openai_responses import Responses
+from proxy.tools.mock.openai_stored import Stored
 from proxy.tools.mock.records import (
     EXCHANGE,
     EXCHANGES,
@@ -69,6 +70,7 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # 
         *Moderations(mock).routes(),
         *Images(mock).routes(),
         *Audio(mock).routes(),
+        *Stored(mock).routes(),
         ("GET", "/v1/models", mock.models),
         *Anthropic(mock).routes(),
         *Bedrock(mock).routes(),

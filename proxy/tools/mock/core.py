@@ -85,6 +85,8 @@ class Mock:
         self.reported = reported
         self.default_plan = Plan.parse({}, options)
         self.ids = itertools.count(1)
+        self.stored: dict[str, tuple[dict[str, Any], Any]] = {}
+        """Responses stored (``store``), by id: the response and its input."""
         created = int(time.time())
         self.models_body = dumps(
             {
