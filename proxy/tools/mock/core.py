@@ -71,6 +71,10 @@ def error_response(
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+STORED_MAX = 10_000
+"""Stored responses the mock keeps (the oldest forgotten first)."""
+
+
 class Mock:
     """Holds the handlers' shared state: options, the request log and the id counter."""
 
@@ -184,6 +188,13 @@ class Mock:
                 tokens.reasoning,
             )
         )
+
+    def store_response(self, response: dict[str, Any], given: Any) -> None:
+        """Keeps a stored response for ``openai_stored``: the newest ``STORED_MAX`` only, so
+        a long load test cannot grow the mock without bound."""
+        if len(self.stored) >= STORED_MAX:
+            del self.stored[next(iter(self.stored))]
+        self.stored[response["id"]] = (response, given)
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self.ids):012d}"

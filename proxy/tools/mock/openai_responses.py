@@ -97,7 +97,7 @@ class Responses:
             "metadata": body.get("metadata") or {},
         }
         if response["store"]:
-            self.mock.stored[ident] = (response, body["input"])
+            self.mock.store_response(response, body["input"])
         streamed = bool(body.get("stream"))
         if not plan.omit_usage and (not streamed or plan.fail_after_chunks is None):
             self.mock.report(request, body["model"], tokens)
