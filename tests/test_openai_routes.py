@@ -139,13 +139,20 @@ async def test_moderations_are_rate_limited(start_proxy: Any) -> None:
         await client.moderations.create(model="omni-moderation-latest", input="two")
 
 
-@pytest.mark.parametrize("method,path", UNMETERED)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        (method, path.partition("{")[0] + tail)
+        for method, path in UNMETERED
+        for tail in ("", "/obj_1/sub", "/a%0Ab")
+        if tail == "" or "{tail" in path
+    ],
+)
 async def test_unmetered_routes_are_refused_in_openais_shape_and_never_forwarded(
     proxy: Proxy, method: str, path: str
 ) -> None:
     _, key = await proxy.create_key(ORG)
-    concrete = path.replace("{file_id}", "file-1").replace("{batch_id}", "batch_1")
-    concrete = concrete.replace("{response_id}", "resp_1")
+    concrete = path
     for prefix in ("/v1", "/api/v1/llm"):
         async with proxy.session.request(
             method,

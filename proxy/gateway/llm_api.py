@@ -119,7 +119,7 @@ def unmetered_handler(method: str, path: str) -> Any:
     in OpenAI's shape, never forwarded and never a 404 that sends the client elsewhere."""
 
     @operation(
-        f"OpenAI {method} {path} (refused: not metered yet)",
+        f"OpenAI {method} {path.partition('{')[0]}… (refused: not metered yet)",
         tag="llm",
         auth="key",
         answers=(),
@@ -129,9 +129,9 @@ def unmetered_handler(method: str, path: str) -> Any:
     )
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.app[GATEWAY].auth.identify(request)
-        raise unmetered_refusal(method, request.path)
+        raise unmetered_refusal(method, request.path[:200])
 
-    name = path.replace("/", "_").replace("{", "").replace("}", "")
+    name = path.partition("{")[0].replace("/", "_")
     handler.__name__ = f"unmetered_{method.lower()}_{name}"
     return handler
 
