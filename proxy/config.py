@@ -308,7 +308,7 @@ class ModelConfig(_Strict):
     """Model name to look up in the price database, when it differs from ``upstream_model``."""
     max_output_tokens: int | None = Field(None, gt=0)
     encoding: str = "o200k_base"
-    kind: Literal["chat", "embedding"] = "chat"
+    kind: Literal["chat", "embedding", "moderation", "image", "speech", "transcription"] = "chat"
     deployment: str | None = None
     """Azure: the deployment serving this model (default: the upstream model name)."""
     context_window: int = Field(1_000_000, gt=0)

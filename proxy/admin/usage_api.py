@@ -3,8 +3,8 @@ them (contract: ``shared/spec/usage-api.md``), from the ledger's usage counters.
 
 - ``GET costs``: one aggregate over ``[start_time, end_time)``, grouped by any of ``model``,
   ``api_key_id``, ``team_id``, ``external_user_id``, ``org_id`` (default ``["model"]``).
-- ``GET completions | embeddings | responses``: OpenAI's Usage API page of time buckets
-  (``1m``, ``1h``, ``1d``), grouped, filtered and paged.
+- ``GET completions | embeddings | moderations | responses``: OpenAI's Usage API page of time
+  buckets (``1m``, ``1h``, ``1d``), grouped, filtered and paged.
 
 Who sees what: admins only (members get 403). An org admin sees their org; naming another org
 (``org_id``, ``org_ids``) or ``all_orgs=true`` is a 403 whether or not that org exists, so
@@ -81,6 +81,9 @@ REPORTS = {
     ),
     "embeddings": Report(
         "embeddings", "organization.usage.embeddings.result", BUCKET_DIMENSIONS, tokens_out=False
+    ),
+    "moderations": Report(
+        "moderations", "organization.usage.moderations.result", BUCKET_DIMENSIONS, tokens_out=False
     ),
     "responses": Report(
         "responses",
@@ -168,6 +171,7 @@ class ResponsesQuery(BucketQuery):
 _QUERIES: dict[str, type[BucketQuery]] = {
     "completions": BucketQuery,
     "embeddings": BucketQuery,
+    "moderations": BucketQuery,
     "responses": ResponsesQuery,
 }
 

@@ -161,6 +161,7 @@ class AnthropicDialect:
     endpoints = ENDPOINTS
     endpoint_kinds: Mapping[str, str] = dict.fromkeys(ENDPOINTS, "chat")
     prefixes = PREFIXES
+    form_endpoints: frozenset[str] = frozenset()
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over Anthropic's Messages API: use POST /v1/messages"
     error_model = AnthropicError

@@ -38,6 +38,9 @@ class Usage:
     """Anthropic: input written to the prompt cache with the 5-minute lifetime."""
     cache_write_1h_tokens: int = 0
     """Anthropic: input written to the prompt cache with a 1-hour lifetime."""
+    stored_id: str | None = None
+    """The id under which the upstream stored the answer (OpenAI's stored responses), which
+    the key's org alone may read back."""
 
     @property
     def total_tokens(self) -> int:
@@ -173,6 +176,13 @@ class Dialect(Protocol):
     @property
     def endpoint_kinds(self) -> Mapping[str, str]:
         """The model kind (``chat``, ``embedding``) each endpoint serves."""
+        ...
+
+    @property
+    def form_endpoints(self) -> frozenset[str]:
+        """Endpoints whose body is ``multipart/form-data`` (``proxy.dialects.form``), read
+        into a dict as JSON bodies are and forwarded under the client's Content-Type; the
+        rest take JSON."""
         ...
 
     @property

@@ -123,6 +123,7 @@ class BedrockDialect:
     endpoints = ENDPOINTS
     endpoint_kinds: Mapping[str, str] = dict.fromkeys(ENDPOINTS, "chat")
     prefixes = PREFIXES
+    form_endpoints: frozenset[str] = frozenset()
     error_prefixes = ERROR_PREFIXES
     served_at = "it is served over AWS Bedrock's runtime API: use POST /model/{modelId}/converse"
     error_model = BedrockError

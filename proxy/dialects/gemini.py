@@ -135,6 +135,7 @@ class GeminiDialect:
         "it is served over Google's Gemini API: use POST /v1beta/models/{model}:generateContent"
     )
     error_model = gemini_errors.GoogleError
+    form_endpoints: frozenset[str] = frozenset()
     docs = _DOCS
 
     def routes(self) -> tuple[tuple[str, str], ...]:

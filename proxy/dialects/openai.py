@@ -1,5 +1,6 @@
 """OpenAI's API (and every OpenAI-compatible one): ``/v1/chat/completions``, ``completions``,
-``embeddings`` and ``responses``.
+``embeddings``, ``responses`` and ``moderations`` (``openai_routes``: moderations, and the
+routes refused until they are metered).
 
 Keys come as ``Authorization: Bearer``; a request reserves its prompt counted with tiktoken
 plus its output cap (``max_completion_tokens``, ``max_tokens``, ``max_output_tokens``, else the
@@ -19,12 +20,11 @@ from proxy.catalog.pricing import cost_nano
 from proxy.catalog.routes import ModelRoute
 from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
-from proxy.dialects import openai_usage
+from proxy.dialects import form, openai_audio, openai_images, openai_usage
 from proxy.dialects.base import (
     MAX_OUTPUT_CAP,
     Inbound,
     Reservation,
-    RouteDocs,
     StreamEnds,
     StreamFraming,
     StreamMeter,
@@ -33,16 +33,20 @@ from proxy.dialects.base import (
     body_model,
     sse_framing,
 )
+from proxy.dialects.openai_endpoints import (
+    AUDIO,
+    CAP_FIELDS,
+    DOCS,
+    ENDPOINTS,
+    FORM_ENDPOINTS,
+    IMAGES,
+    KINDS,
+    PREFIXES,
+    UNSTREAMED,
+)
+from proxy.dialects.openai_routes import background_refusal, moderation_texts
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
-PREFIXES = ("/v1", "/api/v1/llm")
-_CAP_FIELDS = {
-    "chat/completions": ("max_completion_tokens", "max_tokens"),
-    "completions": ("max_tokens",),
-    "responses": ("max_output_tokens",),
-    "embeddings": (),
-}
 MAX_CHOICES = 128
 """OpenAI's own maximum for ``n``."""
 _USAGE_OPTION = b'{"stream_options":{"include_usage":true},'
@@ -82,11 +86,11 @@ def output_cap(endpoint: str, body: dict[str, Any], route: ModelRoute) -> Output
 
     A cap above the configured maximum is reserved as asked, not clamped: the upstream, not
     our configuration, decides what it generates, and a reservation must never be smaller."""
-    if endpoint == "embeddings":
+    if endpoint in UNSTREAMED:
         return OutputCap(0, None)
     cap = None
     param = None
-    for name in _CAP_FIELDS[endpoint]:
+    for name in CAP_FIELDS[endpoint]:
         value = _positive_int(body, name, MAX_OUTPUT_CAP)
         if value is not None and cap is None:
             cap, param = value, name
@@ -105,7 +109,7 @@ def clamped_body(endpoint: str, body: dict[str, Any], cap: int) -> dict[str, Any
     """The request with its output cap per choice lowered to ``cap``: every cap parameter it
     set, or the endpoint's own one when it set none (chat: ``max_completion_tokens``, which
     OpenAI's reasoning models require)."""
-    names = _CAP_FIELDS[endpoint]
+    names = CAP_FIELDS[endpoint]
     given = [name for name in names if body.get(name) is not None]
     return {**body, **{name: cap for name in given or names[:1]}}
 
@@ -121,6 +125,9 @@ def upstream_body(
     """The body sent upstream, and whether the usage chunk must be kept from the client. The
     client's bytes go as they came unless something must change: the model's name, the usage
     option of a stream, or an output cap lowered by clamping."""
+    if endpoint in FORM_ENDPOINTS:  # forwarded as it came, but for the model's name
+        same = body.get("model") == upstream_model
+        return (raw if same else form.replace_field(raw, "model", upstream_model)), False
     strip_usage = False
     same_model = body.get("model") == upstream_model
     changed = not same_model
@@ -148,52 +155,18 @@ def upstream_body(
     return json.dumps(body, separators=(",", ":")).encode(), strip_usage
 
 
-_BODY = {
-    "type": "object",
-    "required": ["model"],
-    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
-    "additionalProperties": True,
-    "description": "The provider's request body, relayed as sent (see the README for the "
-    "rules the proxy applies: UTF-8 JSON, no duplicate keys, nesting depth).",
-}
-_ERRORS = {
-    400: "Invalid input (`param` names it), or a model this endpoint does not serve.",
-    403: "The key may not use this model.",
-    404: "No such model (`model_not_found`).",
-    429: "A rate limit or budget refused the request before it reached the upstream "
-    "(`Retry-After`, `x-ratelimit-*`; budget refusals say so in `code`).",
-    502: "The upstream could not be reached, or broke off its answer.",
-    504: "The upstream did not answer in time.",
-}
-
-
-_DOCS = RouteDocs(
-    title="OpenAI",
-    tag="llm",
-    auth="key",
-    handler_prefix="llm_",
-    body_schema=_BODY,
-    errors=_ERRORS,
-    descriptions={
-        endpoint: f"OpenAI's `POST /v1/{endpoint}`, admitted (auth, rate limits, budgets), "
-        "forwarded with the upstream's own credential, metered and settled."
-        for endpoint in ENDPOINTS
-    },
-    streamed=frozenset(ENDPOINTS) - {"embeddings"},
-)
-
-
 class OpenAIDialect:
     name: DialectName = "openai"
     endpoints = ENDPOINTS
     endpoint_kinds: Mapping[str, str] = {
-        endpoint: "embedding" if endpoint == "embeddings" else "chat" for endpoint in ENDPOINTS
+        endpoint: KINDS.get(endpoint, "chat") for endpoint in ENDPOINTS
     }
     prefixes = PREFIXES
+    form_endpoints = FORM_ENDPOINTS
     error_prefixes: tuple[str, ...] = ()
     served_at = "it is served over the OpenAI API: use /v1/chat/completions or /v1/responses"
     error_model = OpenAIError
-    docs = _DOCS
+    docs = DOCS
 
     def routes(self) -> tuple[tuple[str, str], ...]:
         return tuple((f"{prefix}/{e}", e) for prefix in PREFIXES for e in ENDPOINTS)
@@ -210,17 +183,27 @@ class OpenAIDialect:
     async def reserve(
         self, headers: Mapping[str, str], endpoint: str, body: dict[str, Any], route: ModelRoute
     ) -> Reservation:
+        if endpoint in IMAGES:
+            return openai_images.reserve(endpoint, body, route)
+        if endpoint in AUDIO:
+            return await openai_audio.reserve(endpoint, body, route)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be a boolean.", param="stream")
+        if endpoint == "responses" and body.get("background") not in (None, False):
+            raise background_refusal()
         cap = output_cap(endpoint, body, route)
-        prompt_tokens = await count_prompt(route.encoding, endpoint, body)
+        if endpoint == "moderations":  # counted as the embeddings input of its texts
+            texts = {"input": moderation_texts(body)}
+            prompt_tokens = await count_prompt(route.encoding, "embeddings", texts)
+        else:
+            prompt_tokens = await count_prompt(route.encoding, endpoint, body)
         cost = cost_nano(route.price, prompt_tokens, cap.tokens)
         return Reservation(
             prompt_tokens,
             cap.tokens,
             cost,
-            stream and endpoint != "embeddings",
+            stream and endpoint not in UNSTREAMED,
             cap.param,
             choices=cap.choices,
             input_cost=prompt_tokens * route.price.input_nano_per_m if cap.tokens else None,
@@ -246,6 +229,10 @@ class OpenAIDialect:
         data: bytes,
         headers: Mapping[str, str],
     ) -> Usage:
+        if endpoint in IMAGES:
+            return openai_images.buffered_usage(route, prompt_tokens, output_cap, data)
+        if endpoint in AUDIO:
+            return openai_audio.buffered_usage(endpoint, route, prompt_tokens, output_cap, data)
         return openai_usage.buffered_usage(endpoint, route, prompt_tokens, data)
 
     def stream_meter(
@@ -256,6 +243,10 @@ class OpenAIDialect:
         output_cap: int,
         strip_usage: bool,
     ) -> StreamMeter:
+        if endpoint in IMAGES:
+            return openai_images.StreamMeter(prompt_tokens, output_cap)
+        if endpoint in AUDIO:
+            return openai_audio.StreamMeter(endpoint, route, prompt_tokens, output_cap)
         return openai_usage.StreamMeter(endpoint, route, prompt_tokens, strip_usage)
 
     def limit_headers(

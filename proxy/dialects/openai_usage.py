@@ -29,7 +29,9 @@ def usage_from_body(endpoint: str, data: Any) -> Usage | None:
     if "input_tokens" in usage or endpoint == "responses":
         details_in = usage.get("input_tokens_details") or {}
         details_out = usage.get("output_tokens_details") or {}
+        stored = data.get("id") if endpoint == "responses" and data.get("store") else None
         return Usage(
+            stored_id=stored if isinstance(stored, str) else None,
             input_tokens=_int(usage.get("input_tokens")),
             output_tokens=_int(usage.get("output_tokens")),
             cached_tokens=_int(

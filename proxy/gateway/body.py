@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.dialects.form import boundary_of, parse_form
 from proxy.errors import ApiError, bad_request
 
 MAX_DEPTH = 128
@@ -153,3 +154,22 @@ async def read_json(
     if bodies is not None and key_id is not None:
         return parse_json_object(await bodies.read(request, key_id))
     return parse_json_object(await request.read())
+
+
+async def read_form(
+    request: web.Request, key_id: str, bodies: BodiesInFlight
+) -> dict[str, Any]:
+    """A ``multipart/form-data`` body (``proxy.dialects.form``), counted as ``read_json``'s;
+    a Content-Type without a boundary, or a declared length past the limit (an upload is
+    large: answered now, not after the client has sent its bytes), is refused unread."""
+    content_type = request.headers.get("Content-Type", "")
+    if boundary_of(content_type) is None:
+        raise bad_request(
+            "This endpoint takes multipart/form-data with a boundary in the Content-Type."
+        )
+    declared = request.content_length
+    if declared is not None and declared > request.client_max_size:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.client_max_size, actual_size=declared
+        )
+    return parse_form(await bodies.read(request, key_id), content_type)

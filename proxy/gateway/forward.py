@@ -45,14 +45,19 @@ async def forward(
 
     body_for(exchange.route.upstreams[0])  # an invalid body is a 400 before anything is sent
     sent_at = time.perf_counter()
-    served = await relay.send(request, gw, exchange, body_for)
+    form = endpoint in dialect.form_endpoints  # sent under the client's own boundary
+    content_type = request.headers["Content-Type"] if form else "application/json"
+    served = await relay.send(request, gw, exchange, body_for, content_type)
     upstream = served.response
     try:
         exchange.status = upstream.status
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
         framing = dialect.stream_framing(exchange.upstream_endpoint)
-        if relay.is_stream(served, framing.content_type):
+        streamed = relay.is_stream(served, framing.content_type)
+        if not streamed and (binary := relay.binary_framing(served)) is not None:
+            framing, streamed = binary, True  # audio: relayed as it arrives, never buffered
+        if streamed:
             meter = dialect.stream_meter(
                 endpoint,
                 exchange.route,

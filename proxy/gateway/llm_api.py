@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.catalog.routes import UnpricedModel
 from proxy.dialects import DIALECTS, OPENAI, Dialect
+from proxy.dialects.openai_routes import UNMETERED, unmetered_refusal
 from proxy.errors import ApiError
-from proxy.gateway import gemini_models, pipeline
+from proxy.gateway import gemini_models, pipeline, stored
 from proxy.gateway.state import GATEWAY
 from proxy.openapi import SSE_EVENT, Reply, operation
 
@@ -121,6 +122,48 @@ async def retrieve_model(request: web.Request) -> web.Response:
     return web.json_response(route.listing(name))
 
 
+def unmetered_handler(method: str, path: str) -> Any:
+    """A route of OpenAI's API the proxy cannot meter yet: refused (after the key is checked)
+    in OpenAI's shape, never forwarded and never a 404 that sends the client elsewhere."""
+
+    @operation(
+        f"OpenAI {method} {path.partition('{')[0]}… (refused: not metered yet)",
+        tag="llm",
+        auth="key",
+        answers=(),
+        errors={403: "Always: the route is not metered by this proxy (`route_not_metered`)."},
+        description="Refused without reading the body, so nothing reaches the upstream "
+        "outside the budgets.",
+    )
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.app[GATEWAY].auth.identify(request)
+        raise unmetered_refusal(method, request.path[:200])
+
+    name = path.partition("{")[0].replace("/", "_")
+    handler.__name__ = f"unmetered_{method.lower()}_{name}"
+    return handler
+
+
+def stored_handler(method: str, tail: str) -> Any:
+    """A stored response, read back by its own org (``proxy.gateway.stored``)."""
+
+    @operation(
+        f"OpenAI {method} responses/{{response_id}}{tail}",
+        tag="llm",
+        auth="key",
+        answers=Reply(200, "The upstream's answer.", schema={"type": "object"}),
+        errors={404: "No response of that id was created by this key's org."},
+        relayed=True,
+        description="Relayed to the upstream that stored the response, for the org that "
+        "created it only; free (the response was charged when it was created).",
+    )
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stored.relay_stored(request, method, tail)
+
+    handler.__name__ = f"stored_response_{method.lower()}{tail.replace('/', '_')}"
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
     for dialect in DIALECTS:
         handlers = {endpoint: llm_handler(dialect, endpoint) for endpoint in dialect.endpoints}
@@ -129,4 +172,9 @@ def add_routes(app: web.Application) -> None:
     for prefix in OPENAI.prefixes:  # the catalogue in OpenAI's shape, beside its routes
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(prefix + "/models/{model:.+}", retrieve_model)
+        for method, tail in stored.ROUTES:
+            path = prefix + "/responses/{response_id}" + tail
+            app.router.add_route(method, path, stored_handler(method, tail))
+        for method, path in UNMETERED:
+            app.router.add_route(method, f"{prefix}/{path}", unmetered_handler(method, path))
     gemini_models.add_routes(app)

@@ -26,7 +26,7 @@ from proxy.catalog.routes import ModelRoute, UnpricedModel
 from proxy.dialects import Dialect, by_name
 from proxy.dialects.base import Reservation, Usage
 from proxy.errors import ApiError, bad_request, store_unavailable, unauthorized
-from proxy.gateway.body import read_json
+from proxy.gateway.body import read_form, read_json
 from proxy.gateway.decisions import (
     budget_error,
     dialect_refusal_headers,
@@ -38,6 +38,7 @@ from proxy.gateway.exchange import Exchange
 from proxy.gateway.forward import forward
 from proxy.gateway.request_context import OUTCOME, Outcome, new_request_id
 from proxy.gateway.state import GATEWAY, Gateway
+from proxy.gateway.stored import note_stored
 from proxy.gateway.worst_case import check_reservation, clamp_asked, clamp_terms
 from proxy.ledger.admission import (
     Admitted,
@@ -207,7 +208,10 @@ async def handle(request: web.Request, endpoint: str, dialect: Dialect) -> web.S
     identity = await gw.auth.identify_key(dialect.api_key(request))
     outcome.key_id, outcome.org_id, outcome.decision = identity.key_id, identity.org_id, "invalid"
     outcome.on_behalf_of = end_user = on_behalf_of(request)
-    body = await read_json(request, identity.key_id, gw.bodies)
+    if endpoint in dialect.form_endpoints:
+        body = await read_form(request, identity.key_id, gw.bodies)
+    else:
+        body = await read_json(request, identity.key_id, gw.bodies)
     prepared = await prepare(
         gw, dialect, identity, endpoint, body, request.headers, request.match_info
     )
@@ -309,3 +313,5 @@ async def settle(gw: Gateway, exchange: Exchange) -> None:
             exchange.identity, exchange.request_id, usage.total_tokens, cost, record
         )
     )
+    if usage.stored_id is not None:  # the org that paid for a stored response may read it
+        await note_stored(gw, exchange.identity.org_id, usage.stored_id, exchange.upstream)

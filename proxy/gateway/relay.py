@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.dialects.base import Dialect, StreamFraming, StreamMeter, Usage
+from proxy.dialects.base import Dialect, StreamEnds, StreamFraming, StreamMeter, Usage
 from proxy.errors import ApiError
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
@@ -46,6 +46,7 @@ async def send(
     gw: Gateway,
     exchange: Exchange,
     body_for: Callable[[fallback.Candidate], bytes],
+    content_type: str = "application/json",
 ) -> fallback.Served:
     """Sends through the model's upstreams (fallbacks included) and notes which one served."""
     try:
@@ -56,6 +57,7 @@ async def send(
             exchange.upstream_endpoint or exchange.endpoint,
             body_for,
             request.headers,
+            content_type,
         )
     except ApiError as exc:
         exchange.upstream_error = "timeout" if exc.status == 504 else "connect"
@@ -83,6 +85,25 @@ def is_stream(served: fallback.Served, content_type: str) -> bool:
     return upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(
         content_type
     )
+
+
+_BINARY = ("audio/", "image/", "video/", "application/octet-stream")
+BINARY_ENDS = StreamEnds(broken=b"", timeout=b"")
+"""A binary answer has no error frame: one cut short ends with its connection dropped."""
+
+
+def binary_framing(served: fallback.Served) -> StreamFraming | None:
+    """For a 200 in a binary media type (speech's audio): relayed as it arrives, cut nowhere,
+    under the upstream's own media type; None for any other answer."""
+    upstream = served.response
+    media = upstream.headers.get("Content-Type", "")
+    if upstream.status != 200 or not media.startswith(_BINARY):
+        return None
+    return StreamFraming(media, _whole, BINARY_ENDS)
+
+
+def _whole(block: bytes) -> tuple[bytes, bytes]:
+    return block, b""
 
 
 async def read_buffered(
@@ -224,8 +245,12 @@ async def relay_stream(
     except UpstreamError as exc:
         timed_out = isinstance(exc, UpstreamTimeout)
         exchange.upstream_error = "timeout" if timed_out else "broken_stream"
+        end = ends.timeout if timed_out else ends.broken
+        if not end and request.transport is not None:  # binary: never a normal end
+            request.transport.close()
+            return response
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(ends.timeout if timed_out else ends.broken)
+            await response.write(end)
             await response.write_eof()
             exchange.answered = True
     finally:

@@ -47,6 +47,7 @@ SUFFIX: dict[str, str] = {
     "done": "done:",  # done:<rid>  tombstone of a settle that found nothing to settle
     "reclaimed": "reclaimed:",  # reclaimed:<rid>  what a reclaim charged, for a late settle
     "usage": "usage",  # stream: one record per charge
+    "response": "rsp:",  # rsp:<response id>  string: the upstream storing the org's response
     "counters": "usage:",  # usage:<m|h|d>:<bucket start>  hash: usage counters
     "fired": "fired:",  # fired:<budget id>[:<tag>]:<window>  set: crossings recorded
     "events": "events:",  # events:<tag | ud>  list: budget events, newest first

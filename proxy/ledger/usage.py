@@ -51,6 +51,7 @@ REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
         }
     ),
     "embeddings": frozenset({"embeddings", "embedContent", "batchEmbedContents"}),
+    "moderations": frozenset({"moderations"}),
     "responses": frozenset({"responses"}),
 }
 """Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages, Bedrock's

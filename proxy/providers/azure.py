@@ -19,7 +19,18 @@ from urllib.parse import quote
 
 from proxy.config import UpstreamConfig
 
-_DEPLOYMENT_PATHS = frozenset({"chat/completions", "completions", "embeddings"})
+_DEPLOYMENT_PATHS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "images/generations",
+        "images/edits",
+        "audio/speech",
+        "audio/transcriptions",
+        "audio/translations",
+    }
+)
 
 
 def url(upstream: UpstreamConfig, endpoint: str, deployment: str) -> str:

@@ -90,6 +90,7 @@ async def send(
     endpoint: str,
     body_for: Callable[[Candidate], bytes],
     headers: Mapping[str, str],
+    content_type: str = "application/json",
 ) -> Served:
     """The first answer worth relaying: one that is not a connect failure, 429 or 5xx — or
     whatever the last upstream answered. Raises the last upstream's ``ApiError`` when it could
@@ -101,7 +102,12 @@ async def send(
         upstream = candidate.upstream
         try:
             response = await client.send(
-                upstream, endpoint, body_for(candidate), headers, candidate.deployment
+                upstream,
+                endpoint,
+                body_for(candidate),
+                headers,
+                candidate.deployment,
+                content_type,
             )
         except ApiError as exc:
             if not isinstance(exc.__cause__, UpstreamConnectError):

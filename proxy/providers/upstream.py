@@ -122,7 +122,9 @@ def _forwarding(kind: str, extra: tuple[str, ...]) -> tuple[frozenset[str], tupl
 
 
 def upstream_headers(
-    client_headers: Mapping[str, str], upstream: UpstreamConfig
+    client_headers: Mapping[str, str],
+    upstream: UpstreamConfig,
+    content_type: str = "application/json",
 ) -> list[tuple[str, str]]:
     names, prefixes = _forwarding(upstream.kind, tuple(upstream.forward_headers))
     headers = []
@@ -132,7 +134,7 @@ def upstream_headers(
             prefixes and lower.startswith(prefixes) and lower not in NEVER_FORWARDED
         ):
             headers.append((name, value))
-    headers.append(("Content-Type", "application/json"))
+    headers.append(("Content-Type", content_type))
     headers.append(("Accept-Encoding", "identity"))
     headers.extend(kinds.credential_headers(upstream, client_headers))
     return headers
@@ -182,11 +184,13 @@ class UpstreamClient:
         body: bytes,
         headers: Mapping[str, str],
         deployment: str = "",
+        content_type: str = "application/json",
+        method: str = "POST",
     ) -> Response:
         """``deployment`` names the Azure deployment (part of the path of dated API versions),
         or the model of a Google upstream (part of its path)."""
         assert self._client is not None, "UpstreamClient.start() not called"
-        sent = upstream_headers(headers, upstream)
+        sent = upstream_headers(headers, upstream, content_type)
         if upstream.kind == "vertex":
             address, body = google.vertex_target(upstream, endpoint, deployment, body)
             sent.append(("Authorization", f"Bearer {await self.tokens.ensure(upstream)}"))
@@ -200,7 +204,7 @@ class UpstreamClient:
         if upstream.kind == "bedrock":  # signed last: over the final body and headers
             sent = bedrock.sign(upstream, address, body, sent)
         try:
-            return await self._client.post(target, sent, body)
+            return await self._client.post(target, sent, body, method)
         except UpstreamTimeout as exc:
             raise upstream_timeout(upstream) from exc
         except UpstreamError as exc:

@@ -35,12 +35,17 @@ class Client:
         """Verifies https upstreams; the system's CAs (and ``SSL_CERT_FILE``) by default."""
 
     async def post(
-        self, target: Target, headers: Iterable[tuple[str, str]], body: bytes
+        self,
+        target: Target,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        method: str = "POST",
     ) -> Response:
-        """Sends the request in one write and returns once the answer's head has arrived."""
+        """Sends the request in one write and returns once the answer's head has arrived
+        (``method``: GET and DELETE read and delete what an upstream stored)."""
         connection = self._idle_connection(target.origin) or await self._connect(target.origin)
         self._busy.add(connection)
-        lines = [f"POST {target.path} HTTP/1.1\r\nHost: {target.origin.host_header}\r\n"]
+        lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.origin.host_header}\r\n"]
         for name, value in headers:
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 continue  # never let a header split the request

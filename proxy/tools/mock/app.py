@@ -16,7 +16,11 @@ from proxy.tools.mock.bedrock import Bedrock
 from proxy.tools.mock.core import Mock
 from proxy.tools.mock.google import GOOGLE, Google
 from proxy.tools.mock.openai import OpenAI
+from proxy.tools.mock.openai_audio import Audio
+from proxy.tools.mock.openai_images import Images
+from proxy.tools.mock.openai_moderations import Moderations
 from proxy.tools.mock.openai_responses import Responses
+from proxy.tools.mock.openai_stored import Stored
 from proxy.tools.mock.records import (
     EXCHANGE,
     EXCHANGES,
@@ -65,6 +69,10 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # 
     routes = [
         *OpenAI(mock).routes(),
         *Responses(mock).routes(),
+        *Moderations(mock).routes(),
+        *Images(mock).routes(),
+        *Audio(mock).routes(),
+        *Stored(mock).routes(),
         ("GET", "/v1/models", mock.models),
         *Anthropic(mock).routes(),
         *Bedrock(mock).routes(),

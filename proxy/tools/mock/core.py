@@ -71,6 +71,10 @@ def error_response(
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+STORED_MAX = 10_000
+"""Stored responses the mock keeps (the oldest forgotten first)."""
+
+
 class Mock:
     """Holds the handlers' shared state: options, the request log and the id counter."""
 
@@ -85,6 +89,8 @@ class Mock:
         self.reported = reported
         self.default_plan = Plan.parse({}, options)
         self.ids = itertools.count(1)
+        self.stored: dict[str, tuple[dict[str, Any], Any]] = {}
+        """Responses stored (``store``), by id: the response and its input."""
         created = int(time.time())
         self.models_body = dumps(
             {
@@ -182,6 +188,13 @@ class Mock:
                 tokens.reasoning,
             )
         )
+
+    def store_response(self, response: dict[str, Any], given: Any) -> None:
+        """Keeps a stored response for ``openai_stored``: the newest ``STORED_MAX`` only, so
+        a long load test cannot grow the mock without bound."""
+        if len(self.stored) >= STORED_MAX:
+            del self.stored[next(iter(self.stored))]
+        self.stored[response["id"]] = (response, given)
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self.ids):012d}"

@@ -96,6 +96,8 @@ class Responses:
             "user": None,
             "metadata": body.get("metadata") or {},
         }
+        if response["store"]:
+            self.mock.store_response(response, body["input"])
         streamed = bool(body.get("stream"))
         if not plan.omit_usage and (not streamed or plan.fail_after_chunks is None):
             self.mock.report(request, body["model"], tokens)
