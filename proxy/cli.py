@@ -9,23 +9,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 import aiohttp
 
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, Settings, config_source, load_settings
 
+log = logging.getLogger(__name__)
 ADMIN_URL_ENV = "PROXY_URL"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(args.config)
+        settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
+    log.info("configuration: %s", config_source(args.config))
+    return settings
+
+
+def _warn_missing_credentials(settings: Settings) -> None:
+    """An upstream whose credential variable is unset would be sent requests without one (a
+    401 from the provider, blamed on the proxy): said at start, and refused per request."""
+    for upstream in settings.upstreams:
+        if upstream.api_key_env and upstream.kind != "bedrock" and not upstream.credential():
+            log.warning(
+                "upstream %r: its credential variable %s is not set; requests to it are "
+                "refused with a 503 until it is (set it and restart)",
+                upstream.name,
+                upstream.api_key_env,
+            )
 
 
 def _check_routes(settings: Settings) -> None:
@@ -44,17 +61,24 @@ def _check_routes(settings: Settings) -> None:
         sys.exit(2)
 
 
-def _starting(start: Any) -> None:
-    """Start-up failures (Redis never ready, data directory held by another process, no
-    redis-server binary) end with one clear line, not a traceback."""
+def _starting(start: Any, host: str, port: int, command: str) -> None:
+    """Start-up failures (a port in use, Redis never ready, data directory held by another
+    process, no redis-server binary) end with one clear line, not a traceback."""
+    from proxy.port_check import PortInUse, check_port_free, is_port_in_use
     from proxy.store.data_dir import DataDirInUse
     from proxy.store.embedded_redis import RedisServerNotFound, RedisStartError
     from proxy.store.readiness import StoreNotReady
 
     try:
+        check_port_free(host, port, command)
         start()
-    except (StoreNotReady, DataDirInUse, RedisStartError, RedisServerNotFound) as exc:
+    except (PortInUse, StoreNotReady, DataDirInUse, RedisStartError, RedisServerNotFound) as exc:
         print(f"llm-proxy: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as exc:
+        if not is_port_in_use(exc):
+            raise
+        print(f"llm-proxy: cannot start: {PortInUse(host, port, command)}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -63,14 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     _check_routes(settings)
-    _starting(
-        lambda: serve(
-            settings,
-            args.host or settings.server.host,
-            args.port if args.port is not None else settings.server.port,
-            args.workers or settings.server.workers,
-        )
-    )
+    _warn_missing_credentials(settings)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    _starting(lambda: serve(settings, host, port, workers), host, port, "serve")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -79,20 +100,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     settings = _settings(args)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    _starting(lambda: run_demo(settings, host, port))
+    _starting(lambda: run_demo(settings, host, port), host, port, "demo")
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
     from proxy.tools.mock import MockOptions, run_mock
 
-    run_mock(
-        args.host,
-        args.port,
-        MockOptions(
-            latency_ms=args.latency_ms,
-            output_tokens=args.output_tokens,
-            chunk_delay_ms=args.chunk_delay_ms,
-        ),
+    options = MockOptions(
+        latency_ms=args.latency_ms,
+        output_tokens=args.output_tokens,
+        chunk_delay_ms=args.chunk_delay_ms,
+    )
+    _starting(
+        lambda: run_mock(args.host, args.port, options), args.host, args.port, "mock-upstream"
     )
 
 

@@ -451,6 +451,16 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     return data
 
 
+def config_source(path: str | Path | None = None, environ: dict[str, str] | None = None) -> str:
+    """Which file ``load_settings`` read, for the start-up log (an operator editing the wrong
+    file saw no sign of it)."""
+    env = os.environ if environ is None else environ
+    config_path = Path(path or env.get("PROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    if config_path.exists():
+        return str(config_path.resolve())
+    return f"none ({config_path} does not exist: defaults and PROXY_* variables only)"
+
+
 def load_settings(
     path: str | Path | None = None, environ: dict[str, str] | None = None
 ) -> Settings:
