@@ -32,7 +32,7 @@ from proxy.dialects.base import (
     StreamFraming,
     StreamMeter,
     Usage,
-    bearer,
+    client_key,
 )
 from proxy.dialects.claude_bound import prompt_bound
 from proxy.errors import ApiError, unauthorized
@@ -136,7 +136,7 @@ class BedrockDialect:
         return req.model_id(params.get("modelId"))
 
     def api_key(self, headers: Mapping[str, str]) -> str:
-        key = bearer(headers)
+        key = client_key(headers)
         if key:
             return key
         if headers.get("Authorization", "").startswith("AWS4-"):

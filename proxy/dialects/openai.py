@@ -21,6 +21,7 @@ from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
 from proxy.dialects import openai_usage
 from proxy.dialects.base import (
+    KEY_HINT,
     MAX_OUTPUT_CAP,
     SSE_FRAMING,
     Reservation,
@@ -28,8 +29,8 @@ from proxy.dialects.base import (
     StreamEnds,
     StreamMeter,
     Usage,
-    bearer,
     body_model,
+    client_key,
 )
 from proxy.errors import OpenAIError, bad_request, error_body, unauthorized
 
@@ -201,9 +202,9 @@ class OpenAIDialect:
         return body_model(params, body)
 
     def api_key(self, headers: Mapping[str, str]) -> str:
-        key = bearer(headers)
+        key = client_key(headers)
         if key is None:
-            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+            raise unauthorized(f"Missing API key: {KEY_HINT}.")
         return key
 
     async def reserve(

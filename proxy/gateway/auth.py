@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from aiohttp import web
 
-from proxy.dialects.base import bearer
+from proxy.dialects.base import KEY_HINT, client_key
 from proxy.errors import unauthorized
 from proxy.ledger.api_keys import Identity, KeyStore, digest
 
@@ -27,11 +27,11 @@ _CACHE_MAX = 100_000
 
 
 def bearer_token(request: web.Request) -> str:
-    """The key of the proxy's own API (admin routes): a Bearer token. The LLM routes read
-    theirs where their dialect says (``Dialect.api_key``)."""
-    token = bearer(request.headers)
+    """The key of the proxy's own API (models, admin routes): in any header a dialect takes
+    it in (``client_key``), so an Anthropic SDK's ``models.list()`` is not a 401."""
+    token = client_key(request.headers)
     if token is None:
-        raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+        raise unauthorized(f"Missing API key: {KEY_HINT}.")
     return token
 
 
