@@ -140,7 +140,9 @@ def _quiet_production_warnings() -> None:
     """The demo's Redis is private, in memory and gone with the demo: the warning about webhook
     secrets stored in plain text is meant for production, so the demo seals them with a key
     of its own."""
-    os.environ.setdefault(SECRET_KEY_ENV, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    os.environ.setdefault(
+        SECRET_KEY_ENV, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    )
 
 
 def run_demo(settings: Settings, host: str, port: int) -> None:
