@@ -163,6 +163,10 @@ class MeteringConfig(_Strict):
     default_max_output_tokens: int = Field(4096, gt=0)
     currency: str | None = Field("USD", pattern=r"^[A-Z]{3}$")
     """The ISO-4217 code prices are written in (reports name it; nothing is converted)."""
+    cost_in_answers: bool = True
+    """Each answer says what it cost, as settled: ``x-llm-cost`` (major units),
+    ``x-llm-cost-nano`` and ``x-llm-cost-currency`` headers on buffered answers, ``cost`` and
+    ``cost_nano`` in a stream's final usage object. Off: answers pass as the upstream sent."""
 
     @model_validator(mode="after")
     def _default_needs_price(self) -> MeteringConfig:
