@@ -124,7 +124,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         redis=redis,
         keys=keys,
         budgets=BudgetStore(redis, box),
-        auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
+        auth=Authenticator(keys, settings.auth.cache_ttl_seconds, clock),
         admission=Admission(
             redis,
             settings.limits.defaults,

@@ -149,33 +149,9 @@ def _limits(args: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    action = args.keys_action
-    if action == "create":
-        body: dict[str, Any] = {"name": args.name, "role": args.role, "limits": _limits(args)}
-        if args.org:
-            body["org_id"] = args.org
-        if args.models:
-            body["models"] = args.models.split(",")
-        call = _admin_call(args, "POST", "/api/v1/keys", body)
-    elif action == "list":
-        query = f"?org_id={args.org}" if args.org else ""
-        call = _admin_call(args, "GET", "/api/v1/keys" + query)
-    elif action == "get":
-        call = _admin_call(args, "GET", f"/api/v1/keys/{args.key_id}")
-    elif action == "revoke":
-        call = _admin_call(args, "DELETE", f"/api/v1/keys/{args.key_id}")
-    else:
-        change: dict[str, Any] = {}
-        if args.name is not None:
-            change["name"] = args.name
-        if args.role is not None:
-            change["role"] = args.role
-        if args.models is not None:
-            change["models"] = args.models.split(",") if args.models else None
-        if _limits(args):
-            change["limits"] = _limits(args)
-        call = _admin_call(args, "PATCH", f"/api/v1/keys/{args.key_id}", change)
-    sys.exit(asyncio.run(call))
+    from proxy.tools.keys_cli import main as keys_main
+
+    _admin_command(keys_main, args)
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -255,29 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunk-delay-ms", type=float, default=0.0)
     mock.set_defaults(func=cmd_mock)
 
-    keys = sub.add_parser("keys", help="create, list, get, update and revoke API keys")
-    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
-    create = keys_sub.add_parser("create")
-    create.add_argument("--org", help="org id (required for cluster admins)")
-    create.add_argument("--name", default="")
-    create.add_argument(
-        "--role", default="member", choices=("member", "org_admin", "cluster_admin")
-    )
-    create.add_argument("--models", help="comma-separated allowed models (default: all)")
-    _add_limit_flags(create)
-    listing = keys_sub.add_parser("list")
-    listing.add_argument("--org")
-    for name in ("get", "revoke"):
-        p = keys_sub.add_parser(name)
-        p.add_argument("key_id")
-    update = keys_sub.add_parser("update")
-    update.add_argument("key_id")
-    update.add_argument("--name")
-    update.add_argument("--role", choices=("member", "org_admin", "cluster_admin"))
-    update.add_argument("--models", help="comma-separated allowed models; '' for all")
-    _add_limit_flags(update)
-    for p in (create, listing, update, keys_sub.choices["get"], keys_sub.choices["revoke"]):
-        _add_admin_flags(p)
+    from proxy.tools.keys_cli import add_arguments as add_keys_arguments
+
+    keys = sub.add_parser("keys", help="create, list, get, update, rotate and revoke API keys")
+    add_keys_arguments(keys)
     keys.set_defaults(func=cmd_keys)
 
     org_limits = sub.add_parser("org-limits", help="show or set an org's rate limits")
