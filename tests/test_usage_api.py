@@ -853,12 +853,14 @@ async def test_anthropic_messages_count_as_completions_and_their_prices_are_list
         "claude-haiku-4-5": haiku_cost,
     }
     assert {r["model"]: r["num_model_requests"] for r in body["data"]} == {
-        MODEL: 2,  # the message and the (free) token count
+        MODEL: 1,  # the message; the free token count is no model request (issue 23 item 5)
         "claude-haiku-4-5": 1,
     }
     found = await all_buckets(proxy, "completions", start_time=start, group_by="model")
     rows = {r["model"]: r for b in found for r in b["results"]}
     assert rows[MODEL]["num_model_requests"] == 1  # count_tokens is no completion
+    requests_in = {r["model"]: r["num_model_requests"] for r in body["data"]}
+    assert requests_in == {m: r["num_model_requests"] for m, r in rows.items()}  # they agree
     assert rows[MODEL]["input_cached_tokens"] == 4
     assert rows["claude-haiku-4-5"]["output_tokens"] == u.output_tokens
     # The pattern's name is priced (and listed) from its first use.

@@ -51,8 +51,11 @@ REPORT_ENDPOINTS: dict[str, frozenset[str]] = {
     "responses": frozenset({"responses"}),
 }
 """Which of the proxy's endpoints each bucketed report counts (Anthropic's Messages and
-Bedrock's Converse and InvokeModel are chat completions; ``messages/count_tokens`` is free and
-in no bucketed report, only in costs)."""
+Bedrock's Converse and InvokeModel are chat completions)."""
+
+FREE_ENDPOINTS = frozenset({"messages/count_tokens"})
+"""Relayed, never charged, not a model request: in no report, costs included (which counted
+them as requests that /usage/completions did not, so the two disagreed)."""
 
 _READ_BATCH = 500
 
