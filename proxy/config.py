@@ -377,6 +377,17 @@ class MetricsConfig(_Strict):
     """When this variable is set, /metrics requires ``Authorization: Bearer <its value>``."""
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry (the ``otel`` extra): off unless ``otlp_endpoint`` is set."""
+
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://")
+    """An OTLP/HTTP collector's base URL (``http://collector:4318``): spans to ``/v1/traces``,
+    metrics to ``/v1/metrics``. None: no telemetry, and no cost for it."""
+    service_name: str = Field("llm-proxy", min_length=1)
+    metrics_interval_seconds: float = Field(60.0, gt=0)
+    """How often the GenAI client metrics are exported."""
+
+
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -388,6 +399,7 @@ class Settings(_Strict):
     usage: UsageConfig = UsageConfig()
     webhooks: WebhookConfig = WebhookConfig()
     metrics: MetricsConfig = MetricsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
 
