@@ -166,6 +166,12 @@ def cmd_budgets(args: argparse.Namespace) -> None:
     _admin_command(budgets_main, args)
 
 
+def cmd_quote(args: argparse.Namespace) -> None:
+    from proxy.tools.quote_cli import main as quote_main
+
+    _admin_command(quote_main, args)
+
+
 def _admin_command(run: Any, args: argparse.Namespace) -> None:
     from proxy.tools.admin_http import AdminError
 
@@ -255,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     budgets = sub.add_parser("budgets", help="list, get, set, delete budgets and their events")
     add_budgets_arguments(budgets)
     budgets.set_defaults(func=cmd_budgets)
+
+    from proxy.tools.quote_cli import add_arguments as add_quote_arguments
+
+    quote = sub.add_parser("quote", help="what a request would reserve, and what would bind")
+    add_quote_arguments(quote)
+    quote.set_defaults(func=cmd_quote)
 
     loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
     add_loadtest_arguments(loadtest)

@@ -397,3 +397,40 @@ async def test_keys_print_tables_and_cover_expiry_metadata_and_rotation(proxy: P
     assert code == 1 and out == "" and len(err.splitlines()) == 1 and "HTTP 404" in err
     code, out, _ = await run_cli("keys", "list", "--org", "acme", *admin)
     assert code == 0 and kid.group(1) in out and "2 " not in out.splitlines()[0]
+
+
+@pytest.mark.slow  # runs the CLI in processes of its own
+async def test_budgets_cover_end_users_and_quote_says_what_binds(proxy: Proxy) -> None:
+    """Issue 23 item 5: ``budgets set`` for an end user and the default for each end user
+    (an id with a "/" in it too), and ``llm-proxy quote``."""
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    limits = ("--period", "daily", "--kind", "tokens", "--limit", "50", "--block", "100")
+    kid, _ = await proxy.create_key("acme")
+    code, out, err = await run_cli(
+        "budgets", "set", "end-user", "team/alice", "--org", "acme", *limits, *admin
+    )
+    assert code == 0, err
+    assert "external_user" in out and "team/alice" in out
+    code, out, err = await run_cli(
+        "budgets", "set", "end-user-default", "--org", "acme", *limits, *admin
+    )
+    assert code == 0, err
+    assert "external_user_default" in out
+    code, out, _ = await run_cli("budgets", "get", "end-user", "team/alice", "--org", "acme",
+                                 "--json", *admin)  # fmt: skip
+    assert json.loads(out)["data"][0]["scope_id"] == "team/alice"
+    code, out, err = await run_cli(
+        "quote", kid, "--model", "gpt-4o-mini", "--prompt", "hello", "--max-tokens", "10",
+        "--end-user", "team/alice", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("decision: admit (HTTP 200)") and "worst case:" in out
+    assert "binding: external_user team/alice daily tokens budget" in out
+    code, out, err = await run_cli(
+        "quote", kid, "--model", "gpt-4o-mini", "--prompt", "hello", "--max-tokens", "100",
+        "--end-user", "team/alice", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("decision: refuse (HTTP 429)") and "refusal:" in out
+    code, _, err = await run_cli("quote", kid, *admin)
+    assert code == 2 and "--model" in err
