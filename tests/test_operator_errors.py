@@ -124,3 +124,27 @@ def test_the_port_check_itself() -> None:
         holder.listen()
         with pytest.raises(PortInUse, match="already in use"):
             check_port_free("127.0.0.1", holder.getsockname()[1], "serve")
+
+
+async def test_a_bind_that_loses_the_race_still_cleans_the_app_up() -> None:
+    """The trial bind can lose a race; the real bind failing then must clean the started app
+    up (its background tasks), or ``asyncio.run`` waits on them forever (the demo's hang)."""
+    from aiohttp import web
+
+    from proxy.serving import running_site
+
+    app = web.Application()
+    cleaned: list[bool] = []
+
+    async def cleanup(_app: web.Application) -> None:
+        cleaned.append(True)
+
+    app.on_cleanup.append(cleanup)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError):
+            async with running_site(app, "127.0.0.1", port, reuse_port=False, grace=1):
+                pass
+    assert cleaned == [True]
