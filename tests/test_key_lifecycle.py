@@ -112,3 +112,26 @@ async def test_a_revoked_key_cannot_be_rotated(proxy: Proxy) -> None:
     await proxy.admin("DELETE", f"/api/v1/keys/{kid}")
     status, body = await proxy.admin("POST", f"/api/v1/keys/{kid}/rotate", {})
     assert (status, body["error"]["code"]) == (400, "key_revoked")
+
+
+async def test_last_used_at_is_written_at_most_once_a_minute_per_process() -> None:
+    """Kept cheaply: one write per key and process a minute, never one per request."""
+    import asyncio
+    from unittest import mock
+
+    from proxy.gateway.auth import TOUCH_EVERY, Authenticator
+    from proxy.ledger.api_keys import Identity
+
+    keys = mock.AsyncMock()
+    keys.identity.return_value = Identity("key_1", "acme", "member")
+    auth = Authenticator(keys, cache_ttl=1.0)
+    with mock.patch("proxy.gateway.auth.time.monotonic") as monotonic:
+        monotonic.return_value = 1000.0
+        for _ in range(50):
+            await auth.identify_key("sk-bp-x")
+        await asyncio.sleep(0)
+        assert keys.touch.await_count == 1
+        monotonic.return_value = 1000.0 + TOUCH_EVERY
+        await auth.identify_key("sk-bp-x")
+        await asyncio.sleep(0)
+        assert keys.touch.await_count == 2
