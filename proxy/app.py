@@ -113,6 +113,10 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         middlewares=[request_log_middleware, error_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
+    if settings.telemetry.otlp_endpoint:  # imported only when on: the otel extra is optional
+        from proxy.gateway import telemetry
+
+        telemetry.install(app, settings.telemetry)
     redis = connect(settings.redis, redis_url)
     keys = KeyStore(redis)
     try:
@@ -124,7 +128,7 @@ def create_app(settings: Settings, redis_url: str, clock: Clock = system_clock) 
         redis=redis,
         keys=keys,
         budgets=BudgetStore(redis, box),
-        auth=Authenticator(keys, settings.auth.cache_ttl_seconds),
+        auth=Authenticator(keys, settings.auth.cache_ttl_seconds, clock),
         admission=Admission(
             redis,
             settings.limits.defaults,

@@ -9,23 +9,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 import aiohttp
 
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, Settings, config_source, load_settings
 
+log = logging.getLogger(__name__)
 ADMIN_URL_ENV = "PROXY_URL"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(args.config)
+        settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"llm-proxy: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
+    log.info("configuration: %s", config_source(args.config))
+    return settings
+
+
+def _warn_missing_credentials(settings: Settings) -> None:
+    """An upstream whose credential variable is unset would be sent requests without one (a
+    401 from the provider, blamed on the proxy): said at start, and refused per request."""
+    for upstream in settings.upstreams:
+        if upstream.api_key_env and upstream.kind != "bedrock" and not upstream.credential():
+            log.warning(
+                "upstream %r: its credential variable %s is not set; requests to it are "
+                "refused with a 503 until it is (set it and restart)",
+                upstream.name,
+                upstream.api_key_env,
+            )
 
 
 def _check_routes(settings: Settings) -> None:
@@ -44,17 +61,24 @@ def _check_routes(settings: Settings) -> None:
         sys.exit(2)
 
 
-def _starting(start: Any) -> None:
-    """Start-up failures (Redis never ready, data directory held by another process, no
-    redis-server binary) end with one clear line, not a traceback."""
+def _starting(start: Any, host: str, port: int, command: str) -> None:
+    """Start-up failures (a port in use, Redis never ready, data directory held by another
+    process, no redis-server binary) end with one clear line, not a traceback."""
+    from proxy.port_check import PortInUse, check_port_free, is_port_in_use
     from proxy.store.data_dir import DataDirInUse
     from proxy.store.embedded_redis import RedisServerNotFound, RedisStartError
     from proxy.store.readiness import StoreNotReady
 
     try:
+        check_port_free(host, port, command)
         start()
-    except (StoreNotReady, DataDirInUse, RedisStartError, RedisServerNotFound) as exc:
+    except (PortInUse, StoreNotReady, DataDirInUse, RedisStartError, RedisServerNotFound) as exc:
         print(f"llm-proxy: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as exc:
+        if not is_port_in_use(exc):
+            raise
+        print(f"llm-proxy: cannot start: {PortInUse(host, port, command)}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -63,14 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     _check_routes(settings)
-    _starting(
-        lambda: serve(
-            settings,
-            args.host or settings.server.host,
-            args.port if args.port is not None else settings.server.port,
-            args.workers or settings.server.workers,
-        )
-    )
+    _warn_missing_credentials(settings)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    _starting(lambda: serve(settings, host, port, workers), host, port, "serve")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -79,20 +100,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     settings = _settings(args)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    _starting(lambda: run_demo(settings, host, port))
+    _starting(lambda: run_demo(settings, host, port), host, port, "demo")
 
 
 def cmd_mock(args: argparse.Namespace) -> None:
     from proxy.tools.mock import MockOptions, run_mock
 
-    run_mock(
-        args.host,
-        args.port,
-        MockOptions(
-            latency_ms=args.latency_ms,
-            output_tokens=args.output_tokens,
-            chunk_delay_ms=args.chunk_delay_ms,
-        ),
+    options = MockOptions(
+        latency_ms=args.latency_ms,
+        output_tokens=args.output_tokens,
+        chunk_delay_ms=args.chunk_delay_ms,
+    )
+    _starting(
+        lambda: run_mock(args.host, args.port, options), args.host, args.port, "mock-upstream"
     )
 
 
@@ -129,33 +149,9 @@ def _limits(args: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    action = args.keys_action
-    if action == "create":
-        body: dict[str, Any] = {"name": args.name, "role": args.role, "limits": _limits(args)}
-        if args.org:
-            body["org_id"] = args.org
-        if args.models:
-            body["models"] = args.models.split(",")
-        call = _admin_call(args, "POST", "/api/v1/keys", body)
-    elif action == "list":
-        query = f"?org_id={args.org}" if args.org else ""
-        call = _admin_call(args, "GET", "/api/v1/keys" + query)
-    elif action == "get":
-        call = _admin_call(args, "GET", f"/api/v1/keys/{args.key_id}")
-    elif action == "revoke":
-        call = _admin_call(args, "DELETE", f"/api/v1/keys/{args.key_id}")
-    else:
-        change: dict[str, Any] = {}
-        if args.name is not None:
-            change["name"] = args.name
-        if args.role is not None:
-            change["role"] = args.role
-        if args.models is not None:
-            change["models"] = args.models.split(",") if args.models else None
-        if _limits(args):
-            change["limits"] = _limits(args)
-        call = _admin_call(args, "PATCH", f"/api/v1/keys/{args.key_id}", change)
-    sys.exit(asyncio.run(call))
+    from proxy.tools.keys_cli import main as keys_main
+
+    _admin_command(keys_main, args)
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -168,6 +164,12 @@ def cmd_budgets(args: argparse.Namespace) -> None:
     from proxy.tools.budgets_cli import main as budgets_main
 
     _admin_command(budgets_main, args)
+
+
+def cmd_quote(args: argparse.Namespace) -> None:
+    from proxy.tools.quote_cli import main as quote_main
+
+    _admin_command(quote_main, args)
 
 
 def _admin_command(run: Any, args: argparse.Namespace) -> None:
@@ -235,29 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunk-delay-ms", type=float, default=0.0)
     mock.set_defaults(func=cmd_mock)
 
-    keys = sub.add_parser("keys", help="create, list, get, update and revoke API keys")
-    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
-    create = keys_sub.add_parser("create")
-    create.add_argument("--org", help="org id (required for cluster admins)")
-    create.add_argument("--name", default="")
-    create.add_argument(
-        "--role", default="member", choices=("member", "org_admin", "cluster_admin")
-    )
-    create.add_argument("--models", help="comma-separated allowed models (default: all)")
-    _add_limit_flags(create)
-    listing = keys_sub.add_parser("list")
-    listing.add_argument("--org")
-    for name in ("get", "revoke"):
-        p = keys_sub.add_parser(name)
-        p.add_argument("key_id")
-    update = keys_sub.add_parser("update")
-    update.add_argument("key_id")
-    update.add_argument("--name")
-    update.add_argument("--role", choices=("member", "org_admin", "cluster_admin"))
-    update.add_argument("--models", help="comma-separated allowed models; '' for all")
-    _add_limit_flags(update)
-    for p in (create, listing, update, keys_sub.choices["get"], keys_sub.choices["revoke"]):
-        _add_admin_flags(p)
+    from proxy.tools.keys_cli import add_arguments as add_keys_arguments
+
+    keys = sub.add_parser("keys", help="create, list, get, update, rotate and revoke API keys")
+    add_keys_arguments(keys)
     keys.set_defaults(func=cmd_keys)
 
     org_limits = sub.add_parser("org-limits", help="show or set an org's rate limits")
@@ -278,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     budgets = sub.add_parser("budgets", help="list, get, set, delete budgets and their events")
     add_budgets_arguments(budgets)
     budgets.set_defaults(func=cmd_budgets)
+
+    from proxy.tools.quote_cli import add_arguments as add_quote_arguments
+
+    quote = sub.add_parser("quote", help="what a request would reserve, and what would bind")
+    add_quote_arguments(quote)
+    quote.set_defaults(func=cmd_quote)
 
     loadtest = sub.add_parser("loadtest", help="load-test a deployment and reconcile spend")
     add_loadtest_arguments(loadtest)

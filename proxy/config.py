@@ -176,6 +176,10 @@ class MeteringConfig(_Strict):
     default_max_output_tokens: int = Field(4096, gt=0)
     currency: str | None = Field("USD", pattern=r"^[A-Z]{3}$")
     """The ISO-4217 code prices are written in (reports name it; nothing is converted)."""
+    cost_in_answers: bool = True
+    """Each answer says what it cost, as settled: ``x-llm-cost`` (major units),
+    ``x-llm-cost-nano`` and ``x-llm-cost-currency`` headers on buffered answers, ``cost`` and
+    ``cost_nano`` in a stream's final usage object. Off: answers pass as the upstream sent."""
 
     @model_validator(mode="after")
     def _default_needs_price(self) -> MeteringConfig:
@@ -405,6 +409,17 @@ class MetricsConfig(_Strict):
     """When this variable is set, /metrics requires ``Authorization: Bearer <its value>``."""
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry (the ``otel`` extra): off unless ``otlp_endpoint`` is set."""
+
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://")
+    """An OTLP/HTTP collector's base URL (``http://collector:4318``): spans to ``/v1/traces``,
+    metrics to ``/v1/metrics``. None: no telemetry, and no cost for it."""
+    service_name: str = Field("llm-proxy", min_length=1)
+    metrics_interval_seconds: float = Field(60.0, gt=0)
+    """How often the GenAI client metrics are exported."""
+
+
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -416,6 +431,7 @@ class Settings(_Strict):
     usage: UsageConfig = UsageConfig()
     webhooks: WebhookConfig = WebhookConfig()
     metrics: MetricsConfig = MetricsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
 
@@ -482,6 +498,16 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     if environ.get("REDIS_URL"):
         data.setdefault("redis", {})["url"] = environ["REDIS_URL"]
     return data
+
+
+def config_source(path: str | Path | None = None, environ: dict[str, str] | None = None) -> str:
+    """Which file ``load_settings`` read, for the start-up log (an operator editing the wrong
+    file saw no sign of it)."""
+    env = os.environ if environ is None else environ
+    config_path = Path(path or env.get("PROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    if config_path.exists():
+        return str(config_path.resolve())
+    return f"none ({config_path} does not exist: defaults and PROXY_* variables only)"
 
 
 def load_settings(

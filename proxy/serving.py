@@ -156,7 +156,13 @@ async def running_site(
         backlog=LISTEN_BACKLOG,
         ssl_context=ssl_context,
     )
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        # The app has started (its background tasks run): without its cleanup, a port in use
+        # left them running and asyncio.run() waited on them forever (the demo hung).
+        await runner.cleanup()
+        raise
     try:
         yield runner
     finally:

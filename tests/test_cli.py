@@ -95,7 +95,7 @@ async def test_serve_refuses_an_unpriced_model_cleanly(tmp_path: Path) -> None:
 async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> None:
     admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
     code, out, err = await run_cli(
-        "keys", "create", "--org", "acme", "--name", "from-cli", "--rpm", "2", *admin
+        "keys", "create", "--org", "acme", "--name", "from-cli", "--rpm", "2", "--json", *admin
     )
     assert code == 0, err
     created = json.loads(out)
@@ -104,16 +104,16 @@ async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> 
     key, kid = created["key"], created["id"]
     assert await chat_status(None, proxy.url, key, HELLO) == 200
 
-    code, out, _ = await run_cli("keys", "list", "--org", "acme", *admin)
+    code, out, _ = await run_cli("keys", "list", "--org", "acme", "--json", *admin)
     assert code == 0
     listed = json.loads(out)["data"]
     assert [k["id"] for k in listed] == [kid]
     assert key not in out  # the plaintext is shown once, at creation
 
-    code, out, _ = await run_cli("keys", "update", kid, "--name", "renamed", *admin)
+    code, out, _ = await run_cli("keys", "update", kid, "--name", "renamed", "--json", *admin)
     assert code == 0 and json.loads(out)["name"] == "renamed"
 
-    code, out, _ = await run_cli("keys", "revoke", kid, *admin)
+    code, out, _ = await run_cli("keys", "revoke", kid, "--json", *admin)
     assert code == 0 and json.loads(out)["revoked"] is True
     assert await chat_status(None, proxy.url, key, HELLO) == 401
 
@@ -124,10 +124,10 @@ async def test_keys_create_list_revoke_against_a_running_proxy(proxy: Proxy) -> 
 
 
 async def test_keys_commands_fail_visibly(proxy: Proxy) -> None:
-    # A wrong admin key: the proxy's 401 is printed and the exit code says it failed.
-    code, out, _ = await run_cli("keys", "list", "--url", proxy.url, "--admin-key", "sk-bp-wrong")
-    assert code == 1
-    assert json.loads(out)["error"]["code"] == "invalid_api_key"
+    # A wrong admin key: the proxy's 401 in one line, and the exit code says it failed.
+    code, out, err = await run_cli("keys", "list", "--url", proxy.url, "--admin-key", "sk-bp-wrong")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "HTTP 401" in err and "Incorrect API key" in err
     # No admin key at all.
     code, _, err = await run_cli("keys", "list", "--url", proxy.url, env={"PROXY_ADMIN_KEY": ""})
     assert code == 2 and "admin key" in err
@@ -367,3 +367,70 @@ async def test_budgets_commands_print_tables(proxy: Proxy) -> None:
         "budgets", "set", "org", "acme", "--period", "daily", "--limit", "5", *admin
     )
     assert code == 2 and "--alert" in err
+
+
+@pytest.mark.slow  # runs the CLI in processes of its own
+async def test_keys_print_tables_and_cover_expiry_metadata_and_rotation(proxy: Proxy) -> None:
+    """Issue 23 items 5 and 6: ``llm-proxy keys`` prints tables (``--json`` for scripts), and
+    sets expiry and metadata and rotates with a grace period."""
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    code, out, err = await run_cli(
+        "keys", "create", "--org", "acme", "--name", "ci", "--expires-in", "30d",
+        "--metadata", "team=search", "--rpm", "5", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"key id\s+org\s+name", out) and "team=search" in out and "rpm=5" in out
+    kid = re.search(r"(key_[0-9a-f]+)", out)
+    secret = re.search(r"^key: (sk-bp-\S+)$", out, re.M)
+    assert kid and secret, out
+    code, out, _ = await run_cli("keys", "get", kid.group(1), "--json", *admin)
+    record = json.loads(out)
+    assert record["metadata"] == {"team": "search"}
+    assert abs(record["expires_at"] - (time.time() + 30 * 86400)) < 120
+    code, out, err = await run_cli("keys", "rotate", kid.group(1), "--grace-seconds", "600", *admin)
+    assert code == 0, err
+    new = re.search(r"^key: (sk-bp-\S+)$", out, re.M)
+    assert new and new.group(1) != secret.group(1) and "previous secret works until" in out
+    for key in (secret.group(1), new.group(1)):  # both, during the grace period
+        assert await chat_status(None, proxy.url, key, HELLO) == 200
+    code, out, err = await run_cli("keys", "rotate", "key_0000000000000000", *admin)
+    assert code == 1 and out == "" and len(err.splitlines()) == 1 and "HTTP 404" in err
+    code, out, _ = await run_cli("keys", "list", "--org", "acme", *admin)
+    assert code == 0 and kid.group(1) in out and "2 " not in out.splitlines()[0]
+
+
+@pytest.mark.slow  # runs the CLI in processes of its own
+async def test_budgets_cover_end_users_and_quote_says_what_binds(proxy: Proxy) -> None:
+    """Issue 23 item 5: ``budgets set`` for an end user and the default for each end user
+    (an id with a "/" in it too), and ``llm-proxy quote``."""
+    admin = ("--url", proxy.url, "--admin-key", ADMIN_KEY)
+    limits = ("--period", "daily", "--kind", "tokens", "--limit", "50", "--block", "100")
+    kid, _ = await proxy.create_key("acme")
+    code, out, err = await run_cli(
+        "budgets", "set", "end-user", "team/alice", "--org", "acme", *limits, *admin
+    )
+    assert code == 0, err
+    assert "external_user" in out and "team/alice" in out
+    code, out, err = await run_cli(
+        "budgets", "set", "end-user-default", "--org", "acme", *limits, *admin
+    )
+    assert code == 0, err
+    assert "external_user_default" in out
+    code, out, _ = await run_cli("budgets", "get", "end-user", "team/alice", "--org", "acme",
+                                 "--json", *admin)  # fmt: skip
+    assert json.loads(out)["data"][0]["scope_id"] == "team/alice"
+    code, out, err = await run_cli(
+        "quote", kid, "--model", "gpt-4o-mini", "--prompt", "hello", "--max-tokens", "10",
+        "--end-user", "team/alice", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("decision: admit (HTTP 200)") and "worst case:" in out
+    assert "binding: external_user team/alice daily tokens budget" in out
+    code, out, err = await run_cli(
+        "quote", kid, "--model", "gpt-4o-mini", "--prompt", "hello", "--max-tokens", "100",
+        "--end-user", "team/alice", *admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("decision: refuse (HTTP 429)") and "refusal:" in out
+    code, _, err = await run_cli("quote", kid, *admin)
+    assert code == 2 and "--model" in err

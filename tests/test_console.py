@@ -554,3 +554,91 @@ async def test_end_user_budgets_show_as_gauges(proxy: Proxy, browser: Browser) -
     await expect(gauge).to_have_count(0)
     await console.screenshot()
     console.assert_clean()
+
+
+async def test_cards_say_owner_units_currency_alerts_and_top_spenders(
+    proxy: Proxy, browser: Browser
+) -> None:
+    """Issue 23 item 5: amounts with their currency, event spend with units, the chart axis
+    with its unit, an owner badge that does not read "org budget" on a key's card, an alert
+    that fired, and the end-user default card listing the top spenders against it."""
+    key_id, key = await proxy.create_key("acme", name="labelled")
+    key_budget = await put_budget(proxy, f"apikey/{key_id}", limit=100)
+    org_budget = await put_budget(proxy, "org/acme", limit_kind="cost", limit=5)
+    default = await put_budget(proxy, "external-user-default?org_id=acme", limit=1000)
+    client = proxy.openai(key)
+    for user, tokens in (("alice", 60), ("bob", 20)):
+        await sdk_chat(
+            client,
+            "gpt-4o-mini",
+            user_messages("hello"),
+            output_tokens=tokens,
+            max_tokens=tokens,
+            headers={"X-On-Behalf-Of": user},
+        )
+    console = await open_console(browser, proxy, "labels")
+    await console.sign_in(proxy.admin_key)
+    card = console.gauge(key_budget["id"])
+    await expect(card.locator(".badge.owner-org")).to_have_text("set by the org")
+    await expect(card.locator(".alert-fired")).to_contain_text("alert fired at 50%")
+    await expect(card.locator(".gauge-amount")).to_contain_text("tokens of 100 tokens")
+    org_card = console.gauge(org_budget["id"])
+    await expect(org_card.locator(".badge.owner-org")).to_have_text("org budget")
+    await expect(org_card.locator(".gauge-amount")).to_contain_text("USD")
+    spenders = console.gauge(default["id"]).locator(".top-spenders")
+    await expect(spenders).to_contain_text("alice")
+    await expect(spenders.locator(".spender").first).to_contain_text("alice")
+    await expect(spenders).to_contain_text("tokens")
+    await console.screenshot()
+    await console.view("events")
+    await expect(console.page.locator("#events-table tbody")).to_contain_text("tokens")
+    console.name = "labels-events"
+    await console.screenshot()
+    await console.view("usage")
+    await console.page.click("#usage-form button[type=submit]")
+    await expect(console.page.locator("#usage-chart")).to_have_attribute("data-state", "ready")
+    await expect(console.page.locator("#usage-chart .axis-unit")).to_contain_text("(USD)")
+    console.name = "labels-usage"
+    await console.screenshot()
+    console.assert_clean()
+
+
+async def test_keys_show_expiry_last_use_metadata_and_rotate(
+    proxy: Proxy, browser: Browser
+) -> None:
+    """Issue 23 item 6 in the console: expiry, last use and metadata listed and edited; a
+    rotation with a grace period shows the new secret once, and both secrets work."""
+    expires = int(datetime.now(UTC).timestamp()) + 86400
+    key_id, old = await proxy.create_key(
+        "acme", name="rotating", expires_at=expires, metadata={"team": "search"}
+    )
+    await chat(proxy.openai(old), tokens=5)
+    console = await open_console(browser, proxy, "keys-lifecycle")
+    await console.sign_in(proxy.admin_key)
+    await console.view("keys")
+    row = console.page.locator(f'#keys-table tr[data-key-id="{key_id}"]')
+    await expect(row.locator(".key-metadata")).to_have_text("team=search")
+    shown = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M")
+    await expect(row.locator(".key-expires")).to_contain_text(shown)
+    await expect(row.locator(".key-last-used")).not_to_have_text("never")
+    await row.get_by_role("button", name="Edit").click()
+    await console.page.fill("#kf-metadata", "team=ads\nticket=OPS-1")
+    await console.page.fill("#kf-expires", "")
+    await console.page.click("#kf-submit")
+    await expect(row.locator(".key-metadata")).to_have_text("team=ads ticket=OPS-1")
+    await expect(row.locator(".key-expires")).to_have_text("never")
+    await row.get_by_role("button", name="Rotate").click()
+    await row.locator("input.grace").fill("600")
+    await row.get_by_role("button", name="Confirm rotate").click()
+    secret = console.page.locator("#key-created-value")
+    await expect(secret).to_contain_text("sk-bp-")
+    await expect(console.page.locator("#key-created-title")).to_contain_text("old one works until")
+    new = await secret.text_content()
+    assert new and new != old
+    await console.screenshot()
+    _, record = await proxy.admin("GET", f"/api/v1/keys/{key_id}")
+    assert record["metadata"] == {"team": "ads", "ticket": "OPS-1"}
+    assert record["expires_at"] is None and record["rotated_at"] is not None
+    for secret_key in (old, new):
+        await chat(proxy.openai(secret_key), tokens=5)  # both, during the grace period
+    console.assert_clean()

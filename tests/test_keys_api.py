@@ -80,7 +80,8 @@ async def test_plaintext_is_shown_once_and_only_its_digest_is_stored(
     # ...and is never shown again.
     status, fetched = await proxy.admin("GET", f"/api/v1/keys/{created['id']}")
     assert status == 200 and "key" not in fetched
-    assert fetched == {k: v for k, v in created.items() if k != "key"}
+    assert fetched.pop("last_used_at") is not None  # it was used (issue 23 item 6)
+    assert fetched == {k: v for k, v in created.items() if k not in ("key", "last_used_at")}
     status, listing = await proxy.admin("GET", "/api/v1/keys?org_id=acme")
     assert status == 200
     assert [k["id"] for k in listing["data"]] == [created["id"]]

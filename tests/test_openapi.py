@@ -82,8 +82,9 @@ async def test_admin_operations_are_documented_fully(proxy: Proxy) -> None:
                     assert "schema" in content, (method, path, status, media)
             if not path.startswith(("/api/v1/keys", "/api/v1/orgs", "/api/v1/llm/budgets")):
                 continue
-            # POST creates (201), except the quote, which only asks (200).
-            created = method == "post" and not path.endswith("/quote")
+            # POST creates (201), except the quote, which only asks (200), and a rotation,
+            # which changes a key that exists (200).
+            created = method == "post" and not path.endswith(("/quote", "/rotate"))
             ok = op["responses"]["201" if created else "200"]
             ref = ok["content"]["application/json"]["schema"]["$ref"]
             assert ref.rsplit("/", 1)[1] in components

@@ -752,6 +752,33 @@ async def test_concurrent_settles_from_many_requests_add_up(start_proxy: Any) ->
 # --- recent requests -------------------------------------------------------------------------
 
 
+async def test_recent_requests_take_the_org_rules_of_costs(proxy: Proxy) -> None:
+    """Issue 23 item 5: without ``org_id`` a cluster admin reads every org (as /usage/costs
+    does), merged newest first and paged across orgs without a record lost or repeated;
+    ``all_orgs=false`` is its own org; ``org_id`` repeats."""
+    charges, _, _ = await mixed_load(proxy)
+    assert len({c.org for c in charges}) > 1
+    seen: list[dict[str, Any]] = []
+    page = None
+    while True:
+        status, body = await get(proxy, "/api/v1/llm/usage/requests", limit=3, page=page)
+        assert status == 200, body
+        seen.extend(body["data"])
+        if not body["has_more"]:
+            break
+        page = body["next_page"]
+    ids = [tuple(int(n) for n in r["id"].split("-")) for r in seen]
+    assert ids == sorted(ids, reverse=True)
+    assert Counter((r["org_id"], r["api_key_id"], int(r["cost_nano"])) for r in seen) == Counter(
+        (c.org, c.key_id, c.cost) for c in charges
+    )
+    orgs = sorted({c.org for c in charges})
+    status, body = await get(proxy, "/api/v1/llm/usage/requests", limit=1000, org_id=orgs)
+    assert status == 200 and len(body["data"]) == len(charges)
+    status, body = await get(proxy, "/api/v1/llm/usage/requests", all_orgs="false")
+    assert status == 200 and {r["org_id"] for r in body["data"]} <= {"cluster"}
+
+
 async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy) -> None:
     charges, keys, _ = await mixed_load(proxy)
     acme = [c for c in charges if c.org == "acme"]
@@ -817,7 +844,7 @@ async def test_recent_requests_are_paged_newest_first_and_filtered(proxy: Proxy)
         ({"org_id": "acme", "page": "not-an-id"}, "page"),
         ({"org_id": "acme", "limit": 0}, "limit"),
         ({"org_id": "acme", "limit": 1001}, "limit"),
-        ({}, "org_id"),
+        ({"org_id": "no/such"}, "org_id"),
     ):
         status, body = await get(proxy, "/api/v1/llm/usage/requests", **params)
         assert status == 400 and body["error"]["param"] == param, params
@@ -853,12 +880,14 @@ async def test_anthropic_messages_count_as_completions_and_their_prices_are_list
         "claude-haiku-4-5": haiku_cost,
     }
     assert {r["model"]: r["num_model_requests"] for r in body["data"]} == {
-        MODEL: 2,  # the message and the (free) token count
+        MODEL: 1,  # the message; the free token count is no model request (issue 23 item 5)
         "claude-haiku-4-5": 1,
     }
     found = await all_buckets(proxy, "completions", start_time=start, group_by="model")
     rows = {r["model"]: r for b in found for r in b["results"]}
     assert rows[MODEL]["num_model_requests"] == 1  # count_tokens is no completion
+    requests_in = {r["model"]: r["num_model_requests"] for r in body["data"]}
+    assert requests_in == {m: r["num_model_requests"] for m, r in rows.items()}  # they agree
     assert rows[MODEL]["input_cached_tokens"] == 4
     assert rows["claude-haiku-4-5"]["output_tokens"] == u.output_tokens
     # The pattern's name is priced (and listed) from its first use.

@@ -31,6 +31,7 @@ from proxy.admin import (
     budget_quote,
     budgets_api,
     console,
+    key_lifecycle,
     keys_api,
     pricing_api,
     requests_api,
@@ -48,6 +49,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     admin = web.Application(middlewares=[authenticate])
     admin[GATEWAY] = gateway
     keys_api.add_routes(admin)
+    key_lifecycle.add_routes(admin)
     budgets_api.add_routes(admin)
     budget_quote.add_routes(admin)
     usage_api.add_routes(admin)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.admin.access import OrgId, find_key, sees_org
 from proxy.admin.auth import caller_of, org_in_path, path_org
+from proxy.admin.key_lifecycle import key_json
 from proxy.admin.schemas import (
     ApiKey,
     ApiKeyCreated,
@@ -28,7 +29,7 @@ from proxy.admin.schemas import (
 from proxy.errors import bad_request, forbidden, not_found, parse_body
 from proxy.gateway.body import read_json
 from proxy.gateway.state import GATEWAY, Gateway
-from proxy.ledger.api_keys import LIMIT_FIELDS, Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
+from proxy.ledger.api_keys import Identity, KeyCreate, KeyRecord, KeyUpdate, Limits
 from proxy.ledger.end_users import EndUserPolicies, EndUserPolicy
 from proxy.openapi import Reply, operation, parse_query
 
@@ -46,22 +47,6 @@ def _org_admin_may_manage(caller: Identity, record: KeyRecord) -> None:
     """A cluster admin's key is beyond an org admin's reach even inside the org."""
     if caller.role == "org_admin" and record.role == "cluster_admin":
         raise forbidden("Org admins cannot change or revoke cluster_admin keys.")
-
-
-def key_json(record: KeyRecord) -> dict[str, Any]:
-    """The API's ``ApiKey``: every limit named, null where unset; never the digest."""
-    return {
-        "object": "api_key",
-        "id": record.id,
-        "org_id": record.org_id,
-        "name": record.name,
-        "role": record.role,
-        "status": record.status,
-        "models": record.models,
-        "limits": {name: record.limits.get(name) for name in LIMIT_FIELDS},
-        "created_at": record.created_at,
-        "key_prefix": record.prefix,
-    }
 
 
 def _known_models(gw: Gateway, models: list[str]) -> list[str]:
@@ -100,8 +85,10 @@ async def create_key(request: web.Request) -> web.Response:
             raise forbidden("Org admins cannot create cluster_admin keys.")
     elif spec.org_id is None:
         raise bad_request("'org_id' is required for keys created by a cluster admin.", "org_id")
+    if spec.expires_at is not None and spec.expires_at <= gw.clock():
+        raise bad_request("'expires_at' must be in the future.", "expires_at")
     record, plaintext = await gw.keys.create(spec, org_id)
-    return web.json_response({**key_json(record), "key": plaintext}, status=201)
+    return web.json_response({**key_json(record, gw.clock()), "key": plaintext}, status=201)
 
 
 @operation(
@@ -124,7 +111,8 @@ async def list_keys(request: web.Request) -> web.Response:
         orgs = [caller.org_id]
     data: list[dict[str, Any]] = []
     for org_id in orgs:
-        data.extend(key_json(record) for record in await gw.keys.list_org(org_id))
+        now = gw.clock()
+        data.extend(key_json(record, now) for record in await gw.keys.list_org(org_id))
     return web.json_response({"object": "list", "data": data})
 
 
@@ -139,7 +127,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     record = await find_key(gw.keys, caller_of(request), request.match_info["keyId"])
-    return web.json_response(key_json(record))
+    return web.json_response(key_json(record, gw.clock()))
 
 
 async def _managed_key(request: web.Request) -> tuple[Gateway, Identity, KeyRecord]:
@@ -178,7 +166,7 @@ async def update_key(request: web.Request) -> web.Response:
     gw.auth.forget()
     if updated is None:
         raise bad_request("A revoked key cannot be changed.", code="key_revoked")
-    return web.json_response(key_json(updated))
+    return web.json_response(key_json(updated, gw.clock()))
 
 
 @operation(

@@ -40,15 +40,30 @@ class ApiKey(Strict):
     org_id: str
     name: str
     role: Role
-    status: Literal["active", "revoked"]
+    status: Literal["active", "revoked", "expired"] = Field(
+        description="`expired`: past `expires_at` (refused with `key_expired`, kept for audit)."
+    )
     models: list[str] | None = Field(description="The models this key may use; null: all.")
     limits: Limits = Field(description="Every limit, null where none is set.")
     created_at: int = Field(description="Unix seconds.")
     key_prefix: str = Field(description="The first characters of the key, to recognise it.")
+    expires_at: int | None = Field(description="Unix seconds; null: never expires.")
+    metadata: dict[str, str] = Field(description="The operator's own string map (≤ 16 entries).")
+    last_used_at: int | None = Field(
+        description="Unix seconds, to within a minute (each process writes it once a minute)."
+    )
+    rotated_at: int | None = Field(description="When the secret was last rotated (unix seconds).")
 
 
 class ApiKeyCreated(ApiKey):
     key: str = Field(description="The plaintext key: shown in this answer only, never again.")
+
+
+class ApiKeyRotated(ApiKeyCreated):
+    previous_valid_until: int | None = Field(
+        description="Until when (unix seconds) the previous secret still works; null: it "
+        "stopped at once."
+    )
 
 
 class ApiKeyList(Strict):

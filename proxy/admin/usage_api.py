@@ -44,6 +44,7 @@ from proxy.errors import bad_request, forbidden
 from proxy.gateway.state import GATEWAY, Gateway
 from proxy.ledger.api_keys import Identity
 from proxy.ledger.usage import (
+    FREE_ENDPOINTS,
     REPORT_ENDPOINTS,
     WIDTHS,
     Counts,
@@ -202,7 +203,12 @@ async def costs(request: web.Request) -> web.Response:
     orgs = await report_orgs(gw, caller, org_param, boolean(request, "all_orgs"))
     spans = cover(start, end, gw.clock(), gw.settings.usage)
     found = await UsageCounters(gw.redis).read(orgs, spans)
-    combos = (item for per_span in found.values() for item in per_span.items())
+    combos = (
+        item
+        for per_span in found.values()
+        for item in per_span.items()
+        if item[0].endpoint not in FREE_ENDPOINTS
+    )
     groups = aggregate(combos, selection, grouping)
     total = sum(g.counts.cost_nano for g in groups)
     body = {

@@ -230,6 +230,15 @@ def known_model_id(model_ref: str, provider_id: str = "openai") -> str | None:
     return str(model.id)
 
 
+def known_model_ids(provider_id: str) -> list[str]:
+    """Every model id the price database knows for a provider: the concrete names a pattern
+    (``claude-*``) can be listed by in ``GET /v1/models``."""
+    for provider in data_snapshot.get_snapshot().providers:
+        if provider.id == provider_id:
+            return [str(model.id) for model in provider.models]
+    return []
+
+
 def resolve_price(
     model: ModelConfig,
     metering: MeteringConfig,

@@ -20,6 +20,7 @@ import tiktoken
 from proxy.catalog.pricing import (
     Price,
     known_model_id,
+    known_model_ids,
     resolve_price,
     with_cache_writes,
     with_long_context_tier,
@@ -120,6 +121,23 @@ class ModelTable(Mapping[str, ModelRoute]):
 
     def __len__(self) -> int:
         return len(self._exact)
+
+    def catalogue(self) -> list[tuple[str, str, str]]:
+        """(public name, configured entry, upstream) of every model ``GET /v1/models`` lists:
+        exact names and aliases, then each pattern by the concrete names the price database
+        knows for its provider (and any name it matched so far), or by itself when none."""
+        listed = [(name, route.entry, route.upstream.name) for name, route in self._exact.items()]
+        seen = set(self._exact)
+        for model in self._patterns:
+            upstream = self._settings.upstream(model.choices[0].name)
+            known = known_model_ids(upstream.price_provider_id)
+            matched = [name for name, route in self._matched.items() if route.entry == model.name]
+            names = [n for n in (*known, *matched) if fnmatch.fnmatchcase(n, model.name)]
+            for name in names or [model.name]:
+                if name not in seen:
+                    seen.add(name)
+                    listed.append((name, model.name, upstream.name))
+        return listed
 
     def priced(self) -> list[tuple[str, ModelRoute]]:
         """Every name this process charges for: exact names and aliases, then the names

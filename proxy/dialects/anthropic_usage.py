@@ -190,5 +190,3 @@ class StreamMeter:
 
     def usage(self) -> Usage:
         return stream_usage(self._prompt_tokens, self._output_cap, self._tracker)
-
-

@@ -330,6 +330,17 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     return token.strip() or None
 
 
+def client_key(headers: Mapping[str, str]) -> str | None:
+    """The client's proxy key from any header a dialect's SDKs send it in: ``Authorization:
+    Bearer`` (OpenAI's, Anthropic 2.x, Bedrock API keys) or ``x-api-key`` (Anthropic's API
+    reference and 1.x SDKs). Every route takes both, so an SDK's ``models.list()`` works
+    whichever family it is from."""
+    return bearer(headers) or headers.get("x-api-key", "").strip() or None
+
+
+KEY_HINT = "send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+
+
 def event_data(event: bytes) -> bytes | None:
     """The ``data:`` payload of one SSE event (multi-line data joined), or None."""
     if b"data:" not in event:

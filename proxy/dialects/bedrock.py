@@ -33,7 +33,7 @@ from proxy.dialects.base import (
     StreamFraming,
     StreamMeter,
     Usage,
-    bearer,
+    client_key,
 )
 from proxy.dialects.claude_bound import prompt_bound
 from proxy.errors import ApiError, unauthorized
@@ -148,7 +148,7 @@ class BedrockDialect:
 
     def api_key(self, request: Inbound) -> str:
         headers = request.headers
-        key = bearer(headers)
+        key = client_key(headers)
         if key:
             return key
         if headers.get("Authorization", "").startswith("AWS4-"):

@@ -22,6 +22,7 @@ from proxy.catalog.tokenizer import count_prompt
 from proxy.config import DialectName
 from proxy.dialects import form, openai_audio, openai_images, openai_usage
 from proxy.dialects.base import (
+    KEY_HINT,
     MAX_OUTPUT_CAP,
     Inbound,
     Reservation,
@@ -29,8 +30,8 @@ from proxy.dialects.base import (
     StreamFraming,
     StreamMeter,
     Usage,
-    bearer,
     body_model,
+    client_key,
     sse_framing,
 )
 from proxy.dialects.openai_endpoints import (
@@ -175,9 +176,9 @@ class OpenAIDialect:
         return True
 
     def api_key(self, request: Inbound) -> str:
-        key = bearer(request.headers)
+        key = client_key(request.headers)
         if key is None:
-            raise unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+            raise unauthorized(f"Missing API key: {KEY_HINT}.")
         return key
 
     async def reserve(

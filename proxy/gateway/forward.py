@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.dialects.base import Dialect, Reservation
 from proxy.gateway import relay
+from proxy.gateway.answer_cost import add_cost_headers, costing
 from proxy.gateway.decisions import admitted_headers, with_dialect_limits
 from proxy.gateway.exchange import Exchange
 from proxy.gateway.state import Gateway
@@ -54,6 +55,8 @@ async def forward(
         limits = with_dialect_limits(dialect, decision, gw.clock(), admitted_headers(decision))
         headers = relay.answer_headers(served, limits)
         framing = dialect.stream_framing(exchange.upstream_endpoint)
+        metering = gw.settings.metering
+        costed = metering.cost_in_answers
         streamed = relay.is_stream(served, framing.content_type)
         if not streamed and (binary := relay.binary_framing(served)) is not None:
             framing, streamed = binary, True  # audio: relayed as it arrives, never buffered
@@ -65,10 +68,14 @@ async def forward(
                 exchange.output_cap,
                 bodies[served.candidate.model][1],
             )
+            if costed:
+                meter = costing(meter, dialect.name, exchange.route.price)
             return await relay.relay_stream(
                 request, exchange, upstream, headers, meter, sent_at, framing
             )
         data = await relay.read_buffered(exchange, served, sent_at, dialect)
+        if costed:  # what the settle will charge, from the same usage (no Redis round trip)
+            add_cost_headers(headers, exchange.usage, exchange.route.price, metering.currency)
         return web.Response(status=upstream.status, body=data, headers=headers)
     finally:
         upstream.release()

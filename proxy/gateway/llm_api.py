@@ -77,19 +77,37 @@ def llm_handler(dialect: Dialect, endpoint: str) -> Any:
     "List models",
     tag="llm",
     auth="key",
-    answers=Reply(200, "The configured models and aliases this key may use.", ModelList),
+    answers=Reply(
+        200,
+        "The configured models and aliases this key may use, patterns (`claude-*`) by the "
+        "concrete names the price database knows.",
+        ModelList,
+    ),
 )
 async def list_models(request: web.Request) -> web.Response:
     if gemini_models.asked_by_google(request):  # google-genai lists under /v1 too
         return await gemini_models.list_models(request)
     gw = request.app[GATEWAY]
     identity = await gw.auth.identify(request)
-    data = [
-        route.listing(name)
-        for name, route in gw.routes.items()
-        if identity.may_use(name) or identity.may_use(route.name) or identity.may_use(route.entry)
+    names = [
+        (name, owner)
+        for name, entry, owner in gw.routes.catalogue()
+        if identity.may_use(name) or identity.may_use(entry)
     ]
+    if "anthropic-version" in request.headers:  # an Anthropic SDK's models.list(): its shape
+        cards = [
+            {"type": "model", "id": name, "display_name": name, "created_at": _EPOCH}
+            for name, _ in names
+        ]
+        first, last = (cards[0]["id"], cards[-1]["id"]) if cards else (None, None)
+        return web.json_response(
+            {"data": cards, "has_more": False, "first_id": first, "last_id": last}
+        )
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": owner} for n, owner in names]
     return web.json_response({"object": "list", "data": data})
+
+
+_EPOCH = "1970-01-01T00:00:00Z"
 
 
 @operation(

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from proxy.config import MAX_CONCURRENCY, MAX_RATE_LIMIT, Role
+from proxy.config import Role
+from proxy.ledger.key_specs import KeyCreate as KeyCreate
+from proxy.ledger.key_specs import KeyUpdate as KeyUpdate
+from proxy.ledger.key_specs import Limits as Limits
 from proxy.ledger.keys import ORGS_KEY, digest_key, key_org_key, org_key, valid_id
 from proxy.ledger.scripts import KEY_INDEX, KEY_RECORD
 from proxy.store.client import Redis
@@ -48,47 +49,6 @@ def new_plaintext() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class Limits(BaseModel):
-    """Per-key or per-org limits; absent means unlimited. Bounded so that the admit script
-    only ever reads integers a Lua number holds exactly (see ``proxy.config.MAX_RATE_LIMIT``).
-    Answers show every field (null where unset), as the serialization schema says."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
-
-    rps: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
-    rpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
-    rph: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
-    rpd: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
-    tpm: int | None = Field(None, gt=0, le=MAX_RATE_LIMIT, strict=True)
-    concurrency: int | None = Field(None, gt=0, le=MAX_CONCURRENCY, strict=True)
-
-
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    org_id: str | None = None
-    name: str = Field("", max_length=200)
-    role: Role = "member"
-    models: list[str] | None = None
-    limits: Limits = Limits()
-
-    @field_validator("org_id")
-    @classmethod
-    def _org_id(cls, value: str | None) -> str | None:
-        if value is not None and not valid_id(value):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return value
-
-
-class KeyUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(None, max_length=200)
-    role: Role | None = None
-    models: list[str] | None = None
-    limits: Limits | None = None
-
-
 @dataclass(frozen=True)
 class Identity:
     """What authentication learns from a bearer token; cached briefly per process."""
@@ -97,6 +57,9 @@ class Identity:
     org_id: str
     role: Role
     models: frozenset[str] | None = None
+    expires_at: int = 0
+    """Unix seconds from which this token is refused (0: never): the key's expiry, or the end
+    of a rotated-out secret's grace period."""
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -113,6 +76,13 @@ class KeyRecord:
     created_at: int
     prefix: str
     limits: dict[str, int] = field(default_factory=dict)
+    expires_at: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    last_used_at: int | None = None
+    rotated_at: int | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 def _models(raw: str | None) -> list[str] | None:
@@ -123,6 +93,19 @@ def _models(raw: str | None) -> list[str] | None:
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ValueError("models is not a list of names")
     return models
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    return int(raw) if raw else None
+
+
+def _metadata(raw: str | None) -> dict[str, str]:
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("metadata is not a string map")
+    return value
 
 
 def _record_from_hash(data: dict[str, str]) -> KeyRecord | None:
@@ -140,6 +123,10 @@ def _record_from_hash(data: dict[str, str]) -> KeyRecord | None:
             created_at=int(data.get("created_at", "0")),
             prefix=data.get("prefix", ""),
             limits={name: int(data[name]) for name in LIMIT_FIELDS if data.get(name)},
+            expires_at=_int_or_none(data.get("exp")),
+            metadata=_metadata(data.get("metadata")),
+            last_used_at=_int_or_none(data.get("last_used")),
+            rotated_at=_int_or_none(data.get("rotated_at")),
         )
     except (KeyError, ValueError) as exc:
         log.warning("ignoring a malformed key record %s: %s", data.get("id", "?"), exc)
@@ -176,16 +163,23 @@ class KeyStore:
         }
         limits = spec.limits.model_dump(exclude_none=True)
         record.update(limits)
+        if spec.metadata:
+            record["metadata"] = json.dumps(spec.metadata)
+        index: dict[str, str | int] = {
+            "org": org_id,
+            "kid": key_id,
+            "role": spec.role,
+            "models": models,
+        }
+        if spec.expires_at is not None:
+            record["exp"] = index["exp"] = spec.expires_at
         pipe = self._redis.pipeline(transaction=False)
         pipe.delete(org_key(org_id, "key", key_id))
         pipe.hset(org_key(org_id, "key", key_id), mapping=record)
         pipe.sadd(org_key(org_id, "keys"), key_id)
         pipe.sadd(ORGS_KEY, org_id)
         pipe.set(key_org_key(key_id), org_id)
-        pipe.hset(
-            digest_key(hashed),
-            mapping={"org": org_id, "kid": key_id, "role": spec.role, "models": models},
-        )
+        pipe.hset(digest_key(hashed), mapping=index)
         await pipe.execute()
         created = _record_from_hash({k: str(v) for k, v in record.items()})
         assert created is not None
@@ -204,11 +198,13 @@ class KeyStore:
         except ValueError as exc:
             log.warning("key index entry %s… is malformed (%s): refused", hashed[:8], exc)
             return None
+        ends = [int(data[name]) for name in ("exp", "until") if data.get(name, "").isdigit()]
         return Identity(
             key_id=kid,
             org_id=org,
             role=role,  # type: ignore[arg-type]
             models=frozenset(models) if models is not None else None,
+            expires_at=min(ends) if ends else 0,
         )
 
     async def get(self, org_id: str, key_id: str) -> KeyRecord | None:
@@ -251,6 +247,13 @@ class KeyStore:
         if "models" in change.model_fields_set:
             fields["models"] = json.dumps(change.models) if change.models is not None else ""
         cleared: list[str] = []
+        if "expires_at" in change.model_fields_set:
+            if change.expires_at is None:
+                cleared.append("exp")
+            else:
+                fields["exp"] = str(change.expires_at)
+        if change.metadata is not None:
+            fields["metadata"] = json.dumps(change.metadata)
         if change.limits is not None:
             for name in change.limits.model_fields_set:
                 value = getattr(change.limits, name)
@@ -276,11 +279,48 @@ class KeyStore:
 
     async def update_index(self, key_id: str, state: list[str]) -> None:
         """Step two: the index entry takes the record's state, unless it is gone or newer."""
-        hashed, role, models, version = state
+        hashed, role, models, version, expires = state
         if hashed:
             await KEY_INDEX(
-                self._redis, [digest_key(hashed)], ["update", key_id, role, models, version]
+                self._redis,
+                [digest_key(hashed)],
+                ["update", key_id, role, models, version, expires],
             )
+
+    async def rotate(self, record: KeyRecord, grace_seconds: int, now: int) -> str | None:
+        """A new secret for the same key id (its limits, budgets and spend are keyed by the id,
+        so all carry over); the old one works ``grace_seconds`` more, or stops at once. Record
+        first, then the new index entry, then the old one (the order ``revoke`` and ``update``
+        keep). None when the key is not active."""
+        plaintext = new_plaintext()
+        hashed = digest(plaintext)
+        args: list[str | int] = ["rotate", hashed, plaintext[: len(KEY_PREFIX) + 4], now]
+        state = await KEY_RECORD(self._redis, [self._record_key(record)], args)
+        if not state:
+            return None
+        old, role, models, version, expires = (str(value) for value in state)
+        entry: dict[str, str] = {
+            "org": record.org_id,
+            "kid": record.id,
+            "role": role,
+            "models": models,
+            "v": version,
+        }
+        if expires:
+            entry["exp"] = expires
+        await self._redis.hset(digest_key(hashed), mapping=entry)
+        if old and grace_seconds > 0:
+            until = now + grace_seconds
+            await KEY_INDEX(self._redis, [digest_key(old)], ["grace", record.id, until, until + 60])
+        elif old:
+            await KEY_INDEX(self._redis, [digest_key(old)], ["drop", record.id])
+        return plaintext
+
+    async def touch(self, org_id: str, key_id: str, now: int) -> None:
+        """``last_used_at``: written by each process at most once a minute per key. A plain
+        HSET, not a script: the record exists whenever its index entry does (written first,
+        never deleted), and this stays off the admit/settle script budget."""
+        await self._redis.hset(org_key(org_id, "key", key_id), "last_used", str(now))
 
     @staticmethod
     def _record_key(record: KeyRecord) -> str:

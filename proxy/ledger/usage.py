@@ -59,6 +59,10 @@ Converse and InvokeModel and Gemini's generateContent are chat completions;
 ``messages/count_tokens`` and ``countTokens`` are free and in no bucketed report, only in
 costs)."""
 
+FREE_ENDPOINTS = frozenset({"messages/count_tokens", "countTokens"})
+"""Relayed, never charged, not a model request: in no report, costs included (which counted
+them as requests that /usage/completions did not, so the two disagreed)."""
+
 _READ_BATCH = 500
 
 

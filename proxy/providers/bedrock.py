@@ -111,4 +111,3 @@ def sign(
     if upstream.credential():
         return headers
     return signer(upstream).sign(address, body, headers)
-

@@ -37,6 +37,16 @@ class Candidate:
     weight: float | None = None
 
 
+def missing_credential(upstream: UpstreamConfig) -> ApiError:
+    return ApiError(
+        503,
+        f"The upstream '{upstream.name}' has no credential: the environment variable "
+        f"{upstream.api_key_env} is not set in the proxy's environment.",
+        type="api_error",
+        code="upstream_credential_missing",
+    )
+
+
 def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
@@ -100,6 +110,13 @@ async def send(
     for index, candidate in enumerate(order):
         last = index == len(order) - 1
         upstream = candidate.upstream
+        if upstream.api_key_env and upstream.kind != "bedrock" and not upstream.credential():
+            # Sent without a credential, the provider's 401 would read as the client's key
+            # being wrong: refused here, naming the variable (never its value).
+            if last:
+                raise missing_credential(upstream)
+            skipped.append(f"{upstream.name}:no_credential")
+            continue
         try:
             response = await client.send(
                 upstream,

@@ -25,10 +25,13 @@ from proxy.providers.vertex_auth import VertexTokens
 # Request headers go upstream by an allow-list: only what the upstream's API reads. A deny-list
 # let a client's proxy key through in whatever header its SDK uses for another provider
 # (x-api-key, anthropic-api-key, x-goog-api-key, ...).
+# W3C trace context (``traceparent``, ``tracestate``) passes too: the client's trace goes on
+# upstream (with ``[telemetry]`` on, the proxy's own span is the upstream's parent).
+TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 FORWARDED_BY_KIND: dict[str, frozenset[str]] = {
-    "openai": frozenset({"accept", "user-agent", "openai-beta"}),
-    "azure": frozenset({"accept", "user-agent", "openai-beta"}),
-    "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}),
+    "openai": frozenset({"accept", "user-agent", "openai-beta"}) | TRACE_CONTEXT,
+    "azure": frozenset({"accept", "user-agent", "openai-beta"}) | TRACE_CONTEXT,
+    "anthropic": frozenset({"accept", "user-agent", "anthropic-beta"}) | TRACE_CONTEXT,
     "bedrock": frozenset(
         {
             "accept",

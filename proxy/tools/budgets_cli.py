@@ -11,11 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 from proxy.tools.admin_http import AdminError, AdminHttp, add_connection_flags
 from proxy.tools.tables import table, to_json
 
 BASE = "/api/v1/llm/budgets"
+SCOPES = ("org", "apikey", "end-user", "end-user-default")
+_SEGMENTS = {
+    "org": "org",
+    "apikey": "apikey",
+    "end-user": "external-user",
+    "end-user-default": "external-user-default",
+}
 BUDGET_COLUMNS = (
     ("id", "id"),
     ("scope", "scope"),
@@ -49,8 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     delete = sub.add_parser("delete", help="remove a budget")
     events = sub.add_parser("events", help="threshold events of an org or key")
     for p in (get, put, delete, events):
-        p.add_argument("scope", choices=("org", "apikey"))
-        p.add_argument("scope_id", help="the org id or the API key id")
+        p.add_argument("scope", choices=SCOPES)
+        p.add_argument(
+            "scope_id",
+            nargs="?",
+            default="",
+            help="the org id, the API key id, or the end user (none for end-user-default)",
+        )
+        p.add_argument("--org", help="end-user scopes: the org (cluster admins; default: yours)")
     put.add_argument("--period", required=True, choices=("daily", "weekly", "monthly"))
     put.add_argument("--limit", required=True, type=float, help="currency units, or tokens")
     put.add_argument("--kind", default="cost", choices=("cost", "tokens"))
@@ -82,7 +96,21 @@ def _row(budget: dict[str, Any]) -> dict[str, Any]:
 
 
 def _path(args: argparse.Namespace) -> str:
-    return f"{BASE}/{args.scope}/{args.scope_id}"
+    """The scope's path; an end user's id may hold any printable character (quoted)."""
+    segment = _SEGMENTS[args.scope]
+    if args.scope == "end-user-default":
+        path = f"{BASE}/{segment}"
+    elif not args.scope_id:
+        raise AdminError(f"budgets {args.budgets_action} {args.scope} needs its id", status=2)
+    else:
+        path = f"{BASE}/{segment}/{quote(args.scope_id, safe='')}"
+    return path
+
+
+def _org_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.org and args.scope.startswith("end-user"):
+        return [("org_id", args.org)]
+    return []
 
 
 def _body(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,14 +140,17 @@ async def _call(args: argparse.Namespace) -> str:
         if action == "list":
             answer = await http.call("GET", BASE)
         elif action == "get":
-            answer = await http.call("GET", _path(args))
+            answer = await http.call("GET", _path(args), _org_params(args) or None)
         elif action == "set":
-            answer = await http.call("PUT", _path(args), body=_body(args))
+            answer = await http.call(
+                "PUT", _path(args), _org_params(args) or None, body=_body(args)
+            )
         elif action == "delete":
-            answer = await http.call("DELETE", _path(args), [("owner", args.owner)])
+            params = [("owner", args.owner), *_org_params(args)]
+            answer = await http.call("DELETE", _path(args), params)
         else:
-            params = [("limit", str(args.limit))] if args.limit else None
-            answer = await http.call("GET", _path(args) + "/events", params)
+            params = [("limit", str(args.limit))] if args.limit else []
+            answer = await http.call("GET", _path(args) + "/events", params + _org_params(args))
     if args.json:
         return to_json(answer)
     if action == "delete":

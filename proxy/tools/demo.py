@@ -12,15 +12,19 @@ started beside ``serve`` leaves ``serve``'s data alone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import secrets
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.config import ModelConfig, Settings, UpstreamConfig
-from proxy.ledger.api_keys import KeyCreate, KeyStore
+from proxy.ledger.api_keys import KeyCreate, KeyStore, new_plaintext
 from proxy.serving import private_redis, running_site, serve_worker, use_uvloop
 from proxy.store.connection import connect
 from proxy.store.embedded_redis import RedisServerNotFound, find_redis_server, free_port
+from proxy.store.secret_box import ENV as SECRET_KEY_ENV
 from proxy.tools.mock import MockOptions, build_mock_app
 
 DEMO_ORG = "demo"
@@ -57,11 +61,26 @@ def demo_settings(base: Settings, mock_port: int) -> Settings:
     return base.model_copy(update={"upstreams": [upstream, claude], "models": models})
 
 
-def _instructions(host: str, port: int, key: str) -> str:
-    base = f"http://{host}:{port}/v1"
+@dataclass(frozen=True)
+class DemoKeys:
+    key: str
+    key_id: str
+    admin_key: str
+    admin_from_env: bool
+
+
+def _instructions(host: str, port: int, keys: DemoKeys) -> str:
+    root = f"http://{host}:{port}"
+    base = f"{root}/v1"
+    key, admin = keys.key, keys.admin_key
+    admin_origin = "from PROXY_ADMIN_KEY" if keys.admin_from_env else "minted for this demo"
     return f"""
-llm-proxy demo is running on http://{host}:{port} (upstream: the bundled mock).
-Its Redis is private and in memory: this key and everything else end with the demo.
+llm-proxy demo is running on {root} (upstream: the bundled mock).
+Its Redis is private and in memory: these keys and everything else end with the demo.
+
+  API key:    {key}   (org "{DEMO_ORG}", key id {keys.key_id})
+  Admin key:  {admin}   ({admin_origin})
+  Console:    {root}/ui   (sign in with the admin key)
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
@@ -78,8 +97,10 @@ Its Redis is private and in memory: this key and everything else end with the de
   print(claude.messages.create(model="claude-sonnet-4-5", max_tokens=100,
       messages=[{{"role": "user", "content": "Hello"}}]))
 
-  # Who spent what (with PROXY_ADMIN_KEY set when the demo started):
-  llm-proxy usage --url http://{host}:{port} --since 1h --group-by model,external_user_id
+  # Who spent what, and a budget on the key (the budget API takes the key *id*):
+  export PROXY_URL={root} PROXY_ADMIN_KEY={admin}
+  llm-proxy usage --since 1h --group-by model,external_user_id
+  llm-proxy budgets set apikey {keys.key_id} --period daily --limit 1 --block 100
 
 Press Ctrl-C to stop.
 """.rstrip()
@@ -93,13 +114,35 @@ async def _run(settings: Settings, redis_url: str, host: str, port: int) -> None
     ):
         proxy_settings = demo_settings(settings, mock_port)
         redis = connect(settings.redis, redis_url)
-        _, key = await KeyStore(redis).create(KeyCreate(name="demo key"), DEMO_ORG)
+        record, key = await KeyStore(redis).create(KeyCreate(name="demo key"), DEMO_ORG)
         await redis.aclose()
+        keys = DemoKeys(key, record.id, *_admin_key(settings))
 
         async def announce(_runner: web.AppRunner) -> None:
-            print(_instructions(host, port, key), flush=True)
+            print(_instructions(host, port, keys), flush=True)
 
         await serve_worker(proxy_settings, redis_url, host, port, False, on_ready=announce)
+
+
+def _admin_key(settings: Settings) -> tuple[str, bool]:
+    """The demo's admin key: the operator's (the bootstrap variable) when set, else a fresh one
+    set in that variable, so the app registers it as it registers any bootstrap key. Without
+    one, the admin API, usage and the console were unusable in the demo."""
+    variable = settings.auth.bootstrap_key_env
+    given = os.environ.get(variable)
+    if given:
+        return given, True
+    os.environ[variable] = minted = new_plaintext()
+    return minted, False
+
+
+def _quiet_production_warnings() -> None:
+    """The demo's Redis is private, in memory and gone with the demo: the warning about webhook
+    secrets stored in plain text is meant for production, so the demo seals them with a key
+    of its own."""
+    os.environ.setdefault(
+        SECRET_KEY_ENV, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    )
 
 
 def run_demo(settings: Settings, host: str, port: int) -> None:
@@ -111,5 +154,6 @@ def run_demo(settings: Settings, host: str, port: int) -> None:
             f"{exc} (The demo always runs its own private Redis, never the one in REDIS_URL, "
             "so that its throwaway key cannot land in a shared Redis.)"
         ) from None
+    _quiet_production_warnings()
     with private_redis(settings) as redis_url:
         asyncio.run(_run(settings, redis_url, host, port))

@@ -56,4 +56,3 @@ def reply_error(message: str) -> RedisError:
         return make(message, rest)
     except ValueError:  # a redirection without a readable address
         return ResponseError(message)
-

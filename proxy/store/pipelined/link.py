@@ -231,4 +231,3 @@ async def ask_once(link: Link, *command: Any) -> Any:
         return await link.call(*command)
     finally:
         link.close()
-

@@ -50,4 +50,3 @@ class LinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._owner.protocol is self:
             self._owner.lost(f"Redis connection lost: {exc or 'closed by the server'}")
-

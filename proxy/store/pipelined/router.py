@@ -45,4 +45,3 @@ class SingleNode:
 
     def close(self) -> None:
         self._link.close()
-

@@ -12,7 +12,9 @@ CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
 def frame(headers: dict[str, str], payload: bytes) -> bytes:
     head = b"".join(
-        struct.pack("!B", len(n.encode())) + n.encode() + struct.pack("!BH", 7, len(v.encode()))
+        struct.pack("!B", len(n.encode()))
+        + n.encode()
+        + struct.pack("!BH", 7, len(v.encode()))
         + v.encode()
         for n, v in headers.items()
     )

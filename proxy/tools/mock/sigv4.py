@@ -59,7 +59,5 @@ def problem(
     canonical = signer.canonical_request(copy)
     expected = signer.signature(signer.string_to_sign(copy, canonical), copy)
     if not hmac.compare_digest(expected, found["signature"]):
-        return (
-            "The request signature we calculated does not match the signature you provided."
-        )
+        return "The request signature we calculated does not match the signature you provided."
     return None

@@ -68,6 +68,7 @@ window.Charts = (() => {
     const barW = Math.max(2, step * 0.7);
     const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart-svg", role: "img" });
     root.append(svg("title", {}, `Cost per day${unit ? " (" + unit + ")" : ""}`));
+    root.append(svg("text", { x: 4, y: top - 4, class: "axis axis-unit" }, `cost per day${unit ? " (" + unit + ")" : ""}`));
     for (let g = 0; g <= 4; g++) {
       const value = (max * g) / 4;
       const y = top + plotH - (plotH * g) / 4;

@@ -23,6 +23,7 @@
     paths: new Set(),
     timer: null,
     editing: null, // the budget or key being edited
+    currency: "", // the cluster's, for amounts
   };
 
   // --- DOM helpers ------------------------------------------------------------------------
@@ -189,6 +190,11 @@
       throw new Error("This console needs an org_admin or cluster_admin key.");
     }
     state.me = me;
+    try {
+      state.currency = (await api("GET", "/api/v1/llm/models/pricing/currency")).currency || "";
+    } catch (_) {
+      state.currency = "";
+    }
     show($("sign-in"), false);
     await loadDocumentPaths();
     await refreshKeys().catch(() => {});
@@ -296,15 +302,17 @@
     const thresholds = budget.thresholds || [];
     const blocks = thresholds.filter((t) => t.action === "block").map((t) => t.pct);
     const blockLine = blocks.length ? Math.min(...blocks) : null;
-    const used = kind === "tokens" ? tokens(spend.tokens_spent || 0) : money(spend.cost_spent || 0);
-    const limit = kind === "tokens" ? tokens(budget.limit) : money(budget.limit);
+    const used = amountIn(kind, kind === "tokens" ? spend.tokens_spent || 0 : spend.cost_spent || 0);
+    const limit = amountIn(kind, budget.limit);
+    const fired = gaugedAlerts(budget);
     const status = spend.status || "ok";
     const gauged = Boolean(budget.spend);
     const card = el("article", { class: `gauge card ${status}`, dataset: { budgetId: budget.id, scope: budget.scope, scopeId: budget.scope_id || "" } },
       el("header", { class: "gauge-head" },
         el("span", { class: "gauge-scope" }, scopeLabel(budget)),
-        el("span", { class: `badge owner-${budget.owner}` }, budget.owner === "cluster" ? "cluster ceiling" : "org budget"),
+        el("span", { class: `badge owner-${budget.owner}`, title: `owner: ${budget.owner}` }, ownerLabel(budget)),
         gauged ? el("span", { class: `badge status-${status} gauge-status` }, status) : null,
+        fired ? el("span", { class: "badge alert-fired", title: "an alert threshold was crossed in this window" }, `alert fired at ${fired}%`) : null,
       ),
       gauged
         ? el("div", { class: "gauge-figures" },
@@ -319,6 +327,7 @@
         el("span", {}, blockLine === null ? "alerts only (no block line)" : `blocks at ${blockLine}%`),
         budget.alert_webhook_url ? el("span", { class: "webhook" }, `webhook ${budget.alert_webhook_url}`) : null,
       ),
+      budget.scope === "external_user_default" ? topSpenders(budget) : null,
     );
     if (mayWrite(budget)) {
       const remove = el("button", { type: "button", class: "ghost danger", onclick: () => confirmDelete(card, budget) }, "Delete");
@@ -330,6 +339,56 @@
       card.append(el("div", { class: "actions muted" }, "read-only: set by a cluster admin"));
     }
     return card;
+  }
+
+  // The amount with its unit: tokens, or money in the cluster's currency.
+  function amountIn(kind, amount) {
+    return kind === "tokens" ? tokens(amount) : money(amount, state.currency);
+  }
+
+  // Whose budget it is, said for the card's own scope: "org budget" on a key's card read as
+  // the org's budget.
+  function ownerLabel(budget) {
+    if (budget.owner === "cluster") return "cluster ceiling";
+    if (budget.scope === "org") return "org budget";
+    return "set by the org";
+  }
+
+  // The highest alert threshold the window's spend has crossed (alerts fire on crossing).
+  function gaugedAlerts(budget) {
+    if (!budget.spend) return null;
+    const pct = Number(budget.spend.pct || 0);
+    const crossed = (budget.thresholds || []).filter((t) => t.action === "alert" && pct >= t.pct).map((t) => t.pct);
+    return crossed.length ? Math.max(...crossed) : null;
+  }
+
+  // The default for each end user has no gauge of its own: its card lists the end users who
+  // spent most against it in the current window (from the usage API).
+  function topSpenders(budget) {
+    const holder = el("div", { class: "top-spenders muted" }, "top spenders: loading…");
+    const org = budget.scope_org_id || budget.scope_id;
+    const end = Math.floor(Date.now() / 1000) + 60;
+    const start = windowStartSeconds(budget.period);
+    api("GET", "/api/v1/llm/usage/costs" + query({ start_time: start, end_time: end, group_by: "external_user_id", org_id: org }))
+      .then((report) => {
+        const tokensKind = budget.limit_kind === "tokens";
+        const rows = (report.data || []).filter((r) => r.external_user_id)
+          .map((r) => ({ user: r.external_user_id, value: tokensKind ? r.input_tokens + r.output_tokens : Number(r.cost) }))
+          .sort((a, b) => b.value - a.value).slice(0, 5);
+        holder.replaceChildren(rows.length ? "top spenders: " : "no end-user spend in this window",
+          ...rows.map((r) => el("span", { class: "spender" },
+            `${r.user} ${amountIn(budget.limit_kind, r.value)} (${Charts.formatPct(100 * r.value / Number(budget.limit))})`)));
+      })
+      .catch((error) => holder.replaceChildren(`top spenders: ${error.message}`));
+    return holder;
+  }
+
+  function windowStartSeconds(period) {
+    const now = new Date();
+    const day = Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate());
+    if (period === "monthly") return Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1) / 1000;
+    if (period === "weekly") return (day - ((now.getUTCDay() + 6) % 7) * 86400000) / 1000;
+    return day / 1000;
   }
 
   function confirmDelete(card, budget) {
@@ -491,18 +550,76 @@
         el("td", {}, limitsText(key.limits)),
         el("td", { class: "mono" }, key.key_prefix + "…"),
         el("td", {}, key.created_at ? new Date(key.created_at * 1000).toISOString().slice(0, 10) : ""),
+        el("td", { class: "key-expires" }, key.expires_at ? unixText(key.expires_at) : "never"),
+        el("td", { class: "key-last-used" }, key.last_used_at ? unixText(key.last_used_at) : "never"),
+        el("td", { class: "key-metadata" }, Object.entries(key.metadata || {}).map(([k, v]) => `${k}=${v}`).join(" ")),
         el("td", { class: "actions" }),
       );
       const actions = row.lastChild;
-      const manageable = key.status === "active" && (state.me.role === "cluster_admin" || key.role !== "cluster_admin");
+      const manageable = key.status !== "revoked" && (state.me.role === "cluster_admin" || key.role !== "cluster_admin");
       if (manageable) {
         actions.append(
           el("button", { type: "button", class: "ghost", onclick: () => openKeyForm(key) }, "Edit"),
+          el("button", { type: "button", class: "ghost rotate", onclick: () => confirmRotate(actions, key) }, "Rotate"),
           el("button", { type: "button", class: "ghost danger", onclick: () => confirmRevoke(actions, key) }, "Revoke"),
         );
       }
       body.append(row);
     }
+  }
+
+  function unixText(seconds) {
+    return new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 16) + "Z";
+  }
+
+  function confirmRotate(actions, key) {
+    const grace = el("input", { type: "text", inputmode: "numeric", class: "grace", value: "0", title: "grace seconds" });
+    clear(actions).append(
+      el("label", {}, "old secret works for ", grace, " s"),
+      el("button", { type: "button", class: "confirm-rotate", onclick: () => rotateKey(key, grace.value) }, "Confirm rotate"),
+      el("button", { type: "button", class: "ghost", onclick: renderKeys }, "Cancel"),
+    );
+  }
+
+  async function rotateKey(key, graceText) {
+    try {
+      const rotated = await api("POST", `/api/v1/keys/${encodeURIComponent(key.id)}/rotate`,
+        { grace_seconds: numberOrRaw(graceText) || 0 });
+      $("key-created-title").textContent = `New secret for ${key.id}` +
+        (rotated.previous_valid_until ? ` (the old one works until ${unixText(rotated.previous_valid_until)})` : "");
+      $("key-created-value").textContent = rotated.key;
+      show($("key-created"), true);
+      $("keys-error").textContent = "";
+    } catch (error) {
+      $("keys-error").textContent = error.message;
+    }
+    await refreshKeysView();
+  }
+
+  function metadataText(metadata) {
+    return Object.entries(metadata || {}).map(([k, v]) => `${k}=${v}`).join("\n");
+  }
+
+  function parseMetadata(text) {
+    const found = {};
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      const at = line.indexOf("=");
+      if (at <= 0) throw new Error(`Metadata: '${line}' is not name=value.`);
+      found[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+    }
+    return found;
+  }
+
+  function expiresValue(seconds) {
+    return seconds ? new Date(seconds * 1000).toISOString().slice(0, 16) : "";
+  }
+
+  function parseExpires(text) {
+    if (!text) return null;
+    const millis = Date.parse(text + ":00Z");
+    if (Number.isNaN(millis)) throw new Error(`Expires: '${text}' is not a date and time.`);
+    return Math.floor(millis / 1000);
   }
 
   function confirmRevoke(actions, key) {
@@ -564,6 +681,8 @@
       const value = key && key.limits && key.limits[name] !== null ? key.limits[name] : "";
       limits.append(el("label", {}, name, el("input", { type: "text", inputmode: "numeric", "data-limit": name, value })));
     }
+    $("kf-expires").value = expiresValue(key && key.expires_at);
+    $("kf-metadata").value = metadataText(key && key.metadata);
     show($("key-form"), true);
   }
 
@@ -583,17 +702,21 @@
       : [...$("kf-models").querySelectorAll("input:checked")].map((box) => box.value);
     const key = state.editing;
     try {
+      const expires = parseExpires($("kf-expires").value);
+      const metadata = parseMetadata($("kf-metadata").value);
       if (key) {
-        const change = { name: $("kf-name").value, models, limits };
+        const change = { name: $("kf-name").value, models, limits, expires_at: expires, metadata };
         if ($("kf-role").value !== key.role) change.role = $("kf-role").value;
         await api("PATCH", `/api/v1/keys/${encodeURIComponent(key.id)}`, change);
       } else {
-        const spec = { name: $("kf-name").value, role: $("kf-role").value, models };
+        const spec = { name: $("kf-name").value, role: $("kf-role").value, models, metadata };
+        if (expires !== null) spec.expires_at = expires;
         const setLimits = Object.fromEntries(Object.entries(limits).filter(([, v]) => v !== null));
         if (Object.keys(setLimits).length) spec.limits = setLimits;
         const org = $("kf-org").value.trim();
         if (org) spec.org_id = org;
         const created = await api("POST", "/api/v1/keys", spec);
+        $("key-created-title").textContent = "Key created";
         $("key-created-value").textContent = created.key;
         show($("key-created"), true);
       }
@@ -736,8 +859,8 @@
           el("td", { class: "num" }, event.pct === null ? "" : `${event.pct}%`),
           el("td", {}, `${scopeLabel(owner)} · ${owner.owner || ""}`),
           el("td", {}, event.period_key),
-          el("td", { class: "num" }, event.spend_snapshot),
-          el("td", { class: "num" }, event.limit_snapshot),
+          el("td", { class: "num" }, amountIn(owner.limit_kind, event.spend_snapshot)),
+          el("td", { class: "num" }, amountIn(owner.limit_kind, event.limit_snapshot)),
         ));
       }
       if (!events.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No threshold crossed yet.")));
