@@ -193,12 +193,16 @@ class RedisClusterTopology:
         raise AssertionError("no cluster node answers")
 
     def shards(self) -> list[tuple[EmbeddedRedis, EmbeddedRedis]]:
-        """(master, replica) of each shard, in the order of their slot ranges."""
+        """(master, replica) of each shard, in the order of their slot ranges. Redis 7 leaves a
+        replica out of ``CLUSTER SLOTS`` until its first sync is done: waited for."""
         by_port = {node.port: node for node in self.nodes}
-        return [
-            (by_port[int(entry[2][1])], by_port[int(entry[3][1])])
-            for entry in sorted(self._slots(), key=lambda e: int(e[0]))
-        ]
+
+        def with_replicas() -> list[Any] | None:
+            slots = sorted(self._slots(), key=lambda e: int(e[0]))
+            return slots if all(len(entry) > 3 for entry in slots) else None
+
+        slots: list[Any] = poll(with_replicas, 15, "a replica listed for every shard")
+        return [(by_port[int(entry[2][1])], by_port[int(entry[3][1])]) for entry in slots]
 
     def master_of(self, key: str) -> EmbeddedRedis:
         slot = key_slot(key.encode())
